@@ -1,0 +1,25 @@
+//! The words of bandshare as plain types: device keys, positions and distance
+//! bands, scenes, services and network types, link state, signed tickets, the
+//! egress policy and reconnect backoff.
+//!
+//! Pure: no sockets, files or clocks. Callers pass `now`. Every parser of
+//! outside input returns a `Result` whose error says what was expected and
+//! what came. Tested by unit and property tests in each module.
+
+pub mod backoff;
+pub mod egress;
+pub mod geo;
+pub mod key;
+pub mod link;
+pub mod scene;
+pub mod service;
+pub mod ticket;
+
+pub use backoff::Backoff;
+pub use egress::{Cidr, EgressPolicy, EgressRule};
+pub use geo::{DistanceBand, Position};
+pub use key::DeviceKey;
+pub use link::LinkState;
+pub use scene::Scene;
+pub use service::{NetworkType, Service, ServiceSet};
+pub use ticket::{Ticket, TicketError, TicketSigner, TicketVerifier};
