@@ -1,0 +1,318 @@
+//! The spatial index: online sharers bucketed into lat/lon grid cells of
+//! about 220 m, so a region query touches a handful of cells instead of
+//! scanning everyone. Meant for 1,000,000 sharers: slots are reused, cells are
+//! small vectors in one hash map, and moving a sharer is O(1).
+//!
+//! Cells shrink in longitude degrees with latitude (their ground width stays
+//! near 220 m), and column numbers wrap at the antimeridian.
+
+use bandshare_core::{LinkState, NetworkType, Position, ServiceSet};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+/// Cell height in degrees of latitude (~222 m).
+const CELL_DEG: f64 = 0.002;
+const ROWS_OFFSET: i64 = (90.0 / CELL_DEG) as i64 + 1;
+
+/// A handle into the index; reused after removal.
+pub type SharerId = u32;
+
+/// What matching needs to know about one online sharer.
+#[derive(Clone, Debug)]
+pub struct SharerInfo {
+    pub name: Arc<str>,
+    pub position: Position,
+    pub heading_deg: Option<f64>,
+    pub speed_mps: Option<f64>,
+    pub services: ServiceSet,
+    pub network: Option<NetworkType>,
+    pub link: LinkState,
+    /// Consent: answers access requests at all.
+    pub accepting: bool,
+    pub active_requesters: u32,
+    /// 0 = no limit.
+    pub max_requesters: u32,
+}
+
+struct Slot {
+    info: SharerInfo,
+    cell: u64,
+    at: u32, // position inside the cell's vector
+}
+
+/// Multiplicative hashing of the packed cell key: keys are already well
+/// spread integers, SipHash would only cost time.
+#[derive(Default)]
+struct CellHasher(u64);
+
+impl Hasher for CellHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Cells = HashMap<u64, Vec<SharerId>, BuildHasherDefault<CellHasher>>;
+
+#[derive(Default)]
+pub struct Index {
+    slots: Vec<Option<Slot>>,
+    free: Vec<SharerId>,
+    cells: Cells,
+    len: usize,
+}
+
+fn row_of(lat: f64) -> i64 {
+    (lat / CELL_DEG).floor() as i64 + ROWS_OFFSET
+}
+
+/// Longitude width of the cells in a row, and how many columns the row has.
+fn row_geometry(row: i64) -> (f64, i64) {
+    let lat_mid = ((row - ROWS_OFFSET) as f64 + 0.5) * CELL_DEG;
+    let cos = lat_mid.to_radians().cos().max(0.01);
+    let cols = ((360.0 * cos / CELL_DEG).floor() as i64).max(1);
+    (360.0 / cols as f64, cols)
+}
+
+fn col_of(lon: f64, row: i64) -> i64 {
+    let (width, cols) = row_geometry(row);
+    (((lon + 180.0) / width).floor() as i64).rem_euclid(cols)
+}
+
+fn pack(row: i64, col: i64) -> u64 {
+    ((row as u64) << 32) | (col as u64 & 0xffff_ffff)
+}
+
+fn cell_of(p: &Position) -> u64 {
+    let row = row_of(p.lat);
+    pack(row, col_of(p.lon, row))
+}
+
+impl Index {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn insert(&mut self, info: SharerInfo) -> SharerId {
+        let cell = cell_of(&info.position);
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as SharerId
+            }
+        };
+        let bucket = self.cells.entry(cell).or_default();
+        bucket.push(id);
+        self.slots[id as usize] = Some(Slot {
+            info,
+            cell,
+            at: (bucket.len() - 1) as u32,
+        });
+        self.len += 1;
+        id
+    }
+
+    pub fn get(&self, id: SharerId) -> Option<&SharerInfo> {
+        self.slots.get(id as usize)?.as_ref().map(|s| &s.info)
+    }
+
+    /// Changes a sharer; re-buckets it when its position moved to another cell.
+    pub fn update(&mut self, id: SharerId, f: impl FnOnce(&mut SharerInfo)) -> bool {
+        let Some(Some(slot)) = self.slots.get_mut(id as usize) else {
+            return false;
+        };
+        f(&mut slot.info);
+        let cell = cell_of(&slot.info.position);
+        if cell != slot.cell {
+            let (old, at) = (slot.cell, slot.at);
+            self.unlink(old, at);
+            let bucket = self.cells.entry(cell).or_default();
+            bucket.push(id);
+            let at = (bucket.len() - 1) as u32;
+            if let Some(Some(slot)) = self.slots.get_mut(id as usize) {
+                slot.cell = cell;
+                slot.at = at;
+            }
+        }
+        true
+    }
+
+    pub fn remove(&mut self, id: SharerId) -> Option<SharerInfo> {
+        let slot = self.slots.get_mut(id as usize)?.take()?;
+        self.unlink(slot.cell, slot.at);
+        self.free.push(id);
+        self.len -= 1;
+        Some(slot.info)
+    }
+
+    /// Removes entry `at` of `cell`'s bucket, fixing the moved entry's index.
+    fn unlink(&mut self, cell: u64, at: u32) {
+        let Some(bucket) = self.cells.get_mut(&cell) else {
+            return;
+        };
+        let at = at as usize;
+        if at >= bucket.len() {
+            return;
+        }
+        bucket.swap_remove(at);
+        if let Some(&moved) = bucket.get(at)
+            && let Some(Some(s)) = self.slots.get_mut(moved as usize)
+        {
+            s.at = at as u32;
+        }
+        if bucket.is_empty() {
+            self.cells.remove(&cell);
+        }
+    }
+
+    /// Calls `f` with every sharer within `radius_m` ground distance of
+    /// `center`, and that distance.
+    pub fn within(
+        &self,
+        center: &Position,
+        radius_m: f64,
+        mut f: impl FnMut(SharerId, &SharerInfo, f64),
+    ) {
+        let ang = radius_m / bandshare_core::geo::EARTH_RADIUS_M;
+        let dlat = ang.to_degrees();
+        let (lo, hi) = (row_of((center.lat - dlat).max(-90.0)), row_of((center.lat + dlat).min(90.0)));
+        // Exact half-width in longitude of a spherical cap; None when the
+        // cap contains a pole and so spans every longitude.
+        let coslat = center.lat.to_radians().cos();
+        let dlon = (coslat > ang.sin()).then(|| (ang.sin() / coslat).asin().to_degrees() * 1.000_001);
+        for row in lo..=hi {
+            let (width, cols) = row_geometry(row);
+            let (c0, c1) = match dlon {
+                Some(dlon) => (
+                    ((center.lon - dlon + 180.0) / width).floor() as i64,
+                    ((center.lon + dlon + 180.0) / width).floor() as i64,
+                ),
+                None => (0, cols - 1),
+            };
+            let span = (c1 - c0 + 1).min(cols);
+            for k in 0..span {
+                let col = (c0 + k).rem_euclid(cols);
+                let Some(bucket) = self.cells.get(&pack(row, col)) else {
+                    continue;
+                };
+                for &id in bucket {
+                    if let Some(Some(slot)) = self.slots.get(id as usize) {
+                        let d = center.ground_distance_m(&slot.info.position);
+                        if d <= radius_m {
+                            f(id, &slot.info, d);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn sharer(name: &str, position: Position) -> SharerInfo {
+        SharerInfo {
+            name: name.into(),
+            position,
+            heading_deg: None,
+            speed_mps: None,
+            services: ServiceSet::default(),
+            network: None,
+            link: LinkState::default(),
+            accepting: true,
+            active_requesters: 0,
+            max_requesters: 0,
+        }
+    }
+
+    fn pos(lat: f64, lon: f64) -> Position {
+        Position::new(lat, lon, None).expect("test position")
+    }
+
+    #[test]
+    fn insert_move_remove() {
+        let mut idx = Index::default();
+        let c = pos(39.9, 116.4);
+        let a = idx.insert(sharer("a", c.offset_m(50.0, 0.0)));
+        let b = idx.insert(sharer("b", c.offset_m(0.0, 500.0)));
+        let found = |idx: &Index| {
+            let mut v = vec![];
+            idx.within(&c, 200.0, |id, _, _| v.push(id));
+            v.sort();
+            v
+        };
+        assert_eq!(found(&idx), vec![a]);
+        idx.update(b, |s| s.position = c.offset_m(-10.0, 10.0));
+        assert_eq!(found(&idx), vec![a, b]);
+        assert!(idx.remove(a).is_some());
+        assert!(idx.remove(a).is_none());
+        assert_eq!(found(&idx), vec![b]);
+        assert_eq!(idx.len(), 1);
+        let again = idx.insert(sharer("c", c));
+        assert_eq!(again, a, "slots are reused");
+    }
+
+    #[test]
+    fn across_the_antimeridian_and_near_poles() {
+        let mut idx = Index::default();
+        let east = idx.insert(sharer("e", pos(10.0, 179.9995)));
+        let west = idx.insert(sharer("w", pos(10.0, -179.9995)));
+        let mut v = vec![];
+        idx.within(&pos(10.0, 180.0), 200.0, |id, _, _| v.push(id));
+        v.sort();
+        assert_eq!(v, vec![east, west]);
+        let polar = idx.insert(sharer("p", pos(89.999, 20.0)));
+        let mut v = vec![];
+        idx.within(&pos(89.999, -160.0), 300.0, |id, _, _| v.push(id));
+        assert_eq!(v, vec![polar]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn same_as_brute_force(
+            clat in -85.0f64..85.0, clon in -180.0f64..180.0,
+            pts in proptest::collection::vec((-800.0f64..800.0, -800.0f64..800.0), 0..60),
+            moves in proptest::collection::vec((0usize..60, -800.0f64..800.0, -800.0f64..800.0), 0..20),
+            radius in 1.0f64..600.0,
+        ) {
+            let c = pos(clat, clon);
+            let mut idx = Index::default();
+            let mut truth: Vec<(SharerId, Position)> = vec![];
+            for (e, n) in &pts {
+                let p = c.offset_m(*e, *n);
+                truth.push((idx.insert(sharer("x", p)), p));
+            }
+            for (i, e, n) in moves {
+                if let Some((id, p)) = truth.get_mut(i) {
+                    *p = c.offset_m(e, n);
+                    let np = *p;
+                    idx.update(*id, |s| s.position = np);
+                }
+            }
+            let mut got = vec![];
+            idx.within(&c, radius, |id, _, _| got.push(id));
+            got.sort();
+            let mut want: Vec<SharerId> = truth.iter()
+                .filter(|(_, p)| c.ground_distance_m(p) <= radius).map(|(id, _)| *id).collect();
+            want.sort();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
