@@ -1,0 +1,435 @@
+//! The sharer's relay: accepts QUIC connections from requesters that hold a
+//! ticket for this sharer, and relays each flow to its destination over the
+//! sharer's own uplink.
+//!
+//! Trust decisions, in order: the certificate pin (requester side), the
+//! requester's proof of its key, the ticket (offline, against the
+//! coordinator's keys), the replay cache, consent capacity; then per flow the
+//! egress policy on every *resolved* address and the ticket's byte quota.
+
+use crate::splice::copy_counted;
+use crate::tls;
+use crate::wire::{self, FlowHeader, Hello, Host, reply};
+use bandshare_core::{DeviceKey, EgressPolicy, TicketVerifier};
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    pub listen: SocketAddr,
+    pub me: DeviceKey,
+    pub egress: EgressPolicy,
+    /// Distinct requesters served at once; 0 = no limit.
+    pub max_requesters: u32,
+}
+
+/// Bytes one requester moved since the last [`RelayHandle::take_usage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub requester: DeviceKey,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub flows: u32,
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+    flows: AtomicU64,
+}
+
+struct Shared {
+    me: DeviceKey,
+    pin: [u8; 32],
+    verifier: RwLock<TicketVerifier>,
+    egress: EgressPolicy,
+    max_requesters: u32,
+    usage: Mutex<HashMap<DeviceKey, Arc<Counters>>>,
+    /// Open connections per requester.
+    active: Mutex<HashMap<DeviceKey, u32>>,
+    /// Ticket nonces seen, with their expiry: a ticket opens one connection.
+    replay: Mutex<HashMap<[u8; 16], u64>>,
+    total: AtomicU64,
+}
+
+/// What the sharer agent needs of its relay: set the coordinator's keys,
+/// read counters. Cheap to clone.
+#[derive(Clone)]
+pub struct RelayHandle(Arc<Shared>);
+
+impl RelayHandle {
+    pub fn set_coordinator_keys(&self, keys: &[[u8; 32]]) {
+        if let Ok(mut v) = self.0.verifier.write() {
+            *v = TicketVerifier::new(keys);
+        }
+    }
+
+    pub fn cert_pin(&self) -> [u8; 32] {
+        self.0.pin
+    }
+
+    /// All bytes relayed so far, both directions.
+    pub fn total_bytes(&self) -> u64 {
+        self.0.total.load(Ordering::Relaxed)
+    }
+
+    pub fn active_requesters(&self) -> u32 {
+        self.0.active.lock().map(|a| a.len() as u32).unwrap_or(0)
+    }
+
+    /// Per-requester usage since the previous call.
+    pub fn take_usage(&self) -> Vec<UsageDelta> {
+        let Ok(mut map) = self.0.usage.lock() else {
+            return vec![];
+        };
+        let mut out = vec![];
+        map.retain(|k, c| {
+            let d = UsageDelta {
+                requester: *k,
+                bytes_up: c.up.swap(0, Ordering::Relaxed),
+                bytes_down: c.down.swap(0, Ordering::Relaxed),
+                flows: c.flows.swap(0, Ordering::Relaxed) as u32,
+            };
+            let busy = d.bytes_up + d.bytes_down + d.flows as u64 > 0;
+            if busy {
+                out.push(d);
+            }
+            // Keep counters of connected requesters; drop idle ones.
+            Arc::strong_count(c) > 1 || busy
+        });
+        out
+    }
+}
+
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind the relay on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Relay {
+    /// Binds the UDP socket and makes a fresh certificate.
+    pub fn bind(opts: RelayOptions) -> Result<Relay, RelayError> {
+        let (cfg, pin) = tls::server_config()?;
+        let endpoint =
+            quinn::Endpoint::server(cfg, opts.listen).map_err(|e| RelayError::Bind(opts.listen, e))?;
+        let mut egress = opts.egress;
+        // Every address of this machine is off limits, whatever the range.
+        if let Ok(ifs) = if_addrs::get_if_addrs() {
+            egress.own.extend(ifs.iter().map(|i| i.ip()));
+        }
+        let shared = Arc::new(Shared {
+            me: opts.me,
+            pin,
+            verifier: RwLock::new(TicketVerifier::default()),
+            egress,
+            max_requesters: opts.max_requesters,
+            usage: Mutex::default(),
+            active: Mutex::default(),
+            replay: Mutex::default(),
+            total: AtomicU64::new(0),
+        });
+        Ok(Relay { endpoint, shared })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle(self.shared.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection so
+    /// requesters learn at once that this sharer is gone.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    let span = info_span!("relay_conn", from = %incoming.remote_address());
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(incoming, shared).await {
+                            debug!(error = %e, "connection ended");
+                        }
+                    }.instrument(span));
+                }
+            }
+        }
+        self.endpoint.close(0u32.into(), b"sharer leaving");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Releases a requester's slot when its connection ends.
+struct ActiveGuard {
+    shared: Arc<Shared>,
+    key: DeviceKey,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.shared.active.lock()
+            && let Some(n) = a.get_mut(&self.key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                a.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Checks a hello; `Err` carries the reason told to the requester.
+fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String> {
+    let key = VerifyingKey::from_bytes(&hello.requester_key)
+        .map_err(|_| "requester key is not a valid Ed25519 key".to_string())?;
+    key.verify(
+        &wire::hello_proof_message(&hello.ticket, &shared.pin),
+        &Signature::from_bytes(&hello.proof),
+    )
+    .map_err(|_| "requester did not prove it holds the ticket's key".to_string())?;
+    let requester = DeviceKey(hello.requester_key);
+    let now = now_unix();
+    let ticket = {
+        let v = shared
+            .verifier
+            .read()
+            .map_err(|_| "relay state poisoned".to_string())?;
+        if v.is_empty() {
+            return Err("sharer has not yet heard from its coordinator".into());
+        }
+        v.verify(&hello.ticket, &shared.me, &requester, now)
+            .map_err(|e| e.to_string())?
+    };
+    {
+        let mut seen = shared
+            .replay
+            .lock()
+            .map_err(|_| "relay state poisoned".to_string())?;
+        seen.retain(|_, exp| *exp + bandshare_core::ticket::CLOCK_SKEW_S > now);
+        if seen.insert(ticket.nonce, ticket.expires_unix).is_some() {
+            return Err("ticket already used (replay)".into());
+        }
+    }
+    let mut active = shared
+        .active
+        .lock()
+        .map_err(|_| "relay state poisoned".to_string())?;
+    if shared.max_requesters > 0
+        && !active.contains_key(&requester)
+        && active.len() as u32 >= shared.max_requesters
+    {
+        return Err(format!(
+            "sharer at capacity ({} requesters)",
+            shared.max_requesters
+        ));
+    }
+    *active.entry(requester).or_insert(0) += 1;
+    Ok((requester, ticket.quota_bytes))
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), String> {
+    let conn = tokio::time::timeout(HELLO_TIMEOUT, incoming)
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| "no hello".to_string())?
+        .map_err(|e| e.to_string())?;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, Hello::read(&mut recv))
+        .await
+        .map_err(|_| "hello timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (requester, quota) = match admit(&shared, &hello) {
+        Ok(ok) => ok,
+        Err(reason) => {
+            warn!(%reason, "refused requester");
+            let _ = send.write_all(&wire::encode_hello_reply(false, &reason)).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(1u32.into(), b"refused");
+            return Err(reason);
+        }
+    };
+    let _guard = ActiveGuard {
+        shared: shared.clone(),
+        key: requester,
+    };
+    info!(requester = %requester.short(), "requester admitted");
+    send.write_all(&wire::encode_hello_reply(true, ""))
+        .await
+        .map_err(|e| e.to_string())?;
+    let counters = shared
+        .usage
+        .lock()
+        .map_err(|_| "poisoned".to_string())?
+        .entry(requester)
+        .or_default()
+        .clone();
+    let budget = Arc::new(AtomicI64::new(quota.min(i64::MAX as u64) as i64));
+    loop {
+        let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let (shared, counters, budget) = (shared.clone(), counters.clone(), budget.clone());
+        tokio::spawn(
+            async move {
+                if let Err(e) = relay_flow(s, r, &shared, &counters, &budget).await {
+                    debug!(error = %e, "flow ended with error");
+                }
+            }
+            .instrument(info_span!("relay_flow", requester = %requester.short())),
+        );
+    }
+}
+
+/// Addresses `host` stands for: itself, or what the sharer's resolver says.
+async fn resolve(host: &Host, port: u16) -> Result<Vec<SocketAddr>, u8> {
+    match host {
+        Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
+        Host::Name(name) => {
+            let name = name.trim_end_matches('.').to_string();
+            match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+                Ok(Ok(addrs)) => Ok(addrs.collect()),
+                Ok(Err(_)) => Err(reply::HOST_UNREACHABLE),
+                Err(_) => Err(reply::TTL_EXPIRED),
+            }
+        }
+    }
+}
+
+fn io_reply(e: &std::io::Error) -> u8 {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => reply::REFUSED,
+        TimedOut => reply::TTL_EXPIRED,
+        NetworkUnreachable => reply::NETWORK_UNREACHABLE,
+        HostUnreachable => reply::HOST_UNREACHABLE,
+        _ => reply::GENERAL_FAILURE,
+    }
+}
+
+/// Dials the first allowed address; `Err` is the reply code to send.
+async fn dial(header: &FlowHeader, egress: &EgressPolicy) -> Result<TcpStream, u8> {
+    let addrs = resolve(&header.host, header.port).await?;
+    let allowed: Vec<SocketAddr> = addrs
+        .iter()
+        .filter(|a| match egress.decide(a.ip(), a.port()) {
+            Ok(()) => true,
+            Err(why) => {
+                info!(target_addr = %a, reason = %why, "egress denied");
+                false
+            }
+        })
+        .copied()
+        .collect();
+    if allowed.is_empty() {
+        return Err(if addrs.is_empty() {
+            reply::HOST_UNREACHABLE
+        } else {
+            reply::NOT_ALLOWED
+        });
+    }
+    let mut code = reply::HOST_UNREACHABLE;
+    for a in allowed {
+        match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => code = io_reply(&e),
+            Err(_) => code = reply::TTL_EXPIRED,
+        }
+    }
+    Err(code)
+}
+
+/// Wraps a reader so it stops with an error once the ticket's byte budget
+/// is spent.
+struct Budgeted<R> {
+    inner: R,
+    budget: Arc<AtomicI64>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Budgeted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.budget.load(Ordering::Relaxed) <= 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("ticket byte quota used up")));
+        }
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as i64;
+        self.budget.fetch_sub(n, Ordering::Relaxed);
+        r
+    }
+}
+
+async fn relay_flow(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: &Shared,
+    counters: &Counters,
+    budget: &Arc<AtomicI64>,
+) -> Result<(), String> {
+    let header = tokio::time::timeout(HEADER_TIMEOUT, FlowHeader::read(&mut recv))
+        .await
+        .map_err(|_| "flow header timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    counters.flows.fetch_add(1, Ordering::Relaxed);
+    let tcp = match dial(&header, &shared.egress).await {
+        Ok(s) => s,
+        Err(code) => {
+            debug!(target_host = %header.host, port = header.port, code, "flow refused");
+            let _ = send.write_all(&[code]).await;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    send.write_all(&[reply::OK]).await.map_err(|e| e.to_string())?;
+    let (tr, tw) = tcp.into_split();
+    let up = copy_counted(
+        Budgeted { inner: recv, budget: budget.clone() },
+        tw,
+        [&counters.up, &shared.total],
+    );
+    let down = copy_counted(
+        Budgeted { inner: tr, budget: budget.clone() },
+        send,
+        [&counters.down, &shared.total],
+    );
+    let (u, d) = tokio::join!(up, down);
+    debug!(target_host = %header.host, port = header.port, up = ?u, down = ?d, "flow done");
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! TLS for the QUIC relay: a self-signed certificate made at start, whose
+//! SHA-256 travels in offers as a pin, and a client verifier that accepts
+//! exactly the pinned certificate (no CA, no names).
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const ALPN: &[u8] = b"bandshare/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot make the relay certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("quic crypto configuration: {0}")]
+    Quic(String),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    // A silent peer is declared dead after this; the pool probes faster.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.stream_receive_window((4u32 << 20).into());
+    t.receive_window((16u32 << 20).into());
+    t.send_window(16 << 20);
+    t
+}
+
+/// A fresh self-signed certificate, the server config using it, and its pin.
+pub fn server_config() -> Result<(quinn::ServerConfig, [u8; 32]), TlsError> {
+    let ck = rcgen::generate_simple_self_signed(vec!["bandshare-relay".to_string()])?;
+    let cert = ck.cert.der().clone();
+    let pin = sha256(&cert);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport()));
+    Ok((cfg, pin))
+}
+
+/// A client config that trusts only the certificate whose SHA-256 is `pin`.
+pub fn client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if sha256(end_entity) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "relay certificate does not match the pin in the offer".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

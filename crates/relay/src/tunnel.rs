@@ -1,0 +1,130 @@
+//! The requester's side of the data plane: one QUIC connection to a sharer's
+//! relay, authenticated by the ticket and a proof of the requester's key,
+//! carrying one bidirectional stream per proxied flow.
+
+use crate::tls;
+use crate::wire::{self, FlowHeader, Hello, WireError};
+use ed25519_dalek::{Signer, SigningKey};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot bind a local UDP socket: {0}")]
+    Bind(std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("connecting to relay {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("relay {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("relay refused the ticket: {0}")]
+    Refused(String),
+    #[error("relay hello: {0}")]
+    Wire(#[from] WireError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The sharer answered with a non-zero reply code.
+    #[error("sharer refused the flow: {}", wire::reply::describe(*.0))]
+    Refused(u8),
+    /// The tunnel itself failed: the sharer is gone or unreachable.
+    #[error("tunnel lost: {0}")]
+    Lost(String),
+    #[error("bad flow target: {0}")]
+    Target(#[from] WireError),
+}
+
+pub struct Tunnel {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Tunnel {
+    pub async fn connect(
+        addr: SocketAddr,
+        pin: [u8; 32],
+        ticket: &[u8],
+        key: &SigningKey,
+    ) -> Result<Tunnel, TunnelError> {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(TunnelError::Bind)?;
+        endpoint.set_default_client_config(tls::client_config(pin)?);
+        let attempt = async {
+            let connecting = endpoint
+                .connect(addr, "bandshare-relay")
+                .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
+            let conn = connecting
+                .await
+                .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
+            let proof = key.sign(&wire::hello_proof_message(ticket, &pin));
+            let hello = Hello {
+                ticket: ticket.to_vec(),
+                requester_key: key.verifying_key().to_bytes(),
+                proof: proof.to_bytes(),
+            };
+            send.write_all(&hello.encode())
+                .await
+                .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
+            match wire::read_hello_reply(&mut recv).await? {
+                Ok(()) => Ok(conn),
+                Err(reason) => Err(TunnelError::Refused(reason)),
+            }
+        };
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+            .await
+            .map_err(|_| TunnelError::Timeout(addr))??;
+        Ok(Tunnel { conn, endpoint })
+    }
+
+    /// Opens a flow to `target`; on success the streams carry raw bytes.
+    pub async fn open_flow(
+        &self,
+        target: &FlowHeader,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), FlowError> {
+        let header = target.encode()?;
+        let lost = |e: &dyn std::fmt::Display| FlowError::Lost(e.to_string());
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&header).await.map_err(|e| lost(&e))?;
+        let code = recv.read_u8().await.map_err(|e| lost(&e))?;
+        if code != wire::reply::OK {
+            return Err(FlowError::Refused(code));
+        }
+        Ok((send, recv))
+    }
+
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// Why the tunnel closed, if it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.conn.close_reason().map(|e| e.to_string())
+    }
+
+    /// Resolves when the tunnel closes for any reason.
+    pub async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"requester done");
+        self.endpoint.close(0u32.into(), b"requester done");
+    }
+}

@@ -1,0 +1,357 @@
+//! Data-plane wire formats, version 1. Every length has a maximum and every
+//! decoder returns an error on malformed input, never panics.
+//!
+//! Hello (first bidirectional stream, requester -> sharer):
+//! `version:u8=1 | ticket_len:u16 | ticket | requester_key:[32] | proof:[64]`
+//! where `proof` is the requester's Ed25519 signature over
+//! `"bandshare hello v1\0" | ticket | relay certificate SHA-256`.
+//! Hello reply: `code:u8 (0 ok, 1 refused) | reason_len:u8 | reason`.
+//!
+//! Flow header (every further bidirectional stream):
+//! `version:u8=1 | atyp:u8 (1 IPv4, 3 name, 4 IPv6) | address | port:u16`,
+//! answered by one reply byte with SOCKS5's reply codes, then raw bytes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub const VERSION: u8 = 1;
+pub const MAX_TICKET: usize = 512;
+pub const MAX_NAME: usize = 255;
+pub const HELLO_DOMAIN: &[u8] = b"bandshare hello v1\0";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unsupported version {0} (expected {VERSION})")]
+    Version(u8),
+    #[error("truncated {what}: need {need} bytes, got {got}")]
+    Truncated {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
+    #[error("{what} is {len} bytes, above the maximum {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("unknown address type {0} (expected 1, 3 or 4)")]
+    AddressType(u8),
+    #[error("host name is not valid: {0}")]
+    Name(String),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("stream ended: {0}")]
+    Io(String),
+}
+
+fn need(what: &'static str, buf: &[u8], n: usize) -> Result<(), WireError> {
+    if buf.len() < n {
+        Err(WireError::Truncated {
+            what,
+            need: n,
+            got: buf.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub ticket: Vec<u8>,
+    pub requester_key: [u8; 32],
+    pub proof: [u8; 64],
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(3 + self.ticket.len() + 96);
+        b.push(VERSION);
+        b.extend_from_slice(&(self.ticket.len() as u16).to_be_bytes());
+        b.extend_from_slice(&self.ticket);
+        b.extend_from_slice(&self.requester_key);
+        b.extend_from_slice(&self.proof);
+        b
+    }
+
+    /// Decodes one complete hello.
+    pub fn decode(buf: &[u8]) -> Result<Hello, WireError> {
+        need("hello", buf, 3)?;
+        if buf[0] != VERSION {
+            return Err(WireError::Version(buf[0]));
+        }
+        let tlen = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+        if tlen > MAX_TICKET {
+            return Err(WireError::TooLong {
+                what: "ticket",
+                len: tlen,
+                max: MAX_TICKET,
+            });
+        }
+        let total = 3 + tlen + 96;
+        need("hello", buf, total)?;
+        if buf.len() > total {
+            return Err(WireError::Trailing(buf.len() - total));
+        }
+        let mut requester_key = [0u8; 32];
+        requester_key.copy_from_slice(&buf[3 + tlen..3 + tlen + 32]);
+        let mut proof = [0u8; 64];
+        proof.copy_from_slice(&buf[3 + tlen + 32..total]);
+        Ok(Hello {
+            ticket: buf[3..3 + tlen].to_vec(),
+            requester_key,
+            proof,
+        })
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireError> {
+        let mut head = [0u8; 3];
+        read_exact(r, &mut head).await?;
+        if head[0] != VERSION {
+            return Err(WireError::Version(head[0]));
+        }
+        let tlen = u16::from_be_bytes([head[1], head[2]]) as usize;
+        if tlen > MAX_TICKET {
+            return Err(WireError::TooLong {
+                what: "ticket",
+                len: tlen,
+                max: MAX_TICKET,
+            });
+        }
+        let mut all = vec![0u8; 3 + tlen + 96];
+        all[..3].copy_from_slice(&head);
+        read_exact(r, &mut all[3..]).await?;
+        Hello::decode(&all)
+    }
+}
+
+/// The message the requester signs to prove it holds the ticket's key.
+pub fn hello_proof_message(ticket: &[u8], cert_pin: &[u8; 32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HELLO_DOMAIN.len() + ticket.len() + 32);
+    m.extend_from_slice(HELLO_DOMAIN);
+    m.extend_from_slice(ticket);
+    m.extend_from_slice(cert_pin);
+    m
+}
+
+pub fn encode_hello_reply(accepted: bool, reason: &str) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(255)];
+    let mut b = vec![u8::from(!accepted), reason.len() as u8];
+    b.extend_from_slice(reason);
+    b
+}
+
+/// Reads a hello reply: `Ok(())` when accepted, else the sharer's reason.
+pub async fn read_hello_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Result<(), String>, WireError> {
+    let mut head = [0u8; 2];
+    read_exact(r, &mut head).await?;
+    let mut reason = vec![0u8; head[1] as usize];
+    read_exact(r, &mut reason).await?;
+    Ok(match head[0] {
+        0 => Ok(()),
+        _ => Err(String::from_utf8_lossy(&reason).into_owned()),
+    })
+}
+
+/// Where a flow goes: an address or a name the sharer resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(a)) => write!(f, "[{a}]"),
+            Host::Ip(a) => write!(f, "{a}"),
+            Host::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowHeader {
+    pub host: Host,
+    pub port: u16,
+}
+
+/// Checks a host name: 1..=255 bytes of printable ASCII without spaces.
+pub fn check_name(name: &[u8]) -> Result<&str, WireError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(WireError::Name(format!("length {}", name.len())));
+    }
+    if !name.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(WireError::Name(String::from_utf8_lossy(name).into_owned()));
+    }
+    std::str::from_utf8(name).map_err(|e| WireError::Name(e.to_string()))
+}
+
+impl FlowHeader {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut b = vec![VERSION];
+        match &self.host {
+            Host::Ip(IpAddr::V4(a)) => {
+                b.push(1);
+                b.extend_from_slice(&a.octets());
+            }
+            Host::Ip(IpAddr::V6(a)) => {
+                b.push(4);
+                b.extend_from_slice(&a.octets());
+            }
+            Host::Name(n) => {
+                check_name(n.as_bytes())?;
+                b.push(3);
+                b.push(n.len() as u8);
+                b.extend_from_slice(n.as_bytes());
+            }
+        }
+        b.extend_from_slice(&self.port.to_be_bytes());
+        Ok(b)
+    }
+
+    /// Total length of the header whose first bytes are `prefix`, when known.
+    fn total_len(prefix: &[u8]) -> Result<Option<usize>, WireError> {
+        let (Some(&v), Some(&atyp)) = (prefix.first(), prefix.get(1)) else {
+            return Ok(None);
+        };
+        if v != VERSION {
+            return Err(WireError::Version(v));
+        }
+        Ok(match atyp {
+            1 => Some(2 + 4 + 2),
+            4 => Some(2 + 16 + 2),
+            3 => prefix.get(2).map(|&n| 3 + n as usize + 2),
+            other => return Err(WireError::AddressType(other)),
+        })
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<FlowHeader, WireError> {
+        let total = match FlowHeader::total_len(buf)? {
+            Some(t) => t,
+            None => {
+                return Err(WireError::Truncated {
+                    what: "flow header",
+                    need: 3,
+                    got: buf.len(),
+                });
+            }
+        };
+        need("flow header", buf, total)?;
+        if buf.len() > total {
+            return Err(WireError::Trailing(buf.len() - total));
+        }
+        let port = u16::from_be_bytes([buf[total - 2], buf[total - 1]]);
+        let host = match buf[1] {
+            1 => Host::Ip(IpAddr::V4(Ipv4Addr::new(buf[2], buf[3], buf[4], buf[5]))),
+            4 => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&buf[2..18]);
+                Host::Ip(IpAddr::V6(Ipv6Addr::from(o)))
+            }
+            _ => Host::Name(check_name(&buf[3..total - 2])?.to_string()),
+        };
+        Ok(FlowHeader { host, port })
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<FlowHeader, WireError> {
+        let mut buf = vec![0u8; 3];
+        read_exact(r, &mut buf).await?;
+        let total = FlowHeader::total_len(&buf)?.unwrap_or(3);
+        if total > buf.len() {
+            let have = buf.len();
+            buf.resize(total, 0);
+            read_exact(r, &mut buf[have..]).await?;
+        }
+        FlowHeader::decode(&buf)
+    }
+}
+
+/// Reply codes of a flow, the same numbers SOCKS5 uses (RFC 1928 §6).
+pub mod reply {
+    pub const OK: u8 = 0x00;
+    pub const GENERAL_FAILURE: u8 = 0x01;
+    pub const NOT_ALLOWED: u8 = 0x02;
+    pub const NETWORK_UNREACHABLE: u8 = 0x03;
+    pub const HOST_UNREACHABLE: u8 = 0x04;
+    pub const REFUSED: u8 = 0x05;
+    pub const TTL_EXPIRED: u8 = 0x06;
+    pub const ADDRESS_TYPE: u8 = 0x08;
+
+    pub fn describe(code: u8) -> &'static str {
+        match code {
+            OK => "succeeded",
+            GENERAL_FAILURE => "general failure",
+            NOT_ALLOWED => "not allowed by the sharer's egress policy",
+            NETWORK_UNREACHABLE => "network unreachable",
+            HOST_UNREACHABLE => "host unreachable",
+            REFUSED => "connection refused",
+            TTL_EXPIRED => "timed out",
+            ADDRESS_TYPE => "address type not supported",
+            _ => "unknown reply",
+        }
+    }
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), WireError> {
+    r.read_exact(buf)
+        .await
+        .map(|_| ())
+        .map_err(|e| WireError::Io(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn host() -> impl Strategy<Value = Host> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| Host::Ip(IpAddr::V4(o.into()))),
+            any::<[u8; 16]>().prop_map(|o| Host::Ip(IpAddr::V6(o.into()))),
+            "[a-z0-9.-]{1,255}".prop_map(Host::Name),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn flow_header_round_trip(host in host(), port in any::<u16>()) {
+            let h = FlowHeader { host, port };
+            let b = h.encode().expect("encodes");
+            prop_assert_eq!(FlowHeader::decode(&b).expect("decodes"), h.clone());
+            let mut r = &b[..];
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            prop_assert_eq!(rt.block_on(FlowHeader::read(&mut r)).expect("reads"), h);
+        }
+
+        #[test]
+        fn hello_round_trip(ticket in proptest::collection::vec(any::<u8>(), 0..=MAX_TICKET),
+                            key in any::<[u8; 32]>(), p1 in any::<[u8; 32]>(), p2 in any::<[u8; 32]>()) {
+            let mut proof = [0u8; 64];
+            proof[..32].copy_from_slice(&p1);
+            proof[32..].copy_from_slice(&p2);
+            let h = Hello { ticket, requester_key: key, proof };
+            prop_assert_eq!(Hello::decode(&h.encode()).expect("decodes"), h);
+        }
+
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = Hello::decode(&b);
+            let _ = FlowHeader::decode(&b);
+        }
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(FlowHeader::decode(&[2, 1, 0, 0, 0, 0, 0, 0]), Err(WireError::Version(2)));
+        assert_eq!(FlowHeader::decode(&[1, 9, 0]), Err(WireError::AddressType(9)));
+        assert!(matches!(FlowHeader::decode(&[1, 3, 0, 0, 80]), Err(WireError::Name(_))));
+        assert!(matches!(FlowHeader::decode(&[1, 3, 3, b'a', b' ', b'b', 0, 80]), Err(WireError::Name(_))));
+        assert!(matches!(FlowHeader::decode(&[1, 1, 1, 2]), Err(WireError::Truncated { .. })));
+        assert_eq!(FlowHeader::decode(&[1, 1, 1, 2, 3, 4, 0, 80, 9]), Err(WireError::Trailing(1)));
+        let mut big = vec![1u8, 0x02, 0x01];
+        big.resize(700, 0);
+        assert!(matches!(Hello::decode(&big), Err(WireError::TooLong { .. })));
+    }
+}
