@@ -1,1 +1,169 @@
-//! placeholder
+//! The coordinator (`bandshare server`): gRPC services for sharers
+//! (`SharerLink`), requesters (`Matchmaker`) and operators (`Health`), the
+//! registry of online sharers, and an HTTP status endpoint.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests
+//! start it on port 0 in-process (see `bandshare-testkit`). It never writes
+//! live positions to disk; the store holds devices, keys and the ledger.
+
+pub mod config;
+pub mod http;
+pub mod matchmaker;
+pub mod registry;
+pub mod sharer_link;
+
+pub use config::Config;
+
+use bandshare_core::{DeviceKey, TicketSigner};
+use bandshare_proto::v1;
+use bandshare_store::Store;
+use registry::Registry;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// State every service shares: configuration, the registry, the store and
+/// the ticket signer.
+pub struct Shared {
+    pub config: Config,
+    pub registry: Registry,
+    pub store: Store,
+    pub signer: TicketSigner,
+    pub started: Instant,
+    known_requesters: Mutex<HashSet<DeviceKey>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store: {0}")]
+    Store(#[from] bandshare_store::StoreError),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+    #[error("cannot generate a signing key")]
+    Rng,
+}
+
+impl Shared {
+    pub fn new(config: Config, store: Store) -> Result<Arc<Shared>, ServerError> {
+        let mut fresh_err = false;
+        let (key_id, seed) = store.signing_seed(unix_now(), || {
+            let mut s = [0u8; 32];
+            let rng = ring::rand::SystemRandom::new();
+            fresh_err = ring::rand::SecureRandom::fill(&rng, &mut s).is_err();
+            s
+        })?;
+        if fresh_err {
+            return Err(ServerError::Rng);
+        }
+        Ok(Arc::new(Shared {
+            signer: TicketSigner::from_seed(&seed.0, key_id),
+            config,
+            registry: Registry::default(),
+            store,
+            started: Instant::now(),
+            known_requesters: Mutex::default(),
+        }))
+    }
+}
+
+struct HealthService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl v1::health_server::Health for HealthService {
+    async fn check(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse {
+            status: "serving".into(),
+            online_sharers: self.shared.registry.len() as u64,
+            uptime_s: self.shared.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+/// Serves gRPC on `grpc` (and HTTP status on `http`, if given) until
+/// `shutdown` resolves; then stops accepting and ends every sharer stream.
+pub async fn run(
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Expire silent sharers.
+    let sweeper = {
+        let shared = shared.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let every = (shared.config.expire_after / 4).max(std::time::Duration::from_millis(50));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = rx.changed() => break,
+                }
+                for name in shared.registry.expire(Instant::now(), shared.config.expire_after) {
+                    info!(sharer = %name, "sharer expired: silent too long");
+                }
+            }
+        })
+    };
+    let http_task = match http {
+        Some(l) => {
+            let app = http::router(shared.clone());
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(l, app).with_graceful_shutdown(stop).await
+            }))
+        }
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    info!(addr = ?grpc.local_addr().ok(), "coordinator listening");
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(v1::sharer_link_server::SharerLinkServer::new(
+            sharer_link::SharerLinkService {
+                shared: shared.clone(),
+            },
+        ))
+        .add_service(v1::matchmaker_server::MatchmakerServer::new(
+            matchmaker::MatchmakerService {
+                shared: shared.clone(),
+            },
+        ))
+        .add_service(v1::health_server::HealthServer::new(HealthService {
+            shared: shared.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx))
+        .await;
+    sweeper.abort();
+    if let Some(h) = http_task {
+        h.abort();
+    }
+    info!("coordinator stopped");
+    Ok(result?)
+}

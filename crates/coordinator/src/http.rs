@@ -1,0 +1,28 @@
+//! The coordinator's HTTP side: `GET /healthz` and `GET /status` (JSON) for
+//! operators and scripts.
+
+use crate::Shared;
+use axum::{Json, Router, extract::State, routing::get};
+use std::sync::Arc;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/status", get(status))
+        .with_state(shared)
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let store = shared.store.clone();
+    let devices = tokio::task::spawn_blocking(move || store.device_count().ok())
+        .await
+        .ok()
+        .flatten();
+    Json(serde_json::json!({
+        "status": "serving",
+        "online_sharers": shared.registry.len(),
+        "known_devices": devices,
+        "uptime_s": shared.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}

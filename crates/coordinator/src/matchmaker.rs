@@ -1,0 +1,229 @@
+//! `Matchmaker.RequestShare`: decide the scene, rank candidates, push access
+//! requests to the top M over their streams with a deadline, and turn the
+//! acceptances into offers with signed tickets, best first. Offers carry a
+//! distance band, never coordinates.
+
+use crate::registry::Contact;
+use crate::{Shared, unix_now};
+use bandshare_core::{DeviceKey, Ticket};
+use bandshare_matcher::{MatchConfig, Query, RegionConfig};
+use bandshare_proto::convert as cv;
+use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
+use bandshare_store::Role;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub struct MatchmakerService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What came of asking one candidate.
+enum Answer {
+    Accepted(v1::AccessResponse),
+    Declined(String),
+    NoAnswer,
+}
+
+async fn ask(
+    shared: &Shared,
+    c: &Contact,
+    requester: &DeviceKey,
+    conditions: &v1::Conditions,
+    band: &str,
+) -> Answer {
+    let (request_id, rx) = shared.registry.expect_answer(c.id, c.handle.generation);
+    let deadline = shared.config.access_deadline;
+    let req = v1::AccessRequest {
+        request_id,
+        requester_key: requester.0.to_vec(),
+        conditions: Some(conditions.clone()),
+        distance_band: band.to_string(),
+        deadline_ms: deadline.as_millis() as u32,
+    };
+    let sent = c
+        .handle
+        .tx
+        .try_send(Ok(v1::CoordinatorMessage {
+            msg: Some(Down::AccessRequest(req)),
+        }))
+        .is_ok();
+    if !sent {
+        shared.registry.forget_answer(request_id);
+        return Answer::NoAnswer;
+    }
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(resp)) if resp.accept => Answer::Accepted(resp),
+        Ok(Ok(resp)) => Answer::Declined(resp.reason),
+        _ => {
+            shared.registry.forget_answer(request_id);
+            Answer::NoAnswer
+        }
+    }
+}
+
+fn random_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    let rng = ring::rand::SystemRandom::new();
+    if ring::rand::SecureRandom::fill(&rng, &mut n).is_err() {
+        // Never expected; fall back to a non-cryptographic source rather
+        // than failing the request. Nonces only need to be unique.
+        n = fastrand::u128(..).to_be_bytes();
+    }
+    n
+}
+
+#[tonic::async_trait]
+impl v1::matchmaker_server::Matchmaker for MatchmakerService {
+    async fn request_share(
+        &self,
+        req: Request<v1::ShareRequest>,
+    ) -> Result<Response<v1::ShareResponse>, Status> {
+        let req = req.into_inner();
+        let requester = DeviceKey::from_slice(&req.requester_key)
+            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        let span = info_span!("share_request", requester = %requester.short());
+        self.handle(req, requester).instrument(span).await
+    }
+}
+
+impl MatchmakerService {
+    async fn handle(
+        &self,
+        req: v1::ShareRequest,
+        requester: DeviceKey,
+    ) -> Result<Response<v1::ShareResponse>, Status> {
+        let shared = &self.shared;
+        let loc = req.location.unwrap_or_default();
+        let fix = match &loc.gnss {
+            Some(f) => Some(cv::fix_from_wire(f).map_err(|e| Status::invalid_argument(e.to_string()))?),
+            None => None,
+        };
+        let conditions = req.conditions.unwrap_or_default();
+        let query = Query {
+            fix,
+            scene_hint: cv::scene_from_wire(loc.scene_hint),
+            wanted: cv::services_from_wire(&conditions.services),
+            network: cv::network_from_wire(conditions.network),
+            explain: req.explain,
+        };
+        let cfg = MatchConfig {
+            region: RegionConfig {
+                outdoor_radius_m: shared.config.outdoor_radius_m,
+            },
+            fanout: shared.config.fanout,
+        };
+        let (outcome, contacts, names) = shared
+            .registry
+            .rank(&query, &cfg)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        // Ask the top M at once; each answers within the deadline or not at all.
+        let answers = async {
+            let asks = contacts.iter().zip(&outcome.candidates).map(|(c, cand)| {
+                ask(shared, c, &requester, &conditions, cand.band.as_str())
+            });
+            futures::future::join_all(asks).await
+        }
+        .instrument(info_span!("access_fanout", asked = contacts.len()))
+        .await;
+
+        let now = unix_now();
+        let expires = now + shared.config.ticket_lifetime.as_secs();
+        let quota = match conditions.quota_bytes {
+            0 => shared.config.quota_bytes,
+            q => q.min(shared.config.quota_bytes),
+        };
+        let max = match conditions.max_offers {
+            0 => shared.config.max_offers,
+            n => (n as usize).min(shared.config.max_offers),
+        };
+        let mut offers = vec![];
+        let mut explain = vec![];
+        for ((c, cand), answer) in contacts.iter().zip(&outcome.candidates).zip(answers) {
+            let verdict = |offered: bool, reason: String| v1::Verdict {
+                sharer: c.info.name.to_string(),
+                offered,
+                reason,
+                distance_band: cand.band.as_str().to_string(),
+                score: cand.score,
+            };
+            match answer {
+                Answer::Accepted(resp) if offers.len() < max => {
+                    let ticket = shared.signer.sign(Ticket {
+                        key_id: 0,
+                        sharer: c.handle.key,
+                        requester,
+                        expires_unix: expires,
+                        nonce: random_nonce(),
+                        quota_bytes: quota,
+                    });
+                    let endpoints = if resp.relay_endpoints.is_empty() {
+                        c.handle.relay_endpoints.clone()
+                    } else {
+                        resp.relay_endpoints
+                    };
+                    let mut link = resp.link.map(|l| cv::link_from_wire(&l)).unwrap_or(c.info.link);
+                    link.network = c.info.network;
+                    offers.push(v1::Offer {
+                        sharer: c.info.name.to_string(),
+                        sharer_key: c.handle.key.0.to_vec(),
+                        relay_endpoints: endpoints,
+                        relay_cert_sha256: c.handle.relay_cert_sha256.clone(),
+                        ticket,
+                        services: cv::services_to_wire(c.info.services),
+                        network: cv::network_to_wire(c.info.network),
+                        link: Some(cv::link_to_wire(&link)),
+                        distance_band: cand.band.as_str().to_string(),
+                        score: cand.score,
+                        ticket_expires_unix: expires,
+                    });
+                    explain.push(verdict(true, "offered".into()));
+                }
+                Answer::Accepted(_) => explain.push(verdict(false, format!("more than {max} offers"))),
+                Answer::Declined(why) => explain.push(verdict(false, format!("declined: {why}"))),
+                Answer::NoAnswer => explain.push(verdict(
+                    false,
+                    format!("no answer within {} ms", shared.config.access_deadline.as_millis()),
+                )),
+            }
+        }
+        if req.explain {
+            explain.extend(outcome.rejected.iter().map(|v| v1::Verdict {
+                sharer: names.get(&v.id).cloned().unwrap_or_default(),
+                offered: false,
+                reason: v.reason.clone(),
+                distance_band: v.band.as_str().to_string(),
+                score: 0.0,
+            }));
+        } else {
+            explain.clear();
+        }
+        info!(
+            scene = outcome.scene.scene.as_str(),
+            candidates = contacts.len(),
+            offers = offers.len(),
+            "share request answered"
+        );
+        debug!(reason = %outcome.scene.reason, "scene decision");
+        let first_time = shared
+            .known_requesters
+            .lock()
+            .map(|mut k| k.insert(requester))
+            .unwrap_or(false);
+        if first_time {
+            let store = shared.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.upsert_device(&requester, "requester", Role::Requester, now) {
+                    warn!(error = %e, "cannot record requester");
+                }
+            });
+        }
+        Ok(Response::new(v1::ShareResponse {
+            scene: cv::scene_to_wire(Some(outcome.scene.scene)),
+            scene_reason: outcome.scene.reason,
+            offers,
+            explain,
+        }))
+    }
+}

@@ -1,0 +1,190 @@
+//! The registry: the one owner of online sharers. It holds the spatial
+//! index and, per sharer, the handle to push access requests down its
+//! stream. The gRPC services hold an `Arc<Registry>` and call its narrow
+//! methods; no lock is held across an await.
+
+use bandshare_core::DeviceKey;
+use bandshare_matcher::{Index, MatchConfig, Outcome, Query, SharerId, SharerInfo};
+use bandshare_proto::v1;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+pub type Outbound = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
+
+/// How to reach one online sharer, besides what matching needs.
+#[derive(Clone)]
+pub struct Handle {
+    pub key: DeviceKey,
+    pub relay_endpoints: Vec<String>,
+    pub relay_cert_sha256: Vec<u8>,
+    pub tx: Outbound,
+    /// Distinguishes this stream from a later one of the same device.
+    pub generation: u64,
+    pub last_seen: Instant,
+}
+
+/// A candidate with what the fan-out needs, copied out of the lock.
+#[derive(Clone)]
+pub struct Contact {
+    pub id: SharerId,
+    pub info: SharerInfo,
+    pub handle: Handle,
+}
+
+#[derive(Default)]
+struct Inner {
+    index: Index,
+    by_key: HashMap<DeviceKey, SharerId>,
+    handles: HashMap<SharerId, Handle>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+    /// Access requests awaiting an answer, with the sharer stream asked.
+    pending: Mutex<HashMap<u64, (SharerId, u64, oneshot::Sender<v1::AccessResponse>)>>,
+    next_generation: AtomicU64,
+    next_request: AtomicU64,
+}
+
+impl Registry {
+    /// Puts a sharer online, replacing an older stream of the same device.
+    /// Returns its id and stream generation.
+    pub fn add(&self, info: SharerInfo, mut handle: Handle) -> (SharerId, u64) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        handle.generation = generation;
+        let Ok(mut g) = self.inner.write() else {
+            return (u32::MAX, generation);
+        };
+        if let Some(old) = g.by_key.remove(&handle.key) {
+            g.index.remove(old);
+            g.handles.remove(&old);
+        }
+        let id = g.index.insert(info);
+        g.by_key.insert(handle.key, id);
+        g.handles.insert(id, handle);
+        (id, generation)
+    }
+
+    /// Applies `f` to the sharer if `generation` is still its stream.
+    pub fn update(&self, id: SharerId, generation: u64, now: Instant, f: impl FnOnce(&mut SharerInfo)) {
+        let Ok(mut g) = self.inner.write() else { return };
+        match g.handles.get_mut(&id) {
+            Some(h) if h.generation == generation => h.last_seen = now,
+            _ => return,
+        }
+        g.index.update(id, f);
+    }
+
+    pub fn touch(&self, id: SharerId, generation: u64, now: Instant) {
+        self.update(id, generation, now, |_| {});
+    }
+
+    /// Takes the sharer offline if `generation` is still its stream.
+    pub fn remove(&self, id: SharerId, generation: u64) -> Option<String> {
+        let mut g = self.inner.write().ok()?;
+        if g.handles.get(&id)?.generation != generation {
+            return None;
+        }
+        let h = g.handles.remove(&id)?;
+        g.by_key.remove(&h.key);
+        g.index.remove(id).map(|i| i.name.to_string())
+    }
+
+    /// Removes sharers not heard from within `max_silence`; returns names.
+    pub fn expire(&self, now: Instant, max_silence: Duration) -> Vec<String> {
+        let Ok(mut g) = self.inner.write() else {
+            return vec![];
+        };
+        let stale: Vec<(SharerId, DeviceKey)> = g
+            .handles
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.last_seen) > max_silence)
+            .map(|(id, h)| (*id, h.key))
+            .collect();
+        let mut names = vec![];
+        for (id, key) in stale {
+            g.handles.remove(&id);
+            g.by_key.remove(&key);
+            if let Some(i) = g.index.remove(id) {
+                names.push(i.name.to_string());
+            }
+        }
+        names
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().map(|g| g.index.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ranks for `q` and copies out the candidates' contacts and the names
+    /// of every sharer a verdict mentions.
+    pub fn rank(
+        &self,
+        q: &Query,
+        cfg: &MatchConfig,
+    ) -> Result<(Outcome, Vec<Contact>, HashMap<SharerId, String>), bandshare_matcher::region::NoLocation>
+    {
+        let Ok(g) = self.inner.read() else {
+            return Err(bandshare_matcher::region::NoLocation);
+        };
+        let outcome = bandshare_matcher::rank(&g.index, q, cfg)?;
+        let contacts = outcome
+            .candidates
+            .iter()
+            .filter_map(|c| {
+                Some(Contact {
+                    id: c.id,
+                    info: g.index.get(c.id)?.clone(),
+                    handle: g.handles.get(&c.id)?.clone(),
+                })
+            })
+            .collect();
+        let names = outcome
+            .rejected
+            .iter()
+            .filter_map(|v| Some((v.id, g.index.get(v.id)?.name.to_string())))
+            .collect();
+        Ok((outcome, contacts, names))
+    }
+
+    /// Registers a pending access request; the answer arrives through
+    /// [`Registry::answer`].
+    pub fn expect_answer(
+        &self,
+        from: SharerId,
+        generation: u64,
+    ) -> (u64, oneshot::Receiver<v1::AccessResponse>) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, (from, generation, tx));
+        }
+        (id, rx)
+    }
+
+    pub fn forget_answer(&self, request_id: u64) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&request_id);
+        }
+    }
+
+    /// Delivers a sharer's access response to the waiting share request;
+    /// answers to requests that went to another sharer are dropped.
+    pub fn answer(&self, from: SharerId, generation: u64, resp: v1::AccessResponse) {
+        let Ok(mut p) = self.pending.lock() else { return };
+        if p.get(&resp.request_id).is_some_and(|(id, g, _)| (*id, *g) == (from, generation))
+            && let Some((_, _, tx)) = p.remove(&resp.request_id)
+        {
+            let _ = tx.send(resp);
+        }
+    }
+}

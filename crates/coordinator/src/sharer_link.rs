@@ -1,0 +1,199 @@
+//! `SharerLink.Attach`: one long-lived stream per online sharer. Hello puts
+//! it in the registry, reports move it, pings are echoed so the sharer can
+//! measure RTT and loss, access responses go to the waiting share request.
+//! The stream ending takes the sharer offline at once.
+
+use crate::registry::Handle;
+use crate::{Shared, unix_now};
+use bandshare_core::DeviceKey;
+use bandshare_matcher::SharerInfo;
+use bandshare_proto::convert as cv;
+use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message::Msg as Up};
+use bandshare_store::{Role, UsageRecord};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span, warn};
+
+pub struct SharerLinkService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn down(msg: Down) -> Result<v1::CoordinatorMessage, Status> {
+    Ok(v1::CoordinatorMessage { msg: Some(msg) })
+}
+
+/// Reads what matching needs from a hello, or says what is wrong with it.
+fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
+    let loc = h.location.as_ref();
+    let fix = loc
+        .and_then(|l| l.gnss.as_ref())
+        .ok_or_else(|| Status::invalid_argument("hello needs a location with a GNSS fix"))?;
+    let position = cv::fix_from_wire(fix).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if h.name.is_empty() || h.name.len() > 64 {
+        return Err(Status::invalid_argument("sharer name must be 1..=64 bytes"));
+    }
+    if h.relay_endpoints.is_empty() {
+        return Err(Status::invalid_argument("hello names no relay endpoint"));
+    }
+    let consent = h.consent.unwrap_or(v1::ConsentPolicy {
+        accept: true,
+        max_requesters: 0,
+    });
+    let mut link = h.link.as_ref().map(cv::link_from_wire).unwrap_or_default();
+    link.network = cv::network_from_wire(h.network);
+    Ok(SharerInfo {
+        name: h.name.as_str().into(),
+        position,
+        heading_deg: loc.and_then(|l| l.heading_deg),
+        speed_mps: loc.and_then(|l| l.speed_mps),
+        services: cv::services_from_wire(&h.services),
+        network: cv::network_from_wire(h.network),
+        link,
+        accepting: consent.accept,
+        active_requesters: 0,
+        max_requesters: consent.max_requesters,
+    })
+}
+
+#[tonic::async_trait]
+impl v1::sharer_link_server::SharerLink for SharerLinkService {
+    type AttachStream = ReceiverStream<Result<v1::CoordinatorMessage, Status>>;
+
+    async fn attach(
+        &self,
+        req: Request<Streaming<v1::SharerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let Some(v1::SharerMessage { msg: Some(Up::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the first message must be a hello"));
+        };
+        let key = DeviceKey::from_slice(&hello.public_key)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if hello.relay_cert_sha256.len() != 32 {
+            return Err(Status::invalid_argument("relay_cert_sha256 must be 32 bytes"));
+        }
+        let info = sharer_info(&hello)?;
+        let name = hello.name.clone();
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(down(Down::Welcome(v1::Welcome {
+            coordinator_key: shared.signer.public_key().to_vec(),
+            report_interval_ms: cfg.report_interval.as_millis() as u32,
+            ping_interval_ms: cfg.ping_interval.as_millis() as u32,
+        })))
+        .await
+        .map_err(|_| Status::unavailable("stream closed"))?;
+        let handle = Handle {
+            key,
+            relay_endpoints: hello.relay_endpoints.clone(),
+            relay_cert_sha256: hello.relay_cert_sha256.clone(),
+            tx: tx.clone(),
+            generation: 0,
+            last_seen: Instant::now(),
+        };
+        let (id, generation) = shared.registry.add(info, handle);
+        info!(sharer = %name, key = %key.short(), online = shared.registry.len(), "sharer online");
+        {
+            let store = shared.store.clone();
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.upsert_device(&key, &name, Role::Sharer, unix_now()) {
+                    warn!(error = %e, "cannot record device");
+                }
+            });
+        }
+        let span = info_span!("sharer_stream", sharer = %name);
+        tokio::spawn(
+            async move {
+                let registry = &shared.registry;
+                let why = loop {
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break "stream ended".to_string(),
+                        Err(e) => break format!("stream error: {}", e.message()),
+                    };
+                    let now = Instant::now();
+                    match msg.msg {
+                        Some(Up::Ping(p)) => {
+                            registry.touch(id, generation, now);
+                            let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
+                        }
+                        Some(Up::Report(r)) => {
+                            apply_report(&shared, id, generation, key, r, now);
+                        }
+                        Some(Up::AccessResponse(a)) => {
+                            registry.touch(id, generation, now);
+                            registry.answer(id, generation, a);
+                        }
+                        Some(Up::Hello(_)) | None => {
+                            break "protocol error: unexpected message".to_string();
+                        }
+                    }
+                };
+                if registry.remove(id, generation).is_some() {
+                    info!(reason = %why, online = registry.len(), "sharer offline");
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn apply_report(
+    shared: &Arc<Shared>,
+    id: bandshare_matcher::SharerId,
+    generation: u64,
+    key: DeviceKey,
+    r: v1::StateReport,
+    now: Instant,
+) {
+    let fix = r
+        .location
+        .as_ref()
+        .and_then(|l| l.gnss.as_ref())
+        .and_then(|f| cv::fix_from_wire(f).ok());
+    shared.registry.update(id, generation, now, |info| {
+        if let Some(p) = fix {
+            info.position = p;
+        }
+        if let Some(l) = &r.location {
+            info.heading_deg = l.heading_deg.or(info.heading_deg);
+            info.speed_mps = l.speed_mps.or(info.speed_mps);
+        }
+        if let Some(l) = &r.link {
+            let network = info.network;
+            info.link = cv::link_from_wire(l);
+            info.link.network = network;
+        }
+        info.active_requesters = r.active_requesters;
+    });
+    let rows: Vec<UsageRecord> = r
+        .usage
+        .iter()
+        .filter_map(|u| {
+            Some(UsageRecord {
+                sharer: key,
+                requester: DeviceKey::from_slice(&u.requester_key).ok()?,
+                bytes_up: u.bytes_up,
+                bytes_down: u.bytes_down,
+                flows: u.flows,
+            })
+        })
+        .collect();
+    if !rows.is_empty() {
+        let store = shared.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.record_usage(&rows, unix_now()) {
+                warn!(error = %e, "cannot record usage");
+            }
+        });
+    }
+}
