@@ -1,0 +1,122 @@
+//! The location and condition flags shared by `share`, `connect` and
+//! `offers`, parsed into wire messages.
+
+use bandshare_core::{NetworkType, Position, Scene, ServiceSet};
+use bandshare_proto::convert as cv;
+use bandshare_proto::v1;
+
+/// Where a device says it is.
+#[derive(Clone, Debug, Default)]
+pub struct LocationSpec {
+    pub at: Option<Position>,
+    pub scene: Option<Scene>,
+    pub heading_deg: Option<f64>,
+    pub speed_mps: Option<f64>,
+    pub wifi: Vec<(String, i32)>,
+    pub cell: Option<String>,
+}
+
+impl LocationSpec {
+    pub fn to_wire(&self) -> v1::Location {
+        v1::Location {
+            gnss: self.at.as_ref().map(cv::fix_to_wire),
+            wifi: self
+                .wifi
+                .iter()
+                .map(|(b, r)| v1::WifiObservation {
+                    bssid: b.clone(),
+                    rssi_dbm: *r,
+                })
+                .collect(),
+            anchor: Some(v1::Anchor {
+                cell_id: self.cell.clone().unwrap_or_default(),
+                router_id: String::new(),
+            }),
+            scene_hint: cv::scene_to_wire(self.scene),
+            heading_deg: self.heading_deg,
+            speed_mps: self.speed_mps,
+        }
+    }
+}
+
+/// What a requester wants.
+#[derive(Clone, Debug, Default)]
+pub struct ConditionSpec {
+    pub want: ServiceSet,
+    pub network: Option<NetworkType>,
+    pub max_offers: u32,
+}
+
+impl ConditionSpec {
+    pub fn to_wire(&self) -> v1::Conditions {
+        v1::Conditions {
+            services: cv::services_to_wire(self.want),
+            network: cv::network_to_wire(self.network),
+            security: 0,
+            max_offers: self.max_offers,
+            quota_bytes: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FlagError {
+    #[error("expected BSSID=RSSI[,BSSID=RSSI...] such as aa:bb:cc:dd:ee:ff=-60, got {0:?}")]
+    Wifi(String),
+    #[error("heading must be within 0..360 degrees, got {0}")]
+    Heading(String),
+    #[error("speed must be within 0..=150 m/s, got {0}")]
+    Speed(String),
+}
+
+/// `aa:bb:cc:dd:ee:ff=-60,...`
+pub fn parse_wifi(s: &str) -> Result<Vec<(String, i32)>, FlagError> {
+    let bad = || FlagError::Wifi(s.to_string());
+    s.split(',')
+        .map(|item| {
+            let (b, r) = item.trim().split_once('=').ok_or_else(bad)?;
+            let parts: Vec<&str> = b.split(':').collect();
+            let mac_ok = parts.len() == 6
+                && parts
+                    .iter()
+                    .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+            let rssi: i32 = r.parse().map_err(|_| bad())?;
+            if !mac_ok || !(-120..=0).contains(&rssi) {
+                return Err(bad());
+            }
+            Ok((b.to_ascii_lowercase(), rssi))
+        })
+        .collect()
+}
+
+pub fn parse_heading(s: &str) -> Result<f64, FlagError> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|h| (0.0..360.0).contains(h))
+        .ok_or_else(|| FlagError::Heading(s.to_string()))
+}
+
+pub fn parse_speed(s: &str) -> Result<f64, FlagError> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| (0.0..=150.0).contains(v))
+        .ok_or_else(|| FlagError::Speed(s.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags() {
+        assert_eq!(
+            parse_wifi("AA:bb:cc:dd:ee:ff=-60,00:11:22:33:44:55=-81").expect("ok"),
+            vec![("aa:bb:cc:dd:ee:ff".into(), -60), ("00:11:22:33:44:55".into(), -81)]
+        );
+        assert!(parse_wifi("aa:bb=-1").is_err());
+        assert!(parse_wifi("aa:bb:cc:dd:ee:ff=10").is_err());
+        assert!(parse_heading("360").is_err());
+        assert_eq!(parse_heading("90.5"), Ok(90.5));
+        assert!(parse_speed("-1").is_err());
+    }
+}

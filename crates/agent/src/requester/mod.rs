@@ -1,0 +1,230 @@
+//! `bandshare connect`: asks the coordinator for offers, keeps a pool of
+//! tunnels to several sharers, and serves local applications through SOCKS5,
+//! HTTP CONNECT, fixed port forwards and a `GET /status` endpoint.
+
+pub mod pool;
+pub mod proxy;
+pub mod select;
+pub mod socks;
+
+use crate::location::{ConditionSpec, LocationSpec};
+use crate::{AgentError, Shutdown, coordinator};
+use bandshare_core::{Backoff, DeviceKey, DistanceBand};
+use bandshare_proto::convert as cv;
+use bandshare_proto::v1;
+use bandshare_relay::{FlowHeader, Tunnel};
+use ed25519_dalek::SigningKey;
+use pool::{Member, Pool};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// `--forward LOCAL=HOST:PORT`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub local: SocketAddr,
+    pub target: FlowHeader,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("expected LOCAL=HOST:PORT such as 127.0.0.1:8080=example.com:80, got {0:?}")]
+pub struct BadForward(pub String);
+
+impl std::str::FromStr for Forward {
+    type Err = BadForward;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadForward(s.to_string());
+        let (l, t) = s.split_once('=').ok_or_else(bad)?;
+        Ok(Forward {
+            local: l.parse().map_err(|_| bad())?,
+            target: socks::parse_authority(t).ok_or_else(bad)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RequesterOptions {
+    pub server: String,
+    pub location: LocationSpec,
+    pub conditions: ConditionSpec,
+    pub pool_size: usize,
+    pub socks: Option<SocketAddr>,
+    pub forwards: Vec<Forward>,
+    pub control: Option<SocketAddr>,
+}
+
+/// A running requester; listeners are bound and the pool is filling.
+pub struct Requester {
+    pub pool: Arc<Pool>,
+    pub socks_addr: Option<SocketAddr>,
+    pub control_addr: Option<SocketAddr>,
+    pub forward_addrs: Vec<SocketAddr>,
+    /// The coordinator's answer to the first share request.
+    pub first_response: v1::ShareResponse,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr).await.map_err(|e| AgentError::Listen(addr, e))
+}
+
+fn request(opts: &RequesterOptions, key: &SigningKey) -> v1::ShareRequest {
+    v1::ShareRequest {
+        requester_key: key.verifying_key().to_bytes().to_vec(),
+        location: Some(opts.location.to_wire()),
+        conditions: Some(opts.conditions.to_wire()),
+        explain: false,
+    }
+}
+
+/// Dials the offers not yet in the pool, concurrently, and adds those that
+/// answer, up to `room` of them.
+async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningKey, room: usize) {
+    let fresh: Vec<v1::Offer> = offers
+        .into_iter()
+        .filter(|o| DeviceKey::from_slice(&o.sharer_key).is_ok_and(|k| !pool.contains(&k)))
+        .take(room)
+        .collect();
+    let dials = fresh.into_iter().map(|o| async move {
+        let addr = o.relay_endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+        let pin: Option<[u8; 32]> = o.relay_cert_sha256.as_slice().try_into().ok();
+        let (Some(addr), Some(pin), Ok(sharer_key)) = (addr, pin, DeviceKey::from_slice(&o.sharer_key)) else {
+            return Err(format!("offer from {} is malformed", o.sharer));
+        };
+        let tunnel = Tunnel::connect(addr, pin, &o.ticket, key)
+            .await
+            .map_err(|e| format!("{}: {e}", o.sharer))?;
+        let mut link = o.link.as_ref().map(cv::link_from_wire).unwrap_or_default();
+        link.network = cv::network_from_wire(o.network);
+        Ok(Member {
+            name: o.sharer.clone(),
+            key: sharer_key,
+            band: DistanceBand::parse(&o.distance_band),
+            network: cv::network_from_wire(o.network),
+            link,
+            tunnel,
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
+        })
+    });
+    for r in futures::future::join_all(dials).await {
+        match r {
+            Ok(m) => pool.add(m),
+            Err(e) => warn!(error = %e, "cannot join sharer"),
+        }
+    }
+}
+
+impl Requester {
+    /// Binds the local listeners, makes the first share request (an
+    /// unreachable coordinator is an error here), dials the offers, and
+    /// keeps the pool filled until `shutdown`.
+    pub async fn start(
+        opts: RequesterOptions,
+        key: SigningKey,
+        shutdown: Shutdown,
+    ) -> Result<Requester, AgentError> {
+        let url = coordinator::normalize_url(&opts.server)?;
+        let socks = match opts.socks {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let control = match opts.control {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let mut forwards = vec![];
+        for f in &opts.forwards {
+            forwards.push((bind(f.local).await?, f.target.clone()));
+        }
+        let channel = coordinator::connect(&url).await?;
+        let first = coordinator::share_request(channel, request(&opts, &key)).await?;
+        let pool = Arc::new(Pool::default());
+        let size = opts.pool_size.max(1);
+        connect_offers(&pool, first.offers.clone(), &key, size).await;
+        let me = Requester {
+            pool: pool.clone(),
+            socks_addr: socks.as_ref().and_then(|l| l.local_addr().ok()),
+            control_addr: control.as_ref().and_then(|l| l.local_addr().ok()),
+            forward_addrs: forwards.iter().filter_map(|(l, _)| l.local_addr().ok()).collect(),
+            first_response: first,
+        };
+        let mut tasks = vec![];
+        if let Some(l) = socks {
+            tasks.push(tokio::spawn(proxy::serve_proxy(l, pool.clone())));
+        }
+        for (l, t) in forwards {
+            tasks.push(tokio::spawn(proxy::serve_forward(l, t, pool.clone())));
+        }
+        if let Some(l) = control {
+            let app = status_router(pool.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            }));
+        }
+        tasks.push(tokio::spawn(maintain(pool.clone(), url, opts, key, size)));
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            for t in &tasks {
+                t.abort();
+            }
+            for m in pool.status().pool {
+                info!(sharer = %m.sharer, flows = m.flows, "leaving pool");
+            }
+            pool.close_all();
+        });
+        Ok(me)
+    }
+}
+
+/// Keeps the pool at `size`: refills after a member leaves and every 10 s,
+/// with backoff while the coordinator cannot be reached.
+async fn maintain(pool: Arc<Pool>, url: String, opts: RequesterOptions, key: SigningKey, size: usize) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let wait = if pool.len() < size {
+            let result = async {
+                let ch = coordinator::connect(&url).await?;
+                coordinator::share_request(ch, request(&opts, &key)).await
+            }
+            .await;
+            match result {
+                Ok(resp) => {
+                    connect_offers(&pool, resp.offers, &key, size - pool.len()).await;
+                    backoff.reset();
+                    if pool.len() < size {
+                        Duration::from_secs(2)
+                    } else {
+                        Duration::from_secs(10)
+                    }
+                }
+                Err(e) => {
+                    let d = backoff.next_delay(fastrand::f64());
+                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool");
+                    d
+                }
+            }
+        } else {
+            Duration::from_secs(10)
+        };
+        tokio::select! {
+            _ = pool.changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        pool.reselect();
+    }
+}
+
+fn status_router(pool: Arc<Pool>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new().route(
+        "/status",
+        get(move || {
+            let pool = pool.clone();
+            async move { axum::Json(pool.status()) }
+        }),
+    )
+}

@@ -1,0 +1,195 @@
+//! The local side of the requester: SOCKS5 and HTTP CONNECT on one port
+//! (told apart by the first byte), and fixed port forwards. Each accepted
+//! connection becomes one flow through the pool's active sharer.
+
+use super::pool::Pool;
+use super::socks::{self, Parse, ProxyError};
+use bandshare_relay::splice::copy_counted;
+use bandshare_relay::wire::reply;
+use bandshare_relay::{FlowError, FlowHeader};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span};
+
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads until `parse` has a value; returns it and the bytes after it.
+async fn read_until<T>(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<Parse<T>, ProxyError>,
+) -> Result<T, String> {
+    loop {
+        match parse(buf).map_err(|e| e.to_string())? {
+            Parse::Done(v, used) => {
+                buf.drain(..used);
+                return Ok(v);
+            }
+            Parse::Incomplete => {
+                if buf.len() > socks::MAX_HEAD {
+                    return Err("request too large".into());
+                }
+                let mut chunk = [0u8; 1024];
+                let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("client closed before the request was complete".into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+enum Dialect {
+    Socks,
+    Http,
+}
+
+/// What to answer the client for a failed flow.
+fn failure_code(e: &FlowError) -> u8 {
+    match e {
+        FlowError::Refused(code) => *code,
+        FlowError::Lost(_) => reply::NETWORK_UNREACHABLE,
+        FlowError::Target(_) => reply::ADDRESS_TYPE,
+    }
+}
+
+fn http_status(code: u8) -> &'static str {
+    match code {
+        reply::OK => "200 Connection established",
+        reply::NOT_ALLOWED => "403 Forbidden",
+        reply::TTL_EXPIRED => "504 Gateway Timeout",
+        reply::NETWORK_UNREACHABLE => "503 Service Unavailable",
+        _ => "502 Bad Gateway",
+    }
+}
+
+async fn answer(tcp: &mut TcpStream, dialect: &Dialect, code: u8) -> std::io::Result<()> {
+    match dialect {
+        Dialect::Socks => tcp.write_all(&socks::reply(code)).await,
+        Dialect::Http => {
+            let body = if code == reply::OK { String::new() } else { format!("{}\n", reply::describe(code)) };
+            let extra = if code == reply::OK {
+                String::new()
+            } else {
+                format!("Content-Length: {}\r\nConnection: close\r\n", body.len())
+            };
+            tcp.write_all(format!("HTTP/1.1 {}\r\n{extra}\r\n{body}", http_status(code)).as_bytes())
+                .await
+        }
+    }
+}
+
+/// Handles one local client of the proxy port.
+async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(512);
+    let head = async {
+        let first = loop {
+            if let Some(b) = buf.first() {
+                break *b;
+            }
+            let mut chunk = [0u8; 512];
+            let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("client closed".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        if first == 5 {
+            read_until(&mut tcp, &mut buf, socks::parse_greeting).await?;
+            tcp.write_all(&[5, 0]).await.map_err(|e| e.to_string())?;
+            let target = match read_until(&mut tcp, &mut buf, socks::parse_request).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = tcp.write_all(&socks::reply(0x07)).await;
+                    return Err(e);
+                }
+            };
+            Ok((Dialect::Socks, target))
+        } else {
+            match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
+                Ok(t) => Ok((Dialect::Http, t)),
+                Err(e) => {
+                    let msg = format!("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n", e.len() + 1);
+                    let _ = tcp.write_all(msg.as_bytes()).await;
+                    Err(e)
+                }
+            }
+        }
+    };
+    let (dialect, target) = tokio::time::timeout(HEAD_TIMEOUT, head)
+        .await
+        .map_err(|_| "client too slow to send its request".to_string())??;
+    relay_to(tcp, &pool, &target, Some(dialect), buf).await
+}
+
+/// Opens the flow, answers the client (if it speaks a proxy dialect), and
+/// splices until both directions end.
+async fn relay_to(
+    mut tcp: TcpStream,
+    pool: &Pool,
+    target: &FlowHeader,
+    dialect: Option<Dialect>,
+    early: Vec<u8>,
+) -> Result<(), String> {
+    let (mut send, recv, member) = match pool.open_flow(target).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            if let Some(d) = &dialect {
+                let _ = answer(&mut tcp, d, failure_code(&e)).await;
+            }
+            return Err(format!("{}:{}: {e}", target.host, target.port));
+        }
+    };
+    debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
+    if let Some(d) = &dialect {
+        answer(&mut tcp, d, reply::OK).await.map_err(|e| e.to_string())?;
+    }
+    if !early.is_empty() {
+        send.write_all(&early).await.map_err(|e| e.to_string())?;
+        member.bytes_up.fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let _ = tcp.set_nodelay(true);
+    let (r, w) = tcp.into_split();
+    let up = copy_counted(r, send, [&member.bytes_up, &pool.total_bytes]);
+    let down = copy_counted(recv, w, [&member.bytes_down, &pool.total_bytes]);
+    let (u, d) = tokio::join!(up, down);
+    // A flow cut by a dying sharer ends here with an error the app sees as
+    // a reset/close, never a hang.
+    if let (Err(e), _) | (_, Err(e)) = (&u, &d) {
+        return Err(format!("flow via {} ended: {e}", member.name));
+    }
+    Ok(())
+}
+
+pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let pool = pool.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_proxy_client(tcp, pool).await {
+                    debug!(error = %e, "proxy client ended");
+                }
+            }
+            .instrument(info_span!("proxy_flow", %from)),
+        );
+    }
+}
+
+pub async fn serve_forward(listener: TcpListener, target: FlowHeader, pool: Arc<Pool>) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(
+            async move {
+                if let Err(e) = relay_to(tcp, &pool, &target, None, vec![]).await {
+                    debug!(error = %e, "forward ended");
+                }
+            }
+            .instrument(info_span!("forward_flow", %from)),
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Parsers for what local applications send the requester's proxy: SOCKS5
+//! (RFC 1928, no-auth CONNECT) and HTTP CONNECT. Sans-I/O: each takes the
+//! bytes received so far and returns `Incomplete`, a value and how many
+//! bytes it used, or an error. Never panics on any input.
+
+use bandshare_relay::wire::{FlowHeader, Host, check_name};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse<T> {
+    Incomplete,
+    Done(T, usize),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProxyError {
+    #[error("not SOCKS version 5 (got {0})")]
+    Version(u8),
+    #[error("client offers no 'no authentication' method")]
+    NoAcceptableMethod,
+    #[error("unsupported SOCKS command {0} (only CONNECT)")]
+    Command(u8),
+    #[error("unsupported address type {0}")]
+    AddressType(u8),
+    #[error("bad host name")]
+    Name,
+    #[error("bad HTTP request: {0}")]
+    Http(String),
+    #[error("request head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+}
+
+pub const MAX_HEAD: usize = 8192;
+
+/// Greeting: `VER NMETHODS METHODS...`; Ok when method 0 (no auth) is offered.
+pub fn parse_greeting(b: &[u8]) -> Result<Parse<()>, ProxyError> {
+    let (Some(&v), Some(&n)) = (b.first(), b.get(1)) else {
+        return Ok(Parse::Incomplete);
+    };
+    if v != 5 {
+        return Err(ProxyError::Version(v));
+    }
+    let Some(methods) = b.get(2..2 + n as usize) else {
+        return Ok(Parse::Incomplete);
+    };
+    if !methods.contains(&0) {
+        return Err(ProxyError::NoAcceptableMethod);
+    }
+    Ok(Parse::Done((), 2 + n as usize))
+}
+
+/// Request: `VER CMD RSV ATYP DST.ADDR DST.PORT`. Only CONNECT (1).
+pub fn parse_request(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
+    if b.len() < 5 {
+        return Ok(Parse::Incomplete);
+    }
+    if b[0] != 5 {
+        return Err(ProxyError::Version(b[0]));
+    }
+    if b[1] != 1 {
+        return Err(ProxyError::Command(b[1]));
+    }
+    let (addr_len, start) = match b[3] {
+        1 => (4, 4),
+        4 => (16, 4),
+        3 => (b[4] as usize, 5),
+        t => return Err(ProxyError::AddressType(t)),
+    };
+    let end = start + addr_len;
+    let Some(port) = b.get(end..end + 2) else {
+        return Ok(Parse::Incomplete);
+    };
+    let port = u16::from_be_bytes([port[0], port[1]]);
+    let a = &b[start..end];
+    let host = match b[3] {
+        1 => Host::Ip(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        4 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(a);
+            Host::Ip(IpAddr::V6(Ipv6Addr::from(o)))
+        }
+        _ => Host::Name(check_name(a).map_err(|_| ProxyError::Name)?.to_string()),
+    };
+    Ok(Parse::Done(FlowHeader { host, port }, end + 2))
+}
+
+/// A SOCKS5 reply with `code` and an all-zero bound address.
+pub fn reply(code: u8) -> [u8; 10] {
+    [5, code, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+/// `host:port` or `[v6]:port` into a flow target.
+pub fn parse_authority(s: &str) -> Option<FlowHeader> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        (Host::Ip(IpAddr::V6(h.parse().ok()?)), p)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        let host = match h.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(check_name(h.as_bytes()).ok()?.to_string()),
+        };
+        (host, p)
+    };
+    Some(FlowHeader {
+        host,
+        port: port.parse().ok().filter(|p| *p > 0)?,
+    })
+}
+
+/// `CONNECT host:port HTTP/1.x` and headers up to the blank line.
+pub fn parse_http_connect(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
+    let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if b.len() > MAX_HEAD {
+            Err(ProxyError::TooLarge)
+        } else {
+            Ok(Parse::Incomplete)
+        };
+    };
+    if end > MAX_HEAD {
+        return Err(ProxyError::TooLarge);
+    }
+    let head = std::str::from_utf8(&b[..end]).map_err(|_| ProxyError::Http("not UTF-8".into()))?;
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next(), parts.next(), parts.next());
+    if method != Some("CONNECT") {
+        return Err(ProxyError::Http(format!(
+            "only CONNECT is supported, got {:?}",
+            method.unwrap_or_default()
+        )));
+    }
+    if !version.is_some_and(|v| v.starts_with("HTTP/1.")) || parts.next().is_some() {
+        return Err(ProxyError::Http(format!("malformed request line {line:?}")));
+    }
+    let target = target
+        .and_then(parse_authority)
+        .ok_or_else(|| ProxyError::Http(format!("bad CONNECT target in {line:?}")))?;
+    Ok(Parse::Done(target, end + 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn socks() {
+        assert_eq!(parse_greeting(&[5]), Ok(Parse::Incomplete));
+        assert_eq!(parse_greeting(&[5, 2, 2, 0]), Ok(Parse::Done((), 4)));
+        assert_eq!(parse_greeting(&[5, 1, 2]), Err(ProxyError::NoAcceptableMethod));
+        assert_eq!(parse_greeting(&[4, 1, 0]), Err(ProxyError::Version(4)));
+        let req = [5, 1, 0, 3, 9, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't', 0, 80];
+        assert_eq!(parse_request(&req[..10]), Ok(Parse::Incomplete));
+        assert_eq!(
+            parse_request(&req),
+            Ok(Parse::Done(FlowHeader { host: Host::Name("localhost".into()), port: 80 }, 16))
+        );
+        assert_eq!(parse_request(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0]), Err(ProxyError::Command(2)));
+        let v6 = [[5, 1, 0, 4].as_slice(), &[0; 15], &[1, 1, 187]].concat();
+        assert_eq!(
+            parse_request(&v6),
+            Ok(Parse::Done(FlowHeader { host: Host::Ip("::1".parse().expect("ip")), port: 443 }, 22))
+        );
+    }
+
+    #[test]
+    fn http() {
+        let r = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nextra";
+        assert_eq!(
+            parse_http_connect(r),
+            Ok(Parse::Done(FlowHeader { host: Host::Name("example.com".into()), port: 443 }, r.len() - 5))
+        );
+        assert_eq!(parse_http_connect(b"CONNECT a:1 HTTP/1.1\r\n"), Ok(Parse::Incomplete));
+        assert!(parse_http_connect(b"GET / HTTP/1.1\r\n\r\n").is_err());
+        assert!(parse_http_connect(b"CONNECT nohost HTTP/1.1\r\n\r\n").is_err());
+        let r = b"CONNECT [::1]:8080 HTTP/1.0\r\n\r\n";
+        assert!(matches!(parse_http_connect(r), Ok(Parse::Done(FlowHeader { port: 8080, .. }, _))));
+        assert_eq!(parse_http_connect(&vec![b'a'; MAX_HEAD + 1]), Err(ProxyError::TooLarge));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_greeting(&b);
+            let _ = parse_request(&b);
+            let _ = parse_http_connect(&b);
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! `bandshare share`: keeps one stream to the coordinator (reconnecting with
+//! backoff and jitter), reports measured link state, answers access requests
+//! by its consent policy, and runs the QUIC relay that serves requesters.
+
+pub mod consent;
+pub mod probe;
+pub mod uplink;
+
+use crate::location::LocationSpec;
+use crate::{AgentError, Shutdown, coordinator};
+use bandshare_core::{Backoff, EgressPolicy, LinkState, NetworkType, ServiceSet};
+use bandshare_proto::convert as cv;
+use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message::Msg as Up};
+use bandshare_relay::{Relay, RelayHandle, RelayOptions};
+use consent::Consent;
+use ed25519_dalek::SigningKey;
+use probe::PingTracker;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+#[derive(Clone, Debug)]
+pub struct SharerOptions {
+    pub server: String,
+    pub name: String,
+    pub location: LocationSpec,
+    pub services: ServiceSet,
+    pub network: Option<NetworkType>,
+    /// Where the QUIC relay listens.
+    pub relay_listen: SocketAddr,
+    /// The address requesters dial; derived when the relay listens on an
+    /// unspecified address.
+    pub advertise: Option<SocketAddr>,
+    pub egress: EgressPolicy,
+    /// Cap of what this sharer offers, bits per second; 0 = no cap.
+    pub bandwidth_bps: u64,
+    pub consent: Consent,
+    /// Interface whose counters measure the uplink; default: the default route's.
+    pub uplink: Option<String>,
+}
+
+/// A started sharer: its relay is bound and serving.
+pub struct Sharer {
+    pub relay_addr: SocketAddr,
+    pub relay: RelayHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sharer {
+    /// Binds the relay and starts the stream loop; both stop on `shutdown`.
+    pub async fn start(
+        opts: SharerOptions,
+        key: SigningKey,
+        shutdown: Shutdown,
+    ) -> Result<Sharer, AgentError> {
+        let url = coordinator::normalize_url(&opts.server)?;
+        let relay = Relay::bind(RelayOptions {
+            listen: opts.relay_listen,
+            me: bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
+            egress: opts.egress.clone(),
+            max_requesters: opts.consent.max_requesters,
+        })?;
+        let relay_addr = relay
+            .local_addr()
+            .map_err(|e| AgentError::Listen(opts.relay_listen, e))?;
+        let advertise = match opts.advertise {
+            Some(a) => a,
+            None => advertised(relay_addr, &url).await,
+        };
+        let handle = relay.handle();
+        let relay_task = tokio::spawn(relay.run(shutdown.clone().wait()));
+        let span = info_span!("sharer", name = %opts.name);
+        let h = handle.clone();
+        let task = tokio::spawn(
+            async move {
+                stream_loop(&opts, &url, &key, advertise, &h, shutdown).await;
+                let _ = relay_task.await;
+            }
+            .instrument(span),
+        );
+        info!(relay = %relay_addr, advertise = %advertise, "sharer relay listening");
+        Ok(Sharer {
+            relay_addr: advertise,
+            relay: handle,
+            task,
+        })
+    }
+
+    /// Waits until the sharer has stopped.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// The address requesters should dial: the relay's own when specific, else
+/// the local address this host uses toward the coordinator (found with a
+/// connected UDP socket; nothing is sent).
+async fn advertised(relay: SocketAddr, url: &str) -> SocketAddr {
+    if !relay.ip().is_unspecified() {
+        return relay;
+    }
+    let hostport = url.split("://").nth(1).unwrap_or(url).to_string();
+    if let Ok(mut addrs) = tokio::net::lookup_host(hostport).await
+        && let Some(server) = addrs.next()
+    {
+        let bind: SocketAddr = if server.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        if let Ok(sock) = std::net::UdpSocket::bind(bind)
+            && sock.connect(server).is_ok()
+            && let Ok(local) = sock.local_addr()
+        {
+            return SocketAddr::new(local.ip(), relay.port());
+        }
+    }
+    relay
+}
+
+/// Measures link state between reports.
+struct LinkMeter {
+    iface: Option<String>,
+    last: Option<(Instant, u64, u64, u64)>, // (at, rx, tx, relayed)
+    cap_bps: u64,
+    network: Option<NetworkType>,
+}
+
+impl LinkMeter {
+    fn measure(&mut self, probe: &PingTracker, relay: &RelayHandle, now: Instant) -> LinkState {
+        let (rx, tx) = self
+            .iface
+            .as_deref()
+            .and_then(uplink::counters)
+            .unwrap_or((0, 0));
+        let relayed = relay.total_bytes();
+        let (mut rx_bps, mut tx_bps, mut relay_bps) = (0, 0, 0);
+        if let Some((at, lrx, ltx, lrel)) = self.last {
+            let secs = now.saturating_duration_since(at).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 * 8.0 / secs) as u64;
+            rx_bps = rate(rx, lrx);
+            tx_bps = rate(tx, ltx);
+            relay_bps = rate(relayed, lrel);
+        }
+        self.last = Some((now, rx, tx, relayed));
+        let congestion = match self.cap_bps {
+            0 => 0,
+            cap => ((relay_bps as f64 / cap as f64) * 1000.0).min(1000.0) as u32,
+        };
+        LinkState {
+            up: self.iface.as_deref().is_none_or(uplink::is_up),
+            rtt_us: probe.rtt().map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32),
+            loss_permille: probe.loss_permille(now),
+            uplink_rx_bps: rx_bps,
+            uplink_tx_bps: tx_bps,
+            relay_bps,
+            capacity_bps: self.cap_bps,
+            congestion_permille: congestion,
+            network: self.network,
+            battery_pct: uplink::battery_pct(),
+        }
+    }
+}
+
+async fn stream_loop(
+    opts: &SharerOptions,
+    url: &str,
+    key: &SigningKey,
+    advertise: SocketAddr,
+    relay: &RelayHandle,
+    shutdown: Shutdown,
+) {
+    let mut backoff = Backoff::default();
+    let mut meter = LinkMeter {
+        iface: uplink::uplink_interface(opts.uplink.as_deref()),
+        last: None,
+        cap_bps: opts.bandwidth_bps,
+        network: opts.network,
+    };
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = session(opts, url, key, advertise, relay, &mut meter) => r,
+            _ = shutdown.clone().wait() => return,
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "coordinator stream lost");
+        }
+        // A session that lasted a while was a success: start backoff over.
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(fastrand::f64());
+        info!(retry_in_ms = delay.as_millis() as u64, "reconnecting to coordinator");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.clone().wait() => return,
+        }
+    }
+}
+
+fn up(msg: Up) -> v1::SharerMessage {
+    v1::SharerMessage { msg: Some(msg) }
+}
+
+/// One stream to the coordinator, until it breaks.
+async fn session(
+    opts: &SharerOptions,
+    url: &str,
+    key: &SigningKey,
+    advertise: SocketAddr,
+    relay: &RelayHandle,
+    meter: &mut LinkMeter,
+) -> Result<(), AgentError> {
+    let channel = coordinator::connect(url).await?;
+    let mut client = v1::sharer_link_client::SharerLinkClient::new(channel);
+    let (tx, rx) = mpsc::channel(64);
+    let mut probe = PingTracker::new(Duration::from_secs(2));
+    let link = meter.measure(&probe, relay, Instant::now());
+    let hello = v1::Hello {
+        version: 1,
+        name: opts.name.clone(),
+        public_key: key.verifying_key().to_bytes().to_vec(),
+        services: cv::services_to_wire(opts.services),
+        network: cv::network_to_wire(opts.network),
+        security: 0,
+        relay_endpoints: vec![advertise.to_string()],
+        relay_cert_sha256: relay.cert_pin().to_vec(),
+        consent: Some(v1::ConsentPolicy {
+            accept: opts.consent.accept,
+            max_requesters: opts.consent.max_requesters,
+        }),
+        location: Some(opts.location.to_wire()),
+        link: Some(cv::link_to_wire(&link)),
+    };
+    tx.send(up(Up::Hello(hello)))
+        .await
+        .map_err(|_| AgentError::Other("stream closed".into()))?;
+    let mut inbound = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| AgentError::Other(format!("coordinator refused the stream: {}", s.message())))?
+        .into_inner();
+    let welcome = match inbound.message().await {
+        Ok(Some(v1::CoordinatorMessage { msg: Some(Down::Welcome(w)) })) => w,
+        Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
+        Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
+    };
+    let coordinator_key: [u8; 32] = welcome
+        .coordinator_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| AgentError::Other("coordinator key is not 32 bytes".into()))?;
+    relay.set_coordinator_keys(&[coordinator_key]);
+    let interval = |ms: u32, default: u64| {
+        Duration::from_millis(if ms == 0 { default } else { ms.clamp(50, 60_000) as u64 })
+    };
+    let ping_every = interval(welcome.ping_interval_ms, 1000);
+    probe = PingTracker::new((ping_every * 2).max(Duration::from_millis(500)));
+    let mut ping_tick = tokio::time::interval(ping_every);
+    let mut report_tick = tokio::time::interval(interval(welcome.report_interval_ms, 2000));
+    info!("online at coordinator");
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Err(AgentError::Other("coordinator ended the stream".into())),
+                    Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
+                };
+                match msg.msg {
+                    Some(Down::Pong(p)) => probe.pong(p.seq, Instant::now()),
+                    Some(Down::AccessRequest(a)) => {
+                        let decision = opts.consent.decide(relay.active_requesters());
+                        debug!(request = a.request_id, accept = decision.is_ok(), "access request");
+                        let link = meter.measure(&probe, relay, Instant::now());
+                        let resp = v1::AccessResponse {
+                            request_id: a.request_id,
+                            accept: decision.is_ok(),
+                            reason: decision.err().unwrap_or_default(),
+                            relay_endpoints: vec![advertise.to_string()],
+                            services: cv::services_to_wire(opts.services),
+                            link: Some(cv::link_to_wire(&link)),
+                        };
+                        let _ = tx.try_send(up(Up::AccessResponse(resp)));
+                    }
+                    _ => {}
+                }
+            }
+            _ = ping_tick.tick() => {
+                let seq = probe.ping(Instant::now());
+                let _ = tx.try_send(up(Up::Ping(v1::Ping { seq })));
+            }
+            _ = report_tick.tick() => {
+                let link = meter.measure(&probe, relay, Instant::now());
+                let usage = relay.take_usage().into_iter().map(|u| v1::Usage {
+                    requester_key: u.requester.0.to_vec(),
+                    bytes_up: u.bytes_up,
+                    bytes_down: u.bytes_down,
+                    flows: u.flows,
+                }).collect();
+                let report = v1::StateReport {
+                    location: Some(opts.location.to_wire()),
+                    link: Some(cv::link_to_wire(&link)),
+                    active_requesters: relay.active_requesters(),
+                    usage,
+                };
+                if tx.send(up(Up::Report(report))).await.is_err() {
+                    return Err(AgentError::Other("stream closed".into()));
+                }
+            }
+        }
+    }
+}
