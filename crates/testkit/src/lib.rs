@@ -1,1 +1,258 @@
-//! placeholder
+//! In-process bandshare clusters on loopback, for tests and the demo:
+//! a coordinator on port 0 with a temporary data directory, sharers at
+//! chosen offsets from a centre, a requester, and a local HTTP target.
+//! Everything is the real component; nothing here is a mock.
+
+pub mod http;
+
+use anyhow::Context;
+use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use bandshare_agent::requester::{Requester, RequesterOptions};
+use bandshare_agent::sharer::consent::Consent;
+use bandshare_agent::sharer::{Sharer, SharerOptions};
+use bandshare_agent::shutdown::Trigger;
+use bandshare_agent::{Shutdown, identity};
+use bandshare_coordinator::{Config, Shared};
+use bandshare_core::{DeviceKey, EgressPolicy, EgressRule, NetworkType, Position, ServiceSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use http::HttpTarget;
+
+/// Beijing, where the demo happens.
+pub const CENTER: (f64, f64) = (39.9042, 116.4074);
+
+pub fn center() -> Position {
+    Position { lat: CENTER.0, lon: CENTER.1, alt: None }
+}
+
+/// Logs to stderr at `RUST_LOG` (default: warnings), once per process.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `f` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct CoordinatorNode {
+    pub url: String,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub data_dir: tempfile::TempDir,
+    trigger: Trigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CoordinatorNode {
+    pub async fn start(config: Config) -> anyhow::Result<CoordinatorNode> {
+        let data_dir = tempfile::tempdir()?;
+        let store = bandshare_store::Store::open(data_dir.path())?;
+        let shared = Shared::new(config, store)?;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+        let (trigger, shutdown) = Shutdown::new();
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = bandshare_coordinator::run(s, grpc, Some(http), shutdown.wait()).await {
+                tracing::error!(error = %e, "coordinator failed");
+            }
+        });
+        Ok(CoordinatorNode {
+            url: format!("http://{grpc_addr}"),
+            grpc_addr,
+            http_addr,
+            shared,
+            data_dir,
+            trigger,
+            task,
+        })
+    }
+
+    pub fn online(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.task.await;
+    }
+}
+
+/// How to place and equip one test sharer.
+#[derive(Clone, Debug)]
+pub struct SharerSpec {
+    pub name: String,
+    /// Metres east and north of the centre.
+    pub east_m: f64,
+    pub north_m: f64,
+    pub services: ServiceSet,
+    pub network: Option<NetworkType>,
+    pub allow: Vec<EgressRule>,
+    pub consent: Consent,
+}
+
+impl SharerSpec {
+    pub fn new(name: &str, east_m: f64, north_m: f64) -> SharerSpec {
+        SharerSpec {
+            name: name.into(),
+            east_m,
+            north_m,
+            services: "hotspot".parse().unwrap_or_default(),
+            network: Some(NetworkType::FiveG),
+            allow: vec![],
+            consent: Consent::default(),
+        }
+    }
+
+    pub fn services(mut self, s: &str) -> Self {
+        self.services = s.parse().unwrap_or_default();
+        self
+    }
+
+    pub fn network(mut self, n: NetworkType) -> Self {
+        self.network = Some(n);
+        self
+    }
+
+    pub fn allow(mut self, rule: EgressRule) -> Self {
+        self.allow.push(rule);
+        self
+    }
+}
+
+pub struct SharerNode {
+    pub name: String,
+    pub key: DeviceKey,
+    pub sharer: Sharer,
+    trigger: Trigger,
+}
+
+impl SharerNode {
+    pub async fn start(coordinator_url: &str, spec: &SharerSpec) -> anyhow::Result<SharerNode> {
+        let key = identity::generate()?;
+        let (trigger, shutdown) = Shutdown::new();
+        let opts = SharerOptions {
+            server: coordinator_url.to_string(),
+            name: spec.name.clone(),
+            location: LocationSpec {
+                at: Some(center().offset_m(spec.east_m, spec.north_m)),
+                ..Default::default()
+            },
+            services: spec.services,
+            network: spec.network,
+            relay_listen: "127.0.0.1:0".parse()?,
+            advertise: None,
+            egress: EgressPolicy {
+                allow: spec.allow.clone(),
+                ..Default::default()
+            },
+            bandwidth_bps: 0,
+            consent: spec.consent,
+            uplink: Some("lo".into()),
+        };
+        let dkey = DeviceKey(key.verifying_key().to_bytes());
+        let sharer = Sharer::start(opts, key, shutdown).await?;
+        Ok(SharerNode { name: spec.name.clone(), key: dkey, sharer, trigger })
+    }
+
+    /// Stops the sharer: its stream ends and its relay closes every tunnel,
+    /// as when the process exits.
+    pub fn kill(&self) {
+        self.trigger.fire();
+    }
+}
+
+/// A coordinator, sharers and a local HTTP target, all on loopback.
+pub struct Cluster {
+    pub coordinator: CoordinatorNode,
+    pub sharers: Vec<SharerNode>,
+    pub target: HttpTarget,
+}
+
+impl Cluster {
+    /// Starts everything and waits until every sharer is online. Specs get
+    /// an egress rule for the HTTP target added.
+    pub async fn start(specs: Vec<SharerSpec>) -> anyhow::Result<Cluster> {
+        Cluster::start_with(Config::default(), specs).await
+    }
+
+    pub async fn start_with(config: Config, specs: Vec<SharerSpec>) -> anyhow::Result<Cluster> {
+        init_tracing();
+        let target = HttpTarget::start().await?;
+        let coordinator = CoordinatorNode::start(config).await?;
+        let rule: EgressRule = format!("{}/32:{}", target.addr.ip(), target.addr.port())
+            .parse()
+            .context("target rule")?;
+        let mut sharers = vec![];
+        for s in specs {
+            sharers.push(SharerNode::start(&coordinator.url, &s.clone().allow(rule)).await?);
+        }
+        let n = sharers.len();
+        let ok = wait_until(Duration::from_secs(10), || coordinator.online() == n).await;
+        anyhow::ensure!(ok, "only {} of {n} sharers came online", coordinator.online());
+        Ok(Cluster { coordinator, sharers, target })
+    }
+
+    pub fn sharer(&self, name: &str) -> Option<&SharerNode> {
+        self.sharers.iter().find(|s| s.name == name)
+    }
+
+    /// Requester options at the centre with a SOCKS port and status port.
+    pub fn requester_options(&self) -> RequesterOptions {
+        RequesterOptions {
+            server: self.coordinator.url.clone(),
+            location: LocationSpec { at: Some(center()), ..Default::default() },
+            conditions: ConditionSpec::default(),
+            pool_size: 3,
+            socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            forwards: vec![],
+            control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        }
+    }
+
+    pub async fn requester(&self, opts: RequesterOptions) -> anyhow::Result<RequesterNode> {
+        let (trigger, shutdown) = Shutdown::new();
+        let key = identity::generate()?;
+        let requester = Requester::start(opts, key, shutdown).await?;
+        Ok(RequesterNode { requester, trigger })
+    }
+}
+
+pub struct RequesterNode {
+    pub requester: Requester,
+    trigger: Trigger,
+}
+
+impl RequesterNode {
+    pub fn socks(&self) -> SocketAddr {
+        self.requester.socks_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn active(&self) -> Option<String> {
+        self.requester.pool.status().active
+    }
+
+    pub fn stop(&self) {
+        self.trigger.fire();
+    }
+}

@@ -1,0 +1,379 @@
+//! Flags of every subcommand (DESIGN.md's CLI contract) and the glue that
+//! turns them into options of the crates.
+
+use anyhow::Context;
+use bandshare_agent::location::{self, ConditionSpec, LocationSpec};
+use bandshare_agent::requester::{Forward, Requester, RequesterOptions};
+use bandshare_agent::sharer::consent::Consent;
+use bandshare_agent::sharer::{Sharer, SharerOptions};
+use bandshare_agent::{Shutdown, coordinator, identity};
+use bandshare_core::{EgressPolicy, EgressRule, NetworkType, Position, Scene, ServiceSet};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bandshare",
+    version,
+    about = "Share network connections between nearby devices, on demand.",
+    long_about = "Share network connections between nearby devices, on demand.\n\n\
+A coordinator (`server`) knows where willing sharers are; a sharer (`share`) offers \
+its uplink through a QUIC relay; a requester (`connect`) asks for offers near it, \
+keeps a pool of sharers and serves local apps through SOCKS5 / HTTP CONNECT.\n\n\
+Try `bandshare demo` to see it all in one process. Logs: RUST_LOG=debug."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator: matches requesters to nearby sharers.
+    Server(ServerArgs),
+    /// Offer this device's network to nearby requesters.
+    Share(ShareArgs),
+    /// Get a network through nearby sharers; serve it locally as SOCKS5/HTTP CONNECT.
+    Connect(ConnectArgs),
+    /// Ask once for offers near a place and print them.
+    Offers(OffersArgs),
+    /// Run a coordinator, five sharers, a web target and a requester in one process.
+    Demo,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// gRPC address for sharers and requesters.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// HTTP address for GET /healthz and GET /status.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    http: SocketAddr,
+    /// Directory of the SQLite store [default: $XDG_DATA_HOME/bandshare/server].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// TOML configuration (match radius, fan-out, deadlines, tickets).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Where the device is (shared by share, connect and offers).
+#[derive(Args, Debug, Clone)]
+struct LocationArgs {
+    /// Position: LAT,LON[,ALT] in degrees (and metres).
+    #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parse_position)]
+    at: Position,
+    /// Scene hint: outdoor, indoor, vehicle (subway-car), station (subway-hall).
+    #[arg(long, value_parser = parse_scene)]
+    scene: Option<Scene>,
+    /// Heading in degrees, 0 = north, clockwise.
+    #[arg(long, value_parser = location::parse_heading)]
+    heading: Option<f64>,
+    /// Speed in metres per second.
+    #[arg(long, value_parser = location::parse_speed)]
+    speed: Option<f64>,
+    /// Wi-Fi scan: BSSID=RSSI,... (e.g. aa:bb:cc:dd:ee:ff=-60).
+    #[arg(long, value_parser = location::parse_wifi)]
+    wifi: Option<Vec<(String, i32)>>,
+    /// Serving cell id.
+    #[arg(long)]
+    cell: Option<String>,
+}
+
+impl LocationArgs {
+    fn spec(&self) -> LocationSpec {
+        LocationSpec {
+            at: Some(self.at),
+            scene: self.scene,
+            heading_deg: self.heading,
+            speed_mps: self.speed,
+            wifi: self.wifi.clone().unwrap_or_default(),
+            cell: self.cell.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct ShareArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    #[arg(long)]
+    server: String,
+    /// Name shown to requesters.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    location: LocationArgs,
+    /// Services offered: hotspot, wifi6, 5ghz, prose (comma-separated).
+    #[arg(long, default_value = "hotspot", value_parser = parse_services)]
+    services: ServiceSet,
+    /// Uplink network type: 5g, 4g or wifi.
+    #[arg(long, value_parser = parse_network)]
+    network: Option<NetworkType>,
+    /// UDP address of the QUIC relay.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    relay: SocketAddr,
+    /// Address requesters dial [default: the relay's, or the address used toward the coordinator].
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Open a destination the default policy denies: CIDR[:PORT], repeatable.
+    #[arg(long = "allow-egress", value_name = "CIDR[:PORT]", value_parser = parse_rule)]
+    allow_egress: Vec<EgressRule>,
+    /// Cap what this sharer offers, in Mbit/s (link state is measured, this only caps).
+    #[arg(long)]
+    bandwidth_mbps: Option<u64>,
+    /// Serve at most this many requesters at once (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    max_requesters: u32,
+    /// Decline every access request (stay visible but serve nobody).
+    #[arg(long)]
+    decline: bool,
+    /// Interface whose counters measure the uplink [default: the default route's].
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/share-NAME].
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct WantArgs {
+    /// Services wanted: hotspot, wifi6, 5ghz, prose (comma-separated).
+    #[arg(long, value_parser = parse_services)]
+    want: Option<ServiceSet>,
+    /// Uplink network type wanted: 5g, 4g or wifi.
+    #[arg(long, value_parser = parse_network)]
+    network: Option<NetworkType>,
+}
+
+impl WantArgs {
+    fn spec(&self) -> ConditionSpec {
+        ConditionSpec {
+            want: self.want.unwrap_or_default(),
+            network: self.network,
+            max_offers: 0,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    #[arg(long)]
+    server: String,
+    #[command(flatten)]
+    location: LocationArgs,
+    #[command(flatten)]
+    want: WantArgs,
+    /// Sharers kept connected at once.
+    #[arg(long, default_value_t = 3)]
+    pool: usize,
+    /// Local SOCKS5 and HTTP CONNECT proxy address.
+    #[arg(long, default_value = "127.0.0.1:1080")]
+    socks: SocketAddr,
+    /// Fixed port forward LOCAL=HOST:PORT, repeatable.
+    #[arg(long, value_name = "LOCAL=HOST:PORT")]
+    forward: Vec<Forward>,
+    /// Serve GET /status (pool as JSON) on this address.
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/requester].
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct OffersArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    #[arg(long)]
+    server: String,
+    #[command(flatten)]
+    location: LocationArgs,
+    #[command(flatten)]
+    want: WantArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also say why each nearby sharer was or was not offered.
+    #[arg(long)]
+    explain: bool,
+}
+
+fn parse_position(s: &str) -> Result<Position, String> {
+    s.parse().map_err(|e: bandshare_core::geo::PositionError| e.to_string())
+}
+fn parse_scene(s: &str) -> Result<Scene, String> {
+    s.parse().map_err(|e: bandshare_core::scene::UnknownScene| e.to_string())
+}
+fn parse_services(s: &str) -> Result<ServiceSet, String> {
+    s.parse().map_err(|e: bandshare_core::service::UnknownService| e.to_string())
+}
+fn parse_network(s: &str) -> Result<NetworkType, String> {
+    s.parse().map_err(|e: bandshare_core::service::UnknownNetwork| e.to_string())
+}
+fn parse_rule(s: &str) -> Result<EgressRule, String> {
+    s.parse().map_err(|e: bandshare_core::egress::BadCidr| e.to_string())
+}
+
+/// `$XDG_DATA_HOME/bandshare/SUB`, else `~/.local/share/bandshare/SUB`.
+fn default_data(sub: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from(".bandshare"));
+    base.join("bandshare").join(sub)
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signalled() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn shutdown_on_signal() -> Shutdown {
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        signalled().await;
+        info!("signal received, shutting down");
+        trigger.fire();
+    });
+    shutdown
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Command::Server(a) => server(a).await,
+        Command::Share(a) => share(a).await,
+        Command::Connect(a) => connect(a).await,
+        Command::Offers(a) => offers(a).await,
+        Command::Demo => crate::demo::run().await,
+    }
+}
+
+async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    let config = match &a.config {
+        Some(p) => bandshare_coordinator::Config::load(p)?,
+        None => bandshare_coordinator::Config::default(),
+    };
+    let dir = a.data.unwrap_or_else(|| default_data("server"));
+    let store = bandshare_store::Store::open(&dir)?;
+    info!(store = %store.path().display(), "store opened");
+    let shared = bandshare_coordinator::Shared::new(config, store)?;
+    let grpc = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let http = tokio::net::TcpListener::bind(a.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.http))?;
+    info!(grpc = %a.listen, http = %a.http, "bandshare coordinator starting");
+    bandshare_coordinator::run(shared, grpc, Some(http), shutdown_on_signal().wait()).await?;
+    Ok(())
+}
+
+async fn share(a: ShareArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    coordinator::normalize_url(&a.server)?;
+    let dir = a.data.clone().unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
+    let key = identity::load_or_create(&dir.join("device.key"))?;
+    let opts = SharerOptions {
+        server: a.server,
+        name: a.name,
+        location: a.location.spec(),
+        services: a.services,
+        network: a.network,
+        relay_listen: a.relay,
+        advertise: a.advertise,
+        egress: EgressPolicy {
+            allow: a.allow_egress,
+            ..Default::default()
+        },
+        bandwidth_bps: a.bandwidth_mbps.unwrap_or(0).saturating_mul(1_000_000),
+        consent: Consent {
+            accept: !a.decline,
+            max_requesters: a.max_requesters,
+        },
+        uplink: a.uplink,
+    };
+    let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
+    sharer.join().await;
+    Ok(())
+}
+
+async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
+    let key = identity::load_or_create(&dir.join("device.key"))?;
+    let shutdown = shutdown_on_signal();
+    let opts = RequesterOptions {
+        server: a.server,
+        location: a.location.spec(),
+        conditions: a.want.spec(),
+        pool_size: a.pool,
+        socks: Some(a.socks),
+        forwards: a.forward,
+        control: a.control,
+    };
+    let r = Requester::start(opts, key, shutdown.clone()).await?;
+    eprintln!("{}", crate::render::offers_table(&r.first_response, false));
+    if let Some(s) = r.socks_addr {
+        eprintln!("SOCKS5 and HTTP CONNECT proxy on {s}   e.g. curl --socks5-hostname {s} http://example.com/");
+    }
+    for f in &r.forward_addrs {
+        eprintln!("forward listening on {f}");
+    }
+    if let Some(c) = r.control_addr {
+        eprintln!("status: curl http://{c}/status");
+    }
+    shutdown.wait().await;
+    r.pool.close_all();
+    Ok(())
+}
+
+async fn offers(a: OffersArgs) -> anyhow::Result<()> {
+    init_logs("warn");
+    let key = identity::generate()?;
+    let channel = coordinator::connect(&a.server).await?;
+    let resp = coordinator::share_request(
+        channel,
+        bandshare_proto::v1::ShareRequest {
+            requester_key: key.verifying_key().to_bytes().to_vec(),
+            location: Some(a.location.spec().to_wire()),
+            conditions: Some(a.want.spec().to_wire()),
+            explain: a.explain,
+        },
+    )
+    .await?;
+    if a.json {
+        println!("{}", crate::render::offers_json(&resp, a.explain));
+    } else {
+        println!("{}", crate::render::offers_table(&resp, a.explain));
+    }
+    Ok(())
+}
