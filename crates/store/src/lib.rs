@@ -195,6 +195,12 @@ impl Store {
         Ok(())
     }
 
+    /// Number of rows in the usage ledger.
+    pub fn usage_rows(&self) -> Result<u64, StoreError> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+    }
+
     /// Total (bytes_up, bytes_down, flows) a requester used through all sharers.
     pub fn usage_of_requester(&self, requester: &DeviceKey) -> Result<(u64, u64, u64), StoreError> {
         self.with(|c| {
