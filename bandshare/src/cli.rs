@@ -201,19 +201,24 @@ struct OffersArgs {
 }
 
 fn parse_position(s: &str) -> Result<Position, String> {
-    s.parse().map_err(|e: bandshare_core::geo::PositionError| e.to_string())
+    s.parse()
+        .map_err(|e: bandshare_core::geo::PositionError| e.to_string())
 }
 fn parse_scene(s: &str) -> Result<Scene, String> {
-    s.parse().map_err(|e: bandshare_core::scene::UnknownScene| e.to_string())
+    s.parse()
+        .map_err(|e: bandshare_core::scene::UnknownScene| e.to_string())
 }
 fn parse_services(s: &str) -> Result<ServiceSet, String> {
-    s.parse().map_err(|e: bandshare_core::service::UnknownService| e.to_string())
+    s.parse()
+        .map_err(|e: bandshare_core::service::UnknownService| e.to_string())
 }
 fn parse_network(s: &str) -> Result<NetworkType, String> {
-    s.parse().map_err(|e: bandshare_core::service::UnknownNetwork| e.to_string())
+    s.parse()
+        .map_err(|e: bandshare_core::service::UnknownNetwork| e.to_string())
 }
 fn parse_rule(s: &str) -> Result<EgressRule, String> {
-    s.parse().map_err(|e: bandshare_core::egress::BadCidr| e.to_string())
+    s.parse()
+        .map_err(|e: bandshare_core::egress::BadCidr| e.to_string())
 }
 
 /// `$XDG_DATA_HOME/bandshare/SUB`, else `~/.local/share/bandshare/SUB`.
@@ -300,7 +305,10 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
 async fn share(a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
     coordinator::normalize_url(&a.server)?;
-    let dir = a.data.clone().unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
+    let dir = a
+        .data
+        .clone()
+        .unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let opts = SharerOptions {
         server: a.server,
@@ -343,7 +351,9 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let r = Requester::start(opts, key, shutdown.clone()).await?;
     eprintln!("{}", crate::render::offers_table(&r.first_response, false));
     if let Some(s) = r.socks_addr {
-        eprintln!("SOCKS5 and HTTP CONNECT proxy on {s}   e.g. curl --socks5-hostname {s} http://example.com/");
+        eprintln!(
+            "SOCKS5 and HTTP CONNECT proxy on {s}   e.g. curl --socks5-hostname {s} http://example.com/"
+        );
     }
     for f in &r.forward_addrs {
         eprintln!("forward listening on {f}");

@@ -9,7 +9,10 @@ fn scene_name(resp: &v1::ShareResponse) -> &'static str {
 }
 
 fn services(o: &v1::Offer) -> Vec<String> {
-    cv::services_from_wire(&o.services).iter().map(|s| s.to_string()).collect()
+    cv::services_from_wire(&o.services)
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn network(n: i32) -> String {
@@ -42,7 +45,8 @@ pub fn offers_json(resp: &v1::ShareResponse, explain: bool) -> String {
             })
         })
         .collect();
-    let mut v = json!({ "scene": scene_name(resp), "scene_reason": resp.scene_reason, "offers": offers });
+    let mut v =
+        json!({ "scene": scene_name(resp), "scene_reason": resp.scene_reason, "offers": offers });
     if explain {
         v["explain"] = resp
             .explain
@@ -81,7 +85,10 @@ pub fn offers_table(resp: &v1::ShareResponse, explain: bool) -> String {
         out.push_str("\nwhy:\n");
         for e in &resp.explain {
             let mark = if e.offered { "+" } else { "-" };
-            out.push_str(&format!("  {mark} {:<14} {:<9} {}\n", e.sharer, e.distance_band, e.reason));
+            out.push_str(&format!(
+                "  {mark} {:<14} {:<9} {}\n",
+                e.sharer, e.distance_band, e.reason
+            ));
         }
     }
     out.trim_end().to_string()

@@ -87,9 +87,20 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(normalize_url("127.0.0.1:7400").expect("ok"), "http://127.0.0.1:7400");
+        assert_eq!(
+            normalize_url("127.0.0.1:7400").expect("ok"),
+            "http://127.0.0.1:7400"
+        );
         assert_eq!(normalize_url("http://h:1/").expect("ok"), "http://h:1");
-        for bad in ["", "nohost", "http://h", "h:0", "h:99999", "ftp://h:1", "h:1/x"] {
+        for bad in [
+            "",
+            "nohost",
+            "http://h",
+            "h:0",
+            "h:99999",
+            "ftp://h:1",
+            "h:1/x",
+        ] {
             assert!(normalize_url(bad).is_err(), "{bad}");
         }
     }

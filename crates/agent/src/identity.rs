@@ -69,6 +69,9 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(&p, b"short").expect("write");
-        assert!(matches!(load_or_create(&p), Err(IdentityError::Corrupt(_, 5))));
+        assert!(matches!(
+            load_or_create(&p),
+            Err(IdentityError::Corrupt(_, 5))
+        ));
     }
 }

@@ -23,7 +23,7 @@ pub use shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("{0}")]
+    #[error(transparent)]
     Coordinator(#[from] coordinator::CoordinatorError),
     #[error("device identity: {0}")]
     Identity(#[from] identity::IdentityError),

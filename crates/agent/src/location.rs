@@ -111,7 +111,10 @@ mod tests {
     fn flags() {
         assert_eq!(
             parse_wifi("AA:bb:cc:dd:ee:ff=-60,00:11:22:33:44:55=-81").expect("ok"),
-            vec![("aa:bb:cc:dd:ee:ff".into(), -60), ("00:11:22:33:44:55".into(), -81)]
+            vec![
+                ("aa:bb:cc:dd:ee:ff".into(), -60),
+                ("00:11:22:33:44:55".into(), -81)
+            ]
         );
         assert!(parse_wifi("aa:bb=-1").is_err());
         assert!(parse_wifi("aa:bb:cc:dd:ee:ff=10").is_err());

@@ -107,7 +107,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let d = Config::default();
         let ms = |v: u64| Duration::from_millis(v);
         let cfg = Config {
@@ -119,8 +120,13 @@ impl Config {
                 10_000.0,
             )?,
             fanout: check("match.fanout", raw.matching.fanout, d.fanout as u32, 1, 64)? as usize,
-            max_offers: check("match.max_offers", raw.matching.max_offers, d.max_offers as u32, 1, 32)?
-                as usize,
+            max_offers: check(
+                "match.max_offers",
+                raw.matching.max_offers,
+                d.max_offers as u32,
+                1,
+                32,
+            )? as usize,
             access_deadline: ms(check(
                 "match.access_deadline_ms",
                 raw.matching.access_deadline_ms,
@@ -156,7 +162,13 @@ impl Config {
                 10,
                 bandshare_core::ticket::MAX_TICKET_LIFETIME_S,
             )?),
-            quota_bytes: check("tickets.quota_bytes", raw.tickets.quota_bytes, d.quota_bytes, 1, u64::MAX)?,
+            quota_bytes: check(
+                "tickets.quota_bytes",
+                raw.tickets.quota_bytes,
+                d.quota_bytes,
+                1,
+                u64::MAX,
+            )?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {
@@ -178,11 +190,17 @@ mod tests {
         assert_eq!(c.fanout, 8);
         let c = Config::parse("[match]\noutdoor_radius_m = 300\n").expect("valid");
         assert_eq!(c.outdoor_radius_m, 300.0);
-        let e = Config::parse("[match]\nfanout = 0\n").expect_err("invalid").to_string();
+        let e = Config::parse("[match]\nfanout = 0\n")
+            .expect_err("invalid")
+            .to_string();
         assert!(e.contains("match.fanout"), "{e}");
-        let e = Config::parse("[match]\nradius = 3\n").expect_err("unknown").to_string();
+        let e = Config::parse("[match]\nradius = 3\n")
+            .expect_err("unknown")
+            .to_string();
         assert!(e.contains("radius"), "{e}");
-        let e = Config::parse("[sharers]\nexpire_after_ms = 500\n").expect_err("short").to_string();
+        let e = Config::parse("[sharers]\nexpire_after_ms = 500\n")
+            .expect_err("short")
+            .to_string();
         assert!(e.contains("sharers.expire_after_ms"), "{e}");
     }
 }

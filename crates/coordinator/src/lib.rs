@@ -122,7 +122,10 @@ pub async fn run(
                     _ = tick.tick() => {}
                     _ = rx.changed() => break,
                 }
-                for name in shared.registry.expire(Instant::now(), shared.config.expire_after) {
+                for name in shared
+                    .registry
+                    .expire(Instant::now(), shared.config.expire_after)
+                {
                     info!(sharer = %name, "sharer expired: silent too long");
                 }
             }

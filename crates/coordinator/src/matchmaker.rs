@@ -3,7 +3,7 @@
 //! acceptances into offers with signed tickets, best first. Offers carry a
 //! distance band, never coordinates.
 
-use crate::registry::Contact;
+use crate::registry::{self, Contact};
 use crate::{Shared, unix_now};
 use bandshare_core::{DeviceKey, Ticket};
 use bandshare_matcher::{MatchConfig, Query, RegionConfig};
@@ -12,7 +12,7 @@ use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
 use bandshare_store::Role;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub struct MatchmakerService {
     pub(crate) shared: Arc<Shared>,
@@ -22,7 +22,7 @@ pub struct MatchmakerService {
 enum Answer {
     Accepted(v1::AccessResponse),
     Declined(String),
-    NoAnswer,
+    Silent,
 }
 
 async fn ask(
@@ -50,14 +50,14 @@ async fn ask(
         .is_ok();
     if !sent {
         shared.registry.forget_answer(request_id);
-        return Answer::NoAnswer;
+        return Answer::Silent;
     }
     match tokio::time::timeout(deadline, rx).await {
         Ok(Ok(resp)) if resp.accept => Answer::Accepted(resp),
         Ok(Ok(resp)) => Answer::Declined(resp.reason),
         _ => {
             shared.registry.forget_answer(request_id);
-            Answer::NoAnswer
+            Answer::Silent
         }
     }
 }
@@ -96,7 +96,9 @@ impl MatchmakerService {
         let shared = &self.shared;
         let loc = req.location.unwrap_or_default();
         let fix = match &loc.gnss {
-            Some(f) => Some(cv::fix_from_wire(f).map_err(|e| Status::invalid_argument(e.to_string()))?),
+            Some(f) => {
+                Some(cv::fix_from_wire(f).map_err(|e| Status::invalid_argument(e.to_string()))?)
+            }
             None => None,
         };
         let conditions = req.conditions.unwrap_or_default();
@@ -113,16 +115,21 @@ impl MatchmakerService {
             },
             fanout: shared.config.fanout,
         };
-        let (outcome, contacts, names) = shared
+        let registry::Ranked {
+            outcome,
+            contacts,
+            names,
+        } = shared
             .registry
             .rank(&query, &cfg)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
 
         // Ask the top M at once; each answers within the deadline or not at all.
         let answers = async {
-            let asks = contacts.iter().zip(&outcome.candidates).map(|(c, cand)| {
-                ask(shared, c, &requester, &conditions, cand.band.as_str())
-            });
+            let asks = contacts
+                .iter()
+                .zip(&outcome.candidates)
+                .map(|(c, cand)| ask(shared, c, &requester, &conditions, cand.band.as_str()));
             futures::future::join_all(asks).await
         }
         .instrument(info_span!("access_fanout", asked = contacts.len()))
@@ -163,7 +170,10 @@ impl MatchmakerService {
                     } else {
                         resp.relay_endpoints
                     };
-                    let mut link = resp.link.map(|l| cv::link_from_wire(&l)).unwrap_or(c.info.link);
+                    let mut link = resp
+                        .link
+                        .map(|l| cv::link_from_wire(&l))
+                        .unwrap_or(c.info.link);
                     link.network = c.info.network;
                     offers.push(v1::Offer {
                         sharer: c.info.name.to_string(),
@@ -180,11 +190,16 @@ impl MatchmakerService {
                     });
                     explain.push(verdict(true, "offered".into()));
                 }
-                Answer::Accepted(_) => explain.push(verdict(false, format!("more than {max} offers"))),
+                Answer::Accepted(_) => {
+                    explain.push(verdict(false, format!("more than {max} offers")))
+                }
                 Answer::Declined(why) => explain.push(verdict(false, format!("declined: {why}"))),
-                Answer::NoAnswer => explain.push(verdict(
+                Answer::Silent => explain.push(verdict(
                     false,
-                    format!("no answer within {} ms", shared.config.access_deadline.as_millis()),
+                    format!(
+                        "no answer within {} ms",
+                        shared.config.access_deadline.as_millis()
+                    ),
                 )),
             }
         }

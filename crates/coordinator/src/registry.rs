@@ -35,6 +35,17 @@ pub struct Contact {
     pub handle: Handle,
 }
 
+/// The sharer stream asked (id, generation) and where its answer goes.
+type Pending = (SharerId, u64, oneshot::Sender<v1::AccessResponse>);
+
+/// Matching's outcome with the contacts of the candidates and the names of
+/// every sharer a verdict mentions, copied out of the lock.
+pub struct Ranked {
+    pub outcome: Outcome,
+    pub contacts: Vec<Contact>,
+    pub names: HashMap<SharerId, String>,
+}
+
 #[derive(Default)]
 struct Inner {
     index: Index,
@@ -46,7 +57,7 @@ struct Inner {
 pub struct Registry {
     inner: RwLock<Inner>,
     /// Access requests awaiting an answer, with the sharer stream asked.
-    pending: Mutex<HashMap<u64, (SharerId, u64, oneshot::Sender<v1::AccessResponse>)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next_generation: AtomicU64,
     next_request: AtomicU64,
 }
@@ -71,8 +82,16 @@ impl Registry {
     }
 
     /// Applies `f` to the sharer if `generation` is still its stream.
-    pub fn update(&self, id: SharerId, generation: u64, now: Instant, f: impl FnOnce(&mut SharerInfo)) {
-        let Ok(mut g) = self.inner.write() else { return };
+    pub fn update(
+        &self,
+        id: SharerId,
+        generation: u64,
+        now: Instant,
+        f: impl FnOnce(&mut SharerInfo),
+    ) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
         match g.handles.get_mut(&id) {
             Some(h) if h.generation == generation => h.last_seen = now,
             _ => return,
@@ -131,8 +150,7 @@ impl Registry {
         &self,
         q: &Query,
         cfg: &MatchConfig,
-    ) -> Result<(Outcome, Vec<Contact>, HashMap<SharerId, String>), bandshare_matcher::region::NoLocation>
-    {
+    ) -> Result<Ranked, bandshare_matcher::region::NoLocation> {
         let Ok(g) = self.inner.read() else {
             return Err(bandshare_matcher::region::NoLocation);
         };
@@ -153,7 +171,11 @@ impl Registry {
             .iter()
             .filter_map(|v| Some((v.id, g.index.get(v.id)?.name.to_string())))
             .collect();
-        Ok((outcome, contacts, names))
+        Ok(Ranked {
+            outcome,
+            contacts,
+            names,
+        })
     }
 
     /// Registers a pending access request; the answer arrives through
@@ -180,8 +202,11 @@ impl Registry {
     /// Delivers a sharer's access response to the waiting share request;
     /// answers to requests that went to another sharer are dropped.
     pub fn answer(&self, from: SharerId, generation: u64, resp: v1::AccessResponse) {
-        let Ok(mut p) = self.pending.lock() else { return };
-        if p.get(&resp.request_id).is_some_and(|(id, g, _)| (*id, *g) == (from, generation))
+        let Ok(mut p) = self.pending.lock() else {
+            return;
+        };
+        if p.get(&resp.request_id)
+            .is_some_and(|(id, g, _)| (*id, *g) == (from, generation))
             && let Some((_, _, tx)) = p.remove(&resp.request_id)
         {
             let _ = tx.send(resp);

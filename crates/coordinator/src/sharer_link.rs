@@ -70,13 +70,20 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
-        let Some(v1::SharerMessage { msg: Some(Up::Hello(hello)) }) = first else {
-            return Err(Status::invalid_argument("the first message must be a hello"));
+        let Some(v1::SharerMessage {
+            msg: Some(Up::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
         };
         let key = DeviceKey::from_slice(&hello.public_key)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if hello.relay_cert_sha256.len() != 32 {
-            return Err(Status::invalid_argument("relay_cert_sha256 must be 32 bytes"));
+            return Err(Status::invalid_argument(
+                "relay_cert_sha256 must be 32 bytes",
+            ));
         }
         let info = sharer_info(&hello)?;
         let name = hello.name.clone();

@@ -150,11 +150,26 @@ mod tests {
         assert_eq!((p.lat, p.lon, p.alt), (39.9042, 116.4074, None));
         let p: Position = "39.9,116.4,-12.5".parse().expect("valid");
         assert_eq!(p.alt, Some(-12.5));
-        assert!(matches!("abc".parse::<Position>(), Err(PositionError::Syntax(_))));
-        assert!(matches!("1,2,3,4".parse::<Position>(), Err(PositionError::Syntax(_))));
-        assert!(matches!("NaN,1".parse::<Position>(), Err(PositionError::Syntax(_))));
-        assert_eq!("91,0".parse::<Position>(), Err(PositionError::Latitude(91.0)));
-        assert_eq!("0,181".parse::<Position>(), Err(PositionError::Longitude(181.0)));
+        assert!(matches!(
+            "abc".parse::<Position>(),
+            Err(PositionError::Syntax(_))
+        ));
+        assert!(matches!(
+            "1,2,3,4".parse::<Position>(),
+            Err(PositionError::Syntax(_))
+        ));
+        assert!(matches!(
+            "NaN,1".parse::<Position>(),
+            Err(PositionError::Syntax(_))
+        ));
+        assert_eq!(
+            "91,0".parse::<Position>(),
+            Err(PositionError::Latitude(91.0))
+        );
+        assert_eq!(
+            "0,181".parse::<Position>(),
+            Err(PositionError::Longitude(181.0))
+        );
     }
 
     #[test]
@@ -172,7 +187,10 @@ mod tests {
         assert_eq!(DistanceBand::of_metres(10.0).as_str(), "10-50m");
         assert_eq!(DistanceBand::of_metres(199.9).as_str(), "50-200m");
         assert_eq!(DistanceBand::of_metres(200.0).as_str(), ">200m");
-        assert_eq!(DistanceBand::parse("10-50m"), Some(DistanceBand::From10To50m));
+        assert_eq!(
+            DistanceBand::parse("10-50m"),
+            Some(DistanceBand::From10To50m)
+        );
     }
 
     proptest! {

@@ -29,7 +29,9 @@ pub struct Ticket {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TicketError {
-    #[error("malformed ticket: expected {TICKET_LEN} bytes of version 1, got {len} bytes (version {version})")]
+    #[error(
+        "malformed ticket: expected {TICKET_LEN} bytes of version 1, got {len} bytes (version {version})"
+    )]
     Malformed { len: usize, version: u8 },
     #[error("ticket signature does not verify with any coordinator key")]
     BadSignature,
@@ -223,10 +225,16 @@ mod tests {
         assert_eq!(v.verify(&t, &me, &req, 0), Err(TicketError::TooLong(1000)));
         let mut forged = t.clone();
         forged[70] ^= 1; // later expiry
-        assert_eq!(v.verify(&forged, &me, &req, 900), Err(TicketError::BadSignature));
+        assert_eq!(
+            v.verify(&forged, &me, &req, 900),
+            Err(TicketError::BadSignature)
+        );
         let other = TicketSigner::from_seed(&[8; 32], 0);
         let t2 = other.sign(ticket(1000));
-        assert_eq!(v.verify(&t2, &me, &req, 900), Err(TicketError::BadSignature));
+        assert_eq!(
+            v.verify(&t2, &me, &req, 900),
+            Err(TicketError::BadSignature)
+        );
         assert!(matches!(
             v.verify(&t[..100], &me, &req, 900),
             Err(TicketError::Malformed { len: 100, .. })

@@ -188,11 +188,15 @@ impl Index {
     ) {
         let ang = radius_m / bandshare_core::geo::EARTH_RADIUS_M;
         let dlat = ang.to_degrees();
-        let (lo, hi) = (row_of((center.lat - dlat).max(-90.0)), row_of((center.lat + dlat).min(90.0)));
+        let (lo, hi) = (
+            row_of((center.lat - dlat).max(-90.0)),
+            row_of((center.lat + dlat).min(90.0)),
+        );
         // Exact half-width in longitude of a spherical cap; None when the
         // cap contains a pole and so spans every longitude.
         let coslat = center.lat.to_radians().cos();
-        let dlon = (coslat > ang.sin()).then(|| (ang.sin() / coslat).asin().to_degrees() * 1.000_001);
+        let dlon =
+            (coslat > ang.sin()).then(|| (ang.sin() / coslat).asin().to_degrees() * 1.000_001);
         for row in lo..=hi {
             let (width, cols) = row_geometry(row);
             let (c0, c1) = match dlon {

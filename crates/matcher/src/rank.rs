@@ -182,7 +182,10 @@ mod tests {
         full.active_requesters = 1;
         let full = idx.insert(full);
         let mut down = sharer("down", c.offset_m(1.0, 0.0));
-        down.link = LinkState { up: false, ..Default::default() };
+        down.link = LinkState {
+            up: false,
+            ..Default::default()
+        };
         let down = idx.insert(down);
 
         let mut q = query(c);
@@ -192,15 +195,28 @@ mod tests {
         let ids: Vec<_> = out.candidates.iter().map(|c| c.id).collect();
         assert_eq!(ids, vec![near, far]);
         assert_eq!(out.candidates[0].band, DistanceBand::Under10m);
-        let why = |id| out.rejected.iter().find(|v| v.id == id).map(|v| v.reason.clone());
+        let why = |id| {
+            out.rejected
+                .iter()
+                .find(|v| v.id == id)
+                .map(|v| v.reason.clone())
+        };
         assert_eq!(why(fourg).as_deref(), Some("network is 4g, wanted 5g"));
         assert_eq!(why(outside).as_deref(), Some("outside the 200 m circle"));
         assert_eq!(why(full).as_deref(), Some("service missing: hotspot"));
         assert_eq!(why(down).as_deref(), Some("service missing: hotspot"));
 
         let out = rank(&idx, &query(c), &MatchConfig::default()).expect("ranks");
-        let why = |id| out.rejected.iter().find(|v| v.id == id).map(|v| v.reason.clone());
-        assert_eq!(why(full).as_deref(), Some("consent: at capacity (1/1 requesters)"));
+        let why = |id| {
+            out.rejected
+                .iter()
+                .find(|v| v.id == id)
+                .map(|v| v.reason.clone())
+        };
+        assert_eq!(
+            why(full).as_deref(),
+            Some("consent: at capacity (1/1 requesters)")
+        );
         assert_eq!(why(down).as_deref(), Some("uplink down"));
         let mut q = query(c);
         q.wanted = "wifi6".parse().expect("services");
@@ -219,11 +235,20 @@ mod tests {
         for i in 0..10 {
             idx.insert(sharer("x", c.offset_m(100.0 + i as f64, 0.0)));
         }
-        let cfg = MatchConfig { fanout: 3, ..Default::default() };
+        let cfg = MatchConfig {
+            fanout: 3,
+            ..Default::default()
+        };
         let out = rank(&idx, &query(c), &cfg).expect("ranks");
         assert_eq!(out.candidates.len(), 3);
         assert_eq!(out.candidates[0].id, good);
         assert!(out.candidates.iter().all(|x| x.id != lossy) || out.candidates[0].id != lossy);
-        assert_eq!(out.rejected.iter().filter(|v| v.reason.starts_with("ranked below")).count(), 9);
+        assert_eq!(
+            out.rejected
+                .iter()
+                .filter(|v| v.reason.starts_with("ranked below"))
+                .count(),
+            9
+        );
     }
 }

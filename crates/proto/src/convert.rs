@@ -133,16 +133,37 @@ mod tests {
             assert_eq!(service_from_wire(service_to_wire(s)), Some(s));
         }
         assert_eq!(service_from_wire(99), None);
-        for n in [None, Some(NetworkType::FiveG), Some(NetworkType::FourG), Some(NetworkType::Wifi)] {
+        for n in [
+            None,
+            Some(NetworkType::FiveG),
+            Some(NetworkType::FourG),
+            Some(NetworkType::Wifi),
+        ] {
             assert_eq!(network_from_wire(network_to_wire(n)), n);
         }
         for s in ["outdoor", "indoor", "vehicle", "station", "anchor"] {
             let s: Scene = s.parse().expect("scene");
             assert_eq!(scene_from_wire(scene_to_wire(Some(s))), Some(s));
         }
-        let l = LinkState { rtt_us: 7, battery_pct: Some(40), ..Default::default() };
+        let l = LinkState {
+            rtt_us: 7,
+            battery_pct: Some(40),
+            ..Default::default()
+        };
         assert_eq!(link_from_wire(&link_to_wire(&l)), l);
-        assert!(fix_from_wire(&v1::GnssFix { lat: f64::NAN, ..Default::default() }).is_err());
-        assert!(fix_from_wire(&v1::GnssFix { lat: 95.0, ..Default::default() }).is_err());
+        assert!(
+            fix_from_wire(&v1::GnssFix {
+                lat: f64::NAN,
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            fix_from_wire(&v1::GnssFix {
+                lat: 95.0,
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

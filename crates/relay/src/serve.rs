@@ -136,8 +136,8 @@ impl Relay {
     /// Binds the UDP socket and makes a fresh certificate.
     pub fn bind(opts: RelayOptions) -> Result<Relay, RelayError> {
         let (cfg, pin) = tls::server_config()?;
-        let endpoint =
-            quinn::Endpoint::server(cfg, opts.listen).map_err(|e| RelayError::Bind(opts.listen, e))?;
+        let endpoint = quinn::Endpoint::server(cfg, opts.listen)
+            .map_err(|e| RelayError::Bind(opts.listen, e))?;
         let mut egress = opts.egress;
         // Every address of this machine is off limits, whatever the range.
         if let Ok(ifs) = if_addrs::get_if_addrs() {
@@ -274,7 +274,9 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         Ok(ok) => ok,
         Err(reason) => {
             warn!(%reason, "refused requester");
-            let _ = send.write_all(&wire::encode_hello_reply(false, &reason)).await;
+            let _ = send
+                .write_all(&wire::encode_hello_reply(false, &reason))
+                .await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(1u32.into(), b"refused");
@@ -417,15 +419,23 @@ async fn relay_flow(
             return Ok(());
         }
     };
-    send.write_all(&[reply::OK]).await.map_err(|e| e.to_string())?;
+    send.write_all(&[reply::OK])
+        .await
+        .map_err(|e| e.to_string())?;
     let (tr, tw) = tcp.into_split();
     let up = copy_counted(
-        Budgeted { inner: recv, budget: budget.clone() },
+        Budgeted {
+            inner: recv,
+            budget: budget.clone(),
+        },
         tw,
         [&counters.up, &shared.total],
     );
     let down = copy_counted(
-        Budgeted { inner: tr, budget: budget.clone() },
+        Budgeted {
+            inner: tr,
+            budget: budget.clone(),
+        },
         send,
         [&counters.down, &shared.total],
     );

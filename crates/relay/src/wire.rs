@@ -143,7 +143,9 @@ pub fn encode_hello_reply(accepted: bool, reason: &str) -> Vec<u8> {
 }
 
 /// Reads a hello reply: `Ok(())` when accepted, else the sharer's reason.
-pub async fn read_hello_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Result<(), String>, WireError> {
+pub async fn read_hello_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Result<(), String>, WireError> {
     let mut head = [0u8; 2];
     read_exact(r, &mut head).await?;
     let mut reason = vec![0u8; head[1] as usize];
@@ -344,14 +346,35 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        assert_eq!(FlowHeader::decode(&[2, 1, 0, 0, 0, 0, 0, 0]), Err(WireError::Version(2)));
-        assert_eq!(FlowHeader::decode(&[1, 9, 0]), Err(WireError::AddressType(9)));
-        assert!(matches!(FlowHeader::decode(&[1, 3, 0, 0, 80]), Err(WireError::Name(_))));
-        assert!(matches!(FlowHeader::decode(&[1, 3, 3, b'a', b' ', b'b', 0, 80]), Err(WireError::Name(_))));
-        assert!(matches!(FlowHeader::decode(&[1, 1, 1, 2]), Err(WireError::Truncated { .. })));
-        assert_eq!(FlowHeader::decode(&[1, 1, 1, 2, 3, 4, 0, 80, 9]), Err(WireError::Trailing(1)));
+        assert_eq!(
+            FlowHeader::decode(&[2, 1, 0, 0, 0, 0, 0, 0]),
+            Err(WireError::Version(2))
+        );
+        assert_eq!(
+            FlowHeader::decode(&[1, 9, 0]),
+            Err(WireError::AddressType(9))
+        );
+        assert!(matches!(
+            FlowHeader::decode(&[1, 3, 0, 0, 80]),
+            Err(WireError::Name(_))
+        ));
+        assert!(matches!(
+            FlowHeader::decode(&[1, 3, 3, b'a', b' ', b'b', 0, 80]),
+            Err(WireError::Name(_))
+        ));
+        assert!(matches!(
+            FlowHeader::decode(&[1, 1, 1, 2]),
+            Err(WireError::Truncated { .. })
+        ));
+        assert_eq!(
+            FlowHeader::decode(&[1, 1, 1, 2, 3, 4, 0, 80, 9]),
+            Err(WireError::Trailing(1))
+        );
         let mut big = vec![1u8, 0x02, 0x01];
         big.resize(700, 0);
-        assert!(matches!(Hello::decode(&big), Err(WireError::TooLong { .. })));
+        assert!(matches!(
+            Hello::decode(&big),
+            Err(WireError::TooLong { .. })
+        ));
     }
 }

@@ -223,8 +223,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (k1, s1) = {
             let st = Store::open(dir.path()).expect("open");
-            st.upsert_device(&DeviceKey([1; 32]), "alice", Role::Sharer, 10).expect("upsert");
-            st.upsert_device(&DeviceKey([1; 32]), "alice2", Role::Sharer, 11).expect("upsert");
+            st.upsert_device(&DeviceKey([1; 32]), "alice", Role::Sharer, 10)
+                .expect("upsert");
+            st.upsert_device(&DeviceKey([1; 32]), "alice2", Role::Sharer, 11)
+                .expect("upsert");
             st.record_usage(
                 &[UsageRecord {
                     sharer: DeviceKey([1; 32]),
@@ -240,7 +242,10 @@ mod tests {
         };
         let st = Store::open(dir.path()).expect("reopen");
         assert_eq!(st.device_count().expect("count"), 1);
-        assert_eq!(st.usage_of_requester(&DeviceKey([2; 32])).expect("usage"), (100, 2000, 3));
+        assert_eq!(
+            st.usage_of_requester(&DeviceKey([2; 32])).expect("usage"),
+            (100, 2000, 3)
+        );
         let (k2, s2) = st.signing_seed(20, || [9; 32]).expect("seed");
         assert_eq!((k1, s1.0), (k2, s2.0), "the key is made once and kept");
         assert_eq!(format!("{s2:?}"), "***");

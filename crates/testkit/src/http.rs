@@ -57,8 +57,15 @@ async fn serve(mut s: TcpStream) {
 
 /// GET `http://host:port/path` through the SOCKS5 proxy at `socks`, the
 /// host name resolved by the sharer. Returns (status line, body).
-pub async fn socks_get(socks: SocketAddr, host: &str, port: u16, path: &str) -> anyhow::Result<(String, String)> {
-    let mut s = TcpStream::connect(socks).await.context("connect to SOCKS port")?;
+pub async fn socks_get(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+    path: &str,
+) -> anyhow::Result<(String, String)> {
+    let mut s = TcpStream::connect(socks)
+        .await
+        .context("connect to SOCKS port")?;
     s.write_all(&[5, 1, 0]).await?;
     let mut two = [0u8; 2];
     s.read_exact(&mut two).await?;
@@ -72,12 +79,21 @@ pub async fn socks_get(socks: SocketAddr, host: &str, port: u16, path: &str) -> 
     let mut rep = [0u8; 10];
     s.read_exact(&mut rep).await?;
     if rep[1] != 0 {
-        bail!("SOCKS reply {:#04x}: {}", rep[1], bandshare_relay::wire::reply::describe(rep[1]));
+        bail!(
+            "SOCKS reply {:#04x}: {}",
+            rep[1],
+            bandshare_relay::wire::reply::describe(rep[1])
+        );
     }
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).await?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    Ok((head.lines().next().unwrap_or_default().to_string(), body.to_string()))
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
 }

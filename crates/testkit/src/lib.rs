@@ -24,7 +24,11 @@ pub use http::HttpTarget;
 pub const CENTER: (f64, f64) = (39.9042, 116.4074);
 
 pub fn center() -> Position {
-    Position { lat: CENTER.0, lon: CENTER.1, alt: None }
+    Position {
+        lat: CENTER.0,
+        lon: CENTER.1,
+        alt: None,
+    }
 }
 
 /// Logs to stderr at `RUST_LOG` (default: warnings), once per process.
@@ -172,7 +176,12 @@ impl SharerNode {
         };
         let dkey = DeviceKey(key.verifying_key().to_bytes());
         let sharer = Sharer::start(opts, key, shutdown).await?;
-        Ok(SharerNode { name: spec.name.clone(), key: dkey, sharer, trigger })
+        Ok(SharerNode {
+            name: spec.name.clone(),
+            key: dkey,
+            sharer,
+            trigger,
+        })
     }
 
     /// Stops the sharer: its stream ends and its relay closes every tunnel,
@@ -209,8 +218,16 @@ impl Cluster {
         }
         let n = sharers.len();
         let ok = wait_until(Duration::from_secs(10), || coordinator.online() == n).await;
-        anyhow::ensure!(ok, "only {} of {n} sharers came online", coordinator.online());
-        Ok(Cluster { coordinator, sharers, target })
+        anyhow::ensure!(
+            ok,
+            "only {} of {n} sharers came online",
+            coordinator.online()
+        );
+        Ok(Cluster {
+            coordinator,
+            sharers,
+            target,
+        })
     }
 
     pub fn sharer(&self, name: &str) -> Option<&SharerNode> {
@@ -221,7 +238,10 @@ impl Cluster {
     pub fn requester_options(&self) -> RequesterOptions {
         RequesterOptions {
             server: self.coordinator.url.clone(),
-            location: LocationSpec { at: Some(center()), ..Default::default() },
+            location: LocationSpec {
+                at: Some(center()),
+                ..Default::default()
+            },
             conditions: ConditionSpec::default(),
             pool_size: 3,
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -245,7 +265,9 @@ pub struct RequesterNode {
 
 impl RequesterNode {
     pub fn socks(&self) -> SocketAddr {
-        self.requester.socks_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.requester
+            .socks_addr
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     pub fn active(&self) -> Option<String> {

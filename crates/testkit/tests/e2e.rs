@@ -38,7 +38,9 @@ async fn curl(args: &[&str]) -> (bool, String, String) {
 
 /// The SOCKS5 reply code for CONNECT to `addr` (an IPv4 address).
 async fn socks_reply(socks: SocketAddr, host: &str, port: u16) -> u8 {
-    let mut s = tokio::net::TcpStream::connect(socks).await.expect("socks port");
+    let mut s = tokio::net::TcpStream::connect(socks)
+        .await
+        .expect("socks port");
     s.write_all(&[5, 1, 0]).await.expect("greeting");
     let mut two = [0u8; 2];
     s.read_exact(&mut two).await.expect("method");
@@ -52,18 +54,26 @@ async fn socks_reply(socks: SocketAddr, host: &str, port: u16) -> u8 {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> v1::ShareResponse {
-    let ch = coordinator::connect(&cluster.coordinator.url).await.expect("connect");
+    let ch = coordinator::connect(&cluster.coordinator.url)
+        .await
+        .expect("connect");
     let key = bandshare_agent::identity::generate().expect("key");
     let cond = bandshare_agent::location::ConditionSpec {
         want: want.parse().expect("services"),
         network,
         max_offers: 0,
     };
-    let loc = bandshare_agent::location::LocationSpec { at: Some(center()), ..Default::default() };
+    let loc = bandshare_agent::location::LocationSpec {
+        at: Some(center()),
+        ..Default::default()
+    };
     coordinator::share_request(
         ch,
         v1::ShareRequest {
@@ -85,15 +95,24 @@ fn names(r: &v1::ShareResponse) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_through_a_sharer_and_usage_is_recorded() {
-    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0), SharerSpec::new("bob", 30.0, 0.0)])
-        .await
-        .expect("cluster");
+    let c = Cluster::start_with(
+        fast(),
+        vec![
+            SharerSpec::new("alice", 5.0, 0.0),
+            SharerSpec::new("bob", 30.0, 0.0),
+        ],
+    )
+    .await
+    .expect("cluster");
     let r = c.requester(c.requester_options()).await.expect("requester");
     let socks = r.socks().to_string();
     let url = format!("http://localhost:{}/through-socks", c.target.addr.port());
     let (ok, body, err) = curl(&["--socks5-hostname", &socks, &url]).await;
     assert!(ok, "curl failed: {err}");
-    assert!(body.contains(PAGE_TITLE) && body.contains("/through-socks"), "{body}");
+    assert!(
+        body.contains(PAGE_TITLE) && body.contains("/through-socks"),
+        "{body}"
+    );
 
     // HTTP CONNECT on the same port.
     let url = format!("http://127.0.0.1:{}/through-connect", c.target.addr.port());
@@ -104,7 +123,11 @@ async fn curl_fetches_through_a_sharer_and_usage_is_recorded() {
     // The active sharer carried both flows and the pool shows it.
     let status = r.requester.pool.status();
     let active = status.active.clone().expect("an active sharer");
-    let m = status.pool.iter().find(|m| m.sharer == active).expect("active in pool");
+    let m = status
+        .pool
+        .iter()
+        .find(|m| m.sharer == active)
+        .expect("active in pool");
     assert_eq!(m.flows, 2);
     assert!(m.bytes_down > 200, "{m:?}");
 
@@ -118,40 +141,69 @@ async fn curl_fetches_through_a_sharer_and_usage_is_recorded() {
 
     // The sharer reports usage; the coordinator's ledger records it.
     let store = c.coordinator.shared.store.clone();
-    let ok = wait_until(Duration::from_secs(5), || store.usage_rows().unwrap_or(0) > 0).await;
+    let ok = wait_until(Duration::from_secs(5), || {
+        store.usage_rows().unwrap_or(0) > 0
+    })
+    .await;
     assert!(ok, "usage never reached the ledger");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_policy_refuses_loopback_without_dialing() {
-    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)]).await.expect("cluster");
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
     let r = c.requester(c.requester_options()).await.expect("requester");
     // A listener nobody opened with --allow-egress.
-    let forbidden = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let forbidden = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = forbidden.local_addr().expect("addr").port();
     for host in ["127.0.0.1", "localhost"] {
         assert_eq!(socks_reply(r.socks(), host, port).await, 0x02, "{host}");
     }
     // The coordinator's own port: loopback too.
-    assert_eq!(socks_reply(r.socks(), "127.0.0.1", c.coordinator.grpc_addr.port()).await, 0x02);
+    assert_eq!(
+        socks_reply(r.socks(), "127.0.0.1", c.coordinator.grpc_addr.port()).await,
+        0x02
+    );
     let dialed = tokio::time::timeout(Duration::from_millis(300), forbidden.accept()).await;
     assert!(dialed.is_err(), "the sharer dialed a denied target");
     // curl sees the refusal too.
-    let (ok, _, err) = curl(&["--socks5-hostname", &r.socks().to_string(), &format!("http://127.0.0.1:{port}/")]).await;
+    let (ok, _, err) = curl(&[
+        "--socks5-hostname",
+        &r.socks().to_string(),
+        &format!("http://127.0.0.1:{port}/"),
+    ])
+    .await;
     assert!(!ok && err.contains("(2)"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
-    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0), SharerSpec::new("bob", 8.0, 0.0)])
-        .await
-        .expect("cluster");
-    let (alice, bob) = (c.sharer("alice").expect("alice"), c.sharer("bob").expect("bob"));
+    let c = Cluster::start_with(
+        fast(),
+        vec![
+            SharerSpec::new("alice", 5.0, 0.0),
+            SharerSpec::new("bob", 8.0, 0.0),
+        ],
+    )
+    .await
+    .expect("cluster");
+    let (alice, bob) = (
+        c.sharer("alice").expect("alice"),
+        c.sharer("bob").expect("bob"),
+    );
     let me = bandshare_agent::identity::generate().expect("key");
     let my_key = DeviceKey(me.verifying_key().to_bytes());
     let signer = &c.coordinator.shared.signer;
-    let ticket = |sharer: DeviceKey, expires: u64| {
-        Ticket { key_id: 0, sharer, requester: my_key, expires_unix: expires, nonce: rand_nonce(), quota_bytes: 1 << 20 }
+    let ticket = |sharer: DeviceKey, expires: u64| Ticket {
+        key_id: 0,
+        sharer,
+        requester: my_key,
+        expires_unix: expires,
+        nonce: rand_nonce(),
+        quota_bytes: 1 << 20,
     };
     let dial = |t: Vec<u8>| {
         let (addr, pin) = (alice.sharer.relay_addr, alice.sharer.relay.cert_pin());
@@ -164,18 +216,30 @@ async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
     };
 
     let good = signer.sign(ticket(alice.key, now() + 60));
-    assert!(dial(good.clone()).await.is_ok(), "a valid ticket is accepted");
+    assert!(
+        dial(good.clone()).await.is_ok(),
+        "a valid ticket is accepted"
+    );
     let why = refused(dial(good).await, "replay");
     assert!(why.contains("replay"), "{why}");
 
     let forger = TicketSigner::from_seed(&[42; 32], 0);
-    let why = refused(dial(forger.sign(ticket(alice.key, now() + 60))).await, "forged");
+    let why = refused(
+        dial(forger.sign(ticket(alice.key, now() + 60))).await,
+        "forged",
+    );
     assert!(why.contains("signature"), "{why}");
 
-    let why = refused(dial(signer.sign(ticket(alice.key, now() - 120))).await, "expired");
+    let why = refused(
+        dial(signer.sign(ticket(alice.key, now() - 120))).await,
+        "expired",
+    );
     assert!(why.contains("expired"), "{why}");
 
-    let why = refused(dial(signer.sign(ticket(bob.key, now() + 60))).await, "other sharer");
+    let why = refused(
+        dial(signer.sign(ticket(bob.key, now() + 60))).await,
+        "other sharer",
+    );
     assert!(why.contains("another sharer"), "{why}");
 
     // A ticket for someone else's key, presented with ours.
@@ -196,13 +260,22 @@ fn rand_nonce() -> [u8; 16] {
 async fn a_sharer_that_disconnects_stops_being_offered_and_traffic_moves() {
     let c = Cluster::start_with(
         fast(),
-        vec![SharerSpec::new("alice", 2.0, 0.0), SharerSpec::new("bob", 20.0, 0.0), SharerSpec::new("carol", 40.0, 0.0)],
+        vec![
+            SharerSpec::new("alice", 2.0, 0.0),
+            SharerSpec::new("bob", 20.0, 0.0),
+            SharerSpec::new("carol", 40.0, 0.0),
+        ],
     )
     .await
     .expect("cluster");
-    assert_eq!(names(&offers(&c, "", None).await), vec!["alice", "bob", "carol"]);
+    assert_eq!(
+        names(&offers(&c, "", None).await),
+        vec!["alice", "bob", "carol"]
+    );
     let r = c.requester(c.requester_options()).await.expect("requester");
-    let (status, _) = socks_get(r.socks(), "localhost", c.target.addr.port(), "/one").await.expect("first fetch");
+    let (status, _) = socks_get(r.socks(), "localhost", c.target.addr.port(), "/one")
+        .await
+        .expect("first fetch");
     assert!(status.contains("200"), "{status}");
     let first = r.active().expect("active");
 
@@ -215,7 +288,9 @@ async fn a_sharer_that_disconnects_stops_being_offered_and_traffic_moves() {
     assert!(!left.contains(&first) && left.len() == 2, "{left:?}");
 
     // The next flow goes through another member of the pool.
-    let (status, body) = socks_get(r.socks(), "localhost", c.target.addr.port(), "/two").await.expect("fetch after kill");
+    let (status, body) = socks_get(r.socks(), "localhost", c.target.addr.port(), "/two")
+        .await
+        .expect("fetch after kill");
     assert!(status.contains("200") && body.contains("/two"), "{status}");
     let now_active = r.active().expect("active after kill");
     assert_ne!(now_active, first);
@@ -226,22 +301,51 @@ async fn services_and_network_type_filter_offers() {
     let c = Cluster::start_with(
         fast(),
         vec![
-            SharerSpec::new("five", 5.0, 0.0).services("hotspot,5ghz").network(NetworkType::FiveG),
-            SharerSpec::new("four", 10.0, 0.0).services("hotspot,wifi6").network(NetworkType::FourG),
-            SharerSpec::new("wifi", 15.0, 0.0).services("hotspot,wifi6,5ghz").network(NetworkType::Wifi),
-            SharerSpec::new("prose", 20.0, 0.0).services("prose").network(NetworkType::FiveG),
+            SharerSpec::new("five", 5.0, 0.0)
+                .services("hotspot,5ghz")
+                .network(NetworkType::FiveG),
+            SharerSpec::new("four", 10.0, 0.0)
+                .services("hotspot,wifi6")
+                .network(NetworkType::FourG),
+            SharerSpec::new("wifi", 15.0, 0.0)
+                .services("hotspot,wifi6,5ghz")
+                .network(NetworkType::Wifi),
+            SharerSpec::new("prose", 20.0, 0.0)
+                .services("prose")
+                .network(NetworkType::FiveG),
         ],
     )
     .await
     .expect("cluster");
-    assert_eq!(names(&offers(&c, "", None).await), vec!["five", "four", "prose", "wifi"]);
-    assert_eq!(names(&offers(&c, "wifi6", None).await), vec!["four", "wifi"]);
-    assert_eq!(names(&offers(&c, "hotspot,5ghz", None).await), vec!["five", "wifi"]);
-    assert_eq!(names(&offers(&c, "", Some(NetworkType::FourG)).await), vec!["four"]);
-    assert_eq!(names(&offers(&c, "prose", Some(NetworkType::FiveG)).await), vec!["prose"]);
+    assert_eq!(
+        names(&offers(&c, "", None).await),
+        vec!["five", "four", "prose", "wifi"]
+    );
+    assert_eq!(
+        names(&offers(&c, "wifi6", None).await),
+        vec!["four", "wifi"]
+    );
+    assert_eq!(
+        names(&offers(&c, "hotspot,5ghz", None).await),
+        vec!["five", "wifi"]
+    );
+    assert_eq!(
+        names(&offers(&c, "", Some(NetworkType::FourG)).await),
+        vec!["four"]
+    );
+    assert_eq!(
+        names(&offers(&c, "prose", Some(NetworkType::FiveG)).await),
+        vec!["prose"]
+    );
     let r = offers(&c, "wifi6", Some(NetworkType::Wifi)).await;
     assert_eq!(names(&r), vec!["wifi"]);
-    let why = |n: &str| r.explain.iter().find(|v| v.sharer == n).map(|v| v.reason.clone()).unwrap_or_default();
+    let why = |n: &str| {
+        r.explain
+            .iter()
+            .find(|v| v.sharer == n)
+            .map(|v| v.reason.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(why("five"), "service missing: wifi6");
     assert_eq!(why("four"), "network is 4g, wanted wifi");
     // Offers carry a distance band and never coordinates.
@@ -252,13 +356,20 @@ async fn services_and_network_type_filter_offers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_sharer_expires() {
-    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)]).await.expect("cluster");
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
     // A stream that says hello and then nothing, held open.
-    let ch = coordinator::connect(&c.coordinator.url).await.expect("connect");
+    let ch = coordinator::connect(&c.coordinator.url)
+        .await
+        .expect("connect");
     let mut client = v1::sharer_link_client::SharerLinkClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let key = bandshare_agent::identity::generate().expect("key");
-    let loc = bandshare_agent::location::LocationSpec { at: Some(center()), ..Default::default() };
+    let loc = bandshare_agent::location::LocationSpec {
+        at: Some(center()),
+        ..Default::default()
+    };
     tx.send(v1::SharerMessage {
         msg: Some(v1::sharer_message::Msg::Hello(v1::Hello {
             version: 1,
@@ -272,7 +383,10 @@ async fn a_silent_sharer_expires() {
     })
     .await
     .expect("hello");
-    let _inbound = client.attach(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("attach");
+    let _inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("attach");
     assert!(wait_until(Duration::from_secs(3), || c.coordinator.online() == 2).await);
     assert!(
         wait_until(Duration::from_secs(5), || c.coordinator.online() == 1).await,

@@ -67,7 +67,9 @@ pub struct Requester {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr).await.map_err(|e| AgentError::Listen(addr, e))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| AgentError::Listen(addr, e))
 }
 
 fn request(opts: &RequesterOptions, key: &SigningKey) -> v1::ShareRequest {
@@ -88,9 +90,14 @@ async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningK
         .take(room)
         .collect();
     let dials = fresh.into_iter().map(|o| async move {
-        let addr = o.relay_endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+        let addr = o
+            .relay_endpoints
+            .iter()
+            .find_map(|e| e.parse::<SocketAddr>().ok());
         let pin: Option<[u8; 32]> = o.relay_cert_sha256.as_slice().try_into().ok();
-        let (Some(addr), Some(pin), Ok(sharer_key)) = (addr, pin, DeviceKey::from_slice(&o.sharer_key)) else {
+        let (Some(addr), Some(pin), Ok(sharer_key)) =
+            (addr, pin, DeviceKey::from_slice(&o.sharer_key))
+        else {
             return Err(format!("offer from {} is malformed", o.sharer));
         };
         let tunnel = Tunnel::connect(addr, pin, &o.ticket, key)
@@ -149,7 +156,10 @@ impl Requester {
             pool: pool.clone(),
             socks_addr: socks.as_ref().and_then(|l| l.local_addr().ok()),
             control_addr: control.as_ref().and_then(|l| l.local_addr().ok()),
-            forward_addrs: forwards.iter().filter_map(|(l, _)| l.local_addr().ok()).collect(),
+            forward_addrs: forwards
+                .iter()
+                .filter_map(|(l, _)| l.local_addr().ok())
+                .collect(),
             first_response: first,
         };
         let mut tasks = vec![];
@@ -182,7 +192,13 @@ impl Requester {
 
 /// Keeps the pool at `size`: refills after a member leaves and every 10 s,
 /// with backoff while the coordinator cannot be reached.
-async fn maintain(pool: Arc<Pool>, url: String, opts: RequesterOptions, key: SigningKey, size: usize) {
+async fn maintain(
+    pool: Arc<Pool>,
+    url: String,
+    opts: RequesterOptions,
+    key: SigningKey,
+    size: usize,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let wait = if pool.len() < size {

@@ -112,11 +112,15 @@ impl Pool {
         let views: Vec<View> = members.iter().map(|m| view(m)).collect();
         let mut active = self.active.write().ok()?;
         let current = active.and_then(|k| members.iter().position(|m| m.key == k));
-        let chosen = select::choose(&views, current, |n| if n == 0 { 0 } else { fastrand::usize(..n) });
+        let chosen = select::choose(&views, current, |n| {
+            if n == 0 { 0 } else { fastrand::usize(..n) }
+        });
         let next = chosen.map(|i| members[i].clone());
         let next_key = next.as_ref().map(|m| m.key);
         if next_key != *active {
-            let from = active.and_then(|k| members.iter().find(|m| m.key == k)).map(|m| m.name.clone());
+            let from = active
+                .and_then(|k| members.iter().find(|m| m.key == k))
+                .map(|m| m.name.clone());
             info!(from = ?from, to = ?next.as_ref().map(|m| m.name.clone()), "active sharer changed");
             *active = next_key;
         }
@@ -125,7 +129,12 @@ impl Pool {
 
     pub fn active(&self) -> Option<Arc<Member>> {
         let key = (*self.active.read().ok()?)?;
-        self.members.read().ok()?.iter().find(|m| m.key == key).cloned()
+        self.members
+            .read()
+            .ok()?
+            .iter()
+            .find(|m| m.key == key)
+            .cloned()
     }
 
     /// Opens a flow through the active member; when its tunnel is lost,
@@ -155,7 +164,11 @@ impl Pool {
 
     /// Closes every tunnel (at shutdown).
     pub fn close_all(&self) {
-        let all = self.members.write().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default();
+        let all = self
+            .members
+            .write()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default();
         for m in all {
             m.tunnel.close();
         }
@@ -165,7 +178,10 @@ impl Pool {
         let members = self.members.read().map(|m| m.clone()).unwrap_or_default();
         let active = self.active.read().ok().and_then(|a| *a);
         Status {
-            active: members.iter().find(|m| Some(m.key) == active).map(|m| m.name.clone()),
+            active: members
+                .iter()
+                .find(|m| Some(m.key) == active)
+                .map(|m| m.name.clone()),
             pool: members
                 .iter()
                 .map(|m| {

@@ -70,7 +70,11 @@ async fn answer(tcp: &mut TcpStream, dialect: &Dialect, code: u8) -> std::io::Re
     match dialect {
         Dialect::Socks => tcp.write_all(&socks::reply(code)).await,
         Dialect::Http => {
-            let body = if code == reply::OK { String::new() } else { format!("{}\n", reply::describe(code)) };
+            let body = if code == reply::OK {
+                String::new()
+            } else {
+                format!("{}\n", reply::describe(code))
+            };
             let extra = if code == reply::OK {
                 String::new()
             } else {
@@ -112,7 +116,10 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
             match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
                 Ok(t) => Ok((Dialect::Http, t)),
                 Err(e) => {
-                    let msg = format!("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n", e.len() + 1);
+                    let msg = format!(
+                        "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n",
+                        e.len() + 1
+                    );
                     let _ = tcp.write_all(msg.as_bytes()).await;
                     Err(e)
                 }
@@ -145,11 +152,15 @@ async fn relay_to(
     };
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
     if let Some(d) = &dialect {
-        answer(&mut tcp, d, reply::OK).await.map_err(|e| e.to_string())?;
+        answer(&mut tcp, d, reply::OK)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     if !early.is_empty() {
         send.write_all(&early).await.map_err(|e| e.to_string())?;
-        member.bytes_up.fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        member
+            .bytes_up
+            .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.into_split();
@@ -166,7 +177,9 @@ async fn relay_to(
 
 pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
     loop {
-        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
         let pool = pool.clone();
         tokio::spawn(
             async move {
@@ -181,7 +194,9 @@ pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
 
 pub async fn serve_forward(listener: TcpListener, target: FlowHeader, pool: Arc<Pool>) {
     loop {
-        let Ok((tcp, from)) = listener.accept().await else { continue };
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
         let (pool, target) = (pool.clone(), target.clone());
         tokio::spawn(
             async move {

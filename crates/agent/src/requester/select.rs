@@ -32,7 +32,11 @@ pub fn score(v: &View) -> f64 {
 }
 
 /// The index to use now. `pick(n)` returns a random number below `n`.
-pub fn choose(views: &[View], current: Option<usize>, pick: impl FnOnce(usize) -> usize) -> Option<usize> {
+pub fn choose(
+    views: &[View],
+    current: Option<usize>,
+    pick: impl FnOnce(usize) -> usize,
+) -> Option<usize> {
     let scores: Vec<f64> = views.iter().map(score).collect();
     let best = scores
         .iter()
@@ -49,7 +53,8 @@ pub fn choose(views: &[View], current: Option<usize>, pick: impl FnOnce(usize) -
     let tied: Vec<usize> = (0..views.len())
         .filter(|&i| views[i].alive && (scores[i] - best).abs() < 1e-12)
         .collect();
-    tied.get(pick(tied.len()).min(tied.len().saturating_sub(1))).copied()
+    tied.get(pick(tied.len()).min(tied.len().saturating_sub(1)))
+        .copied()
 }
 
 #[cfg(test)]

@@ -148,19 +148,39 @@ mod tests {
     fn socks() {
         assert_eq!(parse_greeting(&[5]), Ok(Parse::Incomplete));
         assert_eq!(parse_greeting(&[5, 2, 2, 0]), Ok(Parse::Done((), 4)));
-        assert_eq!(parse_greeting(&[5, 1, 2]), Err(ProxyError::NoAcceptableMethod));
+        assert_eq!(
+            parse_greeting(&[5, 1, 2]),
+            Err(ProxyError::NoAcceptableMethod)
+        );
         assert_eq!(parse_greeting(&[4, 1, 0]), Err(ProxyError::Version(4)));
-        let req = [5, 1, 0, 3, 9, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't', 0, 80];
+        let req = [
+            5, 1, 0, 3, 9, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't', 0, 80,
+        ];
         assert_eq!(parse_request(&req[..10]), Ok(Parse::Incomplete));
         assert_eq!(
             parse_request(&req),
-            Ok(Parse::Done(FlowHeader { host: Host::Name("localhost".into()), port: 80 }, 16))
+            Ok(Parse::Done(
+                FlowHeader {
+                    host: Host::Name("localhost".into()),
+                    port: 80
+                },
+                16
+            ))
         );
-        assert_eq!(parse_request(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0]), Err(ProxyError::Command(2)));
+        assert_eq!(
+            parse_request(&[5, 2, 0, 1, 0, 0, 0, 0, 0, 0]),
+            Err(ProxyError::Command(2))
+        );
         let v6 = [[5, 1, 0, 4].as_slice(), &[0; 15], &[1, 1, 187]].concat();
         assert_eq!(
             parse_request(&v6),
-            Ok(Parse::Done(FlowHeader { host: Host::Ip("::1".parse().expect("ip")), port: 443 }, 22))
+            Ok(Parse::Done(
+                FlowHeader {
+                    host: Host::Ip("::1".parse().expect("ip")),
+                    port: 443
+                },
+                22
+            ))
         );
     }
 
@@ -169,14 +189,29 @@ mod tests {
         let r = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nextra";
         assert_eq!(
             parse_http_connect(r),
-            Ok(Parse::Done(FlowHeader { host: Host::Name("example.com".into()), port: 443 }, r.len() - 5))
+            Ok(Parse::Done(
+                FlowHeader {
+                    host: Host::Name("example.com".into()),
+                    port: 443
+                },
+                r.len() - 5
+            ))
         );
-        assert_eq!(parse_http_connect(b"CONNECT a:1 HTTP/1.1\r\n"), Ok(Parse::Incomplete));
+        assert_eq!(
+            parse_http_connect(b"CONNECT a:1 HTTP/1.1\r\n"),
+            Ok(Parse::Incomplete)
+        );
         assert!(parse_http_connect(b"GET / HTTP/1.1\r\n\r\n").is_err());
         assert!(parse_http_connect(b"CONNECT nohost HTTP/1.1\r\n\r\n").is_err());
         let r = b"CONNECT [::1]:8080 HTTP/1.0\r\n\r\n";
-        assert!(matches!(parse_http_connect(r), Ok(Parse::Done(FlowHeader { port: 8080, .. }, _))));
-        assert_eq!(parse_http_connect(&vec![b'a'; MAX_HEAD + 1]), Err(ProxyError::TooLarge));
+        assert!(matches!(
+            parse_http_connect(r),
+            Ok(Parse::Done(FlowHeader { port: 8080, .. }, _))
+        ));
+        assert_eq!(
+            parse_http_connect(&vec![b'a'; MAX_HEAD + 1]),
+            Err(ProxyError::TooLarge)
+        );
     }
 
     proptest! {

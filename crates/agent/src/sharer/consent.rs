@@ -40,10 +40,16 @@ mod tests {
     #[test]
     fn decides() {
         assert_eq!(Consent::default().decide(100), Ok(()));
-        let c = Consent { accept: true, max_requesters: 2 };
+        let c = Consent {
+            accept: true,
+            max_requesters: 2,
+        };
         assert_eq!(c.decide(1), Ok(()));
         assert!(c.decide(2).is_err());
-        let c = Consent { accept: false, max_requesters: 0 };
+        let c = Consent {
+            accept: false,
+            max_requesters: 0,
+        };
         assert!(c.decide(0).is_err());
     }
 }

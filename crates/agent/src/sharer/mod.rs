@@ -151,7 +151,9 @@ impl LinkMeter {
         };
         LinkState {
             up: self.iface.as_deref().is_none_or(uplink::is_up),
-            rtt_us: probe.rtt().map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32),
+            rtt_us: probe
+                .rtt()
+                .map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32),
             loss_permille: probe.loss_permille(now),
             uplink_rx_bps: rx_bps,
             uplink_tx_bps: tx_bps,
@@ -193,7 +195,10 @@ async fn stream_loop(
             backoff.reset();
         }
         let delay = backoff.next_delay(fastrand::f64());
-        info!(retry_in_ms = delay.as_millis() as u64, "reconnecting to coordinator");
+        info!(
+            retry_in_ms = delay.as_millis() as u64,
+            "reconnecting to coordinator"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.clone().wait() => return,
@@ -244,7 +249,9 @@ async fn session(
         .map_err(|s| AgentError::Other(format!("coordinator refused the stream: {}", s.message())))?
         .into_inner();
     let welcome = match inbound.message().await {
-        Ok(Some(v1::CoordinatorMessage { msg: Some(Down::Welcome(w)) })) => w,
+        Ok(Some(v1::CoordinatorMessage {
+            msg: Some(Down::Welcome(w)),
+        })) => w,
         Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
         Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
     };
@@ -255,7 +262,11 @@ async fn session(
         .map_err(|_| AgentError::Other("coordinator key is not 32 bytes".into()))?;
     relay.set_coordinator_keys(&[coordinator_key]);
     let interval = |ms: u32, default: u64| {
-        Duration::from_millis(if ms == 0 { default } else { ms.clamp(50, 60_000) as u64 })
+        Duration::from_millis(if ms == 0 {
+            default
+        } else {
+            ms.clamp(50, 60_000) as u64
+        })
     };
     let ping_every = interval(welcome.ping_interval_ms, 1000);
     probe = PingTracker::new((ping_every * 2).max(Duration::from_millis(500)));

@@ -11,7 +11,10 @@ pub fn parse_net_dev(text: &str, iface: &str) -> Option<(u64, u64)> {
         if name.trim() != iface {
             return None;
         }
-        let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
         Some((*f.first()?, *f.get(8)?))
     })
 }
@@ -70,14 +73,18 @@ mod tests {
   eth0: 9876543210 5000000    0    3    0     0          0      1200 1234567890 4000000    0    0    0     0       0          0
 ";
 
-    const ROUTE: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+    const ROUTE: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth0\t0000A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
 wlan0\t00000000\t0100A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0
 ";
 
     #[test]
     fn parses_kernel_text() {
-        assert_eq!(parse_net_dev(NET_DEV, "eth0"), Some((9_876_543_210, 1_234_567_890)));
+        assert_eq!(
+            parse_net_dev(NET_DEV, "eth0"),
+            Some((9_876_543_210, 1_234_567_890))
+        );
         assert_eq!(parse_net_dev(NET_DEV, "lo"), Some((123_456, 123_456)));
         assert_eq!(parse_net_dev(NET_DEV, "wlan9"), None);
         assert_eq!(parse_default_route(ROUTE).as_deref(), Some("wlan0"));

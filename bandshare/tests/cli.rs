@@ -1,0 +1,207 @@
+//! The binary as a user runs it: bad input gives one clear line and a
+//! non-zero exit; `offers --json` prints DESIGN.md's object; the demo runs.
+
+use std::process::{Command, Output};
+
+fn bandshare(args: &[&str]) -> Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    Command::new(env!("CARGO_BIN_EXE_bandshare"))
+        .args(args)
+        .env("XDG_DATA_HOME", home.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run bandshare")
+}
+
+/// Asserts a failure with exactly one line on stderr containing `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = bandshare(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {:?} lacks {needle:?}",
+        lines[0]
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let s = "127.0.0.1:1";
+    fails_with(
+        &["offers", "--server", s, "--at", "abc"],
+        "expected LAT,LON",
+    );
+    fails_with(
+        &["offers", "--server", s, "--at", "91,0"],
+        "latitude must be within",
+    );
+    fails_with(
+        &[
+            "offers",
+            "--server",
+            s,
+            "--at",
+            "1,2",
+            "--scene",
+            "spaceship",
+        ],
+        "unknown scene",
+    );
+    fails_with(
+        &[
+            "offers",
+            "--server",
+            s,
+            "--at",
+            "1,2",
+            "--want",
+            "hotspot,teleport",
+        ],
+        "unknown service",
+    );
+    fails_with(
+        &["offers", "--server", s, "--at", "1,2", "--network", "3g"],
+        "unknown network type",
+    );
+    fails_with(
+        &["offers", "--server", s, "--at", "1,2", "--bogus"],
+        "--bogus",
+    );
+    fails_with(
+        &[
+            "share",
+            "--server",
+            s,
+            "--name",
+            "x",
+            "--at",
+            "1,2",
+            "--allow-egress",
+            "10.0.0.0/99",
+        ],
+        "CIDR",
+    );
+    fails_with(
+        &[
+            "connect",
+            "--server",
+            s,
+            "--at",
+            "1,2",
+            "--forward",
+            "nonsense",
+        ],
+        "LOCAL=HOST:PORT",
+    );
+    fails_with(
+        &["offers", "--server", "not a url", "--at", "1,2"],
+        "bad coordinator address",
+    );
+}
+
+#[test]
+fn unreachable_server_is_one_clear_line() {
+    // Port 1 on loopback: nothing listens there.
+    fails_with(
+        &["offers", "--server", "127.0.0.1:1", "--at", "39.9,116.4"],
+        "cannot reach coordinator",
+    );
+    let data = tempfile::tempdir().expect("tempdir");
+    let d = data.path().to_string_lossy().to_string();
+    fails_with(
+        &[
+            "connect",
+            "--server",
+            "127.0.0.1:1",
+            "--at",
+            "39.9,116.4",
+            "--socks",
+            "127.0.0.1:0",
+            "--data",
+            &d,
+        ],
+        "cannot reach coordinator",
+    );
+}
+
+#[test]
+fn offers_json_has_the_design_shape_and_no_coordinates() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cluster = rt
+        .block_on(bandshare_testkit::Cluster::start(vec![
+            bandshare_testkit::SharerSpec::new("alice", 5.0, 0.0).services("hotspot,5ghz"),
+            bandshare_testkit::SharerSpec::new("bob", 70.0, 0.0).services("hotspot"),
+        ]))
+        .expect("cluster");
+    let at = format!(
+        "{},{}",
+        bandshare_testkit::CENTER.0,
+        bandshare_testkit::CENTER.1
+    );
+    let out = bandshare(&[
+        "offers",
+        "--server",
+        &cluster.coordinator.url,
+        "--at",
+        &at,
+        "--json",
+        "--want",
+        "hotspot",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON object");
+    assert_eq!(v["scene"], "outdoor");
+    let offers = v["offers"].as_array().expect("offers array");
+    assert_eq!(offers.len(), 2);
+    assert_eq!(offers[0]["sharer"], "alice", "best first: {text}");
+    assert_eq!(offers[0]["distance"], "<10m");
+    assert_eq!(offers[1]["distance"], "50-200m");
+    assert_eq!(
+        offers[0]["services"],
+        serde_json::json!(["hotspot", "5ghz"])
+    );
+    assert!(offers[0]["link"]["up"].as_bool().unwrap_or(false));
+    assert!(
+        offers[0]["score"].as_f64().unwrap_or(0.0) >= offers[1]["score"].as_f64().unwrap_or(1.0)
+    );
+    for forbidden in ["lat", "lon", "39.90", "116.40"] {
+        assert!(!text.contains(forbidden), "offers leak {forbidden}: {text}");
+    }
+    // The table names both.
+    let out = bandshare(&[
+        "offers",
+        "--server",
+        &cluster.coordinator.url,
+        "--at",
+        &at,
+        "--explain",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("alice") && table.contains("bob") && table.contains("why:"),
+        "{table}"
+    );
+}
+
+#[test]
+fn demo_runs_and_exits_zero() {
+    let out = bandshare(&["demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("service missing: hotspot"), "{text}");
+    assert!(text.contains("outside the 200 m circle"), "{text}");
+    assert!(text.contains("new flows moved from"), "{text}");
+}
