@@ -205,3 +205,54 @@ fn demo_runs_and_exits_zero() {
     assert!(text.contains("outside the 200 m circle"), "{text}");
     assert!(text.contains("new flows moved from"), "{text}");
 }
+
+#[test]
+fn server_stops_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bandshare"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    // Wait until it has opened its store (the file appears), bounded.
+    let db = data.path().join("bandshare.db");
+    for _ in 0..100 {
+        if db.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().expect("wait") {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("server did not stop within 5 s of SIGTERM");
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("coordinator stopped"), "{err}");
+    assert!(db.exists());
+}

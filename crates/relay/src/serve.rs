@@ -75,6 +75,15 @@ impl RelayHandle {
         }
     }
 
+    /// Whether the coordinator's keys arrived (tickets can be verified).
+    pub fn knows_coordinator(&self) -> bool {
+        self.0
+            .verifier
+            .read()
+            .map(|v| !v.is_empty())
+            .unwrap_or(false)
+    }
+
     pub fn cert_pin(&self) -> [u8; 32] {
         self.0.pin
     }

@@ -217,7 +217,10 @@ impl Cluster {
             sharers.push(SharerNode::start(&coordinator.url, &s.clone().allow(rule)).await?);
         }
         let n = sharers.len();
-        let ok = wait_until(Duration::from_secs(10), || coordinator.online() == n).await;
+        let ok = wait_until(Duration::from_secs(10), || {
+            coordinator.online() == n && sharers.iter().all(|s| s.sharer.relay.knows_coordinator())
+        })
+        .await;
         anyhow::ensure!(
             ok,
             "only {} of {n} sharers came online",

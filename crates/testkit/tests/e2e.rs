@@ -394,3 +394,53 @@ async fn a_silent_sharer_expires() {
     );
     drop(tx);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_and_ipv6_targets() {
+    // A second target on IPv6 loopback, opened on the sharer explicitly.
+    let v6 = tokio::net::TcpListener::bind("[::1]:0")
+        .await
+        .expect("IPv6 loopback");
+    let v6_port = v6.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = v6.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = "served over IPv6\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let rule = format!("[::1]/128:{v6_port}").parse().expect("rule");
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0).allow(rule)])
+        .await
+        .expect("cluster");
+    let mut opts = c.requester_options();
+    opts.forwards = vec![
+        format!("127.0.0.1:0=localhost:{}", c.target.addr.port())
+            .parse()
+            .expect("forward"),
+    ];
+    let r = c.requester(opts).await.expect("requester");
+
+    // The forward needs no proxy support in the client at all.
+    let fwd = r.requester.forward_addrs[0];
+    let (ok, body, err) = curl(&[&format!("http://{fwd}/forwarded")]).await;
+    assert!(ok, "{err}");
+    assert!(body.contains("/forwarded"), "{body}");
+
+    // SOCKS5 CONNECT with an IPv6 address (ATYP 4): curl resolves locally.
+    let (ok, body, err) = curl(&[
+        "--socks5",
+        &r.socks().to_string(),
+        &format!("http://[::1]:{v6_port}/"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(body, "served over IPv6\n");
+}
