@@ -41,6 +41,40 @@ enum Command {
     Offers(OffersArgs),
     /// Run a coordinator, five sharers, a web target and a requester in one process.
     Demo,
+    /// Measure bandshare side by side with what you would build instead.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Matching: index and full gRPC share requests vs Redis GEOSEARCH/GEOADD.
+    Match(BenchMatchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchMatchArgs {
+    /// Online sharers, uniformly over 50 km x 50 km around 39.9,116.4.
+    #[arg(long, default_value_t = 1_000_000)]
+    sharers: usize,
+    /// Seconds each timed phase runs.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent clients for gRPC and Redis queries.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Skip the Redis reference.
+    #[arg(long)]
+    no_redis: bool,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Also measure share-request latency at these sizes and draw an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Sizes for --plot.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    plot_sizes: Vec<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -278,7 +312,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(a) => connect(a).await,
         Command::Offers(a) => offers(a).await,
         Command::Demo => crate::demo::run().await,
+        Command::Bench(BenchCommand::Match(a)) => bench_match(a).await,
     }
+}
+
+async fn bench_match(a: BenchMatchArgs) -> anyhow::Result<()> {
+    use bandshare_bench::matching::{MatchOptions, run};
+    init_logs("error");
+    anyhow::ensure!(
+        a.sharers > 0 && a.concurrency > 0 && a.seconds > 0.0,
+        "--sharers, --concurrency and --seconds must be positive"
+    );
+    let o = MatchOptions {
+        sharers: a.sharers,
+        seconds: a.seconds,
+        concurrency: a.concurrency,
+        redis: !a.no_redis,
+        ..MatchOptions::default()
+    };
+    let mut report = run(&o).await?;
+    if let Some(path) = &a.plot {
+        let mut series = vec![];
+        for n in &a.plot_sizes {
+            let (p50, p99) = if *n == a.sharers {
+                (
+                    report["grpc_p50_us"].as_f64().unwrap_or(0.0),
+                    report["grpc_p99_us"].as_f64().unwrap_or(0.0),
+                )
+            } else {
+                let r = run(&MatchOptions {
+                    sharers: *n,
+                    redis: false,
+                    ..o.clone()
+                })
+                .await?;
+                (
+                    r["grpc_p50_us"].as_f64().unwrap_or(0.0),
+                    r["grpc_p99_us"].as_f64().unwrap_or(0.0),
+                )
+            };
+            series.push((*n as f64, p50, p99));
+        }
+        use bandshare_bench::plot::{Series, svg};
+        let doc = svg(
+            "share request latency vs online sharers (gRPC, loopback)",
+            "online sharers",
+            "latency (µs)",
+            &[
+                Series {
+                    label: "p50",
+                    colour: "#1f77b4",
+                    points: series.iter().map(|s| (s.0, s.1)).collect(),
+                },
+                Series {
+                    label: "p99",
+                    colour: "#d62728",
+                    points: series.iter().map(|s| (s.0, s.2)).collect(),
+                },
+            ],
+        );
+        std::fs::write(path, doc).with_context(|| format!("cannot write {}", path.display()))?;
+        report["plot"] = serde_json::json!({
+            "file": path.display().to_string(),
+            "points": series.iter().map(|s| serde_json::json!({"sharers": s.0, "p50_us": s.1, "p99_us": s.2})).collect::<Vec<_>>(),
+        });
+        eprintln!("plot written to {}", path.display());
+    }
+    report["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
 }
 
 async fn server(a: ServerArgs) -> anyhow::Result<()> {

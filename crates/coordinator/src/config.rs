@@ -13,6 +13,14 @@ struct RawConfig {
     sharers: RawSharers,
     #[serde(default)]
     tickets: RawTickets,
+    #[serde(default)]
+    server: RawServer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_streams_per_connection: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +62,8 @@ pub struct Config {
     pub expire_after: Duration,
     pub ticket_lifetime: Duration,
     pub quota_bytes: u64,
+    /// HTTP/2 streams one connection may hold (each sharer holds one).
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for Config {
@@ -68,6 +78,7 @@ impl Default for Config {
             expire_after: Duration::from_millis(6000),
             ticket_lifetime: Duration::from_secs(120),
             quota_bytes: 1 << 30,
+            max_streams_per_connection: 1024,
         }
     }
 }
@@ -168,6 +179,13 @@ impl Config {
                 d.quota_bytes,
                 1,
                 u64::MAX,
+            )?,
+            max_streams_per_connection: check(
+                "server.max_streams_per_connection",
+                raw.server.max_streams_per_connection,
+                d.max_streams_per_connection,
+                1,
+                1_000_000,
             )?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {

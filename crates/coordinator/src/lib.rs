@@ -22,7 +22,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -148,6 +147,7 @@ pub async fn run(
     info!(addr = ?grpc.local_addr().ok(), "coordinator listening");
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .max_concurrent_streams(shared.config.max_streams_per_connection)
         .add_service(v1::sharer_link_server::SharerLinkServer::new(
             sharer_link::SharerLinkService {
                 shared: shared.clone(),
@@ -161,7 +161,10 @@ pub async fn run(
         .add_service(v1::health_server::HealthServer::new(HealthService {
             shared: shared.clone(),
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stopped(stop_rx),
+        )
         .await;
     sweeper.abort();
     if let Some(h) = http_task {

@@ -199,6 +199,13 @@ impl Registry {
         }
     }
 
+    /// Which sharer stream (id, generation) a pending access request went
+    /// to; lets an in-process sharer (benchmarks) answer as that stream.
+    pub fn pending_sharer(&self, request_id: u64) -> Option<(SharerId, u64)> {
+        let p = self.pending.lock().ok()?;
+        p.get(&request_id).map(|(id, g, _)| (*id, *g))
+    }
+
     /// Delivers a sharer's access response to the waiting share request;
     /// answers to requests that went to another sharer are dropped.
     pub fn answer(&self, from: SharerId, generation: u64, resp: v1::AccessResponse) {

@@ -1,0 +1,18 @@
+//! `bandshare bench …`: measurements side by side with the systems a user
+//! would build instead, in the same run on the same machine.
+//!
+//! - [`matching`]: the index and full share requests vs Redis GEO.
+//! - [`relay`]: bulk throughput and first-byte latency vs direct TCP and
+//!   shadowsocks-rust.
+//! - [`scale`]: many sharer streams on one coordinator process.
+//!
+//! Benchmarks are not tests: nothing here asserts a speed. Every run prints
+//! a readable report to stderr and, with `--json`, one JSON object as the
+//! last line of stdout.
+
+pub mod matching;
+pub mod plot;
+pub mod redis;
+pub mod relay;
+pub mod scale;
+pub mod stats;

@@ -1,0 +1,445 @@
+//! `bandshare bench match`: N sharers uniformly over a 50 km × 50 km square
+//! around Beijing (lon 116.4, lat 39.9), then
+//! - `index_qps`: region query + filters + scoring, top 10, in process;
+//! - `grpc_qps`, `grpc_p50_us`, `grpc_p99_us`: full share requests through
+//!   the real gRPC service on loopback, access requests answered at once by
+//!   in-process sharers;
+//! - `updates_per_s`: position updates into the index;
+//! - `bytes_per_sharer`: resident memory growth per online sharer;
+//! and, when `redis-server` is installed, the same points in Redis: GEOADD
+//! pipelined and `GEOSEARCH FROMLONLAT … BYRADIUS 200 m ASC COUNT 10`.
+
+use crate::redis::{RedisServer, Reply, Resp};
+use crate::stats::{Latencies, bar, rss_bytes};
+use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use bandshare_coordinator::registry::{Handle, Registry};
+use bandshare_coordinator::{Config, Shared};
+use bandshare_core::{DeviceKey, LinkState, NetworkType, Position, Service, ServiceSet};
+use bandshare_matcher::{MatchConfig, Query, RegionConfig, SharerInfo};
+use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const CENTER_LAT: f64 = 39.9;
+pub const CENTER_LON: f64 = 116.4;
+const HALF_SIDE_M: f64 = 25_000.0;
+
+#[derive(Clone, Debug)]
+pub struct MatchOptions {
+    pub sharers: usize,
+    /// Seconds each timed phase runs.
+    pub seconds: f64,
+    /// Concurrent clients for gRPC and Redis queries.
+    pub concurrency: usize,
+    pub seed: u64,
+    pub redis: bool,
+}
+
+impl Default for MatchOptions {
+    fn default() -> Self {
+        MatchOptions {
+            sharers: 1_000_000,
+            seconds: 3.0,
+            concurrency: 4,
+            seed: 7,
+            redis: true,
+        }
+    }
+}
+
+/// A uniformly random point of the square.
+pub fn random_point(rng: &mut fastrand::Rng) -> Position {
+    let c = Position {
+        lat: CENTER_LAT,
+        lon: CENTER_LON,
+        alt: None,
+    };
+    c.offset_m(
+        (rng.f64() * 2.0 - 1.0) * HALF_SIDE_M,
+        (rng.f64() * 2.0 - 1.0) * HALF_SIDE_M,
+    )
+}
+
+fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
+    let network = [NetworkType::FiveG, NetworkType::FourG, NetworkType::Wifi][i % 3];
+    let mut services: ServiceSet = [Service::Hotspot].into_iter().collect();
+    if i % 2 == 0 {
+        services.insert(Service::FiveGhz);
+    }
+    SharerInfo {
+        name: format!("s{i}").into(),
+        position: p,
+        heading_deg: None,
+        speed_mps: None,
+        services,
+        network: Some(network),
+        link: LinkState {
+            rtt_us: 5_000 + rng.u32(0..80_000),
+            loss_permille: rng.u32(0..30),
+            network: Some(network),
+            ..LinkState::default()
+        },
+        accepting: true,
+        active_requesters: rng.u32(0..3),
+        max_requesters: 4,
+    }
+}
+
+fn key_of(i: usize) -> DeviceKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    DeviceKey(k)
+}
+
+fn query(p: Position) -> Query {
+    Query {
+        fix: Some(p),
+        scene_hint: None,
+        wanted: [Service::Hotspot].into_iter().collect(),
+        network: None,
+        explain: false,
+    }
+}
+
+/// Answers every access request pushed to the bench sharers, at once.
+fn spawn_answerer(
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::Receiver<Result<v1::CoordinatorMessage, tonic::Status>>,
+) {
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.recv().await {
+            if let Some(Down::AccessRequest(a)) = msg.msg
+                && let Some((id, generation)) = shared.registry.pending_sharer(a.request_id)
+            {
+                shared.registry.answer(
+                    id,
+                    generation,
+                    v1::AccessResponse {
+                        request_id: a.request_id,
+                        accept: true,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+    });
+}
+
+/// Fills `registry` with `n` sharers; returns their (id, generation).
+fn load(
+    registry: &Registry,
+    n: usize,
+    rng: &mut fastrand::Rng,
+    tx: &bandshare_coordinator::registry::Outbound,
+) -> Vec<(u32, u64)> {
+    let pb = bar(n as u64, "loading sharers");
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let p = random_point(rng);
+        let handle = Handle {
+            key: key_of(i),
+            relay_endpoints: vec!["127.0.0.1:9".into()],
+            relay_cert_sha256: vec![0; 32],
+            tx: tx.clone(),
+            generation: 0,
+            last_seen: Instant::now(),
+        };
+        ids.push(registry.add(info(i, p, rng), handle));
+        if i % 10_000 == 0 {
+            pb.set_position(i as u64);
+        }
+    }
+    pb.finish_and_clear();
+    ids
+}
+
+struct Ours {
+    index_qps: f64,
+    updates_per_s: f64,
+    grpc_qps: f64,
+    grpc_p50_us: u64,
+    grpc_p99_us: u64,
+    offers_per_request: f64,
+    bytes_per_sharer: f64,
+}
+
+async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
+    let mut rng = fastrand::Rng::with_seed(o.seed);
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        fanout: 10,
+        max_offers: 10,
+        ..Config::default()
+    };
+    let shared = Shared::new(config, bandshare_store::Store::open(dir.path())?)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1 << 16);
+    let before = rss_bytes(None);
+    let ids = load(&shared.registry, o.sharers, &mut rng, &tx);
+    let bytes_per_sharer = rss_bytes(None).saturating_sub(before) as f64 / o.sharers.max(1) as f64;
+    eprintln!(
+        "  {} sharers online, {:.0} bytes each (resident memory growth)",
+        o.sharers, bytes_per_sharer
+    );
+
+    // Index only: region query + filters + scoring, top 10, one thread.
+    let cfg = MatchConfig {
+        region: RegionConfig {
+            outdoor_radius_m: 200.0,
+        },
+        fanout: 10,
+    };
+    let (t0, mut n, mut found) = (Instant::now(), 0u64, 0usize);
+    while t0.elapsed().as_secs_f64() < o.seconds {
+        for _ in 0..100 {
+            let r = shared.registry.rank(&query(random_point(&mut rng)), &cfg);
+            found += r.map_or(0, |r| r.contacts.len());
+            n += 1;
+        }
+    }
+    let index_qps = n as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "  index: {index_qps:.0} queries/s, {:.1} candidates per query",
+        found as f64 / n as f64
+    );
+
+    // Position updates, one thread.
+    let (t0, mut u) = (Instant::now(), 0u64);
+    let now = Instant::now();
+    while t0.elapsed().as_secs_f64() < o.seconds {
+        for _ in 0..1000 {
+            let (id, generation) = ids[rng.usize(..ids.len())];
+            let p = random_point(&mut rng);
+            shared
+                .registry
+                .update(id, generation, now, |i| i.position = p);
+            u += 1;
+        }
+    }
+    let updates_per_s = u as f64 / t0.elapsed().as_secs_f64();
+    eprintln!("  index: {updates_per_s:.0} position updates/s");
+
+    // Full share requests through gRPC on loopback.
+    spawn_answerer(shared.clone(), rx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (trigger, shutdown) = bandshare_agent::Shutdown::new();
+    let server = tokio::spawn(bandshare_coordinator::run(
+        shared.clone(),
+        listener,
+        None,
+        shutdown.wait(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
+    let mut clients = vec![];
+    for c in 0..o.concurrency {
+        let url = url.clone();
+        let seed = o.seed + 100 + c as u64;
+        clients.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let ch = bandshare_agent::coordinator::connect(&url).await?;
+            let key = bandshare_agent::identity::generate()?;
+            let mut lat = Latencies::default();
+            let mut offers = 0usize;
+            let cond = ConditionSpec {
+                want: [Service::Hotspot].into_iter().collect(),
+                network: None,
+                max_offers: 10,
+            };
+            while Instant::now() < deadline {
+                let loc = LocationSpec {
+                    at: Some(random_point(&mut rng)),
+                    ..Default::default()
+                };
+                let req = v1::ShareRequest {
+                    requester_key: key.verifying_key().to_bytes().to_vec(),
+                    location: Some(loc.to_wire()),
+                    conditions: Some(cond.to_wire()),
+                    explain: false,
+                };
+                let t = Instant::now();
+                let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;
+                lat.push(t.elapsed());
+                offers += resp.offers.len();
+            }
+            anyhow::Ok((lat, offers))
+        }));
+    }
+    let (mut lat, mut offers) = (Latencies::default(), 0usize);
+    for c in clients {
+        let (l, o) = c.await??;
+        lat.extend(l);
+        offers += o;
+    }
+    trigger.fire();
+    let _ = server.await;
+    let count = lat.0.len();
+    let grpc_qps = count as f64 / o.seconds;
+    let (p50, p99) = (lat.percentile(50.0), lat.percentile(99.0));
+    let offers_per_request = offers as f64 / count.max(1) as f64;
+    eprintln!(
+        "  gRPC share requests: {grpc_qps:.0}/s with {} clients, p50 {p50} µs, p99 {p99} µs, {offers_per_request:.1} offers each",
+        o.concurrency
+    );
+    Ok(Ours {
+        index_qps,
+        updates_per_s,
+        grpc_qps,
+        grpc_p50_us: p50,
+        grpc_p99_us: p99,
+        offers_per_request,
+        bytes_per_sharer,
+    })
+}
+
+struct Theirs {
+    version: String,
+    geoadd_per_s: f64,
+    geosearch_qps: f64,
+    geosearch_p99_us: u64,
+    results_per_query: f64,
+}
+
+async fn measure_redis(o: &MatchOptions) -> anyhow::Result<Option<Theirs>> {
+    let Some(server) = RedisServer::start().await? else {
+        eprintln!(
+            "  redis-server is not installed: no Redis reference in this run (apt-get install redis-server)"
+        );
+        return Ok(None);
+    };
+    let mut rng = fastrand::Rng::with_seed(o.seed);
+    let mut c = Resp::connect(server.port).await?;
+    // GEOADD pipelined, 1000 members per batch.
+    let pb = bar(o.sharers as u64, "GEOADD into redis");
+    let t0 = Instant::now();
+    let mut i = 0;
+    while i < o.sharers {
+        let end = (i + 1000).min(o.sharers);
+        for j in i..end {
+            let p = random_point(&mut rng);
+            c.queue(&[
+                "GEOADD",
+                "sharers",
+                &format!("{:.7}", p.lon),
+                &format!("{:.7}", p.lat),
+                &format!("s{j}"),
+            ]);
+        }
+        c.flush().await?;
+        for _ in i..end {
+            c.read().await?;
+        }
+        i = end;
+        pb.set_position(i as u64);
+    }
+    pb.finish_and_clear();
+    let geoadd_per_s = o.sharers as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "  redis {}: GEOADD pipelined {geoadd_per_s:.0}/s",
+        RedisServer::version()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
+    let mut clients = vec![];
+    for k in 0..o.concurrency {
+        let port = server.port;
+        let seed = o.seed + 100 + k as u64;
+        clients.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut c = Resp::connect(port).await?;
+            let (mut lat, mut results) = (Latencies::default(), 0usize);
+            while Instant::now() < deadline {
+                let p = random_point(&mut rng);
+                let (lon, lat_s) = (format!("{:.7}", p.lon), format!("{:.7}", p.lat));
+                let t = Instant::now();
+                let r = c
+                    .call(&[
+                        "GEOSEARCH",
+                        "sharers",
+                        "FROMLONLAT",
+                        &lon,
+                        &lat_s,
+                        "BYRADIUS",
+                        "200",
+                        "m",
+                        "ASC",
+                        "COUNT",
+                        "10",
+                    ])
+                    .await?;
+                lat.push(t.elapsed());
+                if let Reply::Array(v) = r {
+                    results += v.len();
+                }
+            }
+            anyhow::Ok((lat, results))
+        }));
+    }
+    let (mut lat, mut results) = (Latencies::default(), 0usize);
+    for c in clients {
+        let (l, r) = c.await??;
+        lat.extend(l);
+        results += r;
+    }
+    let n = lat.0.len();
+    let geosearch_qps = n as f64 / o.seconds;
+    let p99 = lat.percentile(99.0);
+    eprintln!(
+        "  redis: GEOSEARCH {geosearch_qps:.0}/s with {} clients, p99 {p99} µs, {:.1} results each",
+        o.concurrency,
+        results as f64 / n.max(1) as f64
+    );
+    Ok(Some(Theirs {
+        version: RedisServer::version(),
+        geoadd_per_s,
+        geosearch_qps,
+        geosearch_p99_us: p99,
+        results_per_query: results as f64 / n.max(1) as f64,
+    }))
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// Runs the whole comparison; returns the JSON report.
+pub async fn run(o: &MatchOptions) -> anyhow::Result<serde_json::Value> {
+    eprintln!(
+        "bench match: {} sharers over 50 km x 50 km around {CENTER_LAT},{CENTER_LON}",
+        o.sharers
+    );
+    let ours = measure_ours(o).await?;
+    let theirs = if o.redis {
+        measure_redis(o).await?
+    } else {
+        None
+    };
+    let mut v = json!({
+        "sharers": o.sharers,
+        "index_qps": ours.index_qps.round(),
+        "grpc_qps": ours.grpc_qps.round(),
+        "grpc_p50_us": ours.grpc_p50_us,
+        "grpc_p99_us": ours.grpc_p99_us,
+        "offers_per_request": round(ours.offers_per_request, 2),
+        "updates_per_s": ours.updates_per_s.round(),
+        "bytes_per_sharer": ours.bytes_per_sharer.round(),
+        "concurrency": o.concurrency,
+        "seconds_per_phase": o.seconds,
+    });
+    if let Some(t) = theirs {
+        v["redis"] = json!({
+            "version": t.version,
+            "geosearch_qps": t.geosearch_qps.round(),
+            "geosearch_p99_us": t.geosearch_p99_us,
+            "results_per_query": round(t.results_per_query, 2),
+            "geoadd_pipelined_per_s": t.geoadd_per_s.round(),
+        });
+        v["ratios"] = json!({
+            "grpc_vs_geosearch": round(ours.grpc_qps / t.geosearch_qps, 2),
+            "index_vs_geosearch": round(ours.index_qps / t.geosearch_qps, 2),
+            "updates_vs_geoadd": round(ours.updates_per_s / t.geoadd_per_s, 2),
+        });
+    }
+    Ok(v)
+}

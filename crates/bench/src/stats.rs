@@ -1,0 +1,85 @@
+//! Small measurement helpers: percentiles, resident memory, progress bars.
+
+use std::time::Duration;
+
+/// Latency samples in microseconds.
+#[derive(Default, Debug, Clone)]
+pub struct Latencies(pub Vec<u64>);
+
+impl Latencies {
+    pub fn push(&mut self, d: Duration) {
+        self.0.push(d.as_micros() as u64);
+    }
+
+    pub fn extend(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    /// The `p`-th percentile (0..=100) in microseconds.
+    pub fn percentile(&mut self, p: f64) -> u64 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        self.0.sort_unstable();
+        let i = ((p / 100.0) * (self.0.len() - 1) as f64).round() as usize;
+        self.0[i.min(self.0.len() - 1)]
+    }
+}
+
+/// Resident set size of process `pid` (or this one) in bytes, from /proc.
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>24} [{bar:40}] {human_pos}/{human_len} ({per_sec}, eta {eta})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// The machine, for reports: cores and CPU model.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut l = Latencies((1..=100).collect());
+        assert_eq!(l.percentile(50.0), 51);
+        assert_eq!(l.percentile(99.0), 99);
+        assert_eq!(l.percentile(100.0), 100);
+        assert_eq!(Latencies::default().percentile(99.0), 0);
+        assert!(rss_bytes(None) > 0);
+    }
+}
