@@ -50,6 +50,45 @@ enum Command {
 enum BenchCommand {
     /// Matching: index and full gRPC share requests vs Redis GEOSEARCH/GEOADD.
     Match(BenchMatchArgs),
+    /// Relay: bulk throughput and first-byte latency vs direct TCP and shadowsocks-rust.
+    Relay(BenchRelayArgs),
+    /// Scale: many sharer streams on one coordinator process.
+    Scale(BenchScaleArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchScaleArgs {
+    /// Sharer streams to keep online.
+    #[arg(long, default_value_t = 100_000)]
+    sharers: usize,
+    /// HTTP/2 connections the streams are multiplexed over.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How often each sharer reports state.
+    #[arg(long, default_value_t = 2000)]
+    report_interval_ms: u64,
+    /// Seconds of measurement under load.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Concurrent share-request clients during the measurement.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchRelayArgs {
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// New flows timed for first-byte latency.
+    #[arg(long, default_value_t = 300)]
+    rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -313,6 +352,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offers(a) => offers(a).await,
         Command::Demo => crate::demo::run().await,
         Command::Bench(BenchCommand::Match(a)) => bench_match(a).await,
+        Command::Bench(BenchCommand::Scale(a)) => {
+            init_logs("error");
+            anyhow::ensure!(
+                a.sharers > 0
+                    && a.connections > 0
+                    && a.concurrency > 0
+                    && a.seconds > 0.0
+                    && a.report_interval_ms >= 100,
+                "--sharers, --connections, --concurrency and --seconds must be positive, --report-interval-ms at least 100"
+            );
+            let o = bandshare_bench::scale::ScaleOptions {
+                sharers: a.sharers,
+                connections: a.connections,
+                report_interval_ms: a.report_interval_ms,
+                seconds: a.seconds,
+                concurrency: a.concurrency,
+            };
+            let mut v = bandshare_bench::scale::run(&o).await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
+        Command::Bench(BenchCommand::Relay(a)) => {
+            init_logs("error");
+            anyhow::ensure!(
+                a.seconds > 0.0 && a.rounds > 0,
+                "--seconds and --rounds must be positive"
+            );
+            let o = bandshare_bench::relay::RelayBenchOptions {
+                seconds: a.seconds,
+                first_byte_rounds: a.rounds,
+            };
+            let mut v = bandshare_bench::relay::run(&o).await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
     }
 }
 
@@ -379,10 +453,14 @@ async fn bench_match(a: BenchMatchArgs) -> anyhow::Result<()> {
         eprintln!("plot written to {}", path.display());
     }
     report["machine"] = serde_json::json!(bandshare_bench::stats::machine());
-    if a.json {
-        println!("{report}");
+    print_report(&report, a.json)
+}
+
+fn print_report(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(v)?);
     }
     Ok(())
 }

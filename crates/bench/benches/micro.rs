@@ -1,1 +1,104 @@
-fn main() {}
+//! Criterion micro-benchmarks of the hot pure pieces: the index query with
+//! scoring, scoring alone, ticket sign/verify and the flow-header codec.
+//! Run: `cargo bench -p bandshare-bench`.
+
+use bandshare_bench::matching::random_point;
+use bandshare_core::{
+    DeviceKey, LinkState, NetworkType, Service, Ticket, TicketSigner, TicketVerifier,
+};
+use bandshare_matcher::{Index, MatchConfig, Query, SharerInfo, rank, rank::score};
+use bandshare_relay::wire::{FlowHeader, Host};
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+
+fn sharer(i: usize, rng: &mut fastrand::Rng) -> SharerInfo {
+    SharerInfo {
+        name: format!("s{i}").into(),
+        position: random_point(rng),
+        heading_deg: None,
+        speed_mps: None,
+        services: [Service::Hotspot].into_iter().collect(),
+        network: Some(NetworkType::FiveG),
+        link: LinkState {
+            rtt_us: 20_000,
+            ..LinkState::default()
+        },
+        accepting: true,
+        active_requesters: 1,
+        max_requesters: 4,
+    }
+}
+
+fn index(c: &mut Criterion) {
+    let mut rng = fastrand::Rng::with_seed(1);
+    for n in [100_000usize, 1_000_000] {
+        let mut idx = Index::default();
+        for i in 0..n {
+            idx.insert(sharer(i, &mut rng));
+        }
+        let cfg = MatchConfig {
+            fanout: 10,
+            ..MatchConfig::default()
+        };
+        c.bench_function(&format!("index rank top10 at {n} sharers"), |b| {
+            b.iter(|| {
+                let q = Query {
+                    fix: Some(random_point(&mut rng)),
+                    scene_hint: None,
+                    wanted: [Service::Hotspot].into_iter().collect(),
+                    network: None,
+                    explain: false,
+                };
+                black_box(rank(&idx, &q, &cfg).map(|o| o.candidates.len()))
+            })
+        });
+    }
+    let s = sharer(0, &mut rng);
+    c.bench_function("score one sharer", |b| {
+        b.iter(|| black_box(score(black_box(&s), black_box(37.0))))
+    });
+}
+
+fn tickets(c: &mut Criterion) {
+    let signer = TicketSigner::from_seed(&[3; 32], 1);
+    let verifier = TicketVerifier::new(&[signer.public_key()]);
+    let t = Ticket {
+        key_id: 1,
+        sharer: DeviceKey([1; 32]),
+        requester: DeviceKey([2; 32]),
+        expires_unix: 2_000_000_000,
+        nonce: [9; 16],
+        quota_bytes: 1 << 30,
+    };
+    c.bench_function("ticket sign", |b| {
+        b.iter(|| black_box(signer.sign(black_box(t.clone()))))
+    });
+    let bytes = signer.sign(t);
+    c.bench_function("ticket verify", |b| {
+        b.iter(|| {
+            black_box(verifier.verify(
+                black_box(&bytes),
+                &DeviceKey([1; 32]),
+                &DeviceKey([2; 32]),
+                1_999_999_000,
+            ))
+        })
+    });
+}
+
+fn flow_header(c: &mut Criterion) {
+    let h = FlowHeader {
+        host: Host::Name("www.example.com".into()),
+        port: 443,
+    };
+    let bytes = h.encode().unwrap_or_default();
+    c.bench_function("flow header encode", |b| {
+        b.iter(|| black_box(black_box(&h).encode()))
+    });
+    c.bench_function("flow header decode", |b| {
+        b.iter(|| black_box(FlowHeader::decode(black_box(&bytes))))
+    });
+}
+
+criterion_group!(benches, index, tickets, flow_header);
+criterion_main!(benches);

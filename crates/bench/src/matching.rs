@@ -6,6 +6,7 @@
 //!   in-process sharers;
 //! - `updates_per_s`: position updates into the index;
 //! - `bytes_per_sharer`: resident memory growth per online sharer;
+//!
 //! and, when `redis-server` is installed, the same points in Redis: GEOADD
 //! pipelined and `GEOSEARCH FROMLONLAT … BYRADIUS 200 m ASC COUNT 10`.
 
@@ -64,7 +65,7 @@ pub fn random_point(rng: &mut fastrand::Rng) -> Position {
 fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
     let network = [NetworkType::FiveG, NetworkType::FourG, NetworkType::Wifi][i % 3];
     let mut services: ServiceSet = [Service::Hotspot].into_iter().collect();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         services.insert(Service::FiveGhz);
     }
     SharerInfo {

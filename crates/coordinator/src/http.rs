@@ -23,6 +23,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "online_sharers": shared.registry.len(),
         "known_devices": devices,
         "uptime_s": shared.started.elapsed().as_secs(),
+        "reports_received": shared.reports_received.load(std::sync::atomic::Ordering::Relaxed),
+        "share_requests": shared.share_requests.load(std::sync::atomic::Ordering::Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -40,6 +40,10 @@ pub struct Shared {
     pub store: Store,
     pub signer: TicketSigner,
     pub started: Instant,
+    /// State reports processed since start.
+    pub reports_received: std::sync::atomic::AtomicU64,
+    /// Share requests answered since start.
+    pub share_requests: std::sync::atomic::AtomicU64,
     known_requesters: Mutex<HashSet<DeviceKey>>,
 }
 
@@ -73,6 +77,8 @@ impl Shared {
             registry: Registry::default(),
             store,
             started: Instant::now(),
+            reports_received: Default::default(),
+            share_requests: Default::default(),
             known_requesters: Mutex::default(),
         }))
     }
@@ -93,6 +99,14 @@ impl v1::health_server::Health for HealthService {
             online_sharers: self.shared.registry.len() as u64,
             uptime_s: self.shared.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
+            reports_received: self
+                .shared
+                .reports_received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            share_requests: self
+                .shared
+                .share_requests
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

@@ -214,6 +214,9 @@ impl MatchmakerService {
         } else {
             explain.clear();
         }
+        shared
+            .share_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(
             scene = outcome.scene.scene.as_str(),
             candidates = contacts.len(),

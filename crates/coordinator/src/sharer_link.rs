@@ -133,6 +133,9 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                             let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
                         }
                         Some(Up::Report(r)) => {
+                            shared
+                                .reports_received
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             apply_report(&shared, id, generation, key, r, now);
                         }
                         Some(Up::AccessResponse(a)) => {
