@@ -53,7 +53,7 @@ fn index(c: &mut Criterion) {
             })
         });
     }
-    let s = sharer(0, &mut rng);
+    let s = bandshare_matcher::Summary::of(&sharer(0, &mut rng));
     c.bench_function("score one sharer", |b| {
         b.iter(|| black_box(score(black_box(&s), black_box(37.0))))
     });

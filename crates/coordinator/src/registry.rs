@@ -8,7 +8,7 @@ use bandshare_matcher::{Index, MatchConfig, Outcome, Query, SharerId, SharerInfo
 use bandshare_proto::v1;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -32,7 +32,7 @@ pub struct Handle {
 pub struct Contact {
     pub id: SharerId,
     pub info: SharerInfo,
-    pub handle: Handle,
+    pub handle: Arc<Handle>,
 }
 
 /// The sharer stream asked (id, generation) and where its answer goes.
@@ -50,7 +50,18 @@ pub struct Ranked {
 struct Inner {
     index: Index,
     by_key: HashMap<DeviceKey, SharerId>,
-    handles: HashMap<SharerId, Handle>,
+    /// By `SharerId` (dense slot numbers of the index).
+    handles: Vec<Option<Arc<Handle>>>,
+}
+
+impl Inner {
+    fn handle(&self, id: SharerId) -> Option<&Arc<Handle>> {
+        self.handles.get(id as usize)?.as_ref()
+    }
+
+    fn take_handle(&mut self, id: SharerId) -> Option<Arc<Handle>> {
+        self.handles.get_mut(id as usize)?.take()
+    }
 }
 
 #[derive(Default)]
@@ -73,11 +84,14 @@ impl Registry {
         };
         if let Some(old) = g.by_key.remove(&handle.key) {
             g.index.remove(old);
-            g.handles.remove(&old);
+            g.take_handle(old);
         }
         let id = g.index.insert(info);
         g.by_key.insert(handle.key, id);
-        g.handles.insert(id, handle);
+        if g.handles.len() <= id as usize {
+            g.handles.resize(id as usize + 1, None);
+        }
+        g.handles[id as usize] = Some(Arc::new(handle));
         (id, generation)
     }
 
@@ -92,8 +106,12 @@ impl Registry {
         let Ok(mut g) = self.inner.write() else {
             return;
         };
-        match g.handles.get_mut(&id) {
-            Some(h) if h.generation == generation => h.last_seen = now,
+        match g.handles.get_mut(id as usize).and_then(|h| h.as_mut()) {
+            Some(h) if h.generation == generation => {
+                // Only this stream's task touches last_seen; no clone is
+                // made while contacts are out, except by a racing rank.
+                Arc::make_mut(h).last_seen = now;
+            }
             _ => return,
         }
         g.index.update(id, f);
@@ -106,10 +124,10 @@ impl Registry {
     /// Takes the sharer offline if `generation` is still its stream.
     pub fn remove(&self, id: SharerId, generation: u64) -> Option<String> {
         let mut g = self.inner.write().ok()?;
-        if g.handles.get(&id)?.generation != generation {
+        if g.handle(id)?.generation != generation {
             return None;
         }
-        let h = g.handles.remove(&id)?;
+        let h = g.take_handle(id)?;
         g.by_key.remove(&h.key);
         g.index.remove(id).map(|i| i.name.to_string())
     }
@@ -122,12 +140,14 @@ impl Registry {
         let stale: Vec<(SharerId, DeviceKey)> = g
             .handles
             .iter()
+            .enumerate()
+            .filter_map(|(id, h)| Some((id as SharerId, h.as_ref()?)))
             .filter(|(_, h)| now.saturating_duration_since(h.last_seen) > max_silence)
-            .map(|(id, h)| (*id, h.key))
+            .map(|(id, h)| (id, h.key))
             .collect();
         let mut names = vec![];
         for (id, key) in stale {
-            g.handles.remove(&id);
+            g.take_handle(id);
             g.by_key.remove(&key);
             if let Some(i) = g.index.remove(id) {
                 names.push(i.name.to_string());
@@ -162,7 +182,7 @@ impl Registry {
                 Some(Contact {
                     id: c.id,
                     info: g.index.get(c.id)?.clone(),
-                    handle: g.handles.get(&c.id)?.clone(),
+                    handle: g.handle(c.id)?.clone(),
                 })
             })
             .collect();

@@ -1,7 +1,8 @@
 //! The spatial index: online sharers bucketed into lat/lon grid cells of
 //! about 220 m, so a region query touches a handful of cells instead of
 //! scanning everyone. Meant for 1,000,000 sharers: slots are reused, cells are
-//! small vectors in one hash map, and moving a sharer is O(1).
+//! small vectors in one hash map holding each point as a unit vector (a
+//! reject costs one dot product), and moving a sharer is O(1).
 //!
 //! Cells shrink in longitude degrees with latitude (their ground width stays
 //! near 220 m), and column numbers wrap at the antimeridian.
@@ -41,6 +42,54 @@ struct Slot {
     at: u32, // position inside the cell's vector
 }
 
+/// What filters and scoring read, kept in the bucket next to the point so
+/// ranking touches a sharer's slot only if it makes the top M.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Summary {
+    pub services: ServiceSet,
+    pub network: Option<NetworkType>,
+    pub up: bool,
+    pub accepting: bool,
+    pub active_requesters: u32,
+    pub max_requesters: u32,
+    /// `link.quality()`, computed when the link state changes.
+    pub quality: f32,
+}
+
+impl Summary {
+    pub fn of(info: &SharerInfo) -> Summary {
+        Summary {
+            services: info.services,
+            network: info.network,
+            up: info.link.up,
+            accepting: info.accepting,
+            active_requesters: info.active_requesters,
+            max_requesters: info.max_requesters,
+            quality: info.link.quality() as f32,
+        }
+    }
+}
+
+/// A bucket entry carries the point as a unit vector, so a query rejects
+/// points outside the circle with one dot product and without touching the
+/// slot (a cache miss at a million sharers), and the summary for ranking.
+#[derive(Clone, Copy)]
+struct Entry {
+    id: SharerId,
+    xyz: [f64; 3],
+    summary: Summary,
+}
+
+fn unit(p: &Position) -> [f64; 3] {
+    let (la, lo) = (p.lat.to_radians(), p.lon.to_radians());
+    [la.cos() * lo.cos(), la.cos() * lo.sin(), la.sin()]
+}
+
+/// Great-circle distance from the chord between two unit vectors.
+fn chord_to_metres(chord2: f64) -> f64 {
+    2.0 * bandshare_core::geo::EARTH_RADIUS_M * (chord2.max(0.0).sqrt() / 2.0).min(1.0).asin()
+}
+
 /// Multiplicative hashing of the packed cell key: keys are already well
 /// spread integers, SipHash would only cost time.
 #[derive(Default)]
@@ -60,7 +109,7 @@ impl Hasher for CellHasher {
     }
 }
 
-type Cells = HashMap<u64, Vec<SharerId>, BuildHasherDefault<CellHasher>>;
+type Cells = HashMap<u64, Vec<Entry>, BuildHasherDefault<CellHasher>>;
 
 #[derive(Default)]
 pub struct Index {
@@ -115,7 +164,11 @@ impl Index {
             }
         };
         let bucket = self.cells.entry(cell).or_default();
-        bucket.push(id);
+        bucket.push(Entry {
+            id,
+            xyz: unit(&info.position),
+            summary: Summary::of(&info),
+        });
         self.slots[id as usize] = Some(Slot {
             info,
             cell,
@@ -134,13 +187,30 @@ impl Index {
         let Some(Some(slot)) = self.slots.get_mut(id as usize) else {
             return false;
         };
+        let before = slot.info.position;
         f(&mut slot.info);
-        let cell = cell_of(&slot.info.position);
-        if cell != slot.cell {
+        let summary = Summary::of(&slot.info);
+        let moved = slot.info.position != before;
+        let xyz = unit(&slot.info.position);
+        let cell = if moved {
+            cell_of(&slot.info.position)
+        } else {
+            slot.cell
+        };
+        if cell == slot.cell {
+            if let Some(e) = self
+                .cells
+                .get_mut(&cell)
+                .and_then(|b| b.get_mut(slot.at as usize))
+            {
+                e.xyz = xyz;
+                e.summary = summary;
+            }
+        } else {
             let (old, at) = (slot.cell, slot.at);
             self.unlink(old, at);
             let bucket = self.cells.entry(cell).or_default();
-            bucket.push(id);
+            bucket.push(Entry { id, xyz, summary });
             let at = (bucket.len() - 1) as u32;
             if let Some(Some(slot)) = self.slots.get_mut(id as usize) {
                 slot.cell = cell;
@@ -168,7 +238,7 @@ impl Index {
             return;
         }
         bucket.swap_remove(at);
-        if let Some(&moved) = bucket.get(at)
+        if let Some(moved) = bucket.get(at).map(|e| e.id)
             && let Some(Some(s)) = self.slots.get_mut(moved as usize)
         {
             s.at = at as u32;
@@ -179,14 +249,18 @@ impl Index {
     }
 
     /// Calls `f` with every sharer within `radius_m` ground distance of
-    /// `center`, and that distance.
+    /// `center`: its id, its summary and that distance.
     pub fn within(
         &self,
         center: &Position,
         radius_m: f64,
-        mut f: impl FnMut(SharerId, &SharerInfo, f64),
+        mut f: impl FnMut(SharerId, &Summary, f64),
     ) {
         let ang = radius_m / bandshare_core::geo::EARTH_RADIUS_M;
+        let c = unit(center);
+        // Squared chord of the radius, with a hair of slack for rounding;
+        // the exact distance decides below.
+        let max_chord2 = (2.0 * (ang.min(std::f64::consts::PI) / 2.0).sin()).powi(2) * (1.0 + 1e-9);
         let dlat = ang.to_degrees();
         let (lo, hi) = (
             row_of((center.lat - dlat).max(-90.0)),
@@ -212,12 +286,15 @@ impl Index {
                 let Some(bucket) = self.cells.get(&pack(row, col)) else {
                     continue;
                 };
-                for &id in bucket {
-                    if let Some(Some(slot)) = self.slots.get(id as usize) {
-                        let d = center.ground_distance_m(&slot.info.position);
-                        if d <= radius_m {
-                            f(id, &slot.info, d);
-                        }
+                for e in bucket {
+                    let (dx, dy, dz) = (e.xyz[0] - c[0], e.xyz[1] - c[1], e.xyz[2] - c[2]);
+                    let chord2 = dx * dx + dy * dy + dz * dz;
+                    if chord2 > max_chord2 {
+                        continue;
+                    }
+                    let d = chord_to_metres(chord2);
+                    if d <= radius_m {
+                        f(e.id, &e.summary, d);
                     }
                 }
             }

@@ -1,7 +1,7 @@
 //! Candidates: sharers in the region that pass the compatibility filters,
 //! scored by distance, measured link state and load, best first.
 
-use crate::index::{Index, SharerId, SharerInfo};
+use crate::index::{Index, SharerId, Summary};
 use crate::region::{NoLocation, Region, RegionConfig, SceneDecision, decide_scene};
 use bandshare_core::{DistanceBand, NetworkType, Position, Scene, ServiceSet};
 
@@ -58,17 +58,17 @@ pub struct Outcome {
 
 /// Score in 0..=1: link quality weighs half, closeness a third, spare
 /// capacity the rest.
-pub fn score(info: &SharerInfo, distance_m: f64) -> f64 {
+pub fn score(info: &Summary, distance_m: f64) -> f64 {
     let proximity = 1.0 / (1.0 + distance_m / 50.0);
     let load = match info.max_requesters {
         0 => 1.0 / (1.0 + info.active_requesters as f64 / 4.0),
         max => 1.0 - (info.active_requesters.min(max) as f64 / max as f64),
     };
-    0.5 * info.link.quality() + 0.33 * proximity + 0.17 * load
+    0.5 * info.quality as f64 + 0.33 * proximity + 0.17 * load
 }
 
 /// Why `info` cannot serve `q`, if it cannot.
-fn filter(info: &SharerInfo, q: &Query) -> Option<String> {
+fn filter(info: &Summary, q: &Query) -> Option<String> {
     let missing = info.services.missing(q.wanted);
     if !missing.is_empty() {
         return Some(format!("service missing: {missing}"));
@@ -79,7 +79,7 @@ fn filter(info: &SharerInfo, q: &Query) -> Option<String> {
         let has = info.network.map_or("unknown", |n| n.as_str());
         return Some(format!("network is {has}, wanted {want}"));
     }
-    if !info.link.up {
+    if !info.up {
         return Some("uplink down".into());
     }
     if !info.accepting {
@@ -96,7 +96,7 @@ fn filter(info: &SharerInfo, q: &Query) -> Option<String> {
 
 pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLocation> {
     let scene = decide_scene(q.scene_hint, q.fix, &cfg.region)?;
-    let mut candidates = Vec::new();
+    let mut candidates = Vec::with_capacity(64);
     let mut rejected = Vec::new();
     match &scene.region {
         Region::Circle { center, radius_m } => {
@@ -125,7 +125,19 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
             });
         }
     }
-    candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    let best_first =
+        |a: &Candidate, b: &Candidate| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id));
+    // Only the top M need an order: select them, then sort those.
+    if candidates.len() > cfg.fanout && cfg.fanout > 0 {
+        candidates.select_nth_unstable_by(cfg.fanout - 1, best_first);
+        let (top, rest) = candidates.split_at_mut(cfg.fanout);
+        top.sort_by(best_first);
+        if q.explain {
+            rest.sort_by(best_first);
+        }
+    } else {
+        candidates.sort_by(best_first);
+    }
     if candidates.len() > cfg.fanout {
         for c in candidates.drain(cfg.fanout..) {
             if q.explain {
