@@ -12,6 +12,9 @@ use std::time::Duration;
 
 pub const ALPN: &[u8] = b"bandshare/1";
 
+/// Largest UDP payload path MTU discovery will try.
+pub const MTU_UPPER_BOUND: u16 = 16_384;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot make the relay certificate: {0}")]
@@ -41,6 +44,13 @@ fn transport() -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t.max_concurrent_bidi_streams(1024u32.into());
+    // Let path MTU discovery go well past Ethernet's 1500: where the path
+    // allows (loopback, jumbo frames) each datagram carries more, so fewer
+    // packets cost fewer syscalls and less per-packet crypto; elsewhere the
+    // probes fail and the MTU stays where the path puts it.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window((4u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
