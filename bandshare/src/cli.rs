@@ -136,10 +136,10 @@ struct ServerArgs {
 #[derive(Args, Debug, Clone)]
 struct LocationArgs {
     /// Position: LAT,LON[,ALT] in degrees (and metres).
-    #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parse_position)]
+    #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parsed::<Position>)]
     at: Position,
     /// Scene hint: outdoor, indoor, vehicle (subway-car), station (subway-hall).
-    #[arg(long, value_parser = parse_scene)]
+    #[arg(long, value_parser = parsed::<Scene>)]
     scene: Option<Scene>,
     /// Heading in degrees, 0 = north, clockwise.
     #[arg(long, value_parser = location::parse_heading)]
@@ -179,10 +179,10 @@ struct ShareArgs {
     #[command(flatten)]
     location: LocationArgs,
     /// Services offered: hotspot, wifi6, 5ghz, prose (comma-separated).
-    #[arg(long, default_value = "hotspot", value_parser = parse_services)]
+    #[arg(long, default_value = "hotspot", value_parser = parsed::<ServiceSet>)]
     services: ServiceSet,
     /// Uplink network type: 5g, 4g or wifi.
-    #[arg(long, value_parser = parse_network)]
+    #[arg(long, value_parser = parsed::<NetworkType>)]
     network: Option<NetworkType>,
     /// UDP address of the QUIC relay.
     #[arg(long, default_value = "0.0.0.0:0")]
@@ -191,7 +191,7 @@ struct ShareArgs {
     #[arg(long)]
     advertise: Option<SocketAddr>,
     /// Open a destination the default policy denies: CIDR[:PORT], repeatable.
-    #[arg(long = "allow-egress", value_name = "CIDR[:PORT]", value_parser = parse_rule)]
+    #[arg(long = "allow-egress", value_name = "CIDR[:PORT]", value_parser = parsed::<EgressRule>)]
     allow_egress: Vec<EgressRule>,
     /// Cap what this sharer offers, in Mbit/s (link state is measured, this only caps).
     #[arg(long)]
@@ -213,10 +213,10 @@ struct ShareArgs {
 #[derive(Args, Debug, Clone)]
 struct WantArgs {
     /// Services wanted: hotspot, wifi6, 5ghz, prose (comma-separated).
-    #[arg(long, value_parser = parse_services)]
+    #[arg(long, value_parser = parsed::<ServiceSet>)]
     want: Option<ServiceSet>,
     /// Uplink network type wanted: 5g, 4g or wifi.
-    #[arg(long, value_parser = parse_network)]
+    #[arg(long, value_parser = parsed::<NetworkType>)]
     network: Option<NetworkType>,
 }
 
@@ -273,25 +273,13 @@ struct OffersArgs {
     explain: bool,
 }
 
-fn parse_position(s: &str) -> Result<Position, String> {
-    s.parse()
-        .map_err(|e: bandshare_core::geo::PositionError| e.to_string())
-}
-fn parse_scene(s: &str) -> Result<Scene, String> {
-    s.parse()
-        .map_err(|e: bandshare_core::scene::UnknownScene| e.to_string())
-}
-fn parse_services(s: &str) -> Result<ServiceSet, String> {
-    s.parse()
-        .map_err(|e: bandshare_core::service::UnknownService| e.to_string())
-}
-fn parse_network(s: &str) -> Result<NetworkType, String> {
-    s.parse()
-        .map_err(|e: bandshare_core::service::UnknownNetwork| e.to_string())
-}
-fn parse_rule(s: &str) -> Result<EgressRule, String> {
-    s.parse()
-        .map_err(|e: bandshare_core::egress::BadCidr| e.to_string())
+/// Parses a flag with the type's own `FromStr`, whose error names what was
+/// expected (clap puts it after the flag's name).
+fn parsed<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
 }
 
 /// `$XDG_DATA_HOME/bandshare/SUB`, else `~/.local/share/bandshare/SUB`.

@@ -127,6 +127,57 @@ fn spawn_answerer(
     });
 }
 
+/// `concurrency` clients, each on its own connection, send share requests
+/// from random points of the square for `seconds`. Returns the latencies
+/// and the number of offers received.
+pub async fn share_load(
+    url: &str,
+    concurrency: usize,
+    seconds: f64,
+    seed: u64,
+) -> anyhow::Result<(Latencies, usize)> {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut clients = vec![];
+    for c in 0..concurrency {
+        let url = url.to_string();
+        clients.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed + c as u64);
+            let ch = bandshare_agent::coordinator::connect(&url).await?;
+            let key = bandshare_agent::identity::generate()?;
+            let (mut lat, mut offers) = (Latencies::default(), 0usize);
+            let cond = ConditionSpec {
+                want: [Service::Hotspot].into_iter().collect(),
+                network: None,
+                max_offers: 10,
+            };
+            while Instant::now() < deadline {
+                let loc = LocationSpec {
+                    at: Some(random_point(&mut rng)),
+                    ..Default::default()
+                };
+                let req = v1::ShareRequest {
+                    requester_key: key.verifying_key().to_bytes().to_vec(),
+                    location: Some(loc.to_wire()),
+                    conditions: Some(cond.to_wire()),
+                    explain: false,
+                };
+                let t = Instant::now();
+                let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;
+                lat.push(t.elapsed());
+                offers += resp.offers.len();
+            }
+            anyhow::Ok((lat, offers))
+        }));
+    }
+    let (mut lat, mut offers) = (Latencies::default(), 0usize);
+    for c in clients {
+        let (l, o) = c.await??;
+        lat.extend(l);
+        offers += o;
+    }
+    Ok((lat, offers))
+}
+
 /// Fills `registry` with `n` sharers; returns their (id, generation).
 fn load(
     registry: &Registry,
@@ -231,47 +282,7 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
         None,
         shutdown.wait(),
     ));
-    let deadline = Instant::now() + Duration::from_secs_f64(o.seconds);
-    let mut clients = vec![];
-    for c in 0..o.concurrency {
-        let url = url.clone();
-        let seed = o.seed + 100 + c as u64;
-        clients.push(tokio::spawn(async move {
-            let mut rng = fastrand::Rng::with_seed(seed);
-            let ch = bandshare_agent::coordinator::connect(&url).await?;
-            let key = bandshare_agent::identity::generate()?;
-            let mut lat = Latencies::default();
-            let mut offers = 0usize;
-            let cond = ConditionSpec {
-                want: [Service::Hotspot].into_iter().collect(),
-                network: None,
-                max_offers: 10,
-            };
-            while Instant::now() < deadline {
-                let loc = LocationSpec {
-                    at: Some(random_point(&mut rng)),
-                    ..Default::default()
-                };
-                let req = v1::ShareRequest {
-                    requester_key: key.verifying_key().to_bytes().to_vec(),
-                    location: Some(loc.to_wire()),
-                    conditions: Some(cond.to_wire()),
-                    explain: false,
-                };
-                let t = Instant::now();
-                let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;
-                lat.push(t.elapsed());
-                offers += resp.offers.len();
-            }
-            anyhow::Ok((lat, offers))
-        }));
-    }
-    let (mut lat, mut offers) = (Latencies::default(), 0usize);
-    for c in clients {
-        let (l, o) = c.await??;
-        lat.extend(l);
-        offers += o;
-    }
+    let (mut lat, offers) = share_load(&url, o.concurrency, o.seconds, o.seed + 100).await?;
     trigger.fire();
     let _ = server.await;
     let count = lat.0.len();

@@ -270,7 +270,10 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
         .allow(rule(bulk_target)?)
         .allow(rule(echo_addr)?);
     // A bulk run moves many GiB; the default 1 GiB ticket quota would end it.
-    let config = Config { quota_bytes: 1 << 50, ..Config::default() };
+    let config = Config {
+        quota_bytes: 1 << 50,
+        ..Config::default()
+    };
     let cluster = Cluster::start_with(config, vec![spec]).await?;
     let mut ro = cluster.requester_options();
     ro.pool_size = 1;

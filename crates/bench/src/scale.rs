@@ -7,8 +7,8 @@
 //! updates per second, and share-request latency while under that load.
 
 use crate::matching::random_point;
-use crate::stats::{Latencies, bar, rss_bytes};
-use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use crate::stats::{bar, rss_bytes};
+use bandshare_agent::location::LocationSpec;
 use bandshare_core::Service;
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message::Msg as Up};
@@ -218,47 +218,8 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     let h0 = health(&probe).await?;
     let sent0 = sent.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs_f64(o.seconds);
-    let mut clients = vec![];
-    for c in 0..o.concurrency {
-        let url = url.clone();
-        clients.push(tokio::spawn(async move {
-            let mut rng = fastrand::Rng::with_seed(1000 + c as u64);
-            let ch = bandshare_agent::coordinator::connect(&url).await?;
-            let key = bandshare_agent::identity::generate()?;
-            let cond = ConditionSpec {
-                want: [Service::Hotspot].into_iter().collect(),
-                network: None,
-                max_offers: 10,
-            };
-            let (mut lat, mut offers) = (Latencies::default(), 0usize);
-            while Instant::now() < deadline {
-                let loc = LocationSpec {
-                    at: Some(random_point(&mut rng)),
-                    ..Default::default()
-                };
-                let req = v1::ShareRequest {
-                    requester_key: key.verifying_key().to_bytes().to_vec(),
-                    location: Some(loc.to_wire()),
-                    conditions: Some(cond.to_wire()),
-                    explain: false,
-                };
-                let t = Instant::now();
-                offers += bandshare_agent::coordinator::share_request(ch.clone(), req)
-                    .await?
-                    .offers
-                    .len();
-                lat.push(t.elapsed());
-            }
-            anyhow::Ok((lat, offers))
-        }));
-    }
-    let (mut lat, mut offers) = (Latencies::default(), 0usize);
-    for c in clients {
-        let (l, n) = c.await??;
-        lat.extend(l);
-        offers += n;
-    }
+    let (mut lat, offers) =
+        crate::matching::share_load(&url, o.concurrency, o.seconds, 1000).await?;
     let secs = t0.elapsed().as_secs_f64();
     let h1 = health(&probe).await?;
     let processed = (h1.reports_received - h0.reports_received) as f64 / secs;
