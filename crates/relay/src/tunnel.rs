@@ -44,6 +44,10 @@ pub struct Tunnel {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+fn lost(e: &dyn std::fmt::Display) -> FlowError {
+    FlowError::Lost(e.to_string())
+}
+
 impl Tunnel {
     pub async fn connect(
         addr: SocketAddr,
@@ -89,20 +93,32 @@ impl Tunnel {
         Ok(Tunnel { conn, endpoint })
     }
 
-    /// Opens a flow to `target`; on success the streams carry raw bytes.
+    /// Opens a flow to `target`. With `wait_reply` it returns once the
+    /// sharer has dialled the target (the streams then carry raw bytes);
+    /// without, it returns at once so the caller can send its first bytes
+    /// right behind the header, saving a round trip, and must call
+    /// [`Tunnel::read_reply`] before reading.
     pub async fn open_flow(
         &self,
         target: &FlowHeader,
+        wait_reply: bool,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), FlowError> {
         let header = target.encode()?;
-        let lost = |e: &dyn std::fmt::Display| FlowError::Lost(e.to_string());
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
         send.write_all(&header).await.map_err(|e| lost(&e))?;
+        if wait_reply {
+            Tunnel::read_reply(&mut recv).await?;
+        }
+        Ok((send, recv))
+    }
+
+    /// Reads the flow's one-byte reply; `Ok` when the sharer connected.
+    pub async fn read_reply(recv: &mut quinn::RecvStream) -> Result<(), FlowError> {
         let code = recv.read_u8().await.map_err(|e| lost(&e))?;
         if code != wire::reply::OK {
             return Err(FlowError::Refused(code));
         }
-        Ok((send, recv))
+        Ok(())
     }
 
     pub fn rtt(&self) -> Duration {

@@ -138,16 +138,18 @@ impl Pool {
     }
 
     /// Opens a flow through the active member; when its tunnel is lost,
-    /// tries the next one. A refusal by the sharer is returned as is.
+    /// tries the next one. A refusal by the sharer is returned as is. See
+    /// [`Tunnel::open_flow`] for `wait_reply`.
     pub async fn open_flow(
         &self,
         target: &FlowHeader,
+        wait_reply: bool,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Arc<Member>), FlowError> {
         let attempts = self.len().max(1);
         let mut last = FlowError::Lost("no sharer in the pool".into());
         for _ in 0..attempts {
             let Some(m) = self.reselect() else { break };
-            match m.tunnel.open_flow(target).await {
+            match m.tunnel.open_flow(target, wait_reply).await {
                 Ok((s, r)) => {
                     m.flows.fetch_add(1, Ordering::Relaxed);
                     return Ok((s, r, m));

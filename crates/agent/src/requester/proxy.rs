@@ -6,7 +6,7 @@ use super::pool::Pool;
 use super::socks::{self, Parse, ProxyError};
 use bandshare_relay::splice::copy_counted;
 use bandshare_relay::wire::reply;
-use bandshare_relay::{FlowError, FlowHeader};
+use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,7 +141,10 @@ async fn relay_to(
     dialect: Option<Dialect>,
     early: Vec<u8>,
 ) -> Result<(), String> {
-    let (mut send, recv, member) = match pool.open_flow(target).await {
+    // A port forward has no proxy reply to give, so its first bytes go
+    // right behind the flow header; the sharer's reply is read after.
+    let wait_reply = dialect.is_some();
+    let (mut send, mut recv, member) = match pool.open_flow(target, wait_reply).await {
         Ok(ok) => ok,
         Err(e) => {
             if let Some(d) = &dialect {
@@ -165,7 +168,15 @@ async fn relay_to(
     let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.into_split();
     let up = copy_counted(r, send, [&member.bytes_up, &pool.total_bytes]);
-    let down = copy_counted(recv, w, [&member.bytes_down, &pool.total_bytes]);
+    let down = async {
+        if !wait_reply {
+            // On refusal the flow ends; the client sees its connection close.
+            Tunnel::read_reply(&mut recv)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        copy_counted(recv, w, [&member.bytes_down, &pool.total_bytes]).await
+    };
     let (u, d) = tokio::join!(up, down);
     // A flow cut by a dying sharer ends here with an error the app sees as
     // a reset/close, never a hang.
