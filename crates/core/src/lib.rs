@@ -8,9 +8,11 @@
 
 pub mod backoff;
 pub mod egress;
+pub mod enu;
 pub mod geo;
 pub mod key;
 pub mod link;
+pub mod radio;
 pub mod scene;
 pub mod service;
 pub mod ticket;
@@ -20,6 +22,7 @@ pub use egress::{Cidr, EgressPolicy, EgressRule};
 pub use geo::{DistanceBand, Position};
 pub use key::DeviceKey;
 pub use link::LinkState;
+pub use radio::Fingerprint;
 pub use scene::Scene;
 pub use service::{NetworkType, Service, ServiceSet};
 pub use ticket::{Ticket, TicketError, TicketSigner, TicketVerifier};
