@@ -153,6 +153,18 @@ struct LocationArgs {
     /// Serving cell id.
     #[arg(long)]
     cell: Option<String>,
+    /// BSSID of the Wi-Fi router this device is associated with.
+    #[arg(long, value_parser = parse_router)]
+    router: Option<String>,
+    /// Accuracy of --at in metres (poor accuracy suggests indoors).
+    #[arg(long, value_parser = parsed::<f64>)]
+    accuracy: Option<f64>,
+}
+
+fn parse_router(s: &str) -> Result<String, String> {
+    bandshare_core::radio::parse_bssid(s)
+        .map(bandshare_core::radio::format_bssid)
+        .ok_or_else(|| format!("expected a BSSID like aa:bb:cc:dd:ee:ff, got {s:?}"))
 }
 
 impl LocationArgs {
@@ -164,6 +176,8 @@ impl LocationArgs {
             speed_mps: self.speed,
             wifi: self.wifi.clone().unwrap_or_default(),
             cell: self.cell.clone(),
+            router: self.router.clone(),
+            accuracy_m: self.accuracy,
         }
     }
 }

@@ -14,12 +14,19 @@ pub struct LocationSpec {
     pub speed_mps: Option<f64>,
     pub wifi: Vec<(String, i32)>,
     pub cell: Option<String>,
+    /// BSSID of the router the device is associated with.
+    pub router: Option<String>,
+    /// Accuracy of the fix in metres, when the source tells.
+    pub accuracy_m: Option<f64>,
 }
 
 impl LocationSpec {
     pub fn to_wire(&self) -> v1::Location {
         v1::Location {
-            gnss: self.at.as_ref().map(cv::fix_to_wire),
+            gnss: self.at.as_ref().map(|p| v1::GnssFix {
+                accuracy_m: self.accuracy_m,
+                ..cv::fix_to_wire(p)
+            }),
             wifi: self
                 .wifi
                 .iter()
@@ -30,7 +37,7 @@ impl LocationSpec {
                 .collect(),
             anchor: Some(v1::Anchor {
                 cell_id: self.cell.clone().unwrap_or_default(),
-                router_id: String::new(),
+                router_id: self.router.clone().unwrap_or_default(),
             }),
             scene_hint: cv::scene_to_wire(self.scene),
             heading_deg: self.heading_deg,

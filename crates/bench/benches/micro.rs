@@ -26,6 +26,9 @@ fn sharer(i: usize, rng: &mut fastrand::Rng) -> SharerInfo {
         accepting: true,
         active_requesters: 1,
         max_requesters: 4,
+        fingerprint: Default::default(),
+        cell: None,
+        router: None,
     }
 }
 
@@ -43,8 +46,10 @@ fn index(c: &mut Criterion) {
         c.bench_function(&format!("index rank top10 at {n} sharers"), |b| {
             b.iter(|| {
                 let q = Query {
-                    fix: Some(random_point(&mut rng)),
-                    scene_hint: None,
+                    evidence: bandshare_matcher::Evidence {
+                        fix: Some(random_point(&mut rng)),
+                        ..Default::default()
+                    },
                     wanted: [Service::Hotspot].into_iter().collect(),
                     network: None,
                     explain: false,
@@ -55,7 +60,7 @@ fn index(c: &mut Criterion) {
     }
     let s = bandshare_matcher::Summary::of(&sharer(0, &mut rng));
     c.bench_function("score one sharer", |b| {
-        b.iter(|| black_box(score(black_box(&s), black_box(37.0))))
+        b.iter(|| black_box(score(black_box(&s), black_box(37.0), black_box(300.0))))
     });
 }
 

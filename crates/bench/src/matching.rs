@@ -84,6 +84,9 @@ fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
         accepting: true,
         active_requesters: rng.u32(0..3),
         max_requesters: 4,
+        fingerprint: Default::default(),
+        cell: None,
+        router: None,
     }
 }
 
@@ -95,8 +98,10 @@ fn key_of(i: usize) -> DeviceKey {
 
 fn query(p: Position) -> Query {
     Query {
-        fix: Some(p),
-        scene_hint: None,
+        evidence: bandshare_matcher::Evidence {
+            fix: Some(p),
+            ..Default::default()
+        },
         wanted: [Service::Hotspot].into_iter().collect(),
         network: None,
         explain: false,
@@ -236,9 +241,7 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
 
     // Index only: region query + filters + scoring, top 10, one thread.
     let cfg = MatchConfig {
-        region: RegionConfig {
-            outdoor_radius_m: 200.0,
-        },
+        region: RegionConfig::default(),
         fanout: 10,
     };
     let (t0, mut n, mut found) = (Instant::now(), 0u64, 0usize);

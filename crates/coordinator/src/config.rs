@@ -15,6 +15,44 @@ struct RawConfig {
     tickets: RawTickets,
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    scenes: RawScenes,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenes {
+    good_accuracy_m: Option<f64>,
+    #[serde(default)]
+    outdoor: RawRadius,
+    #[serde(default)]
+    vehicle: RawVehicle,
+    #[serde(default)]
+    station: RawRadius,
+    #[serde(default)]
+    indoor: RawIndoor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRadius {
+    radius_m: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVehicle {
+    length_m: Option<f64>,
+    width_m: Option<f64>,
+    height_m: Option<f64>,
+    max_speed_diff_mps: Option<f64>,
+    min_speed_mps: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIndoor {
+    similarity_threshold: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,7 +64,6 @@ struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
-    outdoor_radius_m: Option<f64>,
     fanout: Option<u32>,
     max_offers: Option<u32>,
     access_deadline_ms: Option<u64>,
@@ -50,7 +87,8 @@ struct RawTickets {
 /// Validated coordinator settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub outdoor_radius_m: f64,
+    /// Shapes of the regions per scene.
+    pub region: bandshare_matcher::RegionConfig,
     /// Access requests go to at most this many candidates (M).
     pub fanout: usize,
     /// Offers returned at most (N), unless the request asks for fewer.
@@ -69,7 +107,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            outdoor_radius_m: 200.0,
+            region: bandshare_matcher::RegionConfig::default(),
             fanout: 8,
             max_offers: 5,
             access_deadline: Duration::from_millis(300),
@@ -110,6 +148,76 @@ fn check<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(v)
 }
 
+fn region(raw: &RawScenes) -> Result<bandshare_matcher::RegionConfig, ConfigError> {
+    let d = bandshare_matcher::RegionConfig::default();
+    let r = bandshare_matcher::RegionConfig {
+        outdoor_radius_m: check(
+            "scenes.outdoor.radius_m",
+            raw.outdoor.radius_m,
+            d.outdoor_radius_m,
+            1.0,
+            10_000.0,
+        )?,
+        vehicle_length_m: check(
+            "scenes.vehicle.length_m",
+            raw.vehicle.length_m,
+            d.vehicle_length_m,
+            1.0,
+            500.0,
+        )?,
+        vehicle_width_m: check(
+            "scenes.vehicle.width_m",
+            raw.vehicle.width_m,
+            d.vehicle_width_m,
+            0.5,
+            50.0,
+        )?,
+        vehicle_height_m: check(
+            "scenes.vehicle.height_m",
+            raw.vehicle.height_m,
+            d.vehicle_height_m,
+            0.5,
+            50.0,
+        )?,
+        vehicle_max_speed_diff_mps: check(
+            "scenes.vehicle.max_speed_diff_mps",
+            raw.vehicle.max_speed_diff_mps,
+            d.vehicle_max_speed_diff_mps,
+            0.1,
+            50.0,
+        )?,
+        vehicle_min_speed_mps: check(
+            "scenes.vehicle.min_speed_mps",
+            raw.vehicle.min_speed_mps,
+            d.vehicle_min_speed_mps,
+            0.5,
+            100.0,
+        )?,
+        station_radius_m: check(
+            "scenes.station.radius_m",
+            raw.station.radius_m,
+            d.station_radius_m,
+            1.0,
+            2_000.0,
+        )?,
+        indoor_similarity: check(
+            "scenes.indoor.similarity_threshold",
+            raw.indoor.similarity_threshold,
+            d.indoor_similarity,
+            0.01,
+            1.0,
+        )?,
+        good_accuracy_m: check(
+            "scenes.good_accuracy_m",
+            raw.good_accuracy_m,
+            d.good_accuracy_m,
+            1.0,
+            1_000.0,
+        )?,
+    };
+    Ok(r)
+}
+
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -123,13 +231,7 @@ impl Config {
         let d = Config::default();
         let ms = |v: u64| Duration::from_millis(v);
         let cfg = Config {
-            outdoor_radius_m: check(
-                "match.outdoor_radius_m",
-                raw.matching.outdoor_radius_m,
-                d.outdoor_radius_m,
-                1.0,
-                10_000.0,
-            )?,
+            region: region(&raw.scenes)?,
             fanout: check("match.fanout", raw.matching.fanout, d.fanout as u32, 1, 64)? as usize,
             max_offers: check(
                 "match.max_offers",
@@ -206,8 +308,21 @@ mod tests {
     fn defaults_and_errors_name_the_key() {
         let c = Config::parse("").expect("empty is fine");
         assert_eq!(c.fanout, 8);
-        let c = Config::parse("[match]\noutdoor_radius_m = 300\n").expect("valid");
-        assert_eq!(c.outdoor_radius_m, 300.0);
+        let c =
+            Config::parse("[scenes.outdoor]\nradius_m = 300\n[scenes.vehicle]\nlength_m = 20\n")
+                .expect("valid");
+        assert_eq!(
+            (c.region.outdoor_radius_m, c.region.vehicle_length_m),
+            (300.0, 20.0)
+        );
+        let e = Config::parse("[scenes.station]\nradius_m = -1\n")
+            .expect_err("invalid")
+            .to_string();
+        assert!(e.contains("scenes.station.radius_m"), "{e}");
+        let e = Config::parse("[scenes.indoor]\nthreshold = 0.5\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("threshold"), "{e}");
         let e = Config::parse("[match]\nfanout = 0\n")
             .expect_err("invalid")
             .to_string();

@@ -7,6 +7,7 @@
 //! live positions to disk; the store holds devices, keys and the ledger.
 
 pub mod config;
+pub mod evidence;
 pub mod http;
 pub mod matchmaker;
 pub mod registry;

@@ -6,7 +6,7 @@
 use crate::registry::{self, Contact};
 use crate::{Shared, unix_now};
 use bandshare_core::{DeviceKey, Ticket};
-use bandshare_matcher::{MatchConfig, Query, RegionConfig};
+use bandshare_matcher::{MatchConfig, Query};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
 use bandshare_store::Role;
@@ -95,24 +95,16 @@ impl MatchmakerService {
     ) -> Result<Response<v1::ShareResponse>, Status> {
         let shared = &self.shared;
         let loc = req.location.unwrap_or_default();
-        let fix = match &loc.gnss {
-            Some(f) => {
-                Some(cv::fix_from_wire(f).map_err(|e| Status::invalid_argument(e.to_string()))?)
-            }
-            None => None,
-        };
+        let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
         let conditions = req.conditions.unwrap_or_default();
         let query = Query {
-            fix,
-            scene_hint: cv::scene_from_wire(loc.scene_hint),
+            evidence,
             wanted: cv::services_from_wire(&conditions.services),
             network: cv::network_from_wire(conditions.network),
             explain: req.explain,
         };
         let cfg = MatchConfig {
-            region: RegionConfig {
-                outdoor_radius_m: shared.config.outdoor_radius_m,
-            },
+            region: shared.config.region.clone(),
             fanout: shared.config.fanout,
         };
         let registry::Ranked {
@@ -188,7 +180,12 @@ impl MatchmakerService {
                         score: cand.score,
                         ticket_expires_unix: expires,
                     });
-                    explain.push(verdict(true, "offered".into()));
+                    let contact = if cand.contact_s >= bandshare_matcher::rank::CONTACT_CAP_S {
+                        "in range for a long time".to_string()
+                    } else {
+                        format!("in range for ~{:.0} s", cand.contact_s)
+                    };
+                    explain.push(verdict(true, format!("offered ({contact})")));
                 }
                 Answer::Accepted(_) => {
                     explain.push(verdict(false, format!("more than {max} offers")))

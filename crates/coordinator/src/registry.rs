@@ -172,7 +172,9 @@ impl Registry {
         cfg: &MatchConfig,
     ) -> Result<Ranked, bandshare_matcher::region::NoLocation> {
         let Ok(g) = self.inner.read() else {
-            return Err(bandshare_matcher::region::NoLocation);
+            return Err(bandshare_matcher::region::NoLocation(
+                "registry unavailable".into(),
+            ));
         };
         let outcome = bandshare_matcher::rank(&g.index, q, cfg)?;
         let contacts = outcome

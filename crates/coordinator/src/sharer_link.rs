@@ -28,10 +28,11 @@ fn down(msg: Down) -> Result<v1::CoordinatorMessage, Status> {
 /// Reads what matching needs from a hello, or says what is wrong with it.
 fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
     let loc = h.location.as_ref();
-    let fix = loc
-        .and_then(|l| l.gnss.as_ref())
-        .ok_or_else(|| Status::invalid_argument("hello needs a location with a GNSS fix"))?;
-    let position = cv::fix_from_wire(fix).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let ev = crate::evidence::evidence(&loc.cloned().unwrap_or_default())
+        .map_err(Status::invalid_argument)?;
+    let position = ev.fix.ok_or_else(|| {
+        Status::invalid_argument("hello needs a location with a GNSS fix (--at is the fallback)")
+    })?;
     if h.name.is_empty() || h.name.len() > 64 {
         return Err(Status::invalid_argument("sharer name must be 1..=64 bytes"));
     }
@@ -47,14 +48,17 @@ fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
     Ok(SharerInfo {
         name: h.name.as_str().into(),
         position,
-        heading_deg: loc.and_then(|l| l.heading_deg),
-        speed_mps: loc.and_then(|l| l.speed_mps),
+        heading_deg: ev.heading_deg,
+        speed_mps: ev.speed_mps,
         services: cv::services_from_wire(&h.services),
         network: cv::network_from_wire(h.network),
         link,
         accepting: consent.accept,
         active_requesters: 0,
         max_requesters: consent.max_requesters,
+        fingerprint: ev.wifi,
+        cell: ev.cell,
+        router: ev.router,
     })
 }
 
@@ -165,18 +169,22 @@ fn apply_report(
     r: v1::StateReport,
     now: Instant,
 ) {
-    let fix = r
+    // A report with a bad location keeps the last good one.
+    let ev = r
         .location
         .as_ref()
-        .and_then(|l| l.gnss.as_ref())
-        .and_then(|f| cv::fix_from_wire(f).ok());
+        .and_then(|l| crate::evidence::evidence(l).ok());
     shared.registry.update(id, generation, now, |info| {
-        if let Some(p) = fix {
-            info.position = p;
-        }
-        if let Some(l) = &r.location {
-            info.heading_deg = l.heading_deg.or(info.heading_deg);
-            info.speed_mps = l.speed_mps.or(info.speed_mps);
+        if let Some(ev) = ev {
+            if let Some(p) = ev.fix {
+                info.position = p;
+            }
+            // Velocity and radio evidence describe now: absent means unknown.
+            info.heading_deg = ev.heading_deg;
+            info.speed_mps = ev.speed_mps;
+            info.fingerprint = ev.wifi;
+            info.cell = ev.cell;
+            info.router = ev.router;
         }
         if let Some(l) = &r.link {
             let network = info.network;

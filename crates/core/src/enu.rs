@@ -61,11 +61,18 @@ impl Frame {
     /// meaningful only when both altitudes are known.
     pub fn enu(&self, p: &Position) -> Enu {
         let x = ecef(p, p.alt.unwrap_or(0.0));
-        let d = [x[0] - self.origin[0], x[1] - self.origin[1], x[2] - self.origin[2]];
+        let d = [
+            x[0] - self.origin[0],
+            x[1] - self.origin[1],
+            x[2] - self.origin[2],
+        ];
         Enu {
             e: -self.sin_lo * d[0] + self.cos_lo * d[1],
-            n: -self.sin_la * self.cos_lo * d[0] - self.sin_la * self.sin_lo * d[1] + self.cos_la * d[2],
-            u: self.cos_la * self.cos_lo * d[0] + self.cos_la * self.sin_lo * d[1] + self.sin_la * d[2],
+            n: -self.sin_la * self.cos_lo * d[0] - self.sin_la * self.sin_lo * d[1]
+                + self.cos_la * d[2],
+            u: self.cos_la * self.cos_lo * d[0]
+                + self.cos_la * self.sin_lo * d[1]
+                + self.sin_la * d[2],
         }
     }
 }
@@ -181,10 +188,19 @@ mod tests {
         let o = pos(39.9, 116.4);
         let f = Frame::new(&o);
         let east = f.enu(&o.offset_m(100.0, 0.0));
-        assert!((east.e - 100.0).abs() < 0.5 && east.n.abs() < 0.5, "{east:?}");
+        assert!(
+            (east.e - 100.0).abs() < 0.5 && east.n.abs() < 0.5,
+            "{east:?}"
+        );
         let north = f.enu(&o.offset_m(0.0, 100.0));
-        assert!((north.n - 100.0).abs() < 0.5 && north.e.abs() < 0.5, "{north:?}");
-        let up = f.enu(&Position { alt: Some(12.0), ..o });
+        assert!(
+            (north.n - 100.0).abs() < 0.5 && north.e.abs() < 0.5,
+            "{north:?}"
+        );
+        let up = f.enu(&Position {
+            alt: Some(12.0),
+            ..o
+        });
         assert!((up.u - 12.0).abs() < 1e-6 && up.ground() < 1e-6, "{up:?}");
     }
 
@@ -200,15 +216,38 @@ mod tests {
 
     #[test]
     fn box_faces() {
-        let b = OrientedBox { heading_deg: 90.0, length_m: 25.0, width_m: 4.0, height_m: 3.0 };
+        let b = OrientedBox {
+            heading_deg: 90.0,
+            length_m: 25.0,
+            width_m: 4.0,
+            height_m: 3.0,
+        };
         let at = |e, n, u| Enu { e, n, u };
         assert_eq!(b.contains(&at(12.0, 1.9, 1.4), true), Ok(()));
-        assert!(matches!(b.contains(&at(13.0, 0.0, 0.0), true), Err(BoxMiss::Ahead(_))));
-        assert!(matches!(b.contains(&at(-13.0, 0.0, 0.0), true), Err(BoxMiss::Behind(_))));
-        assert!(matches!(b.contains(&at(0.0, 2.1, 0.0), true), Err(BoxMiss::Left(_))));
-        assert!(matches!(b.contains(&at(0.0, -2.1, 0.0), true), Err(BoxMiss::Right(_))));
-        assert!(matches!(b.contains(&at(0.0, 0.0, 1.6), true), Err(BoxMiss::Above(_))));
-        assert!(matches!(b.contains(&at(0.0, 0.0, -1.6), true), Err(BoxMiss::Below(_))));
+        assert!(matches!(
+            b.contains(&at(13.0, 0.0, 0.0), true),
+            Err(BoxMiss::Ahead(_))
+        ));
+        assert!(matches!(
+            b.contains(&at(-13.0, 0.0, 0.0), true),
+            Err(BoxMiss::Behind(_))
+        ));
+        assert!(matches!(
+            b.contains(&at(0.0, 2.1, 0.0), true),
+            Err(BoxMiss::Left(_))
+        ));
+        assert!(matches!(
+            b.contains(&at(0.0, -2.1, 0.0), true),
+            Err(BoxMiss::Right(_))
+        ));
+        assert!(matches!(
+            b.contains(&at(0.0, 0.0, 1.6), true),
+            Err(BoxMiss::Above(_))
+        ));
+        assert!(matches!(
+            b.contains(&at(0.0, 0.0, -1.6), true),
+            Err(BoxMiss::Below(_))
+        ));
         assert_eq!(b.contains(&at(0.0, 0.0, -9.0), false), Ok(()));
     }
 

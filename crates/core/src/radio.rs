@@ -10,7 +10,9 @@ pub struct Fingerprint(Vec<(u64, i8)>);
 pub const MAX_APS: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad Wi-Fi observation {0:?}: expected a BSSID like aa:bb:cc:dd:ee:ff and RSSI in -120..=0 dBm")]
+#[error(
+    "bad Wi-Fi observation {0:?}: expected a BSSID like aa:bb:cc:dd:ee:ff and RSSI in -120..=0 dBm"
+)]
 pub struct BadObservation(pub String);
 
 /// `aa:bb:cc:dd:ee:ff` into 48 bits.
@@ -27,7 +29,10 @@ pub fn parse_bssid(s: &str) -> Option<u64> {
 
 pub fn format_bssid(b: u64) -> String {
     let o = b.to_be_bytes();
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", o[2], o[3], o[4], o[5], o[6], o[7])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[2], o[3], o[4], o[5], o[6], o[7]
+    )
 }
 
 impl Fingerprint {
@@ -100,7 +105,11 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v: Vec<String> = self.0.iter().map(|(b, r)| format!("{}={r}", format_bssid(*b))).collect();
+        let v: Vec<String> = self
+            .0
+            .iter()
+            .map(|(b, r)| format!("{}={r}", format_bssid(*b)))
+            .collect();
         f.write_str(&v.join(","))
     }
 }
@@ -110,7 +119,12 @@ mod tests {
     use super::*;
 
     fn fp(v: &[(&str, i32)]) -> Fingerprint {
-        Fingerprint::parse(&v.iter().map(|(b, r)| (b.to_string(), *r)).collect::<Vec<_>>()).expect("valid")
+        Fingerprint::parse(
+            &v.iter()
+                .map(|(b, r)| (b.to_string(), *r))
+                .collect::<Vec<_>>(),
+        )
+        .expect("valid")
     }
 
     #[test]
@@ -124,12 +138,24 @@ mod tests {
 
     #[test]
     fn similarity_orders_venues() {
-        let here = fp(&[("00:00:00:00:00:01", -40), ("00:00:00:00:00:02", -55), ("00:00:00:00:00:03", -70)]);
-        let same_room = fp(&[("00:00:00:00:00:01", -45), ("00:00:00:00:00:02", -50), ("00:00:00:00:00:03", -75)]);
+        let here = fp(&[
+            ("00:00:00:00:00:01", -40),
+            ("00:00:00:00:00:02", -55),
+            ("00:00:00:00:00:03", -70),
+        ]);
+        let same_room = fp(&[
+            ("00:00:00:00:00:01", -45),
+            ("00:00:00:00:00:02", -50),
+            ("00:00:00:00:00:03", -75),
+        ]);
         let next_door = fp(&[("00:00:00:00:00:03", -85), ("00:00:00:00:00:09", -40)]);
         let elsewhere = fp(&[("00:00:00:00:00:07", -40)]);
         assert!((here.similarity(&here) - 1.0).abs() < 1e-12);
-        let (a, b, c) = (here.similarity(&same_room), here.similarity(&next_door), here.similarity(&elsewhere));
+        let (a, b, c) = (
+            here.similarity(&same_room),
+            here.similarity(&next_door),
+            here.similarity(&elsewhere),
+        );
         assert!(a > 0.8 && b < 0.2 && c == 0.0, "{a} {b} {c}");
         assert!((a - same_room.similarity(&here)).abs() < 1e-12, "symmetric");
     }

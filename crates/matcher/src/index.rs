@@ -7,7 +7,7 @@
 //! Cells shrink in longitude degrees with latitude (their ground width stays
 //! near 220 m), and column numbers wrap at the antimeridian.
 
-use bandshare_core::{LinkState, NetworkType, Position, ServiceSet};
+use bandshare_core::{Fingerprint, LinkState, NetworkType, Position, ServiceSet};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -34,6 +34,30 @@ pub struct SharerInfo {
     pub active_requesters: u32,
     /// 0 = no limit.
     pub max_requesters: u32,
+    /// Last Wi-Fi scan (empty when none).
+    pub fingerprint: Fingerprint,
+    /// Serving cell and associated router, when reported.
+    pub cell: Option<Arc<str>>,
+    pub router: Option<Arc<str>>,
+}
+
+/// Radio evidence a sharer can be found by without a position.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RadioKey {
+    Bssid(u64),
+    Cell(Arc<str>),
+    Router(Arc<str>),
+}
+
+fn radio_keys(info: &SharerInfo) -> Vec<RadioKey> {
+    let mut k: Vec<RadioKey> = info.fingerprint.bssids().map(RadioKey::Bssid).collect();
+    if let Some(c) = &info.cell {
+        k.push(RadioKey::Cell(c.clone()));
+    }
+    if let Some(r) = &info.router {
+        k.push(RadioKey::Router(r.clone()));
+    }
+    k
 }
 
 struct Slot {
@@ -54,6 +78,8 @@ pub struct Summary {
     pub max_requesters: u32,
     /// `link.quality()`, computed when the link state changes.
     pub quality: f32,
+    /// Velocity east and north (m/s) when speed and heading are known.
+    pub velocity: Option<(f32, f32)>,
 }
 
 impl Summary {
@@ -66,6 +92,13 @@ impl Summary {
             active_requesters: info.active_requesters,
             max_requesters: info.max_requesters,
             quality: info.link.quality() as f32,
+            velocity: match (info.speed_mps, info.heading_deg) {
+                (Some(s), Some(h)) => {
+                    let (e, n) = bandshare_core::enu::velocity(s, h);
+                    Some((e as f32, n as f32))
+                }
+                _ => None,
+            },
         }
     }
 }
@@ -116,6 +149,8 @@ pub struct Index {
     slots: Vec<Option<Slot>>,
     free: Vec<SharerId>,
     cells: Cells,
+    /// Sharers by the access points, cell and router they hear.
+    radio: HashMap<RadioKey, Vec<SharerId>>,
     len: usize,
 }
 
@@ -163,6 +198,7 @@ impl Index {
                 (self.slots.len() - 1) as SharerId
             }
         };
+        self.link_radio(id, radio_keys(&info));
         let bucket = self.cells.entry(cell).or_default();
         bucket.push(Entry {
             id,
@@ -188,9 +224,12 @@ impl Index {
             return false;
         };
         let before = slot.info.position;
+        let keys_before = radio_keys(&slot.info);
         f(&mut slot.info);
+        let keys_after = radio_keys(&slot.info);
         let summary = Summary::of(&slot.info);
         let moved = slot.info.position != before;
+        let radio_changed = keys_before != keys_after;
         let xyz = unit(&slot.info.position);
         let cell = if moved {
             cell_of(&slot.info.position)
@@ -217,15 +256,42 @@ impl Index {
                 slot.at = at;
             }
         }
+        if radio_changed {
+            self.unlink_radio(id, &keys_before);
+            self.link_radio(id, keys_after);
+        }
         true
     }
 
     pub fn remove(&mut self, id: SharerId) -> Option<SharerInfo> {
         let slot = self.slots.get_mut(id as usize)?.take()?;
         self.unlink(slot.cell, slot.at);
+        self.unlink_radio(id, &radio_keys(&slot.info));
         self.free.push(id);
         self.len -= 1;
         Some(slot.info)
+    }
+
+    fn link_radio(&mut self, id: SharerId, keys: Vec<RadioKey>) {
+        for k in keys {
+            self.radio.entry(k).or_default().push(id);
+        }
+    }
+
+    fn unlink_radio(&mut self, id: SharerId, keys: &[RadioKey]) {
+        for k in keys {
+            if let Some(v) = self.radio.get_mut(k) {
+                v.retain(|x| *x != id);
+                if v.is_empty() {
+                    self.radio.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Sharers that hear `key` (an access point, cell or router).
+    pub fn by_radio(&self, key: &RadioKey) -> &[SharerId] {
+        self.radio.get(key).map_or(&[], |v| v.as_slice())
     }
 
     /// Removes entry `at` of `cell`'s bucket, fixing the moved entry's index.
@@ -249,15 +315,20 @@ impl Index {
     }
 
     /// Calls `f` with every sharer within `radius_m` ground distance of
-    /// `center`: its id, its summary and that distance.
+    /// `center`: its id, its summary, that distance and its offset (metres
+    /// east, north; tangent-plane approximation, good to a few km).
     pub fn within(
         &self,
         center: &Position,
         radius_m: f64,
-        mut f: impl FnMut(SharerId, &Summary, f64),
+        mut f: impl FnMut(SharerId, &Summary, f64, (f64, f64)),
     ) {
         let ang = radius_m / bandshare_core::geo::EARTH_RADIUS_M;
         let c = unit(center);
+        let (sl, cl) = center.lon.to_radians().sin_cos();
+        let (sp, cp) = center.lat.to_radians().sin_cos();
+        let (east, north) = ([-sl, cl, 0.0], [-sp * cl, -sp * sl, cp]);
+        let r = bandshare_core::geo::EARTH_RADIUS_M;
         // Squared chord of the radius, with a hair of slack for rounding;
         // the exact distance decides below.
         let max_chord2 = (2.0 * (ang.min(std::f64::consts::PI) / 2.0).sin()).powi(2) * (1.0 + 1e-9);
@@ -294,7 +365,8 @@ impl Index {
                     }
                     let d = chord_to_metres(chord2);
                     if d <= radius_m {
-                        f(e.id, &e.summary, d);
+                        let dot = |a: [f64; 3]| r * (dx * a[0] + dy * a[1] + dz * a[2]);
+                        f(e.id, &e.summary, d, (dot(east), dot(north)));
                     }
                 }
             }
@@ -319,6 +391,9 @@ pub(crate) mod tests {
             accepting: true,
             active_requesters: 0,
             max_requesters: 0,
+            fingerprint: Fingerprint::default(),
+            cell: None,
+            router: None,
         }
     }
 
@@ -334,7 +409,7 @@ pub(crate) mod tests {
         let b = idx.insert(sharer("b", c.offset_m(0.0, 500.0)));
         let found = |idx: &Index| {
             let mut v = vec![];
-            idx.within(&c, 200.0, |id, _, _| v.push(id));
+            idx.within(&c, 200.0, |id, _, _, _| v.push(id));
             v.sort();
             v
         };
@@ -355,12 +430,12 @@ pub(crate) mod tests {
         let east = idx.insert(sharer("e", pos(10.0, 179.9995)));
         let west = idx.insert(sharer("w", pos(10.0, -179.9995)));
         let mut v = vec![];
-        idx.within(&pos(10.0, 180.0), 200.0, |id, _, _| v.push(id));
+        idx.within(&pos(10.0, 180.0), 200.0, |id, _, _, _| v.push(id));
         v.sort();
         assert_eq!(v, vec![east, west]);
         let polar = idx.insert(sharer("p", pos(89.999, 20.0)));
         let mut v = vec![];
-        idx.within(&pos(89.999, -160.0), 300.0, |id, _, _| v.push(id));
+        idx.within(&pos(89.999, -160.0), 300.0, |id, _, _, _| v.push(id));
         assert_eq!(v, vec![polar]);
     }
 
@@ -388,7 +463,7 @@ pub(crate) mod tests {
                 }
             }
             let mut got = vec![];
-            idx.within(&c, radius, |id, _, _| got.push(id));
+            idx.within(&c, radius, |id, _, _, _| got.push(id));
             got.sort();
             let mut want: Vec<SharerId> = truth.iter()
                 .filter(|(_, p)| c.ground_distance_m(p) <= radius).map(|(id, _)| *id).collect();

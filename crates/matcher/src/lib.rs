@@ -10,6 +10,6 @@ pub mod index;
 pub mod rank;
 pub mod region;
 
-pub use index::{Index, SharerId, SharerInfo, Summary};
+pub use index::{Index, RadioKey, SharerId, SharerInfo, Summary};
 pub use rank::{Candidate, MatchConfig, Outcome, Query, Verdict, rank};
-pub use region::{Region, RegionConfig, SceneDecision, decide_scene};
+pub use region::{Evidence, Region, RegionConfig, SceneDecision, decide_scene};

@@ -1,14 +1,18 @@
-//! Candidates: sharers in the region that pass the compatibility filters,
-//! scored by distance, measured link state and load, best first.
+//! Candidates: sharers in the scene's region that pass the compatibility
+//! filters, scored by measured link state, closeness, spare capacity and how
+//! long they are expected to stay in range, best first.
 
-use crate::index::{Index, SharerId, Summary};
-use crate::region::{NoLocation, Region, RegionConfig, SceneDecision, decide_scene};
-use bandshare_core::{DistanceBand, NetworkType, Position, Scene, ServiceSet};
+use crate::index::{Index, RadioKey, SharerId, Summary};
+use crate::region::{Evidence, NoLocation, Region, RegionConfig, SceneDecision, decide_scene};
+use bandshare_core::enu::{Frame, contact_time_s};
+use bandshare_core::{DistanceBand, NetworkType, ServiceSet};
+
+/// Contact times are capped here: "a long time".
+pub const CONTACT_CAP_S: f64 = 600.0;
 
 #[derive(Clone, Debug)]
 pub struct Query {
-    pub fix: Option<Position>,
-    pub scene_hint: Option<Scene>,
+    pub evidence: Evidence,
     pub wanted: ServiceSet,
     pub network: Option<NetworkType>,
     /// Also explain sharers that were filtered out.
@@ -37,6 +41,8 @@ pub struct Candidate {
     pub score: f64,
     pub distance_m: f64,
     pub band: DistanceBand,
+    /// Expected seconds in range (capped at [`CONTACT_CAP_S`]).
+    pub contact_s: f64,
 }
 
 /// Why a nearby sharer is not a candidate.
@@ -56,15 +62,17 @@ pub struct Outcome {
     pub rejected: Vec<Verdict>,
 }
 
-/// Score in 0..=1: link quality weighs half, closeness a third, spare
-/// capacity the rest.
-pub fn score(info: &Summary, distance_m: f64) -> f64 {
+/// Score in 0..=1: link quality weighs most, then closeness, the expected
+/// contact time and spare capacity.
+pub fn score(info: &Summary, distance_m: f64, contact_s: f64) -> f64 {
     let proximity = 1.0 / (1.0 + distance_m / 50.0);
     let load = match info.max_requesters {
         0 => 1.0 / (1.0 + info.active_requesters as f64 / 4.0),
         max => 1.0 - (info.active_requesters.min(max) as f64 / max as f64),
     };
-    0.5 * info.quality as f64 + 0.33 * proximity + 0.17 * load
+    // 2 minutes in range counts half as much as "a long time".
+    let contact = contact_s / (contact_s + 120.0);
+    0.45 * info.quality as f64 + 0.25 * proximity + 0.12 * load + 0.18 * contact
 }
 
 /// Why `info` cannot serve `q`, if it cannot.
@@ -94,37 +102,241 @@ fn filter(info: &Summary, q: &Query) -> Option<String> {
     None
 }
 
+/// Collects candidates and verdicts for one query.
+struct Collect<'q> {
+    q: &'q Query,
+    candidates: Vec<Candidate>,
+    rejected: Vec<Verdict>,
+}
+
+impl Collect<'_> {
+    fn reject(&mut self, id: SharerId, band: DistanceBand, reason: String) {
+        if self.q.explain {
+            self.rejected.push(Verdict { id, band, reason });
+        }
+    }
+
+    /// Applies the compatibility filters, then scores.
+    fn consider(
+        &mut self,
+        id: SharerId,
+        s: &Summary,
+        distance_m: f64,
+        band: DistanceBand,
+        contact_s: f64,
+    ) {
+        match filter(s, self.q) {
+            Some(reason) => self.reject(id, band, reason),
+            None => self.candidates.push(Candidate {
+                id,
+                score: score(s, distance_m, contact_s),
+                distance_m,
+                band,
+                contact_s,
+            }),
+        }
+    }
+}
+
+fn relative_velocity(s: &Summary, mine: Option<(f64, f64)>) -> (f64, f64) {
+    let theirs = s.velocity.map_or((0.0, 0.0), |(e, n)| (e as f64, n as f64));
+    let mine = mine.unwrap_or((0.0, 0.0));
+    (theirs.0 - mine.0, theirs.1 - mine.1)
+}
+
+/// A band from radio similarity when no positions are known.
+fn band_from_similarity(sim: f64) -> DistanceBand {
+    if sim >= 0.8 {
+        DistanceBand::Under10m
+    } else if sim >= 0.5 {
+        DistanceBand::From10To50m
+    } else {
+        DistanceBand::From50To200m
+    }
+}
+
 pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLocation> {
-    let scene = decide_scene(q.scene_hint, q.fix, &cfg.region)?;
-    let mut candidates = Vec::with_capacity(64);
-    let mut rejected = Vec::new();
+    let scene = decide_scene(&q.evidence, &cfg.region)?;
+    let mut c = Collect {
+        q,
+        candidates: Vec::with_capacity(64),
+        rejected: Vec::new(),
+    };
+    let mine = q.evidence.velocity();
     match &scene.region {
         Region::Circle { center, radius_m } => {
             // With explain, look twice as far to say who was just outside.
             let look = if q.explain { radius_m * 2.0 } else { *radius_m };
-            index.within(center, look, |id, info, d| {
+            index.within(center, look, |id, s, d, p| {
                 let band = DistanceBand::of_metres(d);
                 if d > *radius_m {
-                    rejected.push(Verdict {
-                        id,
-                        band,
-                        reason: format!("outside the {radius_m:.0} m circle"),
-                    });
-                } else if let Some(reason) = filter(info, q) {
-                    if q.explain {
-                        rejected.push(Verdict { id, band, reason });
-                    }
+                    c.reject(id, band, format!("outside the {radius_m:.0} m circle"));
                 } else {
-                    candidates.push(Candidate {
-                        id,
-                        score: score(info, d),
-                        distance_m: d,
-                        band,
-                    });
+                    let t = contact_time_s(p, relative_velocity(s, mine), *radius_m, CONTACT_CAP_S);
+                    c.consider(id, s, d, band, t);
                 }
             });
         }
+        Region::Box {
+            center,
+            shape,
+            velocity,
+            max_speed_diff_mps,
+        } => {
+            let frame = Frame::new(center);
+            let reach = shape.ground_radius();
+            let look = if q.explain {
+                (reach * 2.0).max(50.0)
+            } else {
+                reach
+            };
+            index.within(center, look, |id, s, d, _| {
+                let band = DistanceBand::of_metres(d);
+                let Some(info) = index.get(id) else { return };
+                let p = frame.enu(&info.position);
+                let vertical = center.alt.is_some() && info.position.alt.is_some();
+                if let Err(miss) = shape.contains(&p, vertical) {
+                    return c.reject(id, band, format!("outside the car: {miss}"));
+                }
+                if let Some(v) = velocity {
+                    let Some((e, n)) = s.velocity else {
+                        return c.reject(
+                            id,
+                            band,
+                            "not known to move with you (no speed and heading)".into(),
+                        );
+                    };
+                    let diff = (e as f64 - v.0).hypot(n as f64 - v.1);
+                    if diff > *max_speed_diff_mps {
+                        return c.reject(
+                            id,
+                            band,
+                            format!("not moving with you (velocity differs by {diff:.1} m/s)"),
+                        );
+                    }
+                }
+                let t =
+                    contact_time_s((p.e, p.n), relative_velocity(s, mine), reach, CONTACT_CAP_S);
+                c.consider(id, s, d, band, t);
+            });
+        }
+        Region::Sphere { center, radius_m } => {
+            let frame = Frame::new(center);
+            let look = if q.explain { radius_m * 2.0 } else { *radius_m };
+            index.within(center, look, |id, s, d, _| {
+                let Some(info) = index.get(id) else { return };
+                let p = frame.enu(&info.position);
+                let (dist, dz) = match (center.alt, info.position.alt) {
+                    (Some(_), Some(_)) => (d.hypot(p.u), Some(p.u)),
+                    _ => (d, None),
+                };
+                let band = DistanceBand::of_metres(dist);
+                if dist > *radius_m {
+                    let level = match dz {
+                        Some(u) if u.abs() > 3.0 => {
+                            format!(
+                                " ({:.0} m {})",
+                                u.abs(),
+                                if u > 0.0 { "above" } else { "below" }
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    return c.reject(
+                        id,
+                        band,
+                        format!("outside the {radius_m:.0} m sphere{level}"),
+                    );
+                }
+                let t = contact_time_s(
+                    (p.e, p.n),
+                    relative_velocity(s, mine),
+                    *radius_m,
+                    CONTACT_CAP_S,
+                );
+                c.consider(id, s, dist, band, t);
+            });
+        }
+        Region::Venue {
+            fingerprint,
+            threshold,
+            router,
+            near,
+        } => {
+            let mut ids: Vec<SharerId> = fingerprint
+                .bssids()
+                .flat_map(|b| index.by_radio(&RadioKey::Bssid(b)).iter().copied())
+                .chain(
+                    router
+                        .iter()
+                        .flat_map(|r| index.by_radio(&RadioKey::Router(r.clone())).iter().copied()),
+                )
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in &ids {
+                let Some(info) = index.get(*id) else { continue };
+                let sim = fingerprint.similarity(&info.fingerprint);
+                let same_router = router.is_some() && *router == info.router;
+                let (d, band) = match near {
+                    Some(n) => {
+                        let d = n.ground_distance_m(&info.position);
+                        (d, DistanceBand::of_metres(d))
+                    }
+                    None => (f64::NAN, band_from_similarity(sim)),
+                };
+                if sim < *threshold && !same_router {
+                    c.reject(
+                        *id,
+                        band,
+                        format!("other venue (Wi-Fi similarity {sim:.2} < {threshold:.2})"),
+                    );
+                    continue;
+                }
+                let s = crate::index::Summary::of(info);
+                let dist = if d.is_nan() { 25.0 * (1.0 - sim) } else { d };
+                c.consider(*id, &s, dist, band, CONTACT_CAP_S);
+            }
+            if q.explain
+                && let Some(n) = near
+            {
+                index.within(n, 100.0, |id, _, d, _| {
+                    if ids.binary_search(&id).is_err() {
+                        c.reject(
+                            id,
+                            DistanceBand::of_metres(d),
+                            "other venue (no shared access point or router)".into(),
+                        );
+                    }
+                });
+            }
+        }
+        Region::Anchor { cell, router } => {
+            let mut ids: Vec<SharerId> = cell
+                .iter()
+                .flat_map(|k| index.by_radio(&RadioKey::Cell(k.clone())).iter().copied())
+                .chain(
+                    router
+                        .iter()
+                        .flat_map(|r| index.by_radio(&RadioKey::Router(r.clone())).iter().copied()),
+                )
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                let Some(info) = index.get(id) else { continue };
+                // Same cell can mean kilometres: the band says so.
+                c.consider(
+                    id,
+                    &crate::index::Summary::of(info),
+                    200.0,
+                    DistanceBand::Over200m,
+                    CONTACT_CAP_S,
+                );
+            }
+        }
     }
+    let (mut candidates, mut rejected) = (c.candidates, c.rejected);
     let best_first =
         |a: &Candidate, b: &Candidate| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id));
     // Only the top M need an order: select them, then sort those.
@@ -160,12 +372,14 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
 mod tests {
     use super::*;
     use crate::index::tests::sharer;
-    use bandshare_core::{LinkState, Service};
+    use bandshare_core::{LinkState, Position, Service};
 
     fn query(at: Position) -> Query {
         Query {
-            fix: Some(at),
-            scene_hint: None,
+            evidence: Evidence {
+                fix: Some(at),
+                ..Default::default()
+            },
             wanted: ServiceSet::default(),
             network: None,
             explain: true,

@@ -113,9 +113,55 @@ pub struct SharerSpec {
     pub network: Option<NetworkType>,
     pub allow: Vec<EgressRule>,
     pub consent: Consent,
+    pub alt: Option<f64>,
+    /// (speed m/s, heading degrees)
+    pub motion: Option<(f64, f64)>,
+    pub wifi: Vec<(String, i32)>,
+    pub cell: Option<String>,
+    pub router: Option<String>,
 }
 
 impl SharerSpec {
+    pub fn alt(mut self, m: f64) -> Self {
+        self.alt = Some(m);
+        self
+    }
+
+    pub fn moving(mut self, speed_mps: f64, heading_deg: f64) -> Self {
+        self.motion = Some((speed_mps, heading_deg));
+        self
+    }
+
+    pub fn wifi(mut self, obs: &[(&str, i32)]) -> Self {
+        self.wifi = obs.iter().map(|(b, r)| (b.to_string(), *r)).collect();
+        self
+    }
+
+    pub fn cell(mut self, id: &str) -> Self {
+        self.cell = Some(id.into());
+        self
+    }
+
+    pub fn router(mut self, bssid: &str) -> Self {
+        self.router = Some(bssid.into());
+        self
+    }
+
+    /// Where this sharer says it is.
+    pub fn location(&self) -> LocationSpec {
+        let mut at = center().offset_m(self.east_m, self.north_m);
+        at.alt = self.alt;
+        LocationSpec {
+            at: Some(at),
+            speed_mps: self.motion.map(|m| m.0),
+            heading_deg: self.motion.map(|m| m.1),
+            wifi: self.wifi.clone(),
+            cell: self.cell.clone(),
+            router: self.router.clone(),
+            ..Default::default()
+        }
+    }
+
     pub fn new(name: &str, east_m: f64, north_m: f64) -> SharerSpec {
         SharerSpec {
             name: name.into(),
@@ -125,6 +171,11 @@ impl SharerSpec {
             network: Some(NetworkType::FiveG),
             allow: vec![],
             consent: Consent::default(),
+            alt: None,
+            motion: None,
+            wifi: vec![],
+            cell: None,
+            router: None,
         }
     }
 
@@ -158,10 +209,7 @@ impl SharerNode {
         let opts = SharerOptions {
             server: coordinator_url.to_string(),
             name: spec.name.clone(),
-            location: LocationSpec {
-                at: Some(center().offset_m(spec.east_m, spec.north_m)),
-                ..Default::default()
-            },
+            location: spec.location(),
             services: spec.services,
             network: spec.network,
             relay_listen: "127.0.0.1:0".parse()?,
@@ -251,6 +299,26 @@ impl Cluster {
             forwards: vec![],
             control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         }
+    }
+
+    /// One share request with explain, as `bandshare offers --explain` sends it.
+    pub async fn ask(
+        &self,
+        location: LocationSpec,
+        conditions: ConditionSpec,
+    ) -> anyhow::Result<bandshare_proto::v1::ShareResponse> {
+        let ch = bandshare_agent::coordinator::connect(&self.coordinator.url).await?;
+        let key = identity::generate()?;
+        Ok(bandshare_agent::coordinator::share_request(
+            ch,
+            bandshare_proto::v1::ShareRequest {
+                requester_key: key.verifying_key().to_bytes().to_vec(),
+                location: Some(location.to_wire()),
+                conditions: Some(conditions.to_wire()),
+                explain: true,
+            },
+        )
+        .await?)
     }
 
     pub async fn requester(&self, opts: RequesterOptions) -> anyhow::Result<RequesterNode> {
