@@ -135,9 +135,16 @@ struct ServerArgs {
 /// Where the device is (shared by share, connect and offers).
 #[derive(Args, Debug, Clone)]
 struct LocationArgs {
-    /// Position: LAT,LON[,ALT] in degrees (and metres).
+    /// Position: LAT,LON[,ALT] in degrees (and metres); the fallback when
+    /// live sources are given.
     #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parsed::<Position>)]
-    at: Position,
+    at: Option<Position>,
+    /// Follow live fixes from gpsd at HOST:PORT (e.g. 127.0.0.1:2947).
+    #[arg(long, value_name = "HOST:PORT")]
+    gpsd: Option<String>,
+    /// Scan for Wi-Fi access points on this interface (nmcli, else iw).
+    #[arg(long, value_name = "IFACE")]
+    wifi_scan: Option<String>,
     /// Scene hint: outdoor, indoor, vehicle (subway-car), station (subway-hall).
     #[arg(long, value_parser = parsed::<Scene>)]
     scene: Option<Scene>,
@@ -168,9 +175,27 @@ fn parse_router(s: &str) -> Result<String, String> {
 }
 
 impl LocationArgs {
+    /// The live sources; errors when there is nothing to locate by.
+    fn sources(&self) -> anyhow::Result<bandshare_agent::position::Sources> {
+        let any = self.at.is_some()
+            || self.gpsd.is_some()
+            || self.wifi.is_some()
+            || self.wifi_scan.is_some()
+            || self.cell.is_some()
+            || self.router.is_some();
+        anyhow::ensure!(
+            any,
+            "no location: give --at LAT,LON, --gpsd HOST:PORT, --wifi, --wifi-scan IFACE, --cell or --router"
+        );
+        Ok(bandshare_agent::position::Sources {
+            gpsd: self.gpsd.clone(),
+            wifi_scan: self.wifi_scan.clone(),
+        })
+    }
+
     fn spec(&self) -> LocationSpec {
         LocationSpec {
-            at: Some(self.at),
+            at: self.at,
             scene: self.scene,
             heading_deg: self.heading,
             speed_mps: self.speed,
@@ -497,6 +522,7 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let opts = SharerOptions {
+        sources: a.location.sources()?,
         server: a.server,
         name: a.name,
         location: a.location.spec(),
@@ -526,6 +552,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
     let opts = RequesterOptions {
+        sources: a.location.sources()?,
         server: a.server,
         location: a.location.spec(),
         conditions: a.want.spec(),
@@ -555,12 +582,28 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
 async fn offers(a: OffersArgs) -> anyhow::Result<()> {
     init_logs("warn");
     let key = identity::generate()?;
+    let sources = a.location.sources()?;
+    let mut here = a.location.spec();
+    if sources.is_live() {
+        // One reading from the live sources, waited for at most 5 s.
+        let (_stop, shutdown) = Shutdown::new();
+        let mut rx = bandshare_agent::position::start(here.clone(), &sources, shutdown);
+        let want_fix = sources.gpsd.is_some();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|l| {
+                (!want_fix || l.at.is_some()) && (sources.wifi_scan.is_none() || !l.wifi.is_empty())
+            }),
+        )
+        .await;
+        here = rx.borrow().clone();
+    }
     let channel = coordinator::connect(&a.server).await?;
     let resp = coordinator::share_request(
         channel,
         bandshare_proto::v1::ShareRequest {
             requester_key: key.verifying_key().to_bytes().to_vec(),
-            location: Some(a.location.spec().to_wire()),
+            location: Some(here.to_wire()),
             conditions: Some(a.want.spec().to_wire()),
             explain: a.explain,
         },

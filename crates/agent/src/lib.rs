@@ -15,6 +15,7 @@
 pub mod coordinator;
 pub mod identity;
 pub mod location;
+pub mod position;
 pub mod requester;
 pub mod sharer;
 pub mod shutdown;

@@ -156,6 +156,22 @@ impl Registry {
         names
     }
 
+    /// The live position of the sharer called `name`, for operators' tools
+    /// and tests; never persisted.
+    pub fn position_of(&self, name: &str) -> Option<bandshare_core::Position> {
+        let g = self.inner.read().ok()?;
+        g.handles
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .find_map(|(id, _)| {
+                g.index
+                    .get(id as SharerId)
+                    .filter(|i| &*i.name == name)
+                    .map(|i| i.position)
+            })
+    }
+
     pub fn len(&self) -> usize {
         self.inner.read().map(|g| g.index.len()).unwrap_or(0)
     }

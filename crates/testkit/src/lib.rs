@@ -119,9 +119,16 @@ pub struct SharerSpec {
     pub wifi: Vec<(String, i32)>,
     pub cell: Option<String>,
     pub router: Option<String>,
+    /// Follow this gpsd instead of a fixed position.
+    pub gpsd: Option<String>,
 }
 
 impl SharerSpec {
+    pub fn gpsd(mut self, addr: &str) -> Self {
+        self.gpsd = Some(addr.into());
+        self
+    }
+
     pub fn alt(mut self, m: f64) -> Self {
         self.alt = Some(m);
         self
@@ -152,7 +159,7 @@ impl SharerSpec {
         let mut at = center().offset_m(self.east_m, self.north_m);
         at.alt = self.alt;
         LocationSpec {
-            at: Some(at),
+            at: if self.gpsd.is_some() { None } else { Some(at) },
             speed_mps: self.motion.map(|m| m.0),
             heading_deg: self.motion.map(|m| m.1),
             wifi: self.wifi.clone(),
@@ -176,6 +183,7 @@ impl SharerSpec {
             wifi: vec![],
             cell: None,
             router: None,
+            gpsd: None,
         }
     }
 
@@ -210,6 +218,10 @@ impl SharerNode {
             server: coordinator_url.to_string(),
             name: spec.name.clone(),
             location: spec.location(),
+            sources: bandshare_agent::position::Sources {
+                gpsd: spec.gpsd.clone(),
+                wifi_scan: None,
+            },
             services: spec.services,
             network: spec.network,
             relay_listen: "127.0.0.1:0".parse()?,
@@ -293,6 +305,7 @@ impl Cluster {
                 at: Some(center()),
                 ..Default::default()
             },
+            sources: Default::default(),
             conditions: ConditionSpec::default(),
             pool_size: 3,
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -49,6 +49,7 @@ impl std::str::FromStr for Forward {
 pub struct RequesterOptions {
     pub server: String,
     pub location: LocationSpec,
+    pub sources: crate::position::Sources,
     pub conditions: ConditionSpec,
     pub pool_size: usize,
     pub socks: Option<SocketAddr>,
@@ -72,10 +73,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
         .map_err(|e| AgentError::Listen(addr, e))
 }
 
-fn request(opts: &RequesterOptions, key: &SigningKey) -> v1::ShareRequest {
+fn request(opts: &RequesterOptions, location: &LocationSpec, key: &SigningKey) -> v1::ShareRequest {
     v1::ShareRequest {
         requester_key: key.verifying_key().to_bytes().to_vec(),
-        location: Some(opts.location.to_wire()),
+        location: Some(location.to_wire()),
         conditions: Some(opts.conditions.to_wire()),
         explain: false,
     }
@@ -147,8 +148,19 @@ impl Requester {
         for f in &opts.forwards {
             forwards.push((bind(f.local).await?, f.target.clone()));
         }
+        let mut location =
+            crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
+        if opts.sources.is_live() && opts.location.at.is_none() {
+            // Give a live source a moment for its first fix.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                location.wait_for(|l| l.at.is_some()),
+            )
+            .await;
+        }
         let channel = coordinator::connect(&url).await?;
-        let first = coordinator::share_request(channel, request(&opts, &key)).await?;
+        let here = location.borrow().clone();
+        let first = coordinator::share_request(channel, request(&opts, &here, &key)).await?;
         let pool = Arc::new(Pool::default());
         let size = opts.pool_size.max(1);
         connect_offers(&pool, first.offers.clone(), &key, size).await;
@@ -175,7 +187,14 @@ impl Requester {
                 let _ = axum::serve(l, app).await;
             }));
         }
-        tasks.push(tokio::spawn(maintain(pool.clone(), url, opts, key, size)));
+        tasks.push(tokio::spawn(maintain(
+            pool.clone(),
+            url,
+            opts,
+            location,
+            key,
+            size,
+        )));
         tokio::spawn(async move {
             shutdown.wait().await;
             for t in &tasks {
@@ -196,6 +215,7 @@ async fn maintain(
     pool: Arc<Pool>,
     url: String,
     opts: RequesterOptions,
+    location: tokio::sync::watch::Receiver<LocationSpec>,
     key: SigningKey,
     size: usize,
 ) {
@@ -204,7 +224,8 @@ async fn maintain(
         let wait = if pool.len() < size {
             let result = async {
                 let ch = coordinator::connect(&url).await?;
-                coordinator::share_request(ch, request(&opts, &key)).await
+                let here = location.borrow().clone();
+                coordinator::share_request(ch, request(&opts, &here, &key)).await
             }
             .await;
             match result {

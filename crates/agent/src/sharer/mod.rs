@@ -17,7 +17,7 @@ use ed25519_dalek::SigningKey;
 use probe::PingTracker;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -25,7 +25,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 pub struct SharerOptions {
     pub server: String,
     pub name: String,
+    /// The static location (`--at`, `--wifi`, `--cell`); live sources update it.
     pub location: LocationSpec,
+    pub sources: crate::position::Sources,
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
     /// Where the QUIC relay listens.
@@ -70,12 +72,14 @@ impl Sharer {
             None => advertised(relay_addr, &url).await,
         };
         let handle = relay.handle();
+        let location =
+            crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
         let relay_task = tokio::spawn(relay.run(shutdown.clone().wait()));
         let span = info_span!("sharer", name = %opts.name);
         let h = handle.clone();
         let task = tokio::spawn(
             async move {
-                stream_loop(&opts, &url, &key, advertise, &h, shutdown).await;
+                stream_loop(&opts, &url, &key, advertise, &h, location, shutdown).await;
                 let _ = relay_task.await;
             }
             .instrument(span),
@@ -172,8 +176,17 @@ async fn stream_loop(
     key: &SigningKey,
     advertise: SocketAddr,
     relay: &RelayHandle,
+    mut location: watch::Receiver<LocationSpec>,
     shutdown: Shutdown,
 ) {
+    // The coordinator places sharers by a fix: wait for the first one.
+    if location.borrow().at.is_none() {
+        info!("waiting for a position fix");
+        tokio::select! {
+            r = location.wait_for(|l| l.at.is_some()) => if r.is_err() { return },
+            _ = shutdown.clone().wait() => return,
+        }
+    }
     let mut backoff = Backoff::default();
     let mut meter = LinkMeter {
         iface: uplink::uplink_interface(opts.uplink.as_deref()),
@@ -184,7 +197,7 @@ async fn stream_loop(
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(opts, url, key, advertise, relay, &mut meter) => r,
+            r = session(opts, url, key, advertise, relay, &mut meter, &mut location) => r,
             _ = shutdown.clone().wait() => return,
         };
         if let Err(e) = result {
@@ -206,6 +219,18 @@ async fn stream_loop(
     }
 }
 
+/// Resolves when the location changed, no sooner than 250 ms after the last
+/// report. A static location (no live source) never changes: never resolves.
+async fn moved(location: &mut watch::Receiver<LocationSpec>, last_report: &Instant) {
+    if location.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    let since = last_report.elapsed();
+    if since < Duration::from_millis(250) {
+        tokio::time::sleep(Duration::from_millis(250) - since).await;
+    }
+}
+
 fn up(msg: Up) -> v1::SharerMessage {
     v1::SharerMessage { msg: Some(msg) }
 }
@@ -218,6 +243,7 @@ async fn session(
     advertise: SocketAddr,
     relay: &RelayHandle,
     meter: &mut LinkMeter,
+    location: &mut watch::Receiver<LocationSpec>,
 ) -> Result<(), AgentError> {
     let channel = coordinator::connect(url).await?;
     let mut client = v1::sharer_link_client::SharerLinkClient::new(channel);
@@ -237,7 +263,7 @@ async fn session(
             accept: opts.consent.accept,
             max_requesters: opts.consent.max_requesters,
         }),
-        location: Some(opts.location.to_wire()),
+        location: Some(location.borrow_and_update().to_wire()),
         link: Some(cv::link_to_wire(&link)),
     };
     tx.send(up(Up::Hello(hello)))
@@ -273,6 +299,7 @@ async fn session(
     let mut ping_tick = tokio::time::interval(ping_every);
     let mut report_tick = tokio::time::interval(interval(welcome.report_interval_ms, 2000));
     info!("online at coordinator");
+    let mut last_report = Instant::now();
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -304,7 +331,11 @@ async fn session(
                 let seq = probe.ping(Instant::now());
                 let _ = tx.try_send(up(Up::Ping(v1::Ping { seq })));
             }
+            // A move is reported at once (at most every 250 ms), so the
+            // coordinator's index follows the device.
+            _ = moved(location, &last_report) => report_tick.reset_immediately(),
             _ = report_tick.tick() => {
+                last_report = Instant::now();
                 let link = meter.measure(&probe, relay, Instant::now());
                 let usage = relay.take_usage().into_iter().map(|u| v1::Usage {
                     requester_key: u.requester.0.to_vec(),
@@ -313,7 +344,7 @@ async fn session(
                     flows: u.flows,
                 }).collect();
                 let report = v1::StateReport {
-                    location: Some(opts.location.to_wire()),
+                    location: Some(location.borrow_and_update().to_wire()),
                     link: Some(cv::link_to_wire(&link)),
                     active_requesters: relay.active_requesters(),
                     usage,
