@@ -17,6 +17,19 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     scenes: RawScenes,
+    #[serde(default)]
+    privacy: RawPrivacy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    requests_per_minute: Option<f64>,
+    burst: Option<f64>,
+    max_speed_mps: Option<f64>,
+    slack_m: Option<f64>,
+    fuzz_min_m: Option<f64>,
+    fuzz_max_m: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +115,8 @@ pub struct Config {
     pub quota_bytes: u64,
     /// HTTP/2 streams one connection may hold (each sharer holds one).
     pub max_streams_per_connection: u32,
+    /// Rate limits, plausibility and the measuring offset per requester.
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 impl Default for Config {
@@ -117,6 +132,7 @@ impl Default for Config {
             ticket_lifetime: Duration::from_secs(120),
             quota_bytes: 1 << 30,
             max_streams_per_connection: 1024,
+            privacy: crate::privacy::PrivacyConfig::default(),
         }
     }
 }
@@ -218,6 +234,49 @@ fn region(raw: &RawScenes) -> Result<bandshare_matcher::RegionConfig, ConfigErro
     Ok(r)
 }
 
+fn privacy(raw: &RawPrivacy) -> Result<crate::privacy::PrivacyConfig, ConfigError> {
+    let d = crate::privacy::PrivacyConfig::default();
+    let p = crate::privacy::PrivacyConfig {
+        requests_per_minute: check(
+            "privacy.requests_per_minute",
+            raw.requests_per_minute,
+            d.requests_per_minute,
+            1.0,
+            1e9,
+        )?,
+        burst: check("privacy.burst", raw.burst, d.burst, 1.0, 1e9)?,
+        max_speed_mps: check(
+            "privacy.max_speed_mps",
+            raw.max_speed_mps,
+            d.max_speed_mps,
+            1.0,
+            1e9,
+        )?,
+        slack_m: check("privacy.slack_m", raw.slack_m, d.slack_m, 0.0, 1e7)?,
+        fuzz_min_m: check(
+            "privacy.fuzz_min_m",
+            raw.fuzz_min_m,
+            d.fuzz_min_m,
+            0.0,
+            1000.0,
+        )?,
+        fuzz_max_m: check(
+            "privacy.fuzz_max_m",
+            raw.fuzz_max_m,
+            d.fuzz_max_m,
+            0.0,
+            1000.0,
+        )?,
+    };
+    if p.fuzz_max_m < p.fuzz_min_m {
+        return Err(ConfigError::Invalid {
+            key: "privacy.fuzz_max_m",
+            problem: "must not be below privacy.fuzz_min_m".into(),
+        });
+    }
+    Ok(p)
+}
+
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -289,6 +348,7 @@ impl Config {
                 1,
                 1_000_000,
             )?,
+            privacy: privacy(&raw.privacy)?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod evidence;
 pub mod http;
 pub mod matchmaker;
+pub mod privacy;
 pub mod registry;
 pub mod sharer_link;
 
@@ -46,6 +47,8 @@ pub struct Shared {
     /// Share requests answered since start.
     pub share_requests: std::sync::atomic::AtomicU64,
     known_requesters: Mutex<HashSet<DeviceKey>>,
+    /// Rate limits, plausibility and measuring offsets per requester.
+    pub privacy: Mutex<privacy::Guard>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +75,17 @@ impl Shared {
         if fresh_err {
             return Err(ServerError::Rng);
         }
+        // The offsets' secret comes from the signing seed, domain-separated,
+        // so it survives restarts without another stored secret.
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"bandshare privacy offsets v1\0");
+        ctx.update(&seed.0);
+        let privacy_secret = ctx.finish();
         Ok(Arc::new(Shared {
+            privacy: Mutex::new(privacy::Guard::new(
+                config.privacy.clone(),
+                privacy_secret.as_ref(),
+            )),
             signer: TicketSigner::from_seed(&seed.0, key_id),
             config,
             registry: Registry::default(),

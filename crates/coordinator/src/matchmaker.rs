@@ -97,6 +97,35 @@ impl MatchmakerService {
         let loc = req.location.unwrap_or_default();
         let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
         let conditions = req.conditions.unwrap_or_default();
+        let mut evidence = evidence;
+        {
+            let mut guard = shared
+                .privacy
+                .lock()
+                .map_err(|_| Status::internal("privacy state poisoned"))?;
+            guard
+                .admit(&requester, evidence.fix, std::time::Instant::now())
+                .map_err(|r| match r {
+                    crate::privacy::Refusal::RateLimited { .. } => {
+                        Status::resource_exhausted(r.to_string())
+                    }
+                    crate::privacy::Refusal::Implausible { .. } => {
+                        Status::failed_precondition(r.to_string())
+                    }
+                })?;
+            // Where positions are compared as points (outdoor, station),
+            // measure from this requester's fixed offset point; the car
+            // (vehicle) needs the true point and co-movement guards it.
+            if let Some(fix) = evidence.fix
+                && let Ok(d) = bandshare_matcher::decide_scene(&evidence, &shared.config.region)
+                && matches!(
+                    d.scene,
+                    bandshare_core::Scene::Outdoor | bandshare_core::Scene::Station
+                )
+            {
+                evidence.fix = Some(guard.measuring_point(&requester, &fix));
+            }
+        }
         let query = Query {
             evidence,
             wanted: cv::services_from_wire(&conditions.services),

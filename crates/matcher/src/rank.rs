@@ -450,6 +450,34 @@ mod tests {
         assert!(out.candidates.is_empty());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn altitude_matters_for_the_sphere_only(
+            e in -40.0f64..40.0, n in -40.0f64..40.0, my_alt in -30.0f64..30.0, their_alt in -200.0f64..200.0,
+        ) {
+            let c = Position::new(39.9, 116.4, Some(my_alt)).expect("valid");
+            let mut p = c.offset_m(e, n);
+            p.alt = Some(their_alt);
+            let mut idx = Index::default();
+            let id = idx.insert(sharer("x", p));
+            let ask = |scene| {
+                let mut q = query(c);
+                q.evidence.scene_hint = Some(scene);
+                rank(&idx, &q, &MatchConfig::default()).expect("ranks").candidates.iter().any(|x| x.id == id)
+            };
+            // Within 57 m on the ground: always in the 200 m circle, whatever the altitude.
+            proptest::prop_assert!(ask(bandshare_core::Scene::Outdoor));
+            // The 60 m sphere takes the height difference into account.
+            let d3 = (e.hypot(n)).hypot(their_alt - my_alt);
+            if d3 < 59.0 {
+                proptest::prop_assert!(ask(bandshare_core::Scene::Station));
+            } else if d3 > 61.0 {
+                proptest::prop_assert!(!ask(bandshare_core::Scene::Station));
+            }
+        }
+    }
+
     #[test]
     fn fanout_limits_and_score_prefers_good_links() {
         let c = Position::new(0.0, 0.0, None).expect("valid");

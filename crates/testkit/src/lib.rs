@@ -31,6 +31,16 @@ pub fn center() -> Position {
     }
 }
 
+/// The default configuration without the privacy offset, for tests that
+/// check geometry to the metre (the offset moves the measuring point by
+/// 10–20 m on purpose; `tests/privacy.rs` tests it).
+pub fn exact_config() -> Config {
+    let mut c = Config::default();
+    c.privacy.fuzz_min_m = 0.0;
+    c.privacy.fuzz_max_m = 0.0;
+    c
+}
+
 /// Logs to stderr at `RUST_LOG` (default: warnings), once per process.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -259,10 +269,10 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts everything and waits until every sharer is online. Specs get
-    /// an egress rule for the HTTP target added.
+    /// Starts everything and waits until every sharer is online, with
+    /// [`exact_config`]. Specs get an egress rule for the HTTP target added.
     pub async fn start(specs: Vec<SharerSpec>) -> anyhow::Result<Cluster> {
-        Cluster::start_with(Config::default(), specs).await
+        Cluster::start_with(exact_config(), specs).await
     }
 
     pub async fn start_with(config: Config, specs: Vec<SharerSpec>) -> anyhow::Result<Cluster> {
@@ -320,8 +330,18 @@ impl Cluster {
         location: LocationSpec,
         conditions: ConditionSpec,
     ) -> anyhow::Result<bandshare_proto::v1::ShareResponse> {
+        self.ask_as(&identity::generate()?, location, conditions)
+            .await
+    }
+
+    /// The same, as the device with `key`.
+    pub async fn ask_as(
+        &self,
+        key: &ed25519_dalek::SigningKey,
+        location: LocationSpec,
+        conditions: ConditionSpec,
+    ) -> anyhow::Result<bandshare_proto::v1::ShareResponse> {
         let ch = bandshare_agent::coordinator::connect(&self.coordinator.url).await?;
-        let key = identity::generate()?;
         Ok(bandshare_agent::coordinator::share_request(
             ch,
             bandshare_proto::v1::ShareRequest {

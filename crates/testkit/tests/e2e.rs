@@ -18,7 +18,7 @@ fn fast() -> Config {
         report_interval: Duration::from_millis(200),
         ping_interval: Duration::from_millis(100),
         expire_after: Duration::from_millis(1500),
-        ..Config::default()
+        ..bandshare_testkit::exact_config()
     }
 }
 

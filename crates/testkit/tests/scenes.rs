@@ -168,6 +168,7 @@ async fn station_sphere_with_levels() {
         SharerSpec::new("same-level", 55.0, 0.0).alt(-10.0),
         SharerSpec::new("one-down", 10.0, 0.0).alt(-18.0),
         SharerSpec::new("three-down", 5.0, 0.0).alt(-75.0),
+        SharerSpec::new("street-above", 5.0, 0.0).alt(62.0),
         SharerSpec::new("far-end", 65.0, 0.0).alt(-10.0),
         SharerSpec::new("no-altitude", 20.0, 0.0),
     ])
@@ -190,7 +191,13 @@ async fn station_sphere_with_levels() {
         .await
         .expect("ask");
     assert_eq!(scene(&r), Some(Scene::Outdoor));
+    // (five offers is the server's cap; the sixth is "more than 5 offers")
     assert_eq!(offered(&r).len(), 5);
+    assert!(
+        r.explain.iter().all(|v| !v.reason.contains("outside")),
+        "{:?}",
+        r.explain
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,155 @@
+//! An attacker who fakes positions tries to trilaterate a sharer through the
+//! real coordinator; rate limits and plausibility are enforced per device;
+//! live positions never reach the disk.
+
+use bandshare_agent::identity;
+use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use bandshare_coordinator::Config;
+use bandshare_core::Position;
+use bandshare_testkit::{Cluster, SharerSpec, center, exact_config};
+
+/// Where the target really is, metres east and north of the centre.
+const TARGET: (f64, f64) = (37.0, 21.0);
+
+/// Sweeps a grid of claimed positions with one key, notes the target's band
+/// at each, and estimates the target as the centroid of the innermost band
+/// seen. Returns the estimate's error in metres.
+async fn attack(config: Config) -> f64 {
+    let c = Cluster::start_with(config, vec![SharerSpec::new("target", TARGET.0, TARGET.1)])
+        .await
+        .expect("cluster");
+    let me = identity::generate().expect("key");
+    let mut by_band: Vec<(String, f64, f64)> = vec![];
+    for i in -10..=30 {
+        for j in -10..=25 {
+            let (e, n) = (i as f64 * 4.0, j as f64 * 4.0);
+            let loc = LocationSpec {
+                at: Some(center().offset_m(e, n)),
+                ..Default::default()
+            };
+            let r = c
+                .ask_as(&me, loc, ConditionSpec::default())
+                .await
+                .expect("share request");
+            if let Some(o) = r.offers.iter().find(|o| o.sharer == "target") {
+                by_band.push((o.distance_band.clone(), e, n));
+            }
+        }
+    }
+    let inner = ["<10m", "10-50m", "50-200m"]
+        .into_iter()
+        .find(|b| by_band.iter().any(|x| x.0 == *b))
+        .expect("the target was offered somewhere");
+    let pts: Vec<&(String, f64, f64)> = by_band.iter().filter(|x| x.0 == inner).collect();
+    let (e, n) = pts.iter().fold((0.0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2));
+    let guess = (e / pts.len() as f64, n / pts.len() as f64);
+    let error = (guess.0 - TARGET.0).hypot(guess.1 - TARGET.1);
+    eprintln!(
+        "attacker: {} queries, innermost band {inner} at {} points, error {error:.1} m",
+        41 * 36,
+        pts.len()
+    );
+    error
+}
+
+fn unlimited(mut c: Config) -> Config {
+    // The attacker here is patient; lift the limits so the test runs in
+    // seconds. The rate limit and plausibility have their own test below.
+    c.privacy.requests_per_minute = 1e9;
+    c.privacy.burst = 1e9;
+    c.privacy.max_speed_mps = 1e9;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trilateration_misses_by_at_least_the_band_width() {
+    // Without the offset, bands alone give the target away within metres.
+    let naive = attack(unlimited(exact_config())).await;
+    assert!(
+        naive < 10.0,
+        "the attack should work without the offset, error {naive:.1} m"
+    );
+    // With the coordinator's per-requester offset it cannot get closer than
+    // the <10m band's width.
+    let defended = attack(unlimited(Config::default())).await;
+    eprintln!("best position error: {naive:.1} m without the offset, {defended:.1} m with it");
+    assert!(
+        defended >= 10.0,
+        "attacker located the sharer within {defended:.1} m"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_and_no_teleporting() {
+    let c = Cluster::start_with(Config::default(), vec![SharerSpec::new("target", 5.0, 5.0)])
+        .await
+        .expect("cluster");
+    let me = identity::generate().expect("key");
+    let here = LocationSpec {
+        at: Some(center()),
+        ..Default::default()
+    };
+    for _ in 0..10 {
+        c.ask_as(&me, here.clone(), ConditionSpec::default())
+            .await
+            .expect("within the burst");
+    }
+    let e = c
+        .ask_as(&me, here.clone(), ConditionSpec::default())
+        .await
+        .expect_err("over the limit");
+    assert!(e.to_string().contains("rate limited"), "{e}");
+
+    let you = identity::generate().expect("key");
+    c.ask_as(&you, here, ConditionSpec::default())
+        .await
+        .expect("first request");
+    let far = LocationSpec {
+        at: Some(center().offset_m(5000.0, 0.0)),
+        ..Default::default()
+    };
+    let e = c
+        .ask_as(&you, far, ConditionSpec::default())
+        .await
+        .expect_err("5 km in a moment");
+    assert!(e.to_string().contains("implausible movement"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_positions_never_reach_the_disk() {
+    let c = Cluster::start(vec![SharerSpec::new("target", TARGET.0, TARGET.1)])
+        .await
+        .expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let (status, _) =
+        bandshare_testkit::http::socks_get(r.socks(), "localhost", c.target.addr.port(), "/")
+            .await
+            .expect("fetch");
+    assert!(status.contains("200"));
+    let ledger = c.coordinator.shared.store.clone();
+    bandshare_testkit::wait_until(std::time::Duration::from_secs(5), || {
+        ledger.usage_rows().unwrap_or(0) > 0
+    })
+    .await;
+    let p: Position = center().offset_m(TARGET.0, TARGET.1);
+    let mut needles: Vec<Vec<u8>> = vec![];
+    for v in [p.lat, p.lon] {
+        needles.push(v.to_le_bytes().to_vec());
+        needles.push(v.to_be_bytes().to_vec());
+        needles.push(format!("{v:.4}").into_bytes());
+    }
+    let mut files = 0;
+    for entry in std::fs::read_dir(c.coordinator.data_dir.path()).expect("data dir") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        files += 1;
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_slice()),
+                "{} holds a live coordinate",
+                path.display()
+            );
+        }
+    }
+    assert!(files >= 1);
+}
