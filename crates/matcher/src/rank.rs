@@ -155,6 +155,14 @@ fn band_from_similarity(sim: f64) -> DistanceBand {
     }
 }
 
+/// Sharers that hear any of `keys`, sorted, each once.
+fn heard_by(index: &Index, keys: impl Iterator<Item = RadioKey>) -> Vec<SharerId> {
+    let mut ids: Vec<SharerId> = keys.flat_map(|k| index.by_radio(&k).to_vec()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLocation> {
     let scene = decide_scene(&q.evidence, &cfg.region)?;
     let mut c = Collect {
@@ -263,17 +271,11 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
             router,
             near,
         } => {
-            let mut ids: Vec<SharerId> = fingerprint
-                .bssids()
-                .flat_map(|b| index.by_radio(&RadioKey::Bssid(b)).iter().copied())
-                .chain(
-                    router
-                        .iter()
-                        .flat_map(|r| index.by_radio(&RadioKey::Router(r.clone())).iter().copied()),
-                )
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
+            let keys = fingerprint.bssids().map(RadioKey::Bssid);
+            let ids = heard_by(
+                index,
+                keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
+            );
             for id in &ids {
                 let Some(info) = index.get(*id) else { continue };
                 let sim = fingerprint.similarity(&info.fingerprint);
@@ -312,17 +314,11 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
             }
         }
         Region::Anchor { cell, router } => {
-            let mut ids: Vec<SharerId> = cell
-                .iter()
-                .flat_map(|k| index.by_radio(&RadioKey::Cell(k.clone())).iter().copied())
-                .chain(
-                    router
-                        .iter()
-                        .flat_map(|r| index.by_radio(&RadioKey::Router(r.clone())).iter().copied()),
-                )
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
+            let keys = cell.iter().map(|c| RadioKey::Cell(c.clone()));
+            let ids = heard_by(
+                index,
+                keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
+            );
             for id in ids {
                 let Some(info) = index.get(id) else { continue };
                 // Same cell can mean kilometres: the band says so.
