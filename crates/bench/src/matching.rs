@@ -224,11 +224,17 @@ struct Ours {
 async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     let mut rng = fastrand::Rng::with_seed(o.seed);
     let dir = tempfile::tempdir()?;
-    let config = Config {
+    let mut config = Config {
         fanout: 10,
         max_offers: 10,
         ..Config::default()
     };
+    // Bench clients ask from random points across 50 km many times a second:
+    // lift the per-device rate and speed limits.
+    config.privacy.requests_per_minute = 1e9;
+    config.privacy.burst = 1e9;
+    config.privacy.max_speed_mps = 1e9;
+    config.privacy.slack_m = 1e12;
     let shared = Shared::new(config, bandshare_store::Store::open(dir.path())?)?;
     let (tx, rx) = tokio::sync::mpsc::channel(1 << 16);
     let before = rss_bytes(None);

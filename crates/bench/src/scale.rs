@@ -127,7 +127,7 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     std::fs::write(
         &config,
         format!(
-            "[server]\nmax_streams_per_connection = {}\n[privacy]\nrequests_per_minute = 1e9\nburst = 1e9\nmax_speed_mps = 1e9\n[sharers]\nreport_interval_ms = {}\nping_interval_ms = {}\nexpire_after_ms = {}\n",
+            "[server]\nmax_streams_per_connection = {}\n[privacy]\nrequests_per_minute = 1e9\nburst = 1e9\nmax_speed_mps = 1e9\nslack_m = 1e7\n[sharers]\nreport_interval_ms = {}\nping_interval_ms = {}\nexpire_after_ms = {}\n",
             o.sharers.div_ceil(o.connections) + 16,
             o.report_interval_ms,
             o.report_interval_ms,
