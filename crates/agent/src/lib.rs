@@ -16,6 +16,7 @@ pub mod coordinator;
 pub mod identity;
 pub mod location;
 pub mod position;
+pub mod probe;
 pub mod requester;
 pub mod sharer;
 pub mod shutdown;

@@ -300,6 +300,8 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
     send.write_all(&wire::encode_hello_reply(true, ""))
         .await
         .map_err(|e| e.to_string())?;
+    // The hello stream stays open as the probe channel.
+    tokio::spawn(echo_probes(send, recv));
     let counters = shared
         .usage
         .lock()
@@ -319,6 +321,25 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
             }
             .instrument(info_span!("relay_flow", requester = %requester.short())),
         );
+    }
+}
+
+/// Echoes the requester's probes (8-byte frames) at most
+/// [`wire::MAX_PROBES_PER_S`] a second, so the channel cannot be used to
+/// make the sharer send much.
+async fn echo_probes(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut frame = [0u8; wire::PROBE_LEN];
+    let min_gap = Duration::from_secs(1) / wire::MAX_PROBES_PER_S;
+    let mut last = tokio::time::Instant::now() - min_gap;
+    while recv.read_exact(&mut frame).await.is_ok() {
+        let since = last.elapsed();
+        if since < min_gap {
+            tokio::time::sleep(min_gap - since).await;
+        }
+        last = tokio::time::Instant::now();
+        if send.write_all(&frame).await.is_err() {
+            break;
+        }
     }
 }
 

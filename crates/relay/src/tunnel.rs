@@ -40,6 +40,8 @@ pub enum FlowError {
 pub struct Tunnel {
     conn: quinn::Connection,
     endpoint: quinn::Endpoint,
+    /// The hello stream, kept as the probe channel until taken.
+    probe: std::sync::Mutex<Option<(quinn::SendStream, quinn::RecvStream)>>,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,14 +85,18 @@ impl Tunnel {
                 .await
                 .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
             match wire::read_hello_reply(&mut recv).await? {
-                Ok(()) => Ok(conn),
+                Ok(()) => Ok((conn, send, recv)),
                 Err(reason) => Err(TunnelError::Refused(reason)),
             }
         };
-        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+        let (conn, send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
             .await
             .map_err(|_| TunnelError::Timeout(addr))??;
-        Ok(Tunnel { conn, endpoint })
+        Ok(Tunnel {
+            conn,
+            endpoint,
+            probe: std::sync::Mutex::new(Some((send, recv))),
+        })
     }
 
     /// Opens a flow to `target`. With `wait_reply` it returns once the
@@ -119,6 +125,11 @@ impl Tunnel {
             return Err(FlowError::Refused(code));
         }
         Ok(())
+    }
+
+    /// The probe channel (once): write 8-byte frames, read their echoes.
+    pub fn take_probe(&self) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        self.probe.lock().ok()?.take()
     }
 
     pub fn rtt(&self) -> Duration {

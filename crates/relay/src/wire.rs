@@ -6,6 +6,8 @@
 //! where `proof` is the requester's Ed25519 signature over
 //! `"bandshare hello v1\0" | ticket | relay certificate SHA-256`.
 //! Hello reply: `code:u8 (0 ok, 1 refused) | reason_len:u8 | reason`.
+//! After an accepted hello the same stream carries probes: 8-byte sequence
+//! numbers the sharer echoes (at most 50 a second).
 //!
 //! Flow header (every further bidirectional stream):
 //! `version:u8=1 | atyp:u8 (1 IPv4, 3 name, 4 IPv6) | address | port:u16`,
@@ -18,6 +20,11 @@ pub const VERSION: u8 = 1;
 pub const MAX_TICKET: usize = 512;
 pub const MAX_NAME: usize = 255;
 pub const HELLO_DOMAIN: &[u8] = b"bandshare hello v1\0";
+/// After an accepted hello, its stream carries probes: 8-byte frames (a
+/// sequence number) that the sharer echoes.
+pub const PROBE_LEN: usize = 8;
+/// The sharer echoes at most this many probes a second.
+pub const MAX_PROBES_PER_S: u32 = 50;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {

@@ -116,6 +116,10 @@ async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningK
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             flows: AtomicU64::new(0),
+            probe_rtt_us: AtomicU64::new(0),
+            probe_loss_permille: AtomicU64::new(0),
+            last_answer_ms: AtomicU64::new(0),
+            joined: std::time::Instant::now(),
         })
     });
     for r in futures::future::join_all(dials).await {

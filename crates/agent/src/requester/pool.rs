@@ -3,13 +3,22 @@
 //! best takes over; the maintainer refills the pool in the background.
 
 use super::select::{self, View};
+use crate::probe::PingTracker;
 use bandshare_core::{DeviceKey, DistanceBand, LinkState, NetworkType};
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+/// How often each member is probed.
+pub const PROBE_EVERY: Duration = Duration::from_millis(100);
+/// A member that answers no probe for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_millis(600);
+/// A flow not answered within this long is raced on the next member.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
 
 pub struct Member {
     pub name: String,
@@ -21,6 +30,74 @@ pub struct Member {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub flows: AtomicU64,
+    /// Probe results: smoothed RTT in µs (0 until the first answer), loss
+    /// per mille, and when the last answer came (ms since `joined`).
+    pub probe_rtt_us: AtomicU64,
+    pub probe_loss_permille: AtomicU64,
+    pub last_answer_ms: AtomicU64,
+    pub joined: Instant,
+}
+
+impl Member {
+    /// Whether a probe was answered within two probe intervals.
+    pub fn fresh(&self) -> bool {
+        let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
+        self.joined.elapsed().saturating_sub(last) <= PROBE_EVERY * 2
+    }
+}
+
+/// Pings the member over its probe channel; removes it from the pool when
+/// it stops answering (a silently cut link, a killed process).
+async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
+    let Some((mut send, mut recv)) = m.tunnel.take_probe() else {
+        return;
+    };
+    let tracker = Arc::new(std::sync::Mutex::new(PingTracker::new(DEAD_AFTER)));
+    let reader = {
+        let (tracker, m) = (tracker.clone(), m.clone());
+        tokio::spawn(async move {
+            let mut frame = [0u8; bandshare_relay::wire::PROBE_LEN];
+            while recv.read_exact(&mut frame).await.is_ok() {
+                let now = Instant::now();
+                let Ok(mut t) = tracker.lock() else { break };
+                t.pong(u64::from_be_bytes(frame), now);
+                m.probe_rtt_us.store(
+                    t.rtt().map_or(0, |d| d.as_micros() as u64),
+                    Ordering::Relaxed,
+                );
+                m.probe_loss_permille
+                    .store(t.loss_permille(now) as u64, Ordering::Relaxed);
+                m.last_answer_ms.store(
+                    now.duration_since(m.joined).as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+            }
+        })
+    };
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let (seq, silent) = match tracker.lock() {
+            Ok(mut t) => {
+                let since = now.saturating_duration_since(t.last_answer().unwrap_or(m.joined));
+                (t.ping(now), since)
+            }
+            Err(_) => break,
+        };
+        if silent > DEAD_AFTER {
+            pool.remove(
+                &m.key,
+                &format!("no answer to probes for {} ms", silent.as_millis()),
+            );
+            break;
+        }
+        if send.write_all(&seq.to_be_bytes()).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
 }
 
 #[derive(Default)]
@@ -38,6 +115,8 @@ pub struct MemberStatus {
     pub sharer: String,
     pub state: &'static str,
     pub rtt_ms: f64,
+    /// Probe loss over the last 20 probes, 0..=1.
+    pub loss: f64,
     pub score: f64,
     pub active: bool,
     pub distance: String,
@@ -54,10 +133,16 @@ pub struct Status {
 }
 
 fn view(m: &Member) -> View {
+    let probe_rtt = m.probe_rtt_us.load(Ordering::Relaxed);
     View {
         alive: m.tunnel.close_reason().is_none(),
         link_quality: m.link.quality(),
-        rtt: m.tunnel.rtt(),
+        rtt: if probe_rtt > 0 {
+            Duration::from_micros(probe_rtt)
+        } else {
+            m.tunnel.rtt()
+        },
+        loss: m.probe_loss_permille.load(Ordering::Relaxed) as f64 / 1000.0,
         band: m.band,
     }
 }
@@ -85,6 +170,7 @@ impl Pool {
             m.push(member.clone());
         }
         self.reselect();
+        tokio::spawn(probe(self.clone(), member.clone()));
         let pool = self.clone();
         tokio::spawn(async move {
             let why = member.tunnel.closed().await;
@@ -137,28 +223,76 @@ impl Pool {
             .cloned()
     }
 
-    /// Opens a flow through the active member; when its tunnel is lost,
-    /// tries the next one. A refusal by the sharer is returned as is. See
-    /// [`Tunnel::open_flow`] for `wait_reply`.
+    /// The best live member other than those in `skip`.
+    fn next_best(&self, skip: &[DeviceKey]) -> Option<Arc<Member>> {
+        let members = self.members.read().ok()?.clone();
+        members
+            .into_iter()
+            .filter(|m| !skip.contains(&m.key) && m.tunnel.close_reason().is_none())
+            .max_by(|a, b| select::score(&view(a)).total_cmp(&select::score(&view(b))))
+    }
+
+    /// Opens a flow through the active member. A lost tunnel moves on to the
+    /// next member at once; a flow not answered within [`HEDGE_AFTER`] is
+    /// raced on the next member and the first answer wins, so a sharer that
+    /// died without a word costs new flows at most that long. A refusal by
+    /// the sharer is returned as is. See [`Tunnel::open_flow`] for
+    /// `wait_reply`: it is honoured only while the member answers probes.
     pub async fn open_flow(
         &self,
         target: &FlowHeader,
         wait_reply: bool,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Arc<Member>), FlowError> {
-        let attempts = self.len().max(1);
+        type Opened = (quinn::SendStream, quinn::RecvStream, Arc<Member>);
+        let attempt = |m: Arc<Member>, wait: bool| {
+            let target = target.clone();
+            async move {
+                match m.tunnel.open_flow(&target, wait).await {
+                    Ok((s, r)) => Ok((s, r, m)),
+                    Err(e) => Err((e, m)),
+                }
+            }
+        };
+        let mut tried: Vec<DeviceKey> = vec![];
         let mut last = FlowError::Lost("no sharer in the pool".into());
-        for _ in 0..attempts {
-            let Some(m) = self.reselect() else { break };
-            match m.tunnel.open_flow(target, wait_reply).await {
-                Ok((s, r)) => {
+        let first = self.reselect();
+        let mut next = first;
+        while let Some(m) = next.take() {
+            tried.push(m.key);
+            // Optimistic data only through a member that answers probes now.
+            let wait = wait_reply || !m.fresh();
+            let mut a = Box::pin(attempt(m.clone(), wait));
+            let result: Result<Opened, (FlowError, Arc<Member>)> = if !wait {
+                a.await
+            } else {
+                match tokio::time::timeout(HEDGE_AFTER, &mut a).await {
+                    Ok(r) => r,
+                    Err(_) => match self.next_best(&tried) {
+                        // Slow: race the next member; first success wins.
+                        Some(m2) => {
+                            tried.push(m2.key);
+                            let b = attempt(m2, true);
+                            tokio::pin!(b);
+                            tokio::select! {
+                                r = &mut a => match r { Ok(ok) => Ok(ok), Err(_) => b.await },
+                                r = &mut b => match r { Ok(ok) => Ok(ok), Err(_) => a.await },
+                            }
+                        }
+                        None => a.await,
+                    },
+                }
+            };
+            match result {
+                Ok((s, r, m)) => {
                     m.flows.fetch_add(1, Ordering::Relaxed);
                     return Ok((s, r, m));
                 }
-                Err(FlowError::Lost(why)) => {
+                Err((FlowError::Lost(why), m)) => {
                     self.remove(&m.key, &why);
                     last = FlowError::Lost(why);
+                    next = self.next_best(&tried);
                 }
-                Err(e) => return Err(e),
+                Err((e, _)) => return Err(e),
             }
         }
         Err(last)
@@ -191,7 +325,8 @@ impl Pool {
                     MemberStatus {
                         sharer: m.name.clone(),
                         state: if v.alive { "ready" } else { "closed" },
-                        rtt_ms: (m.tunnel.rtt().as_secs_f64() * 1e5).round() / 100.0,
+                        rtt_ms: (v.rtt.as_secs_f64() * 1e5).round() / 100.0,
+                        loss: v.loss,
                         score: (select::score(&v) * 1000.0).round() / 1000.0,
                         active: Some(m.key) == active,
                         distance: m.band.map(|b| b.to_string()).unwrap_or_default(),

@@ -11,6 +11,8 @@ pub struct View {
     /// The offer's link quality, 0..=1.
     pub link_quality: f64,
     pub rtt: Duration,
+    /// Probe loss, 0..=1.
+    pub loss: f64,
     pub band: Option<DistanceBand>,
 }
 
@@ -28,7 +30,8 @@ pub fn score(v: &View) -> f64 {
         Some(DistanceBand::From50To200m) => 0.5,
         Some(DistanceBand::Over200m) | None => 0.2,
     };
-    0.5 * v.link_quality + 0.3 * rtt + 0.2 * near
+    let delivered = (1.0 - v.loss.clamp(0.0, 1.0)).powi(2);
+    0.5 * v.link_quality * delivered + 0.3 * rtt * delivered + 0.2 * near
 }
 
 /// The index to use now. `pick(n)` returns a random number below `n`.
@@ -66,6 +69,7 @@ mod tests {
             alive: true,
             link_quality: q,
             rtt: Duration::from_millis(rtt_ms),
+            loss: 0.0,
             band: Some(DistanceBand::From10To50m),
         }
     }
@@ -86,6 +90,14 @@ mod tests {
         assert_eq!(choose(&views, Some(0), |_| 0), Some(1));
         views[1].alive = false;
         assert_eq!(choose(&views, Some(0), |_| 0), None);
+    }
+
+    #[test]
+    fn probe_loss_moves_the_choice() {
+        let mut lossy = v(0.9, 5);
+        lossy.loss = 0.3;
+        let views = vec![lossy, v(0.8, 10)];
+        assert_eq!(choose(&views, Some(0), |_| 0), Some(1));
     }
 
     #[test]

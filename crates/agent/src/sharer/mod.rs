@@ -3,10 +3,11 @@
 //! by its consent policy, and runs the QUIC relay that serves requesters.
 
 pub mod consent;
-pub mod probe;
+
 pub mod uplink;
 
 use crate::location::LocationSpec;
+use crate::probe::PingTracker;
 use crate::{AgentError, Shutdown, coordinator};
 use bandshare_core::{Backoff, EgressPolicy, LinkState, NetworkType, ServiceSet};
 use bandshare_proto::convert as cv;
@@ -14,7 +15,6 @@ use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message
 use bandshare_relay::{Relay, RelayHandle, RelayOptions};
 use consent::Consent;
 use ed25519_dalek::SigningKey;
-use probe::PingTracker;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};

@@ -1,5 +1,6 @@
-//! RTT and loss from the control stream's keepalives: the sharer pings, the
-//! coordinator echoes. Pure: the caller passes `now`.
+//! RTT and loss from echoed pings: the sharer pings the coordinator over
+//! its stream, the requester pings each sharer over the tunnel's probe
+//! channel. Pure: the caller passes `now`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ pub struct PingTracker {
     sent: VecDeque<(u64, Instant, bool)>,
     srtt: Option<Duration>,
     timeout: Duration,
+    last_answer: Option<Instant>,
 }
 
 impl PingTracker {
@@ -24,6 +26,7 @@ impl PingTracker {
             sent: VecDeque::with_capacity(WINDOW),
             srtt: None,
             timeout,
+            last_answer: None,
         }
     }
 
@@ -40,6 +43,7 @@ impl PingTracker {
     pub fn pong(&mut self, seq: u64, now: Instant) {
         if let Some(e) = self.sent.iter_mut().find(|e| e.0 == seq && !e.2) {
             e.2 = true;
+            self.last_answer = Some(now);
             let rtt = now.saturating_duration_since(e.1);
             // RFC 6298 smoothing, alpha = 1/8.
             self.srtt = Some(match self.srtt {
@@ -47,6 +51,11 @@ impl PingTracker {
                 Some(s) => (s * 7 + rtt) / 8,
             });
         }
+    }
+
+    /// When the last answer arrived, if any.
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.last_answer
     }
 
     pub fn rtt(&self) -> Option<Duration> {
