@@ -4,6 +4,7 @@
 //! Everything is the real component; nothing here is a mock.
 
 pub mod http;
+pub mod udp;
 
 use anyhow::Context;
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
@@ -131,6 +132,8 @@ pub struct SharerSpec {
     pub router: Option<String>,
     /// Follow this gpsd instead of a fixed position.
     pub gpsd: Option<String>,
+    /// Put a [`udp::UdpRelay`] between requesters and this sharer's relay.
+    pub behind_udp_relay: bool,
 }
 
 impl SharerSpec {
@@ -194,7 +197,14 @@ impl SharerSpec {
             cell: None,
             router: None,
             gpsd: None,
+            behind_udp_relay: false,
         }
+    }
+
+    /// Requesters reach this sharer through a UDP relay the test can cut.
+    pub fn behind_udp_relay(mut self) -> Self {
+        self.behind_udp_relay = true;
+        self
     }
 
     pub fn services(mut self, s: &str) -> Self {
@@ -217,6 +227,8 @@ pub struct SharerNode {
     pub name: String,
     pub key: DeviceKey,
     pub sharer: Sharer,
+    /// The UDP relay in front of it, when the spec asked for one.
+    pub link: Option<udp::UdpRelay>,
     trigger: Trigger,
 }
 
@@ -224,6 +236,17 @@ impl SharerNode {
     pub async fn start(coordinator_url: &str, spec: &SharerSpec) -> anyhow::Result<SharerNode> {
         let key = identity::generate()?;
         let (trigger, shutdown) = Shutdown::new();
+        // With a UDP relay in front, bind the QUIC relay on a known port and
+        // advertise the UDP relay's address instead.
+        let (relay_listen, link) = if spec.behind_udp_relay {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            (listen, Some(udp::UdpRelay::start(listen).await?))
+        } else {
+            ("127.0.0.1:0".parse()?, None)
+        };
         let opts = SharerOptions {
             server: coordinator_url.to_string(),
             name: spec.name.clone(),
@@ -234,8 +257,8 @@ impl SharerNode {
             },
             services: spec.services,
             network: spec.network,
-            relay_listen: "127.0.0.1:0".parse()?,
-            advertise: None,
+            relay_listen,
+            advertise: link.as_ref().map(|l| l.addr),
             egress: EgressPolicy {
                 allow: spec.allow.clone(),
                 ..Default::default()
@@ -250,6 +273,7 @@ impl SharerNode {
             name: spec.name.clone(),
             key: dkey,
             sharer,
+            link,
             trigger,
         })
     }

@@ -1,0 +1,139 @@
+//! Failover when the active sharer's link silently stops carrying packets:
+//! the pool notices by its probes, new flows go through the next member,
+//! and a flow in flight on the dead sharer ends instead of hanging.
+
+use bandshare_coordinator::Config;
+use bandshare_testkit::http::socks_get;
+use bandshare_testkit::{Cluster, SharerSpec, exact_config, wait_until};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A SOCKS5 CONNECT to `to` through `socks`, ready for bytes.
+async fn socks_connect(socks: SocketAddr, to: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(socks).await.expect("socks");
+    s.write_all(&[5, 1, 0]).await.expect("greet");
+    let mut b = [0u8; 2];
+    s.read_exact(&mut b).await.expect("method");
+    let mut req = vec![5, 1, 0, 1];
+    if let std::net::IpAddr::V4(ip) = to.ip() {
+        req.extend_from_slice(&ip.octets());
+    }
+    req.extend_from_slice(&to.port().to_be_bytes());
+    s.write_all(&req).await.expect("request");
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.expect("reply");
+    assert_eq!(rep[1], 0, "SOCKS reply");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_cut_link_moves_new_flows_and_ends_old_ones() {
+    let echo = echo_server().await;
+    let rule = format!("{}/32:{}", echo.ip(), echo.port())
+        .parse()
+        .expect("rule");
+    let spec = |n: &str, e: f64| SharerSpec::new(n, e, 0.0).behind_udp_relay().allow(rule);
+    let config = Config { ..exact_config() };
+    let c = Cluster::start_with(
+        config,
+        vec![spec("alice", 5.0), spec("bob", 20.0), spec("carol", 40.0)],
+    )
+    .await
+    .expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let port = c.target.addr.port();
+    socks_get(r.socks(), "localhost", port, "/before")
+        .await
+        .expect("fetch before");
+    let first = r.active().expect("active");
+
+    // A flow in flight through the active sharer.
+    let mut held = socks_connect(r.socks(), echo).await;
+    held.write_all(b"ping").await.expect("write");
+    let mut four = [0u8; 4];
+    held.read_exact(&mut four)
+        .await
+        .expect("echo before the cut");
+
+    // Cut the active sharer's link: no packet in either direction, no close.
+    let node = c.sharer(&first).expect("active node");
+    node.link.as_ref().expect("behind a UDP relay").cut(true);
+    let cut_at = Instant::now();
+
+    // New flows work again through another member.
+    let mut served = None;
+    while cut_at.elapsed() < Duration::from_secs(10) {
+        if let Ok(Ok((status, body))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            socks_get(r.socks(), "localhost", port, "/after"),
+        )
+        .await
+            && status.contains("200")
+            && body.contains("/after")
+        {
+            served = Some(cut_at.elapsed());
+            break;
+        }
+    }
+    let took = served.expect("no new flow succeeded within 10 s of the cut");
+    eprintln!(
+        "first new flow after the cut succeeded in {} ms",
+        took.as_millis()
+    );
+    let others: u64 = r
+        .requester
+        .pool
+        .status()
+        .pool
+        .iter()
+        .filter(|m| m.sharer != first)
+        .map(|m| m.flows)
+        .sum();
+    assert!(
+        others >= 1,
+        "the new flow did not go through another member: {:?}",
+        r.requester.pool.status()
+    );
+
+    // The probes take the dead member out of the pool and the active moves.
+    let gone = wait_until(Duration::from_secs(5), || {
+        !r.requester
+            .pool
+            .status()
+            .pool
+            .iter()
+            .any(|m| m.sharer == first)
+    })
+    .await;
+    assert!(gone, "{:?}", r.requester.pool.status());
+    eprintln!(
+        "dead member left the pool {} ms after the cut",
+        cut_at.elapsed().as_millis()
+    );
+    assert_ne!(r.active().expect("active after the cut"), first);
+
+    // The flow in flight ends: its application sees EOF or an error, not a hang.
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), held.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "held flow: {ended:?}"
+    );
+}
