@@ -1,6 +1,6 @@
 //! What keeps a requester from locating a sharer: per-key rate limits,
 //! physically plausible movement between requests, and a fixed, secret
-//! offset of 10–20 m per requester key applied to where distances are
+//! offset of 15–25 m per requester key applied to where distances are
 //! measured from, so repeated queries converge on a point that is not the
 //! sharer. Pure: callers pass `now`. Live positions stay in memory only.
 
@@ -28,8 +28,11 @@ impl Default for PrivacyConfig {
             burst: 10.0,
             max_speed_mps: 120.0,
             slack_m: 500.0,
-            fuzz_min_m: 10.0,
-            fuzz_max_m: 20.0,
+            // The innermost band is 10 m wide; a 15 m minimum keeps an
+            // attacker's estimate (the offset point, give or take the grid
+            // it sampled) at least a band width away.
+            fuzz_min_m: 15.0,
+            fuzz_max_m: 25.0,
         }
     }
 }
@@ -194,7 +197,7 @@ mod tests {
             let (a, b) = (g.measuring_point(&k, &at), g.measuring_point(&k, &at));
             assert_eq!(a, b);
             let d = at.ground_distance_m(&a);
-            assert!((9.99..=20.01).contains(&d), "{d}");
+            assert!((14.99..=25.01).contains(&d), "{d}");
         }
         let other = Guard::new(PrivacyConfig::default(), b"another secret");
         assert_ne!(
