@@ -54,6 +54,18 @@ enum BenchCommand {
     Relay(BenchRelayArgs),
     /// Scale: many sharer streams on one coordinator process.
     Scale(BenchScaleArgs),
+    /// Failover: a sharer killed (SIGKILL) or its link cut, to the first new flow that works.
+    Failover(BenchFailoverArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchFailoverArgs {
+    /// Rounds of each kind of failure.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -379,6 +391,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Offers(a) => offers(a).await,
         Command::Demo => crate::demo::run().await,
         Command::Bench(BenchCommand::Match(a)) => bench_match(a).await,
+        Command::Bench(BenchCommand::Failover(a)) => {
+            init_logs("error");
+            anyhow::ensure!(a.rounds > 0, "--rounds must be positive");
+            let mut v =
+                bandshare_bench::failover::run(&bandshare_bench::failover::FailoverOptions {
+                    rounds: a.rounds,
+                })
+                .await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
         Command::Bench(BenchCommand::Scale(a)) => {
             init_logs("error");
             anyhow::ensure!(

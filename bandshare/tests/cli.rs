@@ -209,11 +209,17 @@ fn demo_runs_and_exits_zero() {
 #[test]
 fn server_stops_cleanly_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_bandshare"))
         .args([
             "server",
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--http",
             "127.0.0.1:0",
             "--data",
@@ -230,7 +236,26 @@ fn server_stops_cleanly_on_sigterm() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // A sharer holds a stream open: shutdown must not wait for it forever.
+    let sharer_data = tempfile::tempdir().expect("tempdir");
+    let mut sharer = Command::new(env!("CARGO_BIN_EXE_bandshare"))
+        .args([
+            "share",
+            "--server",
+            &listen,
+            "--name",
+            "s",
+            "--at",
+            "39.9,116.4",
+            "--relay",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(sharer_data.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sharer");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -248,11 +273,17 @@ fn server_stops_cleanly_on_sigterm() {
         let _ = child.kill();
         panic!("server did not stop within 5 s of SIGTERM");
     };
+    let _ = sharer.kill();
+    let _ = sharer.wait();
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("coordinator stopped"), "{err}");
+    assert!(
+        err.contains("sharer online"),
+        "the sharer never connected: {err}"
+    );
     assert!(db.exists());
 }

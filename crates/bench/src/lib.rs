@@ -10,6 +10,7 @@
 //! a readable report to stderr and, with `--json`, one JSON object as the
 //! last line of stdout.
 
+pub mod failover;
 pub mod matching;
 pub mod plot;
 pub mod redis;

@@ -27,6 +27,9 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+/// How long shutdown waits for open requests before cutting streams.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -173,7 +176,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     info!(addr = ?grpc.local_addr().ok(), "coordinator listening");
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(shared.config.max_streams_per_connection)
         .add_service(v1::sharer_link_server::SharerLinkServer::new(
@@ -191,9 +194,22 @@ pub async fn run(
         }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stopped(stop_rx),
-        )
-        .await;
+            stopped(stop_rx.clone()),
+        );
+    // Sharer streams never end on their own: after the signal, in-flight
+    // share requests get a short grace period, then every stream is cut
+    // (sharers reconnect with backoff to whoever serves next).
+    let grace = async {
+        stopped(stop_rx).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = grace => {
+            info!(online = shared.registry.len(), "grace period over, closing sharer streams");
+            Ok(())
+        }
+    };
     sweeper.abort();
     if let Some(h) = http_task {
         h.abort();
