@@ -137,3 +137,59 @@ async fn a_silently_cut_link_moves_new_flows_and_ends_old_ones() {
         "held flow: {ended:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_rotates_the_pool_make_before_break() {
+    let c = Cluster::start(vec![
+        SharerSpec::new("west", -150.0, 0.0),
+        SharerSpec::new("east", 150.0, 0.0),
+    ])
+    .await
+    .expect("cluster");
+    let mut opts = c.requester_options();
+    opts.location = bandshare_agent::location::LocationSpec {
+        at: Some(bandshare_testkit::center().offset_m(-150.0, 0.0)),
+        ..Default::default()
+    };
+    let r = c.requester(opts).await.expect("requester");
+    let names = || {
+        let mut v: Vec<String> = r
+            .requester
+            .pool
+            .status()
+            .pool
+            .into_iter()
+            .map(|m| m.sharer)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(), vec!["west"]);
+
+    // Watch the pool size while the requester moves 300 m east.
+    let pool = r.requester.pool.clone();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut smallest = usize::MAX;
+        while done_rx.try_recv().is_err() {
+            smallest = smallest.min(pool.len());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        smallest
+    });
+    r.requester
+        .relocate(bandshare_agent::location::LocationSpec {
+            at: Some(bandshare_testkit::center().offset_m(150.0, 0.0)),
+            ..Default::default()
+        });
+    let rotated = wait_until(Duration::from_secs(10), || names() == vec!["east"]).await;
+    let _ = done_tx.send(());
+    let smallest = watcher.await.expect("watcher");
+    assert!(rotated, "pool after moving: {:?}", names());
+    assert!(smallest >= 1, "the pool was empty during the move");
+    let (status, _) = socks_get(r.socks(), "localhost", c.target.addr.port(), "/moved")
+        .await
+        .expect("fetch");
+    assert!(status.contains("200"));
+    assert_eq!(r.active().as_deref(), Some("east"));
+}

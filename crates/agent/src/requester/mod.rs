@@ -23,6 +23,27 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 /// `--forward LOCAL=HOST:PORT`
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bandshare_core::Position;
+
+    #[test]
+    fn what_counts_as_moving() {
+        let p = Position::new(39.9, 116.4, None).expect("valid");
+        let at = |e: f64| LocationSpec {
+            at: Some(p.offset_m(e, 0.0)),
+            ..Default::default()
+        };
+        assert_eq!(moved_far(&at(0.0), &at(30.0)), None);
+        assert!(moved_far(&at(0.0), &at(80.0)).is_some_and(|w| w.contains("80 m")));
+        let mut hall = at(0.0);
+        hall.scene = Some(bandshare_core::Scene::Station);
+        assert!(moved_far(&at(0.0), &hall).is_some_and(|w| w.contains("scene")));
+        assert!(moved_far(&LocationSpec::default(), &at(0.0)).is_some());
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forward {
     pub local: SocketAddr,
@@ -65,6 +86,37 @@ pub struct Requester {
     pub forward_addrs: Vec<SocketAddr>,
     /// The coordinator's answer to the first share request.
     pub first_response: v1::ShareResponse,
+    location: Arc<tokio::sync::watch::Sender<LocationSpec>>,
+}
+
+impl Requester {
+    /// Moves the requester by hand (live sources move it too): a move of
+    /// more than [`MOVE_THRESHOLD_M`] or a new scene rotates the pool.
+    pub fn relocate(&self, to: LocationSpec) {
+        self.location.send_replace(to);
+    }
+}
+
+/// A move this far (or a change of scene) asks for fresh offers.
+pub const MOVE_THRESHOLD_M: f64 = 50.0;
+
+/// Whether the requester moved enough since `asked` to ask again.
+pub fn moved_far(asked: &LocationSpec, now: &LocationSpec) -> Option<String> {
+    if asked.scene != now.scene {
+        return Some(format!(
+            "scene changed to {:?}",
+            now.scene.map(|s| s.to_string())
+        ));
+    }
+    match (asked.at, now.at) {
+        (Some(a), Some(b)) => {
+            let d = a.ground_distance_m(&b);
+            (d > MOVE_THRESHOLD_M).then(|| format!("moved {d:.0} m"))
+        }
+        (None, Some(_)) => Some("got a position fix".into()),
+        _ => (asked.wifi != now.wifi && !now.wifi.is_empty())
+            .then(|| "Wi-Fi surroundings changed".into()),
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -152,8 +204,21 @@ impl Requester {
         for f in &opts.forwards {
             forwards.push((bind(f.local).await?, f.target.clone()));
         }
-        let mut location =
-            crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
+        // One location the requester owns: live sources feed it, and
+        // `relocate` moves it by hand.
+        let (location_tx, mut location) = tokio::sync::watch::channel(opts.location.clone());
+        let location_tx = Arc::new(location_tx);
+        {
+            let mut sources =
+                crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
+            let tx = location_tx.clone();
+            tokio::spawn(async move {
+                while sources.changed().await.is_ok() {
+                    let now = sources.borrow_and_update().clone();
+                    tx.send_replace(now);
+                }
+            });
+        }
         if opts.sources.is_live() && opts.location.at.is_none() {
             // Give a live source a moment for its first fix.
             let _ = tokio::time::timeout(
@@ -163,7 +228,7 @@ impl Requester {
             .await;
         }
         let channel = coordinator::connect(&url).await?;
-        let here = location.borrow().clone();
+        let here = location.borrow_and_update().clone();
         let first = coordinator::share_request(channel, request(&opts, &here, &key)).await?;
         let pool = Arc::new(Pool::default());
         let size = opts.pool_size.max(1);
@@ -177,6 +242,7 @@ impl Requester {
                 .filter_map(|(l, _)| l.local_addr().ok())
                 .collect(),
             first_response: first,
+            location: location_tx,
         };
         let mut tasks = vec![];
         if let Some(l) = socks {
@@ -196,6 +262,7 @@ impl Requester {
             url,
             opts,
             location,
+            here,
             key,
             size,
         )));
@@ -219,23 +286,48 @@ async fn maintain(
     pool: Arc<Pool>,
     url: String,
     opts: RequesterOptions,
-    location: tokio::sync::watch::Receiver<LocationSpec>,
+    mut location: tokio::sync::watch::Receiver<LocationSpec>,
+    mut asked: LocationSpec,
     key: SigningKey,
     size: usize,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut rotate: Option<String> = None;
     loop {
-        let wait = if pool.len() < size {
+        let wait = if pool.len() < size || rotate.is_some() {
+            let here = location.borrow_and_update().clone();
+            // Whichever path led here, asking from elsewhere rotates.
+            let moved = rotate.take().or_else(|| moved_far(&asked, &here));
             let result = async {
                 let ch = coordinator::connect(&url).await?;
-                let here = location.borrow().clone();
                 coordinator::share_request(ch, request(&opts, &here, &key)).await
             }
             .await;
             match result {
                 Ok(resp) => {
-                    connect_offers(&pool, resp.offers, &key, size - pool.len()).await;
                     backoff.reset();
+                    asked = here;
+                    match moved {
+                        // Make before break: join the new sharers first,
+                        // then drop those no longer offered here.
+                        Some(why) => {
+                            let offered: Vec<DeviceKey> = resp
+                                .offers
+                                .iter()
+                                .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok())
+                                .collect();
+                            info!(reason = %why, offers = offered.len(), "rotating the pool");
+                            connect_offers(&pool, resp.offers, &key, size).await;
+                            if !offered.is_empty() {
+                                for k in pool.keys() {
+                                    if !offered.contains(&k) {
+                                        pool.remove(&k, "no longer offered here after moving");
+                                    }
+                                }
+                            }
+                        }
+                        None => connect_offers(&pool, resp.offers, &key, size - pool.len()).await,
+                    }
                     if pool.len() < size {
                         Duration::from_secs(2)
                     } else {
@@ -243,8 +335,9 @@ async fn maintain(
                     }
                 }
                 Err(e) => {
+                    rotate = moved;
                     let d = backoff.next_delay(fastrand::f64());
-                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool");
+                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
                     d
                 }
             }
@@ -254,6 +347,17 @@ async fn maintain(
         tokio::select! {
             _ = pool.changed.notified() => {}
             _ = tokio::time::sleep(wait) => {}
+            changed = location.changed() => {
+                if changed.is_err() {
+                    // No source can move it any more: wait on the rest.
+                    tokio::select! {
+                        _ = pool.changed.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                } else if let Some(why) = moved_far(&asked, &location.borrow_and_update()) {
+                    rotate = Some(why);
+                }
+            }
         }
         pool.reselect();
     }

@@ -156,6 +156,13 @@ impl Pool {
         self.len() == 0
     }
 
+    pub fn keys(&self) -> Vec<DeviceKey> {
+        self.members
+            .read()
+            .map(|m| m.iter().map(|x| x.key).collect())
+            .unwrap_or_default()
+    }
+
     pub fn contains(&self, key: &DeviceKey) -> bool {
         self.members
             .read()
