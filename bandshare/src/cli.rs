@@ -293,6 +293,10 @@ struct ConnectArgs {
     /// Sharers kept connected at once.
     #[arg(long, default_value_t = 3)]
     pool: usize,
+    /// How the active sharer is chosen: best (link state, probes, distance),
+    /// lowest-rtt or nearest.
+    #[arg(long, default_value = "best", value_parser = parsed::<bandshare_agent::requester::select::Strategy>)]
+    strategy: bandshare_agent::requester::select::Strategy,
     /// Local SOCKS5 and HTTP CONNECT proxy address.
     #[arg(long, default_value = "127.0.0.1:1080")]
     socks: SocketAddr,
@@ -580,6 +584,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         location: a.location.spec(),
         conditions: a.want.spec(),
         pool_size: a.pool,
+        strategy: a.strategy,
         socks: Some(a.socks),
         forwards: a.forward,
         control: a.control,

@@ -176,6 +176,7 @@ async fn killed(rounds: usize) -> anyhow::Result<Latencies> {
         sources: Default::default(),
         conditions: Default::default(),
         pool_size: 3,
+        strategy: Default::default(),
         socks: Some("127.0.0.1:0".parse()?),
         forwards: vec![],
         control: None,

@@ -79,10 +79,24 @@ pub struct CoordinatorNode {
 
 impl CoordinatorNode {
     pub async fn start(config: Config) -> anyhow::Result<CoordinatorNode> {
-        let data_dir = tempfile::tempdir()?;
+        CoordinatorNode::start_at(
+            config,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            tempfile::tempdir()?,
+        )
+        .await
+    }
+
+    /// Starts on `grpc` with the store in `data_dir` (to start one again
+    /// where a stopped one was: same address, same keys and ledger).
+    pub async fn start_at(
+        config: Config,
+        grpc: SocketAddr,
+        data_dir: tempfile::TempDir,
+    ) -> anyhow::Result<CoordinatorNode> {
         let store = bandshare_store::Store::open(data_dir.path())?;
         let shared = Shared::new(config, store)?;
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = tokio::net::TcpListener::bind(grpc).await?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
         let (trigger, shutdown) = Shutdown::new();
@@ -110,6 +124,14 @@ impl CoordinatorNode {
     pub async fn stop(self) {
         self.trigger.fire();
         let _ = self.task.await;
+    }
+
+    /// Stops it, giving back what [`CoordinatorNode::start_at`] needs to
+    /// start it again: its configuration, address and data directory.
+    pub async fn stop_keeping(self) -> (Config, SocketAddr, tempfile::TempDir) {
+        self.trigger.fire();
+        let _ = self.task.await;
+        (self.shared.config.clone(), self.grpc_addr, self.data_dir)
     }
 }
 
@@ -342,6 +364,7 @@ impl Cluster {
             sources: Default::default(),
             conditions: ConditionSpec::default(),
             pool_size: 3,
+            strategy: Default::default(),
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             forwards: vec![],
             control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

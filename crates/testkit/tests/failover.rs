@@ -193,3 +193,86 @@ async fn moving_rotates_the_pool_make_before_break() {
     assert!(status.contains("200"));
     assert_eq!(r.active().as_deref(), Some("east"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after() {
+    use bandshare_agent::requester::Requester;
+    use bandshare_testkit::{CoordinatorNode, SharerNode, http::HttpTarget};
+    let target = HttpTarget::start().await.expect("target");
+    let port = target.addr.port();
+    let rule: bandshare_core::EgressRule = format!("127.0.0.1/32:{port}").parse().expect("rule");
+    let config = Config {
+        report_interval: Duration::from_millis(200),
+        ping_interval: Duration::from_millis(100),
+        expire_after: Duration::from_millis(1500),
+        ..exact_config()
+    };
+    let coord = CoordinatorNode::start(config).await.expect("coordinator");
+    let mut sharers = vec![];
+    for (i, n) in ["alice", "bob", "carol"].iter().enumerate() {
+        let spec = SharerSpec::new(n, 5.0 + 10.0 * i as f64, 0.0).allow(rule);
+        sharers.push(SharerNode::start(&coord.url, &spec).await.expect("sharer"));
+    }
+    assert!(wait_until(Duration::from_secs(10), || coord.online() == 3).await);
+    let (_stop, shutdown) = bandshare_agent::Shutdown::new();
+    let opts = bandshare_agent::requester::RequesterOptions {
+        server: coord.url.clone(),
+        location: bandshare_agent::location::LocationSpec {
+            at: Some(bandshare_testkit::center()),
+            ..Default::default()
+        },
+        sources: Default::default(),
+        conditions: Default::default(),
+        pool_size: 3,
+        strategy: Default::default(),
+        socks: Some("127.0.0.1:0".parse().expect("addr")),
+        forwards: vec![],
+        control: None,
+    };
+    let r = Requester::start(
+        opts,
+        bandshare_agent::identity::generate().expect("key"),
+        shutdown,
+    )
+    .await
+    .expect("requester");
+    let socks = r.socks_addr.expect("socks");
+    assert!(wait_until(Duration::from_secs(10), || r.pool.len() == 3).await);
+
+    // The coordinator goes away: flows keep working through the pool ...
+    let (config, addr, dir) = coord.stop_keeping().await;
+    socks_get(socks, "localhost", port, "/coordinator-down")
+        .await
+        .expect("fetch while the coordinator is down");
+    // ... even when a sharer dies meanwhile.
+    let active = r.pool.status().active.expect("active");
+    sharers
+        .iter()
+        .find(|s| s.name == active)
+        .expect("node")
+        .kill();
+    assert!(
+        wait_until(Duration::from_secs(5), || r.pool.len() == 2).await,
+        "{:?}",
+        r.pool.status()
+    );
+    let (status, _) = socks_get(socks, "localhost", port, "/one-down")
+        .await
+        .expect("fetch with one sharer gone");
+    assert!(status.contains("200"));
+    tokio::time::sleep(Duration::from_millis(500)).await; // refills fail meanwhile, with backoff
+
+    // It comes back where it was; a new sharer appears; the pool refills.
+    let coord = CoordinatorNode::start_at(config, addr, dir)
+        .await
+        .expect("restart");
+    let dave = SharerSpec::new("dave", 8.0, 0.0).allow(rule);
+    sharers.push(SharerNode::start(&coord.url, &dave).await.expect("sharer"));
+    let refilled = wait_until(Duration::from_secs(20), || r.pool.len() == 3).await;
+    assert!(
+        refilled,
+        "pool after the coordinator returned: {:?}",
+        r.pool.status()
+    );
+    assert!(r.pool.status().pool.iter().any(|m| m.sharer == "dave"));
+}

@@ -73,6 +73,8 @@ pub struct RequesterOptions {
     pub sources: crate::position::Sources,
     pub conditions: ConditionSpec,
     pub pool_size: usize,
+    /// How the active member is chosen.
+    pub strategy: select::Strategy,
     pub socks: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
     pub control: Option<SocketAddr>,
@@ -230,7 +232,7 @@ impl Requester {
         let channel = coordinator::connect(&url).await?;
         let here = location.borrow_and_update().clone();
         let first = coordinator::share_request(channel, request(&opts, &here, &key)).await?;
-        let pool = Arc::new(Pool::default());
+        let pool = Arc::new(Pool::new(opts.strategy));
         let size = opts.pool_size.max(1);
         connect_offers(&pool, first.offers.clone(), &key, size).await;
         let me = Requester {

@@ -108,6 +108,7 @@ pub struct Pool {
     pub changed: Notify,
     /// Total bytes through the pool, both directions.
     pub total_bytes: AtomicU64,
+    pub strategy: select::Strategy,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -154,6 +155,13 @@ impl Pool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn new(strategy: select::Strategy) -> Pool {
+        Pool {
+            strategy,
+            ..Pool::default()
+        }
     }
 
     pub fn keys(&self) -> Vec<DeviceKey> {
@@ -205,7 +213,7 @@ impl Pool {
         let views: Vec<View> = members.iter().map(|m| view(m)).collect();
         let mut active = self.active.write().ok()?;
         let current = active.and_then(|k| members.iter().position(|m| m.key == k));
-        let chosen = select::choose(&views, current, |n| {
+        let chosen = select::choose(&views, current, self.strategy, |n| {
             if n == 0 { 0 } else { fastrand::usize(..n) }
         });
         let next = chosen.map(|i| members[i].clone());
@@ -236,7 +244,11 @@ impl Pool {
         members
             .into_iter()
             .filter(|m| !skip.contains(&m.key) && m.tunnel.close_reason().is_none())
-            .max_by(|a, b| select::score(&view(a)).total_cmp(&select::score(&view(b))))
+            .max_by(|a, b| {
+                self.strategy
+                    .rank(&view(a))
+                    .total_cmp(&self.strategy.rank(&view(b)))
+            })
     }
 
     /// Opens a flow through the active member. A lost tunnel moves on to the
