@@ -52,6 +52,9 @@ pub struct Shared {
     known_requesters: Mutex<HashSet<DeviceKey>>,
     /// Rate limits, plausibility and measuring offsets per requester.
     pub privacy: Mutex<privacy::Guard>,
+    /// Sharers offered to each requester: the only ones whose tickets it
+    /// may refresh.
+    pub offered: Mutex<std::collections::HashMap<DeviceKey, HashSet<DeviceKey>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,7 @@ impl Shared {
             reports_received: Default::default(),
             share_requests: Default::default(),
             known_requesters: Mutex::default(),
+            offered: Mutex::default(),
         }))
     }
 }

@@ -73,8 +73,97 @@ fn random_nonce() -> [u8; 16] {
     n
 }
 
+/// Notes which sharers `requester` was offered (bounded: forgets everyone
+/// when it grows past 100,000 requesters).
+fn remember_offered(
+    shared: &Shared,
+    requester: &DeviceKey,
+    sharers: impl Iterator<Item = DeviceKey>,
+) {
+    if let Ok(mut m) = shared.offered.lock() {
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        let set = m.entry(*requester).or_default();
+        set.extend(sharers);
+        if set.len() > 64 {
+            set.clear();
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl v1::matchmaker_server::Matchmaker for MatchmakerService {
+    async fn refresh_tickets(
+        &self,
+        req: Request<v1::TicketRefresh>,
+    ) -> Result<Response<v1::ShareResponse>, Status> {
+        let req = req.into_inner();
+        let shared = &self.shared;
+        let requester = DeviceKey::from_slice(&req.requester_key)
+            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        if req.sharer_keys.len() > 16 {
+            return Err(Status::invalid_argument(
+                "at most 16 sharer keys per refresh",
+            ));
+        }
+        shared
+            .privacy
+            .lock()
+            .map_err(|_| Status::internal("privacy state poisoned"))?
+            .admit(&requester, None, std::time::Instant::now())
+            .map_err(|r| Status::resource_exhausted(r.to_string()))?;
+        let allowed = shared
+            .offered
+            .lock()
+            .map(|m| m.get(&requester).cloned().unwrap_or_default())
+            .unwrap_or_default();
+        let now = unix_now();
+        let expires = now + shared.config.ticket_lifetime.as_secs();
+        let mut offers = vec![];
+        for k in &req.sharer_keys {
+            let Ok(key) = DeviceKey::from_slice(k) else {
+                continue;
+            };
+            if !allowed.contains(&key) {
+                continue;
+            }
+            let Some(c) = shared.registry.contact_of(&key) else {
+                continue;
+            };
+            let ticket = shared.signer.sign(Ticket {
+                key_id: 0,
+                sharer: key,
+                requester,
+                expires_unix: expires,
+                nonce: random_nonce(),
+                quota_bytes: shared.config.quota_bytes,
+            });
+            offers.push(v1::Offer {
+                sharer: c.info.name.to_string(),
+                sharer_key: key.0.to_vec(),
+                relay_endpoints: c.handle.relay_endpoints.clone(),
+                relay_cert_sha256: c.handle.relay_cert_sha256.clone(),
+                ticket,
+                services: cv::services_to_wire(c.info.services),
+                network: cv::network_to_wire(c.info.network),
+                link: Some(cv::link_to_wire(&c.info.link)),
+                distance_band: String::new(),
+                score: 0.0,
+                ticket_expires_unix: expires,
+            });
+        }
+        debug!(
+            asked = req.sharer_keys.len(),
+            refreshed = offers.len(),
+            "tickets refreshed"
+        );
+        Ok(Response::new(v1::ShareResponse {
+            offers,
+            ..Default::default()
+        }))
+    }
+
     async fn request_share(
         &self,
         req: Request<v1::ShareRequest>,
@@ -243,6 +332,13 @@ impl MatchmakerService {
         shared
             .share_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        remember_offered(
+            shared,
+            &requester,
+            offers
+                .iter()
+                .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok()),
+        );
         info!(
             scene = outcome.scene.scene.as_str(),
             candidates = contacts.len(),

@@ -216,6 +216,17 @@ impl Registry {
         })
     }
 
+    /// The online sharer with device key `key`.
+    pub fn contact_of(&self, key: &DeviceKey) -> Option<Contact> {
+        let g = self.inner.read().ok()?;
+        let id = *g.by_key.get(key)?;
+        Some(Contact {
+            id,
+            info: g.index.get(id)?.clone(),
+            handle: g.handle(id)?.clone(),
+        })
+    }
+
     /// Registers a pending access request; the answer arrives through
     /// [`Registry::answer`].
     pub fn expect_answer(

@@ -276,3 +276,50 @@ async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after(
     );
     assert!(r.pool.status().pool.iter().any(|m| m.sharer == "dave"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_sharers_are_reached_directly_while_the_coordinator_is_down() {
+    let config = Config {
+        expire_after: Duration::from_secs(30),
+        ..exact_config()
+    };
+    let c = Cluster::start_with(
+        config,
+        vec![SharerSpec::new("alice", 5.0, 0.0).behind_udp_relay()],
+    )
+    .await
+    .expect("cluster");
+    let mut opts = c.requester_options();
+    opts.pool_size = 1;
+    let r = c.requester(opts).await.expect("requester");
+    let port = c.target.addr.port();
+    socks_get(r.socks(), "localhost", port, "/used")
+        .await
+        .expect("fetch");
+    // Using alice made her trusted; a spare ticket arrives from the coordinator.
+    let pool = r.requester.pool.clone();
+    assert!(
+        wait_until(Duration::from_secs(5), || pool.trusted_with_ticket() == 1).await,
+        "no spare ticket"
+    );
+
+    let Cluster {
+        coordinator,
+        sharers,
+        target: _target,
+    } = c;
+    coordinator.stop().await;
+    // A blip on alice's link: the pool drops her; the coordinator cannot help.
+    let link = sharers[0].link.as_ref().expect("udp relay");
+    link.cut(true);
+    assert!(wait_until(Duration::from_secs(5), || pool.is_empty()).await);
+    link.cut(false);
+    // The requester dials her directly with the spare ticket.
+    let back = wait_until(Duration::from_secs(10), || pool.len() == 1).await;
+    assert!(back, "no direct reconnect: {:?}", pool.status());
+    assert_eq!(pool.trusted_with_ticket(), 0, "the spare ticket was used");
+    let (status, _) = socks_get(r.socks(), "localhost", port, "/direct")
+        .await
+        .expect("fetch without a coordinator");
+    assert!(status.contains("200"));
+}

@@ -14,7 +14,7 @@ use bandshare_proto::convert as cv;
 use bandshare_proto::v1;
 use bandshare_relay::{FlowHeader, Tunnel};
 use ed25519_dalek::SigningKey;
-use pool::{Member, Pool};
+use pool::{Member, Pool, Trusted};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -160,26 +160,145 @@ async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningK
             .map_err(|e| format!("{}: {e}", o.sharer))?;
         let mut link = o.link.as_ref().map(cv::link_from_wire).unwrap_or_default();
         link.network = cv::network_from_wire(o.network);
-        Ok(Member {
-            name: o.sharer.clone(),
-            key: sharer_key,
-            band: DistanceBand::parse(&o.distance_band),
-            network: cv::network_from_wire(o.network),
+        Ok(member(
+            o.sharer.clone(),
+            sharer_key,
+            addr,
+            pin,
+            DistanceBand::parse(&o.distance_band),
+            cv::network_from_wire(o.network),
             link,
             tunnel,
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            flows: AtomicU64::new(0),
-            probe_rtt_us: AtomicU64::new(0),
-            probe_loss_permille: AtomicU64::new(0),
-            last_answer_ms: AtomicU64::new(0),
-            joined: std::time::Instant::now(),
-        })
+        ))
     });
     for r in futures::future::join_all(dials).await {
         match r {
             Ok(m) => pool.add(m),
             Err(e) => warn!(error = %e, "cannot join sharer"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn member(
+    name: String,
+    key: DeviceKey,
+    endpoint: SocketAddr,
+    pin: [u8; 32],
+    band: Option<DistanceBand>,
+    network: Option<bandshare_core::NetworkType>,
+    link: bandshare_core::LinkState,
+    tunnel: Tunnel,
+) -> Member {
+    Member {
+        name,
+        key,
+        endpoint,
+        pin,
+        band,
+        network,
+        link,
+        tunnel,
+        bytes_up: AtomicU64::new(0),
+        bytes_down: AtomicU64::new(0),
+        flows: AtomicU64::new(0),
+        probe_rtt_us: AtomicU64::new(0),
+        probe_loss_permille: AtomicU64::new(0),
+        last_answer_ms: AtomicU64::new(0),
+        joined: std::time::Instant::now(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Fetches spare tickets for every trusted sharer; returns when to refresh
+/// next (half the shortest ticket lifetime, at least 2 s).
+async fn refresh_tickets(
+    url: &str,
+    pool: &Pool,
+    key: &SigningKey,
+) -> Result<Duration, coordinator::CoordinatorError> {
+    let keys: Vec<Vec<u8>> = pool
+        .trusted
+        .lock()
+        .map(|t| t.keys().map(|k| k.0.to_vec()).collect())
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return Ok(Duration::from_secs(30));
+    }
+    let ch = coordinator::connect(url).await?;
+    let mut client = v1::matchmaker_client::MatchmakerClient::new(ch);
+    let resp = client
+        .refresh_tickets(v1::TicketRefresh {
+            requester_key: key.verifying_key().to_bytes().to_vec(),
+            sharer_keys: keys.into_iter().take(16).collect(),
+        })
+        .await
+        .map_err(|s| coordinator::CoordinatorError::Status(s.message().to_string()))?
+        .into_inner();
+    let now = unix_now();
+    let mut next = Duration::from_secs(30);
+    if let Ok(mut t) = pool.trusted.lock() {
+        for o in resp.offers {
+            let (Ok(k), Some(addr), Ok(pin)) = (
+                DeviceKey::from_slice(&o.sharer_key),
+                o.relay_endpoints
+                    .iter()
+                    .find_map(|e| e.parse::<SocketAddr>().ok()),
+                <[u8; 32]>::try_from(o.relay_cert_sha256.as_slice()),
+            ) else {
+                continue;
+            };
+            if let Some(entry) = t.get_mut(&k) {
+                entry.endpoint = addr;
+                entry.pin = pin;
+                entry.ticket = Some((o.ticket, o.ticket_expires_unix));
+                let half = o.ticket_expires_unix.saturating_sub(now) / 2;
+                next = next.min(Duration::from_secs(half.max(2)));
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// While the coordinator cannot be reached: dials trusted sharers that
+/// hold an unexpired spare ticket, up to `room` of them.
+async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
+    let now = unix_now();
+    let picks: Vec<(DeviceKey, Trusted, Vec<u8>)> = match pool.trusted.lock() {
+        Ok(mut t) => t
+            .iter_mut()
+            .filter(|(k, x)| {
+                !pool.contains(k) && x.ticket.as_ref().is_some_and(|(_, exp)| *exp > now + 1)
+            })
+            .take(room)
+            .filter_map(|(k, x)| {
+                let (ticket, _) = x.ticket.take()?; // one ticket, one connection
+                Some((*k, x.clone(), ticket))
+            })
+            .collect(),
+        Err(_) => return,
+    };
+    for (k, x, ticket) in picks {
+        match Tunnel::connect(x.endpoint, x.pin, &ticket, key).await {
+            Ok(tunnel) => {
+                info!(sharer = %x.name, "reconnected directly to a trusted sharer");
+                pool.add(member(
+                    x.name.clone(),
+                    k,
+                    x.endpoint,
+                    x.pin,
+                    x.band,
+                    x.network,
+                    x.link,
+                    tunnel,
+                ));
+            }
+            Err(e) => warn!(sharer = %x.name, error = %e, "trusted sharer unreachable"),
         }
     }
 }
@@ -295,7 +414,21 @@ async fn maintain(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut rotate: Option<String> = None;
+    let mut refresh_at = tokio::time::Instant::now();
     loop {
+        // Keep a spare ticket for every trusted sharer while we can.
+        let needs_ticket = pool
+            .trusted
+            .lock()
+            .map(|t| t.values().any(|x| x.ticket.is_none()))
+            .unwrap_or(false);
+        if needs_ticket || tokio::time::Instant::now() >= refresh_at {
+            refresh_at = tokio::time::Instant::now()
+                + match refresh_tickets(&url, &pool, &key).await {
+                    Ok(next) => next,
+                    Err(_) => Duration::from_secs(2),
+                };
+        }
         let wait = if pool.len() < size || rotate.is_some() {
             let here = location.borrow_and_update().clone();
             // Whichever path led here, asking from elsewhere rotates.
@@ -338,6 +471,7 @@ async fn maintain(
                 }
                 Err(e) => {
                     rotate = moved;
+                    reconnect_trusted(&pool, &key, size.saturating_sub(pool.len())).await;
                     let d = backoff.next_delay(fastrand::f64());
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
                     d
@@ -346,6 +480,11 @@ async fn maintain(
         } else {
             Duration::from_secs(10)
         };
+        let wait = wait.min(
+            refresh_at
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(200)),
+        );
         tokio::select! {
             _ = pool.changed.notified() => {}
             _ = tokio::time::sleep(wait) => {}

@@ -23,6 +23,9 @@ pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
 pub struct Member {
     pub name: String,
     pub key: DeviceKey,
+    /// Where its relay is and the pin of its certificate.
+    pub endpoint: std::net::SocketAddr,
+    pub pin: [u8; 32],
     pub band: Option<DistanceBand>,
     pub network: Option<NetworkType>,
     pub link: LinkState,
@@ -100,6 +103,20 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
     reader.abort();
 }
 
+/// A sharer this requester used successfully: enough to dial it again
+/// without the coordinator, given a ticket refreshed while it was reachable.
+#[derive(Clone, Debug)]
+pub struct Trusted {
+    pub name: String,
+    pub endpoint: std::net::SocketAddr,
+    pub pin: [u8; 32],
+    pub band: Option<DistanceBand>,
+    pub network: Option<NetworkType>,
+    pub link: LinkState,
+    /// An unused ticket and its expiry (unix seconds).
+    pub ticket: Option<(Vec<u8>, u64)>,
+}
+
 #[derive(Default)]
 pub struct Pool {
     members: RwLock<Vec<Arc<Member>>>,
@@ -109,6 +126,8 @@ pub struct Pool {
     /// Total bytes through the pool, both directions.
     pub total_bytes: AtomicU64,
     pub strategy: select::Strategy,
+    /// Sharers used successfully, by key.
+    pub trusted: std::sync::Mutex<std::collections::HashMap<DeviceKey, Trusted>>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -155,6 +174,38 @@ impl Pool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Remembers `m` as a sharer that served us (keeping any ticket held).
+    fn trust(&self, m: &Member) {
+        let Ok(mut t) = self.trusted.lock() else {
+            return;
+        };
+        let fresh = !t.contains_key(&m.key);
+        let entry = t.entry(m.key).or_insert_with(|| Trusted {
+            name: m.name.clone(),
+            endpoint: m.endpoint,
+            pin: m.pin,
+            band: m.band,
+            network: m.network,
+            link: m.link,
+            ticket: None,
+        });
+        entry.endpoint = m.endpoint;
+        entry.pin = m.pin;
+        drop(t);
+        if fresh {
+            // Wake the maintainer to fetch a spare ticket for it.
+            self.changed.notify_one();
+        }
+    }
+
+    /// Trusted sharers holding a spare ticket.
+    pub fn trusted_with_ticket(&self) -> usize {
+        self.trusted
+            .lock()
+            .map(|t| t.values().filter(|x| x.ticket.is_some()).count())
+            .unwrap_or(0)
     }
 
     pub fn new(strategy: select::Strategy) -> Pool {
@@ -304,6 +355,7 @@ impl Pool {
             match result {
                 Ok((s, r, m)) => {
                     m.flows.fetch_add(1, Ordering::Relaxed);
+                    self.trust(&m);
                     return Ok((s, r, m));
                 }
                 Err((FlowError::Lost(why), m)) => {
