@@ -3,12 +3,12 @@
 //! silently dropping every packet — timing from the failure to the first
 //! new flow that succeeds through the requester's pool.
 
-use crate::stats::Latencies;
+use crate::stats::{Latencies, Proc};
 use bandshare_coordinator::Config;
 use bandshare_testkit::http::{HttpTarget, socks_get};
 use bandshare_testkit::{Cluster, CoordinatorNode, SharerSpec, center, exact_config, wait_until};
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -98,15 +98,6 @@ async fn silent(rounds: usize) -> anyhow::Result<Latencies> {
     }
     r.stop();
     Ok(lat)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn spawn_sharer(

@@ -6,13 +6,13 @@
 //! built-in sender. Also the added latency of a new flow's first byte
 //! through a warm pool.
 
-use crate::stats::Latencies;
+use crate::stats::{Latencies, Proc};
 use bandshare_coordinator::Config;
 use bandshare_core::EgressRule;
 use bandshare_testkit::{Cluster, SharerSpec};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,16 +23,6 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct RelayBenchOptions {
     pub seconds: f64,
     pub first_byte_rounds: usize,
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn installed(cmd: &str) -> bool {
@@ -181,46 +171,33 @@ fn ss_key() -> String {
 async fn shadowsocks(targets: &[SocketAddr]) -> anyhow::Result<(Vec<Proc>, Vec<SocketAddr>)> {
     let method = "2022-blake3-aes-256-gcm";
     let server_port = free_port()?;
-    let mut procs = vec![Proc(
-        Command::new("ssserver")
-            .args([
+    let (server, key) = (format!("127.0.0.1:{server_port}"), ss_key());
+    let mut procs = vec![Proc::quiet(
+        "ssserver",
+        &["-s", &server, "-m", method, "-k", &key],
+    )?];
+    let mut locals = vec![];
+    for t in targets {
+        let local = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (l, f) = (local.to_string(), t.to_string());
+        procs.push(Proc::quiet(
+            "sslocal",
+            &[
+                "-b",
+                &l,
+                "--protocol",
+                "tunnel",
+                "-f",
+                &f,
                 "-s",
-                &format!("127.0.0.1:{server_port}"),
+                &server,
                 "-m",
                 method,
                 "-k",
-                &ss_key(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    )];
-    let mut locals = vec![];
-    for t in targets {
-        let p = free_port()?;
-        procs.push(Proc(
-            Command::new("sslocal")
-                .args([
-                    "-b",
-                    &format!("127.0.0.1:{p}"),
-                    "--protocol",
-                    "tunnel",
-                    "-f",
-                    &t.to_string(),
-                ])
-                .args([
-                    "-s",
-                    &format!("127.0.0.1:{server_port}"),
-                    "-m",
-                    method,
-                    "-k",
-                    &ss_key(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        ));
-        locals.push(SocketAddr::from(([127, 0, 0, 1], p)));
+                &key,
+            ],
+        )?);
+        locals.push(local);
     }
     // Wait until every local port accepts.
     for l in &locals {
@@ -250,13 +227,9 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     let echo_addr = echo().await?;
     let _iperf_server = if use_iperf {
         let p = free_port()?;
-        let child = Command::new("iperf3")
-            .args(["-s", "-B", "127.0.0.1", "-p", &p.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let server = Proc::quiet("iperf3", &["-s", "-B", "127.0.0.1", "-p", &p.to_string()])?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        Some((Proc(child), SocketAddr::from(([127, 0, 0, 1], p))))
+        Some((server, SocketAddr::from(([127, 0, 0, 1], p))))
     } else {
         None
     };

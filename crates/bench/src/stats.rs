@@ -2,6 +2,28 @@
 
 use std::time::Duration;
 
+/// A child process of a benchmark, killed and reaped when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Starts `program` with `args`, its output discarded.
+    pub fn quiet(program: &str, args: &[&str]) -> std::io::Result<Proc> {
+        std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Proc)
+    }
+}
+
 /// Latency samples in microseconds.
 #[derive(Default, Debug, Clone)]
 pub struct Latencies(pub Vec<u64>);
