@@ -112,6 +112,9 @@ pub async fn run() -> anyhow::Result<()> {
     )
     .await?;
     println!("{}", indent(&crate::render::offers_table(&resp, true)));
+    println!(
+        "   (distance bands are measured from a point 15-25 m from the requester, fixed per device,\n    so faked positions cannot trilaterate a sharer; alice at 8 m may show as 10-50m)"
+    );
 
     println!("\n2. It connects to a pool of 3 and serves SOCKS5 locally");
     let mut opts = cluster.requester_options();
