@@ -82,13 +82,12 @@ impl Hello {
         b
     }
 
-    /// Decodes one complete hello.
-    pub fn decode(buf: &[u8]) -> Result<Hello, WireError> {
-        need("hello", buf, 3)?;
-        if buf[0] != VERSION {
-            return Err(WireError::Version(buf[0]));
+    /// Checks the version and returns the ticket length from the 3-byte head.
+    fn ticket_len(head: [u8; 3]) -> Result<usize, WireError> {
+        if head[0] != VERSION {
+            return Err(WireError::Version(head[0]));
         }
-        let tlen = u16::from_be_bytes([buf[1], buf[2]]) as usize;
+        let tlen = u16::from_be_bytes([head[1], head[2]]) as usize;
         if tlen > MAX_TICKET {
             return Err(WireError::TooLong {
                 what: "ticket",
@@ -96,6 +95,13 @@ impl Hello {
                 max: MAX_TICKET,
             });
         }
+        Ok(tlen)
+    }
+
+    /// Decodes one complete hello.
+    pub fn decode(buf: &[u8]) -> Result<Hello, WireError> {
+        need("hello", buf, 3)?;
+        let tlen = Hello::ticket_len([buf[0], buf[1], buf[2]])?;
         let total = 3 + tlen + 96;
         need("hello", buf, total)?;
         if buf.len() > total {
@@ -115,17 +121,7 @@ impl Hello {
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireError> {
         let mut head = [0u8; 3];
         read_exact(r, &mut head).await?;
-        if head[0] != VERSION {
-            return Err(WireError::Version(head[0]));
-        }
-        let tlen = u16::from_be_bytes([head[1], head[2]]) as usize;
-        if tlen > MAX_TICKET {
-            return Err(WireError::TooLong {
-                what: "ticket",
-                len: tlen,
-                max: MAX_TICKET,
-            });
-        }
+        let tlen = Hello::ticket_len(head)?;
         let mut all = vec![0u8; 3 + tlen + 96];
         all[..3].copy_from_slice(&head);
         read_exact(r, &mut all[3..]).await?;

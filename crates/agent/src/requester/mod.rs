@@ -415,15 +415,16 @@ async fn maintain(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut rotate: Option<String> = None;
     let mut refresh_at = tokio::time::Instant::now();
+    let mut retry_at = refresh_at;
     loop {
         // Keep a spare ticket for every trusted sharer while we can.
-        let needs_ticket = pool
-            .trusted
-            .lock()
-            .map(|t| t.values().any(|x| x.ticket.is_none()))
-            .unwrap_or(false);
-        if needs_ticket || tokio::time::Instant::now() >= refresh_at {
-            refresh_at = tokio::time::Instant::now()
+        let needs_ticket = pool.needs_ticket();
+        // A sharer newly trusted is refreshed at once, but never more often
+        // than every 2 s (the coordinator may be down).
+        let now = tokio::time::Instant::now();
+        if (needs_ticket && now >= retry_at) || now >= refresh_at {
+            retry_at = now + Duration::from_secs(2);
+            refresh_at = now
                 + match refresh_tickets(&url, &pool, &key).await {
                     Ok(next) => next,
                     Err(_) => Duration::from_secs(2),
@@ -480,9 +481,14 @@ async fn maintain(
         } else {
             Duration::from_secs(10)
         };
-        let wait = wait.min(
+        let needs_ticket = pool.needs_ticket();
+        let due = if needs_ticket {
+            refresh_at.min(retry_at)
+        } else {
             refresh_at
-                .saturating_duration_since(tokio::time::Instant::now())
+        };
+        let wait = wait.min(
+            due.saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(200)),
         );
         tokio::select! {

@@ -200,6 +200,14 @@ impl Pool {
         }
     }
 
+    /// Whether some trusted sharer has no spare ticket.
+    pub fn needs_ticket(&self) -> bool {
+        self.trusted
+            .lock()
+            .map(|t| t.values().any(|x| x.ticket.is_none()))
+            .unwrap_or(false)
+    }
+
     /// Trusted sharers holding a spare ticket.
     pub fn trusted_with_ticket(&self) -> usize {
         self.trusted
