@@ -180,6 +180,15 @@ struct LocationArgs {
     accuracy: Option<f64>,
 }
 
+fn parse_hostport(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not HOST:PORT (e.g. example.net:443)")),
+    }
+}
+
 fn parse_router(s: &str) -> Result<String, String> {
     bandshare_core::radio::parse_bssid(s)
         .map(bandshare_core::radio::format_bssid)
@@ -256,6 +265,11 @@ struct ShareArgs {
     /// Interface whose counters measure the uplink [default: the default route's].
     #[arg(long)]
     uplink: Option<String>,
+    /// Check the uplink by timing a TCP connect to this HOST:PORT across it
+    /// every 250 ms; its loss, or its failing, reaches connected requesters
+    /// in their probe answers so they move to another sharer.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_hostport)]
+    uplink_check: Option<String>,
     /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/share-NAME].
     #[arg(long)]
     data: Option<PathBuf>,
@@ -567,6 +581,7 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
             max_requesters: a.max_requesters,
         },
         uplink: a.uplink,
+        uplink_check: a.uplink_check,
     };
     let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
     sharer.join().await;

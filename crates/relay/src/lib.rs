@@ -18,4 +18,4 @@ pub mod wire;
 
 pub use serve::{Relay, RelayHandle, RelayOptions, UsageDelta};
 pub use tunnel::{FlowError, Tunnel, TunnelError};
-pub use wire::{FlowHeader, Host};
+pub use wire::{FlowHeader, Host, UplinkHealth};

@@ -9,12 +9,12 @@
 
 use crate::splice::copy_counted;
 use crate::tls;
-use crate::wire::{self, FlowHeader, Hello, Host, reply};
+use crate::wire::{self, FlowHeader, Hello, Host, UplinkHealth, reply};
 use bandshare_core::{DeviceKey, EgressPolicy, TicketVerifier};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
@@ -61,6 +61,8 @@ struct Shared {
     /// Ticket nonces seen, with their expiry: a ticket opens one connection.
     replay: Mutex<HashMap<[u8; 16], u64>>,
     total: AtomicU64,
+    /// The agent's view of its uplink: bit 16 down, low 16 bits loss ‰.
+    uplink: AtomicU32,
 }
 
 /// What the sharer agent needs of its relay: set the coordinator's keys,
@@ -82,6 +84,16 @@ impl RelayHandle {
             .read()
             .map(|v| !v.is_empty())
             .unwrap_or(false)
+    }
+
+    /// What probe answers tell requesters about this sharer's uplink.
+    pub fn set_uplink(&self, h: UplinkHealth) {
+        let v = (h.down as u32) << 16 | h.loss_permille.min(1000) as u32;
+        self.0.uplink.store(v, Ordering::Relaxed);
+    }
+
+    pub fn uplink(&self) -> UplinkHealth {
+        uplink_of(&self.0)
     }
 
     pub fn cert_pin(&self) -> [u8; 32] {
@@ -134,6 +146,14 @@ pub enum RelayError {
     Bind(SocketAddr, std::io::Error),
 }
 
+fn uplink_of(shared: &Shared) -> UplinkHealth {
+    let v = shared.uplink.load(Ordering::Relaxed);
+    UplinkHealth {
+        down: v >> 16 & 1 == 1,
+        loss_permille: (v & 0xffff) as u16,
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -162,6 +182,7 @@ impl Relay {
             active: Mutex::default(),
             replay: Mutex::default(),
             total: AtomicU64::new(0),
+            uplink: AtomicU32::new(0),
         });
         Ok(Relay { endpoint, shared })
     }
@@ -301,7 +322,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         .await
         .map_err(|e| e.to_string())?;
     // The hello stream stays open as the probe channel.
-    tokio::spawn(echo_probes(send, recv));
+    tokio::spawn(echo_probes(send, recv, shared.clone()));
     let counters = shared
         .usage
         .lock()
@@ -324,10 +345,14 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
     }
 }
 
-/// Echoes the requester's probes (8-byte frames) at most
-/// [`wire::MAX_PROBES_PER_S`] a second, so the channel cannot be used to
-/// make the sharer send much.
-async fn echo_probes(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Answers the requester's probes (8-byte frames) with the sequence number
+/// and this sharer's uplink health, at most [`wire::MAX_PROBES_PER_S`] a
+/// second, so the channel cannot be used to make the sharer send much.
+async fn echo_probes(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+) {
     let mut frame = [0u8; wire::PROBE_LEN];
     let min_gap = Duration::from_secs(1) / wire::MAX_PROBES_PER_S;
     let mut last = tokio::time::Instant::now() - min_gap;
@@ -337,7 +362,8 @@ async fn echo_probes(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
             tokio::time::sleep(min_gap - since).await;
         }
         last = tokio::time::Instant::now();
-        if send.write_all(&frame).await.is_err() {
+        let answer = wire::encode_probe_reply(frame, uplink_of(&shared));
+        if send.write_all(&answer).await.is_err() {
             break;
         }
     }

@@ -7,7 +7,10 @@
 //! `"bandshare hello v1\0" | ticket | relay certificate SHA-256`.
 //! Hello reply: `code:u8 (0 ok, 1 refused) | reason_len:u8 | reason`.
 //! After an accepted hello the same stream carries probes: 8-byte sequence
-//! numbers the sharer echoes (at most 50 a second).
+//! numbers; the sharer answers each (at most 50 a second) with
+//! `seq:[8] | uplink_loss_permille:u16 | flags:u8 (bit 0: uplink down) | 0:u8`,
+//! so the requester learns of a sharer whose own uplink fails even while
+//! the link between the two is fine.
 //!
 //! Flow header (every further bidirectional stream):
 //! `version:u8=1 | atyp:u8 (1 IPv4, 3 name, 4 IPv6) | address | port:u16`,
@@ -25,6 +28,38 @@ pub const HELLO_DOMAIN: &[u8] = b"bandshare hello v1\0";
 pub const PROBE_LEN: usize = 8;
 /// The sharer echoes at most this many probes a second.
 pub const MAX_PROBES_PER_S: u32 = 50;
+/// A probe answer: the echoed sequence number and the sharer's uplink health.
+pub const PROBE_REPLY_LEN: usize = 12;
+
+/// What a sharer knows of its own uplink, carried in every probe answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UplinkHealth {
+    pub down: bool,
+    /// Recent loss on the uplink, 0..=1000.
+    pub loss_permille: u16,
+}
+
+pub fn encode_probe_reply(seq: [u8; PROBE_LEN], uplink: UplinkHealth) -> [u8; PROBE_REPLY_LEN] {
+    let mut out = [0u8; PROBE_REPLY_LEN];
+    out[..8].copy_from_slice(&seq);
+    out[8..10].copy_from_slice(&uplink.loss_permille.min(1000).to_be_bytes());
+    out[10] = uplink.down as u8;
+    out
+}
+
+/// (sequence number, uplink health); a loss above 1000 is clamped.
+pub fn decode_probe_reply(b: &[u8; PROBE_REPLY_LEN]) -> (u64, UplinkHealth) {
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&b[..8]);
+    let loss = u16::from_be_bytes([b[8], b[9]]).min(1000);
+    (
+        u64::from_be_bytes(seq),
+        UplinkHealth {
+            down: b[10] & 1 == 1,
+            loss_permille: loss,
+        },
+    )
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -338,6 +373,19 @@ mod tests {
             proof[32..].copy_from_slice(&p2);
             let h = Hello { ticket, requester_key: key, proof };
             prop_assert_eq!(Hello::decode(&h.encode()).expect("decodes"), h);
+        }
+
+        #[test]
+        fn probe_reply_round_trip(seq in any::<u64>(), down in any::<bool>(), loss in 0u16..=1000) {
+            let h = UplinkHealth { down, loss_permille: loss };
+            let b = encode_probe_reply(seq.to_be_bytes(), h);
+            prop_assert_eq!(decode_probe_reply(&b), (seq, h));
+        }
+
+        #[test]
+        fn probe_reply_decodes_anything(b in any::<[u8; PROBE_REPLY_LEN]>()) {
+            let (_, h) = decode_probe_reply(&b);
+            prop_assert!(h.loss_permille <= 1000);
         }
 
         #[test]

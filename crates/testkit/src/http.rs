@@ -22,7 +22,16 @@ pub const PAGE_TITLE: &str = "bandshare test page";
 
 impl HttpTarget {
     pub async fn start() -> anyhow::Result<HttpTarget> {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(TcpListener::bind("127.0.0.1:0").await?)
+    }
+
+    /// Serves on a listener made elsewhere (e.g. inside a network namespace).
+    pub fn serve_std(l: std::net::TcpListener) -> anyhow::Result<HttpTarget> {
+        l.set_nonblocking(true)?;
+        Self::serve(TcpListener::from_std(l)?)
+    }
+
+    fn serve(l: TcpListener) -> anyhow::Result<HttpTarget> {
         let addr = l.local_addr()?;
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {

@@ -4,6 +4,7 @@
 //! Everything is the real component; nothing here is a mock.
 
 pub mod http;
+pub mod netns;
 pub mod udp;
 
 use anyhow::Context;
@@ -288,6 +289,7 @@ impl SharerNode {
             bandwidth_bps: 0,
             consent: spec.consent,
             uplink: Some("lo".into()),
+            uplink_check: None,
         };
         let dkey = DeviceKey(key.verifying_key().to_bytes());
         let sharer = Sharer::start(opts, key, shutdown).await?;

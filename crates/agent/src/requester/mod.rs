@@ -206,6 +206,9 @@ fn member(
         probe_loss_permille: AtomicU64::new(0),
         last_answer_ms: AtomicU64::new(0),
         joined: std::time::Instant::now(),
+        uplink_loss_permille: AtomicU64::new(0),
+        uplink_down: std::sync::atomic::AtomicBool::new(false),
+        unreachable_until_ms: AtomicU64::new(0),
     }
 }
 

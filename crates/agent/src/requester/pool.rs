@@ -5,9 +5,10 @@
 use super::select::{self, View};
 use crate::probe::PingTracker;
 use bandshare_core::{DeviceKey, DistanceBand, LinkState, NetworkType};
+use bandshare_relay::wire::reply;
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -19,6 +20,10 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 pub const DEAD_AFTER: Duration = Duration::from_millis(600);
 /// A flow not answered within this long is raced on the next member.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// A member that answered "network unreachable" is avoided this long
+/// (unless its probe answers say its uplink is fine sooner... they do not
+/// shorten it: a route can vanish before the sharer's own check notices).
+pub const UNREACHABLE_AVOID: Duration = Duration::from_secs(3);
 
 pub struct Member {
     pub name: String,
@@ -39,6 +44,13 @@ pub struct Member {
     pub probe_loss_permille: AtomicU64,
     pub last_answer_ms: AtomicU64,
     pub joined: Instant,
+    /// The sharer's own uplink as its probe answers tell: loss per mille,
+    /// and whether it is down.
+    pub uplink_loss_permille: AtomicU64,
+    pub uplink_down: AtomicBool,
+    /// Until when (ms since `joined`) new flows avoid this member because it
+    /// answered a flow with "network unreachable".
+    pub unreachable_until_ms: AtomicU64,
 }
 
 impl Member {
@@ -46,6 +58,19 @@ impl Member {
     pub fn fresh(&self) -> bool {
         let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
         self.joined.elapsed().saturating_sub(last) <= PROBE_EVERY * 2
+    }
+
+    /// Whether new flows should avoid this member: its uplink is down, or it
+    /// just answered a flow with "network unreachable".
+    pub fn uplink_failing(&self) -> bool {
+        self.uplink_down.load(Ordering::Relaxed)
+            || (self.joined.elapsed().as_millis() as u64)
+                < self.unreachable_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn avoid_for(&self, d: Duration) {
+        let until = (self.joined.elapsed() + d).as_millis() as u64;
+        self.unreachable_until_ms.store(until, Ordering::Relaxed);
     }
 }
 
@@ -57,13 +82,24 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
     };
     let tracker = Arc::new(std::sync::Mutex::new(PingTracker::new(DEAD_AFTER)));
     let reader = {
-        let (tracker, m) = (tracker.clone(), m.clone());
+        let (tracker, m, pool) = (tracker.clone(), m.clone(), pool.clone());
         tokio::spawn(async move {
-            let mut frame = [0u8; bandshare_relay::wire::PROBE_LEN];
+            let mut frame = [0u8; bandshare_relay::wire::PROBE_REPLY_LEN];
             while recv.read_exact(&mut frame).await.is_ok() {
                 let now = Instant::now();
+                let (seq, uplink) = bandshare_relay::wire::decode_probe_reply(&frame);
+                let was_down = m.uplink_down.swap(uplink.down, Ordering::Relaxed);
+                let was_loss = m
+                    .uplink_loss_permille
+                    .swap(uplink.loss_permille as u64, Ordering::Relaxed);
+                if was_down != uplink.down || was_loss.abs_diff(uplink.loss_permille as u64) > 50 {
+                    if was_down != uplink.down {
+                        info!(sharer = %m.name, down = uplink.down, "sharer's uplink changed");
+                    }
+                    pool.reselect();
+                }
                 let Ok(mut t) = tracker.lock() else { break };
-                t.pong(u64::from_be_bytes(frame), now);
+                t.pong(seq, now);
                 m.probe_rtt_us.store(
                     t.rtt().map_or(0, |d| d.as_micros() as u64),
                     Ordering::Relaxed,
@@ -133,10 +169,14 @@ pub struct Pool {
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct MemberStatus {
     pub sharer: String,
+    /// ready, uplink-down (the sharer's own network fails) or closed.
     pub state: &'static str,
     pub rtt_ms: f64,
-    /// Probe loss over the last 20 probes, 0..=1.
+    /// The worse of probe loss (last 20 probes) and the sharer's reported
+    /// uplink loss, 0..=1.
     pub loss: f64,
+    /// Loss on the sharer's own uplink as it reports it, 0..=1.
+    pub uplink_loss: f64,
     pub score: f64,
     pub active: bool,
     pub distance: String,
@@ -152,17 +192,24 @@ pub struct Status {
     pub pool: Vec<MemberStatus>,
 }
 
+/// How the selector sees a member. One whose uplink fails is not a
+/// candidate for new flows; loss is the worse of the link to it and its
+/// own uplink.
 fn view(m: &Member) -> View {
     let probe_rtt = m.probe_rtt_us.load(Ordering::Relaxed);
+    let loss = m
+        .probe_loss_permille
+        .load(Ordering::Relaxed)
+        .max(m.uplink_loss_permille.load(Ordering::Relaxed));
     View {
-        alive: m.tunnel.close_reason().is_none(),
+        alive: m.tunnel.close_reason().is_none() && !m.uplink_failing(),
         link_quality: m.link.quality(),
         rtt: if probe_rtt > 0 {
             Duration::from_micros(probe_rtt)
         } else {
             m.tunnel.rtt()
         },
-        loss: m.probe_loss_permille.load(Ordering::Relaxed) as f64 / 1000.0,
+        loss: loss.min(1000) as f64 / 1000.0,
         band: m.band,
     }
 }
@@ -333,7 +380,8 @@ impl Pool {
         };
         let mut tried: Vec<DeviceKey> = vec![];
         let mut last = FlowError::Lost("no sharer in the pool".into());
-        let first = self.reselect();
+        // With every uplink reported failing, still try the best live tunnel.
+        let first = self.reselect().or_else(|| self.next_best(&[]));
         let mut next = first;
         while let Some(m) = next.take() {
             tried.push(m.key);
@@ -371,6 +419,15 @@ impl Pool {
                     last = FlowError::Lost(why);
                     next = self.next_best(&tried);
                 }
+                // The sharer has no route out (its uplink went away): the
+                // next member may well have one.
+                Err((e @ FlowError::Refused(reply::NETWORK_UNREACHABLE), m)) => {
+                    warn!(sharer = %m.name, "sharer's network is unreachable; trying the next");
+                    m.avoid_for(UNREACHABLE_AVOID);
+                    self.reselect();
+                    last = e;
+                    next = self.next_best(&tried);
+                }
                 Err((e, _)) => return Err(e),
             }
         }
@@ -403,9 +460,16 @@ impl Pool {
                     let v = view(m);
                     MemberStatus {
                         sharer: m.name.clone(),
-                        state: if v.alive { "ready" } else { "closed" },
+                        state: if m.tunnel.close_reason().is_some() {
+                            "closed"
+                        } else if m.uplink_failing() {
+                            "uplink-down"
+                        } else {
+                            "ready"
+                        },
                         rtt_ms: (v.rtt.as_secs_f64() * 1e5).round() / 100.0,
                         loss: v.loss,
+                        uplink_loss: m.uplink_loss_permille.load(Ordering::Relaxed) as f64 / 1000.0,
                         score: (select::score(&v) * 1000.0).round() / 1000.0,
                         active: Some(m.key) == active,
                         distance: m.band.map(|b| b.to_string()).unwrap_or_default(),

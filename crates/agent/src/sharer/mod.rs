@@ -41,6 +41,8 @@ pub struct SharerOptions {
     pub consent: Consent,
     /// Interface whose counters measure the uplink; default: the default route's.
     pub uplink: Option<String>,
+    /// HOST:PORT across the uplink that [`uplink::watch`] times connects to.
+    pub uplink_check: Option<String>,
 }
 
 /// A started sharer: its relay is bound and serving.
@@ -75,6 +77,12 @@ impl Sharer {
         let location =
             crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
         let relay_task = tokio::spawn(relay.run(shutdown.clone().wait()));
+        tokio::spawn(uplink::watch(
+            uplink::uplink_interface(opts.uplink.as_deref()),
+            opts.uplink_check.clone(),
+            handle.clone(),
+            shutdown.clone(),
+        ));
         let span = info_span!("sharer", name = %opts.name);
         let h = handle.clone();
         let task = tokio::spawn(
@@ -153,12 +161,13 @@ impl LinkMeter {
             0 => 0,
             cap => ((relay_bps as f64 / cap as f64) * 1000.0).min(1000.0) as u32,
         };
+        let health = relay.uplink();
         LinkState {
-            up: self.iface.as_deref().is_none_or(uplink::is_up),
+            up: self.iface.as_deref().is_none_or(uplink::is_up) && !health.down,
             rtt_us: probe
                 .rtt()
                 .map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32),
-            loss_permille: probe.loss_permille(now),
+            loss_permille: probe.loss_permille(now).max(health.loss_permille as u32),
             uplink_rx_bps: rx_bps,
             uplink_tx_bps: tx_bps,
             relay_bps,
