@@ -369,11 +369,16 @@ async fn echo_probes(
     }
 }
 
-/// Addresses `host` stands for: itself, or what the sharer's resolver says.
+/// Addresses `host` stands for: itself; the address a name spells in any
+/// form (`127.1`, `0x7f000001`, `[::1]`, a trailing dot), without asking a
+/// resolver; else what the sharer's resolver says.
 async fn resolve(host: &Host, port: u16) -> Result<Vec<SocketAddr>, u8> {
     match host {
         Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
         Host::Name(name) => {
+            if let Some(ip) = bandshare_core::egress::literal_ip(name) {
+                return Ok(vec![SocketAddr::new(ip, port)]);
+            }
             let name = name.trim_end_matches('.').to_string();
             match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host((name, port))).await {
                 Ok(Ok(addrs)) => Ok(addrs.collect()),

@@ -149,17 +149,61 @@ async fn curl_fetches_through_a_sharer_and_usage_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_policy_refuses_loopback_without_dialing() {
+async fn default_policy_refuses_every_spelling_of_loopback_without_dialing() {
     let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
         .await
         .expect("cluster");
     let r = c.requester(c.requester_options()).await.expect("requester");
-    // A listener nobody opened with --allow-egress.
+    // A listener nobody opened with --allow-egress; it counts every dial.
     let forbidden = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = forbidden.local_addr().expect("addr").port();
-    for host in ["127.0.0.1", "localhost"] {
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = dials.clone();
+    let watcher = tokio::spawn(async move {
+        while forbidden.accept().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // Every way a SOCKS client can name this machine, sent as a name.
+    let spellings = [
+        "127.0.0.1",
+        "localhost",
+        "localhost.",
+        "LOCALHOST",
+        "127.1",
+        "127.0.1",
+        "127.1.",
+        "127.0.0.1.",
+        "2130706433",
+        "2130706433.",
+        "0x7f000001",
+        "0X7F000001",
+        "0x7f.1",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "0177.1",
+        "017700000001",
+        "127.000.000.001",
+        "0x7f.0x0.0x0.0x1",
+        "127.255.255.254",
+        "0",
+        "0.0.0.0",
+        "0x0",
+        "::1",
+        "[::1]",
+        "::1.",
+        "0:0:0:0:0:0:0:1",
+        "::ffff:127.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "::ffff:7f00:1",
+        "64:ff9b::127.0.0.1",
+        "64:ff9b::7f00:1",
+        "::127.0.0.1",
+        "2002:7f00:1::1",
+    ];
+    for host in spellings {
         assert_eq!(socks_reply(r.socks(), host, port).await, 0x02, "{host}");
     }
     // The coordinator's own port: loopback too.
@@ -167,16 +211,23 @@ async fn default_policy_refuses_loopback_without_dialing() {
         socks_reply(r.socks(), "127.0.0.1", c.coordinator.grpc_addr.port()).await,
         0x02
     );
-    let dialed = tokio::time::timeout(Duration::from_millis(300), forbidden.accept()).await;
-    assert!(dialed.is_err(), "the sharer dialed a denied target");
     // curl sees the refusal too.
-    let (ok, _, err) = curl(&[
-        "--socks5-hostname",
-        &r.socks().to_string(),
-        &format!("http://127.0.0.1:{port}/"),
-    ])
-    .await;
-    assert!(!ok && err.contains("(2)"), "{err}");
+    for host in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "[::1]"] {
+        let (ok, _, err) = curl(&[
+            "--socks5-hostname",
+            &r.socks().to_string(),
+            &format!("http://{host}:{port}/"),
+        ])
+        .await;
+        assert!(!ok && err.contains("(2)"), "{host}: {err}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        dials.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the sharer dialed a denied target"
+    );
+    watcher.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
