@@ -58,6 +58,14 @@ impl Ticket {
         b
     }
 
+    /// Wire bytes: the body, then the signature.
+    pub fn encode(&self, sig: &Signature) -> Vec<u8> {
+        let mut out = Vec::with_capacity(TICKET_LEN);
+        out.extend_from_slice(&self.body());
+        out.extend_from_slice(&sig.to_bytes());
+        out
+    }
+
     /// Splits wire bytes into the ticket and its signature, checking only
     /// the shape. Use [`TicketVerifier::verify`] before trusting it.
     pub fn decode(bytes: &[u8]) -> Result<(Ticket, Signature), TicketError> {
@@ -127,12 +135,8 @@ impl TicketSigner {
 
     pub fn sign(&self, mut ticket: Ticket) -> Vec<u8> {
         ticket.key_id = self.key_id;
-        let body = ticket.body();
-        let sig = self.key.sign(&signed_message(&body));
-        let mut out = Vec::with_capacity(TICKET_LEN);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&sig.to_bytes());
-        out
+        let sig = self.key.sign(&signed_message(&ticket.body()));
+        ticket.encode(&sig)
     }
 }
 

@@ -214,7 +214,47 @@ mod tests {
         );
     }
 
+    fn host() -> impl Strategy<Value = Host> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| Host::Ip(std::net::IpAddr::from(o))),
+            any::<[u8; 16]>().prop_map(|o| Host::Ip(std::net::IpAddr::from(o))),
+            "[a-z0-9][a-z0-9.-]{0,60}".prop_map(Host::Name),
+        ]
+    }
+
     proptest! {
+        /// A SOCKS5 client's request for any target parses back to it; its
+        /// address part is the flow header's after the version byte.
+        #[test]
+        fn socks_request_round_trip(host in host(), port in any::<u16>(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let h = FlowHeader { host, port };
+            let wire = h.encode().expect("encodes");
+            let req = [&[5u8, 1, 0][..], &wire[1..], &tail].concat();
+            prop_assert_eq!(parse_request(&req), Ok(Parse::Done(h, req.len() - tail.len())));
+        }
+
+        #[test]
+        fn http_connect_round_trip(host in host(), port in any::<u16>()) {
+            let authority = match &host {
+                Host::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                Host::Ip(v4) => format!("{v4}:{port}"),
+                Host::Name(n) => format!("{n}:{port}"),
+            };
+            let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+            match parse_http_connect(req.as_bytes()) {
+                Ok(Parse::Done(got, used)) => {
+                    prop_assert_eq!(used, req.len());
+                    prop_assert_eq!(got.port, port);
+                    let same = match (&got.host, &host) {
+                        (Host::Name(a), Host::Ip(b)) => a.parse::<std::net::IpAddr>().ok() == Some(*b),
+                        (a, b) => a == b,
+                    };
+                    prop_assert!(same, "{:?} != {:?}", got.host, host);
+                }
+                other => prop_assert!(false, "{req:?} -> {other:?}"),
+            }
+        }
+
         #[test]
         fn never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_greeting(&b);
