@@ -11,8 +11,19 @@ pub enum CoordinatorError {
     Url(String),
     #[error("cannot reach coordinator at {0}: {1}")]
     Unreachable(String, String),
-    #[error("coordinator refused the request: {0}")]
-    Status(String),
+    #[error("coordinator refused the request: {1}")]
+    Status(tonic::Code, String),
+}
+
+impl CoordinatorError {
+    /// The gRPC code of a refusal (RESOURCE_EXHAUSTED when overloaded or
+    /// rate limited), if the coordinator answered at all.
+    pub fn status_code(&self) -> Option<tonic::Code> {
+        match self {
+            CoordinatorError::Status(code, _) => Some(*code),
+            _ => None,
+        }
+    }
 }
 
 /// Accepts `http://host:port` or `host:port`.
@@ -77,7 +88,7 @@ pub async fn share_request(
             tonic::Code::Unavailable | tonic::Code::Unknown => {
                 CoordinatorError::Unreachable("coordinator".into(), s.message().to_string())
             }
-            _ => CoordinatorError::Status(s.message().to_string()),
+            _ => CoordinatorError::Status(s.code(), s.message().to_string()),
         })
 }
 

@@ -72,6 +72,7 @@ struct RawIndoor {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     max_streams_per_connection: Option<u32>,
+    max_inflight_requests: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +116,9 @@ pub struct Config {
     pub quota_bytes: u64,
     /// HTTP/2 streams one connection may hold (each sharer holds one).
     pub max_streams_per_connection: u32,
+    /// Share and ticket requests handled at once; more are refused with
+    /// RESOURCE_EXHAUSTED at once instead of queueing.
+    pub max_inflight_requests: u32,
     /// Rate limits, plausibility and the measuring offset per requester.
     pub privacy: crate::privacy::PrivacyConfig,
 }
@@ -132,6 +136,7 @@ impl Default for Config {
             ticket_lifetime: Duration::from_secs(120),
             quota_bytes: 1 << 30,
             max_streams_per_connection: 1024,
+            max_inflight_requests: 512,
             privacy: crate::privacy::PrivacyConfig::default(),
         }
     }
@@ -345,6 +350,13 @@ impl Config {
                 "server.max_streams_per_connection",
                 raw.server.max_streams_per_connection,
                 d.max_streams_per_connection,
+                1,
+                1_000_000,
+            )?,
+            max_inflight_requests: check(
+                "server.max_inflight_requests",
+                raw.server.max_inflight_requests,
+                d.max_inflight_requests,
                 1,
                 1_000_000,
             )?,

@@ -25,6 +25,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "uptime_s": shared.started.elapsed().as_secs(),
         "reports_received": shared.reports_received.load(std::sync::atomic::Ordering::Relaxed),
         "share_requests": shared.share_requests.load(std::sync::atomic::Ordering::Relaxed),
+        "requests_shed": shared.shed.load(std::sync::atomic::Ordering::Relaxed),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

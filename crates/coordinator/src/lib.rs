@@ -55,6 +55,10 @@ pub struct Shared {
     /// Sharers offered to each requester: the only ones whose tickets it
     /// may refresh.
     pub offered: Mutex<std::collections::HashMap<DeviceKey, HashSet<DeviceKey>>>,
+    /// Permits for requests in flight (`server.max_inflight_requests`).
+    inflight: tokio::sync::Semaphore,
+    /// Requests refused because every permit was taken.
+    pub shed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +97,6 @@ impl Shared {
                 privacy_secret.as_ref(),
             )),
             signer: TicketSigner::from_seed(&seed.0, key_id),
-            config,
             registry: Registry::default(),
             store,
             started: Instant::now(),
@@ -101,8 +104,28 @@ impl Shared {
             share_requests: Default::default(),
             known_requesters: Mutex::default(),
             offered: Mutex::default(),
+            inflight: tokio::sync::Semaphore::new(config_permits(&config)),
+            shed: Default::default(),
+            config,
         }))
     }
+
+    /// A permit to handle one request, or RESOURCE_EXHAUSTED at once when
+    /// `server.max_inflight_requests` are already in flight: load is shed,
+    /// never queued without bound.
+    pub fn admit_request(&self) -> Result<tokio::sync::SemaphorePermit<'_>, tonic::Status> {
+        self.inflight.try_acquire().map_err(|_| {
+            self.shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tonic::Status::resource_exhausted(format!(
+                "coordinator overloaded: {} requests in flight; retry with backoff",
+                self.config.max_inflight_requests
+            ))
+        })
+    }
+}
+
+fn config_permits(c: &Config) -> usize {
+    c.max_inflight_requests as usize
 }
 
 struct HealthService {
@@ -183,6 +206,10 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(shared.config.max_streams_per_connection)
+        // Beyond this many requests on one connection, refuse with
+        // RESOURCE_EXHAUSTED instead of buffering.
+        .concurrency_limit_per_connection(shared.config.max_streams_per_connection as usize)
+        .load_shed(true)
         .add_service(v1::sharer_link_server::SharerLinkServer::new(
             sharer_link::SharerLinkService {
                 shared: shared.clone(),

@@ -98,6 +98,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         &self,
         req: Request<v1::TicketRefresh>,
     ) -> Result<Response<v1::ShareResponse>, Status> {
+        let _permit = self.shared.admit_request()?;
         let req = req.into_inner();
         let shared = &self.shared;
         let requester = DeviceKey::from_slice(&req.requester_key)
@@ -168,6 +169,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         &self,
         req: Request<v1::ShareRequest>,
     ) -> Result<Response<v1::ShareResponse>, Status> {
+        let _permit = self.shared.admit_request()?;
         let req = req.into_inner();
         let requester = DeviceKey::from_slice(&req.requester_key)
             .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;

@@ -20,7 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The QUIC handshake and the hello together must finish within this.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one source address may hold open (or in handshake) at once.
+pub const MAX_CONNS_PER_SOURCE: u32 = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -31,6 +34,24 @@ pub struct RelayOptions {
     pub egress: EgressPolicy,
     /// Distinct requesters served at once; 0 = no limit.
     pub max_requesters: u32,
+    /// Connections per source address at once ([`MAX_CONNS_PER_SOURCE`]).
+    pub max_conns_per_source: u32,
+    /// Handshake plus hello deadline ([`HELLO_TIMEOUT`]).
+    pub hello_timeout: Duration,
+}
+
+impl RelayOptions {
+    /// Options with the default limits.
+    pub fn new(listen: SocketAddr, me: DeviceKey, egress: EgressPolicy, max_requesters: u32) -> Self {
+        RelayOptions {
+            listen,
+            me,
+            egress,
+            max_requesters,
+            max_conns_per_source: MAX_CONNS_PER_SOURCE,
+            hello_timeout: HELLO_TIMEOUT,
+        }
+    }
 }
 
 /// Bytes one requester moved since the last [`RelayHandle::take_usage`].
@@ -61,6 +82,12 @@ struct Shared {
     /// Ticket nonces seen, with their expiry: a ticket opens one connection.
     replay: Mutex<HashMap<[u8; 16], u64>>,
     total: AtomicU64,
+    max_conns_per_source: u32,
+    hello_timeout: Duration,
+    /// Connections open per source address.
+    per_source: Mutex<HashMap<std::net::IpAddr, u32>>,
+    /// Connections refused because their source had too many.
+    refused_sources: AtomicU64,
     /// The agent's view of its uplink: bit 16 down, low 16 bits loss ‰.
     uplink: AtomicU32,
 }
@@ -94,6 +121,11 @@ impl RelayHandle {
 
     pub fn uplink(&self) -> UplinkHealth {
         uplink_of(&self.0)
+    }
+
+    /// Connections refused so far because their source had too many open.
+    pub fn refused_sources(&self) -> u64 {
+        self.0.refused_sources.load(Ordering::Relaxed)
     }
 
     pub fn cert_pin(&self) -> [u8; 32] {
@@ -182,6 +214,10 @@ impl Relay {
             active: Mutex::default(),
             replay: Mutex::default(),
             total: AtomicU64::new(0),
+            max_conns_per_source: opts.max_conns_per_source.max(1),
+            hello_timeout: opts.hello_timeout,
+            per_source: Mutex::default(),
+            refused_sources: AtomicU64::new(0),
             uplink: AtomicU32::new(0),
         });
         Ok(Relay { endpoint, shared })
@@ -204,9 +240,17 @@ impl Relay {
                 _ = &mut shutdown => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let source = bandshare_core::egress::canonical(incoming.remote_address().ip());
+                    let Some(slot) = SourceSlot::take(&self.shared, source) else {
+                        self.shared.refused_sources.fetch_add(1, Ordering::Relaxed);
+                        debug!(%source, "refused: too many connections from this source");
+                        incoming.refuse();
+                        continue;
+                    };
                     let shared = self.shared.clone();
                     let span = info_span!("relay_conn", from = %incoming.remote_address());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = serve_connection(incoming, shared).await {
                             debug!(error = %e, "connection ended");
                         }
@@ -287,19 +331,52 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
     Ok((requester, ticket.quota_bytes))
 }
 
+/// One connection slot of a source address, given back on drop.
+struct SourceSlot {
+    shared: Arc<Shared>,
+    source: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(shared: &Arc<Shared>, source: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut map = shared.per_source.lock().ok()?;
+        let n = map.entry(source).or_insert(0);
+        if *n >= shared.max_conns_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            shared: shared.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.shared.per_source.lock()
+            && let Some(n) = map.get_mut(&self.source)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
 async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), String> {
-    let conn = tokio::time::timeout(HELLO_TIMEOUT, incoming)
+    // Handshake and hello share one deadline: a slow or silent peer holds
+    // its slot at most this long.
+    let hello = async {
+        let conn = incoming.await.map_err(|e| e.to_string())?;
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let hello = Hello::read(&mut recv).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, send, recv, hello))
+    };
+    let (conn, mut send, recv, hello) = tokio::time::timeout(shared.hello_timeout, hello)
         .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| "no hello".to_string())?
-        .map_err(|e| e.to_string())?;
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, Hello::read(&mut recv))
-        .await
-        .map_err(|_| "hello timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "handshake or hello timed out".to_string())??;
     let (requester, quota) = match admit(&shared, &hello) {
         Ok(ok) => ok,
         Err(reason) => {

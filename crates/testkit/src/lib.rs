@@ -68,6 +68,49 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// A sharer stream that says hello and then nothing (answers no ping, no
+/// access request), held open while this lives.
+pub struct MuteSharer {
+    _tx: tokio::sync::mpsc::Sender<bandshare_proto::v1::SharerMessage>,
+    _inbound: tonic::Streaming<bandshare_proto::v1::CoordinatorMessage>,
+}
+
+impl MuteSharer {
+    /// Attaches as sharer `name` at the centre with a relay nobody can dial.
+    pub async fn attach(url: &str, name: &str) -> anyhow::Result<MuteSharer> {
+        use bandshare_proto::v1;
+        let ch = bandshare_agent::coordinator::connect(url).await?;
+        let mut client = v1::sharer_link_client::SharerLinkClient::new(ch);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let key = identity::generate()?;
+        let loc = LocationSpec {
+            at: Some(center()),
+            ..Default::default()
+        };
+        tx.send(v1::SharerMessage {
+            msg: Some(v1::sharer_message::Msg::Hello(v1::Hello {
+                version: 1,
+                name: name.into(),
+                public_key: key.verifying_key().to_bytes().to_vec(),
+                relay_endpoints: vec!["127.0.0.1:9".into()],
+                relay_cert_sha256: vec![0; 32],
+                location: Some(loc.to_wire()),
+                ..Default::default()
+            })),
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("stream closed before hello"))?;
+        let inbound = client
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(MuteSharer {
+            _tx: tx,
+            _inbound: inbound,
+        })
+    }
+}
+
 pub struct CoordinatorNode {
     pub url: String,
     pub grpc_addr: SocketAddr,

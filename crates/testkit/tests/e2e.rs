@@ -411,31 +411,7 @@ async fn a_silent_sharer_expires() {
         .await
         .expect("cluster");
     // A stream that says hello and then nothing, held open.
-    let ch = coordinator::connect(&c.coordinator.url)
-        .await
-        .expect("connect");
-    let mut client = v1::sharer_link_client::SharerLinkClient::new(ch);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let key = bandshare_agent::identity::generate().expect("key");
-    let loc = bandshare_agent::location::LocationSpec {
-        at: Some(center()),
-        ..Default::default()
-    };
-    tx.send(v1::SharerMessage {
-        msg: Some(v1::sharer_message::Msg::Hello(v1::Hello {
-            version: 1,
-            name: "mute".into(),
-            public_key: key.verifying_key().to_bytes().to_vec(),
-            relay_endpoints: vec!["127.0.0.1:9".into()],
-            relay_cert_sha256: vec![0; 32],
-            location: Some(loc.to_wire()),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("hello");
-    let _inbound = client
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let mute = bandshare_testkit::MuteSharer::attach(&c.coordinator.url, "mute")
         .await
         .expect("attach");
     assert!(wait_until(Duration::from_secs(3), || c.coordinator.online() == 2).await);
@@ -443,7 +419,7 @@ async fn a_silent_sharer_expires() {
         wait_until(Duration::from_secs(5), || c.coordinator.online() == 1).await,
         "a silent sharer stayed online"
     );
-    drop(tx);
+    drop(mute);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,7 +241,7 @@ async fn refresh_tickets(
             sharer_keys: keys.into_iter().take(16).collect(),
         })
         .await
-        .map_err(|s| coordinator::CoordinatorError::Status(s.message().to_string()))?
+        .map_err(|s| coordinator::CoordinatorError::Status(s.code(), s.message().to_string()))?
         .into_inner();
     let now = unix_now();
     let mut next = Duration::from_secs(30);

@@ -60,12 +60,12 @@ impl Sharer {
         shutdown: Shutdown,
     ) -> Result<Sharer, AgentError> {
         let url = coordinator::normalize_url(&opts.server)?;
-        let relay = Relay::bind(RelayOptions {
-            listen: opts.relay_listen,
-            me: bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
-            egress: opts.egress.clone(),
-            max_requesters: opts.consent.max_requesters,
-        })?;
+        let relay = Relay::bind(RelayOptions::new(
+            opts.relay_listen,
+            bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
+            opts.egress.clone(),
+            opts.consent.max_requesters,
+        ))?;
         let relay_addr = relay
             .local_addr()
             .map_err(|e| AgentError::Listen(opts.relay_listen, e))?;
