@@ -42,7 +42,12 @@ pub struct RelayOptions {
 
 impl RelayOptions {
     /// Options with the default limits.
-    pub fn new(listen: SocketAddr, me: DeviceKey, egress: EgressPolicy, max_requesters: u32) -> Self {
+    pub fn new(
+        listen: SocketAddr,
+        me: DeviceKey,
+        egress: EgressPolicy,
+        max_requesters: u32,
+    ) -> Self {
         RelayOptions {
             listen,
             me,
@@ -374,9 +379,10 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         let hello = Hello::read(&mut recv).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((conn, send, recv, hello))
     };
-    let (conn, mut send, recv, hello) = tokio::time::timeout(shared.hello_timeout, hello)
-        .await
-        .map_err(|_| "handshake or hello timed out".to_string())??;
+    let (conn, mut send, recv, hello) =
+        tokio::time::timeout(shared.hello_timeout, hello)
+            .await
+            .map_err(|_| "handshake or hello timed out".to_string())??;
     let (requester, quota) = match admit(&shared, &hello) {
         Ok(ok) => ok,
         Err(reason) => {
