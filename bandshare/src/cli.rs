@@ -262,6 +262,14 @@ struct ShareArgs {
     /// Decline every access request (stay visible but serve nobody).
     #[arg(long)]
     decline: bool,
+    /// Consent policy file (TOML): max_requesters, daily_cap, schedule,
+    /// min_battery_pct, allowed_services, [per_requester] rate, burst,
+    /// daily_quota. `--max-requesters` and `--decline` override it.
+    #[arg(long, value_name = "FILE")]
+    consent: Option<PathBuf>,
+    /// Directory of batteries, sysfs layout.
+    #[arg(long, value_name = "DIR", default_value = bandshare_agent::sharer::uplink::POWER_SUPPLY)]
+    power_supply: PathBuf,
     /// Interface whose counters measure the uplink [default: the default route's].
     #[arg(long)]
     uplink: Option<String>,
@@ -562,6 +570,21 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
     let key = identity::load_or_create(&dir.join("device.key"))?;
+    let mut consent = match &a.consent {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read consent file {}: {e}", path.display()))?;
+            Consent::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("consent file {}: {e}", path.display()))?
+        }
+        None => Consent::default(),
+    };
+    if a.decline {
+        consent.accept = false;
+    }
+    if a.max_requesters > 0 {
+        consent.max_requesters = a.max_requesters;
+    }
     let opts = SharerOptions {
         sources: a.location.sources()?,
         server: a.server,
@@ -576,12 +599,11 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         bandwidth_bps: a.bandwidth_mbps.unwrap_or(0).saturating_mul(1_000_000),
-        consent: Consent {
-            accept: !a.decline,
-            max_requesters: a.max_requesters,
-        },
+        consent,
         uplink: a.uplink,
         uplink_check: a.uplink_check,
+        power_supply: a.power_supply,
+        data_dir: Some(dir),
     };
     let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
     sharer.join().await;

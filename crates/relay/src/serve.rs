@@ -7,6 +7,7 @@
 //! coordinator's keys), the replay cache, consent capacity; then per flow the
 //! egress policy on every *resolved* address and the ticket's byte quota.
 
+use crate::limits::{Allowance, Bucket, Limits, Meter, Metered};
 use crate::splice::copy_counted;
 use crate::tls;
 use crate::wire::{self, FlowHeader, Hello, Host, UplinkHealth, reply};
@@ -14,7 +15,7 @@ use bandshare_core::{DeviceKey, EgressPolicy, TicketVerifier};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
@@ -38,6 +39,11 @@ pub struct RelayOptions {
     pub max_conns_per_source: u32,
     /// Handshake plus hello deadline ([`HELLO_TIMEOUT`]).
     pub hello_timeout: Duration,
+    /// Rate and byte limits of relayed traffic.
+    pub limits: Limits,
+    /// Bytes already relayed today (kept across restarts by the agent), so
+    /// the daily cap holds.
+    pub daily_used: u64,
 }
 
 impl RelayOptions {
@@ -55,6 +61,8 @@ impl RelayOptions {
             max_requesters,
             max_conns_per_source: MAX_CONNS_PER_SOURCE,
             hello_timeout: HELLO_TIMEOUT,
+            limits: Limits::default(),
+            daily_used: 0,
         }
     }
 }
@@ -95,6 +103,47 @@ struct Shared {
     refused_sources: AtomicU64,
     /// The agent's view of its uplink: bit 16 down, low 16 bits loss ‰.
     uplink: AtomicU32,
+    limits: Limits,
+    /// All requesters together, today.
+    daily: Arc<Allowance>,
+    /// Each requester's rate and daily quota, shared by its connections.
+    requesters: Mutex<HashMap<DeviceKey, Arc<PerRequester>>>,
+}
+
+struct PerRequester {
+    bucket: Option<Arc<Mutex<Bucket>>>,
+    quota: Arc<Allowance>,
+}
+
+impl Shared {
+    fn requester(&self, key: &DeviceKey) -> Result<Arc<PerRequester>, String> {
+        let mut map = self
+            .requesters
+            .lock()
+            .map_err(|_| "relay state poisoned".to_string())?;
+        let limits = self.limits;
+        Ok(map
+            .entry(*key)
+            .or_insert_with(|| {
+                Arc::new(PerRequester {
+                    bucket: (limits.rate_bytes_per_s > 0).then(|| {
+                        Arc::new(Mutex::new(Bucket::new(
+                            limits.rate_bytes_per_s,
+                            limits.burst(),
+                        )))
+                    }),
+                    quota: Arc::new(Allowance::new(
+                        limits.requester_daily_bytes,
+                        true,
+                        format!(
+                            "this requester's daily quota at this sharer ({} bytes) is used up",
+                            limits.requester_daily_bytes
+                        ),
+                    )),
+                })
+            })
+            .clone())
+    }
 }
 
 /// What the sharer agent needs of its relay: set the coordinator's keys,
@@ -126,6 +175,29 @@ impl RelayHandle {
 
     pub fn uplink(&self) -> UplinkHealth {
         uplink_of(&self.0)
+    }
+
+    /// Bytes relayed today, all requesters (what the daily cap counts).
+    pub fn daily_used(&self) -> u64 {
+        self.0.daily.used()
+    }
+
+    /// Bytes left of the daily cap (`u64::MAX` without one).
+    pub fn daily_left(&self) -> u64 {
+        self.0.daily.left()
+    }
+
+    /// Bytes `requester` may still move today (`u64::MAX` without a quota).
+    pub fn requester_left(&self, requester: &DeviceKey) -> u64 {
+        if self.0.limits.requester_daily_bytes == 0 {
+            return u64::MAX;
+        }
+        self.0
+            .requesters
+            .lock()
+            .ok()
+            .and_then(|m| m.get(requester).map(|r| r.quota.left()))
+            .unwrap_or(self.0.limits.requester_daily_bytes)
     }
 
     /// Connections refused so far because their source had too many open.
@@ -224,6 +296,19 @@ impl Relay {
             per_source: Mutex::default(),
             refused_sources: AtomicU64::new(0),
             uplink: AtomicU32::new(0),
+            limits: opts.limits,
+            daily: Arc::new(
+                Allowance::new(
+                    opts.limits.daily_cap_bytes,
+                    true,
+                    format!(
+                        "the sharer's daily data cap ({} bytes) is reached",
+                        opts.limits.daily_cap_bytes
+                    ),
+                )
+                .with_used(opts.daily_used),
+            ),
+            requesters: Mutex::default(),
         });
         Ok(Relay { endpoint, shared })
     }
@@ -319,6 +404,13 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
             return Err("ticket already used (replay)".into());
         }
     }
+    if shared.daily.left() == 0 {
+        return Err(shared.daily.reason().to_string());
+    }
+    let per = shared.requester(&requester)?;
+    if per.quota.left() == 0 {
+        return Err(per.quota.reason().to_string());
+    }
     let mut active = shared
         .active
         .lock()
@@ -413,13 +505,25 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         .entry(requester)
         .or_default()
         .clone();
-    let budget = Arc::new(AtomicI64::new(quota.min(i64::MAX as u64) as i64));
+    let per = shared.requester(&requester)?;
+    let meter = Meter {
+        bucket: per.bucket.clone(),
+        allowances: vec![
+            Arc::new(Allowance::new(
+                quota,
+                false,
+                "the ticket's byte quota is used up",
+            )),
+            per.quota.clone(),
+            shared.daily.clone(),
+        ],
+    };
     loop {
         let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let (shared, counters, budget) = (shared.clone(), counters.clone(), budget.clone());
+        let (shared, counters, meter) = (shared.clone(), counters.clone(), meter.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = relay_flow(s, r, &shared, &counters, &budget).await {
+                if let Err(e) = relay_flow(s, r, &shared, &counters, &meter).await {
                     debug!(error = %e, "flow ended with error");
                 }
             }
@@ -484,62 +588,44 @@ fn io_reply(e: &std::io::Error) -> u8 {
 }
 
 /// Dials the first allowed address; `Err` is the reply code to send.
-async fn dial(header: &FlowHeader, egress: &EgressPolicy) -> Result<TcpStream, u8> {
-    let addrs = resolve(&header.host, header.port).await?;
+async fn dial(header: &FlowHeader, egress: &EgressPolicy) -> Result<TcpStream, (u8, String)> {
+    let addrs = resolve(&header.host, header.port)
+        .await
+        .map_err(|code| (code, format!("cannot resolve {}", header.host)))?;
+    let mut denied = None;
     let allowed: Vec<SocketAddr> = addrs
         .iter()
         .filter(|a| match egress.decide(a.ip(), a.port()) {
             Ok(()) => true,
             Err(why) => {
                 info!(target_addr = %a, reason = %why, "egress denied");
+                denied.get_or_insert_with(|| format!("{a} is off limits: {why}"));
                 false
             }
         })
         .copied()
         .collect();
     if allowed.is_empty() {
-        return Err(if addrs.is_empty() {
-            reply::HOST_UNREACHABLE
-        } else {
-            reply::NOT_ALLOWED
+        return Err(match denied {
+            Some(why) => (reply::NOT_ALLOWED, why),
+            None => (
+                reply::HOST_UNREACHABLE,
+                format!("{} has no address", header.host),
+            ),
         });
     }
-    let mut code = reply::HOST_UNREACHABLE;
+    let mut failed = (reply::HOST_UNREACHABLE, String::new());
     for a in allowed {
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
-            Ok(Err(e)) => code = io_reply(&e),
-            Err(_) => code = reply::TTL_EXPIRED,
+            Ok(Err(e)) => failed = (io_reply(&e), format!("dialing {a}: {e}")),
+            Err(_) => failed = (reply::TTL_EXPIRED, format!("dialing {a} timed out")),
         }
     }
-    Err(code)
-}
-
-/// Wraps a reader so it stops with an error once the ticket's byte budget
-/// is spent.
-struct Budgeted<R> {
-    inner: R,
-    budget: Arc<AtomicI64>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Budgeted<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.budget.load(Ordering::Relaxed) <= 0 {
-            return std::task::Poll::Ready(Err(std::io::Error::other("ticket byte quota used up")));
-        }
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as i64;
-        self.budget.fetch_sub(n, Ordering::Relaxed);
-        r
-    }
+    Err(failed)
 }
 
 async fn relay_flow(
@@ -547,18 +633,24 @@ async fn relay_flow(
     mut recv: quinn::RecvStream,
     shared: &Shared,
     counters: &Counters,
-    budget: &Arc<AtomicI64>,
+    meter: &Meter,
 ) -> Result<(), String> {
     let header = tokio::time::timeout(HEADER_TIMEOUT, FlowHeader::read(&mut recv))
         .await
         .map_err(|_| "flow header timed out".to_string())?
         .map_err(|e| e.to_string())?;
     counters.flows.fetch_add(1, Ordering::Relaxed);
-    let tcp = match dial(&header, &shared.egress).await {
+    let dialed = match meter.exhausted() {
+        Some(reason) => Err((reply::NOT_ALLOWED, reason.to_string())),
+        None => dial(&header, &shared.egress).await,
+    };
+    let tcp = match dialed {
         Ok(s) => s,
-        Err(code) => {
-            debug!(target_host = %header.host, port = header.port, code, "flow refused");
-            let _ = send.write_all(&[code]).await;
+        Err((code, reason)) => {
+            debug!(target_host = %header.host, port = header.port, code, %reason, "flow refused");
+            let _ = send
+                .write_all(&wire::encode_flow_refusal(code, &reason))
+                .await;
             let _ = send.finish();
             return Ok(());
         }
@@ -568,18 +660,12 @@ async fn relay_flow(
         .map_err(|e| e.to_string())?;
     let (tr, tw) = tcp.into_split();
     let up = copy_counted(
-        Budgeted {
-            inner: recv,
-            budget: budget.clone(),
-        },
+        Metered::new(recv, meter.clone()),
         tw,
         [&counters.up, &shared.total],
     );
     let down = copy_counted(
-        Budgeted {
-            inner: tr,
-            budget: budget.clone(),
-        },
+        Metered::new(tr, meter.clone()),
         send,
         [&counters.down, &shared.total],
     );

@@ -27,9 +27,9 @@ pub enum TunnelError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
-    /// The sharer answered with a non-zero reply code.
-    #[error("sharer refused the flow: {}", wire::reply::describe(*.0))]
-    Refused(u8),
+    /// The sharer answered with a non-zero reply code and its reason.
+    #[error("sharer refused the flow ({}): {}", wire::reply::describe(*.0), .1)]
+    Refused(u8, String),
     /// The tunnel itself failed: the sharer is gone or unreachable.
     #[error("tunnel lost: {0}")]
     Lost(String),
@@ -122,7 +122,13 @@ impl Tunnel {
     pub async fn read_reply(recv: &mut quinn::RecvStream) -> Result<(), FlowError> {
         let code = recv.read_u8().await.map_err(|e| lost(&e))?;
         if code != wire::reply::OK {
-            return Err(FlowError::Refused(code));
+            let reason = tokio::time::timeout(Duration::from_secs(1), wire::read_flow_reason(recv))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+                .unwrap_or_else(|| wire::reply::describe(code).to_string());
+            return Err(FlowError::Refused(code, reason));
         }
         Ok(())
     }

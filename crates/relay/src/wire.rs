@@ -174,10 +174,19 @@ pub fn hello_proof_message(ticket: &[u8], cert_pin: &[u8; 32]) -> Vec<u8> {
 }
 
 pub fn encode_hello_reply(accepted: bool, reason: &str) -> Vec<u8> {
-    let reason = &reason.as_bytes()[..reason.len().min(255)];
+    let reason = cut_255(reason);
     let mut b = vec![u8::from(!accepted), reason.len() as u8];
-    b.extend_from_slice(reason);
+    b.extend_from_slice(reason.as_bytes());
     b
+}
+
+/// At most 255 bytes of `s`, cut on a character boundary.
+fn cut_255(s: &str) -> &str {
+    let mut cut = s.len().min(255);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
 }
 
 /// Reads a hello reply: `Ok(())` when accepted, else the sharer's reason.
@@ -192,6 +201,32 @@ pub async fn read_hello_reply<R: AsyncRead + Unpin>(
         0 => Ok(()),
         _ => Err(String::from_utf8_lossy(&reason).into_owned()),
     })
+}
+
+/// A flow's refusal: the reply code, then (since the reason was added) a
+/// length byte and up to 255 bytes of UTF-8 saying why. A reader that knows
+/// only the code stops after it.
+pub fn encode_flow_refusal(code: u8, reason: &str) -> Vec<u8> {
+    let reason = cut_255(reason);
+    let mut b = vec![code, reason.len() as u8];
+    b.extend_from_slice(reason.as_bytes());
+    b
+}
+
+/// Reads the reason behind a refusal code; a stream that ends right after
+/// the code (an older sharer) has none.
+pub async fn read_flow_reason<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<String>, WireError> {
+    let mut len = [0u8; 1];
+    match r.read(&mut len).await {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(e) => return Err(WireError::Io(e.to_string())),
+    }
+    let mut reason = vec![0u8; len[0] as usize];
+    read_exact(r, &mut reason).await?;
+    Ok(Some(String::from_utf8_lossy(&reason).into_owned()))
 }
 
 /// Where a flow goes: an address or a name the sharer resolves.
@@ -373,6 +408,29 @@ mod tests {
             proof[32..].copy_from_slice(&p2);
             let h = Hello { ticket, requester_key: key, proof };
             prop_assert_eq!(Hello::decode(&h.encode()).expect("decodes"), h);
+        }
+
+        #[test]
+        fn flow_refusal_round_trip(code in 1u8.., reason in "\\PC{0,300}") {
+            let b = encode_flow_refusal(code, &reason);
+            prop_assert_eq!(b[0], code);
+            let mut r = &b[1..];
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            let got = rt.block_on(read_flow_reason(&mut r)).expect("reads").expect("has one");
+            // Cut at 255 bytes on a character boundary, never mangled.
+            prop_assert!(reason.starts_with(&got), "{:?} / {:?}", reason, got);
+            prop_assert!(got.len() <= 255 && (got.len() == reason.len() || reason.len() > 251));
+            let mut old = &b[1..1];
+            prop_assert_eq!(rt.block_on(read_flow_reason(&mut old)).expect("reads"), None);
+        }
+
+        #[test]
+        fn hello_reply_round_trip(ok in any::<bool>(), reason in "\\PC{0,60}") {
+            let b = encode_hello_reply(ok, &reason);
+            let mut r = &b[..];
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            let got = rt.block_on(read_hello_reply(&mut r)).expect("reads");
+            prop_assert_eq!(got, if ok { Ok(()) } else { Err(reason) });
         }
 
         #[test]

@@ -1,5 +1,5 @@
 //! A local HTTP/1.1 target that answers every GET with a small page naming
-//! the path, so a fetch through bandshare can be checked end to end. Also a
+//! the path (or, for `/bytes/N`, N bytes), so a fetch through bandshare can be checked end to end. Also a
 //! minimal GET over SOCKS5, for the demo on machines without curl.
 
 use anyhow::{Context, bail};
@@ -53,6 +53,30 @@ async fn serve(mut s: TcpStream) {
     }
     let head = String::from_utf8_lossy(&buf);
     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+    // `/bytes/N`: N bytes of body, for quota and rate measurements.
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let n = n.min(1 << 30);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        );
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(chunk.len() as u64) as usize;
+            if s.write_all(&chunk[..k]).await.is_err() {
+                return;
+            }
+            left -= k as u64;
+        }
+        let _ = s.shutdown().await;
+        return;
+    }
     let body = format!(
         "<html><head><title>{PAGE_TITLE}</title></head><body><h1>Hello through bandshare</h1><p>path {path}</p></body></html>\n"
     );

@@ -17,6 +17,7 @@ use bandshare_agent::{Shutdown, identity};
 use bandshare_coordinator::{Config, Shared};
 use bandshare_core::{DeviceKey, EgressPolicy, EgressRule, NetworkType, Position, ServiceSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -198,6 +199,10 @@ pub struct SharerSpec {
     pub router: Option<String>,
     /// Follow this gpsd instead of a fixed position.
     pub gpsd: Option<String>,
+    /// A sysfs-like directory of batteries (default: the machine's).
+    pub power_supply: Option<PathBuf>,
+    /// Where the sharer keeps today's relayed bytes.
+    pub data_dir: Option<PathBuf>,
     /// Put a [`udp::UdpRelay`] between requesters and this sharer's relay.
     pub behind_udp_relay: bool,
 }
@@ -263,6 +268,8 @@ impl SharerSpec {
             cell: None,
             router: None,
             gpsd: None,
+            power_supply: None,
+            data_dir: None,
             behind_udp_relay: false,
         }
     }
@@ -330,9 +337,14 @@ impl SharerNode {
                 ..Default::default()
             },
             bandwidth_bps: 0,
-            consent: spec.consent,
+            consent: spec.consent.clone(),
             uplink: Some("lo".into()),
             uplink_check: None,
+            power_supply: spec
+                .power_supply
+                .clone()
+                .unwrap_or_else(|| bandshare_agent::sharer::uplink::POWER_SUPPLY.into()),
+            data_dir: spec.data_dir.clone(),
         };
         let dkey = DeviceKey(key.verifying_key().to_bytes());
         let sharer = Sharer::start(opts, key, shutdown).await?;
@@ -447,8 +459,16 @@ impl Cluster {
     }
 
     pub async fn requester(&self, opts: RequesterOptions) -> anyhow::Result<RequesterNode> {
+        self.requester_as(opts, identity::generate()?).await
+    }
+
+    /// A requester with the device key `key`.
+    pub async fn requester_as(
+        &self,
+        opts: RequesterOptions,
+        key: ed25519_dalek::SigningKey,
+    ) -> anyhow::Result<RequesterNode> {
         let (trigger, shutdown) = Shutdown::new();
-        let key = identity::generate()?;
         let requester = Requester::start(opts, key, shutdown).await?;
         Ok(RequesterNode { requester, trigger })
     }

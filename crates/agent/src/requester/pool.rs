@@ -421,7 +421,7 @@ impl Pool {
                 }
                 // The sharer has no route out (its uplink went away): the
                 // next member may well have one.
-                Err((e @ FlowError::Refused(reply::NETWORK_UNREACHABLE), m)) => {
+                Err((e @ FlowError::Refused(reply::NETWORK_UNREACHABLE, _), m)) => {
                     warn!(sharer = %m.name, "sharer's network is unreachable; trying the next");
                     m.avoid_for(UNREACHABLE_AVOID);
                     self.reselect();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,7 +50,7 @@ enum Dialect {
 /// What to answer the client for a failed flow.
 fn failure_code(e: &FlowError) -> u8 {
     match e {
-        FlowError::Refused(code) => *code,
+        FlowError::Refused(code, _) => *code,
         FlowError::Lost(_) => reply::NETWORK_UNREACHABLE,
         FlowError::Target(_) => reply::ADDRESS_TYPE,
     }
@@ -66,14 +66,21 @@ fn http_status(code: u8) -> &'static str {
     }
 }
 
-async fn answer(tcp: &mut TcpStream, dialect: &Dialect, code: u8) -> std::io::Result<()> {
+/// Answers the local client; an HTTP client also gets the sharer's reason
+/// for a refusal in the body (SOCKS5 has only the code; the log has it).
+async fn answer(
+    tcp: &mut TcpStream,
+    dialect: &Dialect,
+    code: u8,
+    reason: &str,
+) -> std::io::Result<()> {
     match dialect {
         Dialect::Socks => tcp.write_all(&socks::reply(code)).await,
         Dialect::Http => {
             let body = if code == reply::OK {
                 String::new()
             } else {
-                format!("{}\n", reply::describe(code))
+                format!("{}: {reason}\n", reply::describe(code))
             };
             let extra = if code == reply::OK {
                 String::new()
@@ -147,15 +154,22 @@ async fn relay_to(
     let (mut send, mut recv, member) = match pool.open_flow(target, wait_reply).await {
         Ok(ok) => ok,
         Err(e) => {
+            if let FlowError::Refused(_, reason) = &e {
+                warn!(target_host = %target.host, port = target.port, %reason, "sharer refused the flow");
+            }
             if let Some(d) = &dialect {
-                let _ = answer(&mut tcp, d, failure_code(&e)).await;
+                let reason = match &e {
+                    FlowError::Refused(_, reason) => reason.clone(),
+                    other => other.to_string(),
+                };
+                let _ = answer(&mut tcp, d, failure_code(&e), &reason).await;
             }
             return Err(format!("{}:{}: {e}", target.host, target.port));
         }
     };
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
     if let Some(d) = &dialect {
-        answer(&mut tcp, d, reply::OK)
+        answer(&mut tcp, d, reply::OK, "")
             .await
             .map_err(|e| e.to_string())?;
     }

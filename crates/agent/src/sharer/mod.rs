@@ -16,6 +16,7 @@ use bandshare_relay::{Relay, RelayHandle, RelayOptions};
 use consent::Consent;
 use ed25519_dalek::SigningKey;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,6 +44,11 @@ pub struct SharerOptions {
     pub uplink: Option<String>,
     /// HOST:PORT across the uplink that [`uplink::watch`] times connects to.
     pub uplink_check: Option<String>,
+    /// Where batteries are read (`/sys/class/power_supply`).
+    pub power_supply: PathBuf,
+    /// Where today's relayed bytes are kept so the daily cap survives a
+    /// restart; `None` keeps them in memory only.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// A started sharer: its relay is bound and serving.
@@ -60,12 +66,15 @@ impl Sharer {
         shutdown: Shutdown,
     ) -> Result<Sharer, AgentError> {
         let url = coordinator::normalize_url(&opts.server)?;
-        let relay = Relay::bind(RelayOptions::new(
+        let mut relay_opts = RelayOptions::new(
             opts.relay_listen,
             bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
             opts.egress.clone(),
             opts.consent.max_requesters,
-        ))?;
+        );
+        relay_opts.limits = opts.consent.limits;
+        relay_opts.daily_used = opts.data_dir.as_deref().map_or(0, load_daily_used);
+        let relay = Relay::bind(relay_opts)?;
         let relay_addr = relay
             .local_addr()
             .map_err(|e| AgentError::Listen(opts.relay_listen, e))?;
@@ -132,9 +141,34 @@ async fn advertised(relay: SocketAddr, url: &str) -> SocketAddr {
     relay
 }
 
+const DAILY_FILE: &str = "relayed-today";
+
+/// Bytes relayed today as kept in `dir` ("DAY BYTES"); 0 for another day.
+fn load_daily_used(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join(DAILY_FILE)).unwrap_or_default();
+    let mut parts = text.split_whitespace().map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(day)), Some(Ok(bytes))) if day == bandshare_relay::limits::today() => bytes,
+        _ => 0,
+    }
+}
+
+/// Keeps today's relayed bytes (written whole, then renamed into place).
+fn store_daily_used(dir: &Path, bytes: u64) {
+    let tmp = dir.join(format!("{DAILY_FILE}.tmp"));
+    let text = format!("{} {bytes}\n", bandshare_relay::limits::today());
+    if std::fs::create_dir_all(dir).is_ok()
+        && std::fs::write(&tmp, text).is_ok()
+        && let Err(e) = std::fs::rename(&tmp, dir.join(DAILY_FILE))
+    {
+        debug!(error = %e, "cannot keep today's relayed bytes");
+    }
+}
+
 /// Measures link state between reports.
 struct LinkMeter {
     iface: Option<String>,
+    power_supply: PathBuf,
     last: Option<(Instant, u64, u64, u64)>, // (at, rx, tx, relayed)
     cap_bps: u64,
     network: Option<NetworkType>,
@@ -174,7 +208,7 @@ impl LinkMeter {
             capacity_bps: self.cap_bps,
             congestion_permille: congestion,
             network: self.network,
-            battery_pct: uplink::battery_pct(),
+            battery_pct: uplink::battery_pct(&self.power_supply),
         }
     }
 }
@@ -199,6 +233,7 @@ async fn stream_loop(
     let mut backoff = Backoff::default();
     let mut meter = LinkMeter {
         iface: uplink::uplink_interface(opts.uplink.as_deref()),
+        power_supply: opts.power_supply.clone(),
         last: None,
         cap_bps: opts.bandwidth_bps,
         network: opts.network,
@@ -320,7 +355,18 @@ async fn session(
                 match msg.msg {
                     Some(Down::Pong(p)) => probe.pong(p.seq, Instant::now()),
                     Some(Down::AccessRequest(a)) => {
-                        let decision = opts.consent.decide(relay.active_requesters());
+                        let requester = bandshare_core::DeviceKey::from_slice(&a.requester_key).ok();
+                        let decision = opts.consent.decide(&consent::Moment {
+                            active_requesters: relay.active_requesters(),
+                            minute_of_day: consent::local_minute_of_day(),
+                            battery_pct: uplink::battery_pct(&opts.power_supply),
+                            wanted: a.conditions.as_ref().map(|c| cv::services_from_wire(&c.services)).unwrap_or_default(),
+                            daily_left: relay.daily_left(),
+                            requester_left: requester.map_or(0, |k| relay.requester_left(&k)),
+                        });
+                        if let Err(reason) = &decision {
+                            info!(request = a.request_id, %reason, "declined an access request");
+                        }
                         debug!(request = a.request_id, accept = decision.is_ok(), "access request");
                         let link = meter.measure(&probe, relay, Instant::now());
                         let resp = v1::AccessResponse {
@@ -345,6 +391,9 @@ async fn session(
             _ = moved(location, &last_report) => report_tick.reset_immediately(),
             _ = report_tick.tick() => {
                 last_report = Instant::now();
+                if let Some(dir) = &opts.data_dir {
+                    store_daily_used(dir, relay.daily_used());
+                }
                 let link = meter.measure(&probe, relay, Instant::now());
                 let usage = relay.take_usage().into_iter().map(|u| v1::Usage {
                     requester_key: u.requester.0.to_vec(),

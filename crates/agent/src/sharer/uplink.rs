@@ -145,9 +145,13 @@ pub fn is_up(iface: &str) -> bool {
     }
 }
 
-/// Battery percentage of the first battery, if the device has one.
-pub fn battery_pct() -> Option<u32> {
-    let dir = std::fs::read_dir("/sys/class/power_supply").ok()?;
+/// Where Linux lists batteries and chargers.
+pub const POWER_SUPPLY: &str = "/sys/class/power_supply";
+
+/// Battery percentage of the first battery under `power_supply` (sysfs
+/// layout: `*/type` = Battery, `*/capacity`), if the device has one.
+pub fn battery_pct(power_supply: &std::path::Path) -> Option<u32> {
+    let dir = std::fs::read_dir(power_supply).ok()?;
     dir.flatten().find_map(|e| {
         let kind = std::fs::read_to_string(e.path().join("type")).ok()?;
         if kind.trim() != "Battery" {
