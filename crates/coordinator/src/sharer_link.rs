@@ -98,6 +98,8 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             coordinator_key: shared.signer.public_key().to_vec(),
             report_interval_ms: cfg.report_interval.as_millis() as u32,
             ping_interval_ms: cfg.ping_interval.as_millis() as u32,
+            coordinator_keys: vec![shared.signer.public_key().to_vec()],
+            revoked: vec![],
         })))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;
@@ -136,11 +138,20 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                             registry.touch(id, generation, now);
                             let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
                         }
-                        Some(Up::Report(r)) => {
+                        Some(Up::Report(mut r)) => {
                             shared
                                 .reports_received
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let batches = std::mem::take(&mut r.batches);
                             apply_report(&shared, id, generation, key, r, now);
+                            if !batches.is_empty() {
+                                tokio::spawn(record_batches(
+                                    shared.clone(),
+                                    key,
+                                    batches,
+                                    tx.clone(),
+                                ));
+                            }
                         }
                         Some(Up::AccessResponse(a)) => {
                             registry.touch(id, generation, now);
@@ -159,6 +170,56 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Writes usage batches to the ledger, then acknowledges the ones that are
+/// durable; a batch seen before is acknowledged without counting it again.
+async fn record_batches(
+    shared: Arc<Shared>,
+    sharer: DeviceKey,
+    batches: Vec<v1::UsageBatch>,
+    tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
+) {
+    let store = shared.store.clone();
+    let acked = tokio::task::spawn_blocking(move || {
+        let mut acked = vec![];
+        for b in batches.into_iter().take(MAX_BATCHES_PER_REPORT) {
+            let rows = usage_rows(sharer, &b.usage);
+            match store.record_usage_batch(&sharer, b.id, &rows, unix_now()) {
+                Ok(_) => acked.push(b.id),
+                Err(e) => {
+                    warn!(error = %e, "cannot record usage");
+                    break;
+                }
+            }
+        }
+        acked
+    })
+    .await
+    .unwrap_or_default();
+    if !acked.is_empty() {
+        let _ = tx
+            .send(down(Down::UsageAck(v1::UsageAck { batch_ids: acked })))
+            .await;
+    }
+}
+
+/// Batches recorded from one report at most; the rest wait for the next.
+const MAX_BATCHES_PER_REPORT: usize = 64;
+
+fn usage_rows(sharer: DeviceKey, usage: &[v1::Usage]) -> Vec<UsageRecord> {
+    usage
+        .iter()
+        .filter_map(|u| {
+            Some(UsageRecord {
+                sharer,
+                requester: DeviceKey::from_slice(&u.requester_key).ok()?,
+                bytes_up: u.bytes_up,
+                bytes_down: u.bytes_down,
+                flows: u.flows,
+            })
+        })
+        .collect()
 }
 
 fn apply_report(
@@ -193,19 +254,7 @@ fn apply_report(
         }
         info.active_requesters = r.active_requesters;
     });
-    let rows: Vec<UsageRecord> = r
-        .usage
-        .iter()
-        .filter_map(|u| {
-            Some(UsageRecord {
-                sharer: key,
-                requester: DeviceKey::from_slice(&u.requester_key).ok()?,
-                bytes_up: u.bytes_up,
-                bytes_down: u.bytes_down,
-                flows: u.flows,
-            })
-        })
-        .collect();
+    let rows = usage_rows(key, &r.usage);
     if !rows.is_empty() {
         let store = shared.store.clone();
         tokio::task::spawn_blocking(move || {

@@ -86,6 +86,12 @@ CREATE TABLE IF NOT EXISTS usage (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_requester ON usage(requester, at);
+CREATE TABLE IF NOT EXISTS usage_batches (
+    sharer BLOB NOT NULL,
+    batch INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (sharer, batch)
+);
 ";
 
 impl Store {
@@ -195,6 +201,42 @@ impl Store {
         Ok(())
     }
 
+    /// Records a sharer's usage batch once: a batch id seen before from the
+    /// same sharer is ignored (`Ok(false)`), so a batch re-sent because its
+    /// acknowledgement was lost is not counted twice. Returns once durable.
+    pub fn record_usage_batch(
+        &self,
+        sharer: &DeviceKey,
+        batch: u64,
+        rows: &[UsageRecord],
+        now_unix: u64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction()?;
+        let fresh = tx.execute(
+            "INSERT OR IGNORE INTO usage_batches (sharer, batch, at) VALUES (?1, ?2, ?3)",
+            params![sharer.0.as_slice(), batch as i64, now_unix as i64],
+        )? == 1;
+        if fresh {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO usage (sharer, requester, bytes_up, bytes_down, flows, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in rows {
+                st.execute(params![
+                    r.sharer.0.as_slice(),
+                    r.requester.0.as_slice(),
+                    r.bytes_up as i64,
+                    r.bytes_down as i64,
+                    r.flows,
+                    now_unix as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(fresh)
+    }
+
     /// Number of rows in the usage ledger.
     pub fn usage_rows(&self) -> Result<u64, StoreError> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get::<_, i64>(0)))
@@ -242,10 +284,31 @@ mod tests {
         };
         let st = Store::open(dir.path()).expect("reopen");
         assert_eq!(st.device_count().expect("count"), 1);
+        let row = UsageRecord {
+            sharer: DeviceKey([1; 32]),
+            requester: DeviceKey([2; 32]),
+            bytes_up: 1,
+            bytes_down: 1,
+            flows: 1,
+        };
+        assert!(
+            st.record_usage_batch(&DeviceKey([1; 32]), 77, std::slice::from_ref(&row), 13)
+                .expect("batch")
+        );
+        assert!(
+            !st.record_usage_batch(&DeviceKey([1; 32]), 77, std::slice::from_ref(&row), 14)
+                .expect("again")
+        );
         assert_eq!(
             st.usage_of_requester(&DeviceKey([2; 32])).expect("usage"),
-            (100, 2000, 3)
+            (101, 2001, 4),
+            "a batch sent twice counts once"
         );
+        assert!(
+            st.record_usage_batch(&DeviceKey([3; 32]), 77, &[row], 14)
+                .expect("other sharer")
+        );
+
         let (k2, s2) = st.signing_seed(20, || [9; 32]).expect("seed");
         assert_eq!((k1, s1.0), (k2, s2.0), "the key is made once and kept");
         assert_eq!(format!("{s2:?}"), "***");

@@ -55,7 +55,73 @@ pub struct SharerOptions {
 pub struct Sharer {
     pub relay_addr: SocketAddr,
     pub relay: RelayHandle,
+    /// Usage the coordinator has not yet acknowledged as durable.
+    pub unacked: Unacked,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Usage batches sent but not yet acknowledged; they ride along in every
+/// report (across reconnects) until the coordinator's ledger has them.
+#[derive(Clone, Default)]
+pub struct Unacked {
+    queue: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<v1::UsageBatch>>>,
+    /// Bytes (both directions) in batches acknowledged so far.
+    acked_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Batches kept at most while the coordinator does not acknowledge; the
+/// oldest are dropped beyond this (and a warning logged).
+const MAX_UNACKED: usize = 4096;
+
+impl Unacked {
+    /// Batches waiting for an acknowledgement.
+    pub fn len(&self) -> usize {
+        self.queue.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&self, usage: Vec<v1::Usage>) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.push_back(v1::UsageBatch {
+                id: fastrand::u64(..),
+                usage,
+            });
+            while q.len() > MAX_UNACKED {
+                q.pop_front();
+                warn!("coordinator does not acknowledge usage: dropped the oldest batch");
+            }
+        }
+    }
+
+    /// The oldest batches to send now.
+    fn to_send(&self) -> Vec<v1::UsageBatch> {
+        self.queue
+            .lock()
+            .map(|q| q.iter().take(64).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn ack(&self, ids: &[u64]) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.retain(|b| {
+                let done = ids.contains(&b.id);
+                if done {
+                    let bytes: u64 = b.usage.iter().map(|u| u.bytes_up + u.bytes_down).sum();
+                    self.acked_bytes
+                        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                }
+                !done
+            });
+        }
+    }
+
+    /// Relayed bytes the coordinator has acknowledged as recorded.
+    pub fn acked_bytes(&self) -> u64 {
+        self.acked_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Sharer {
@@ -94,9 +160,19 @@ impl Sharer {
         ));
         let span = info_span!("sharer", name = %opts.name);
         let h = handle.clone();
+        let unacked = Unacked::default();
+        let u = unacked.clone();
         let task = tokio::spawn(
             async move {
-                stream_loop(&opts, &url, &key, advertise, &h, location, shutdown).await;
+                let ctx = Ctx {
+                    opts: &opts,
+                    url: &url,
+                    key: &key,
+                    advertise,
+                    relay: &h,
+                    unacked: &u,
+                };
+                stream_loop(ctx, location, shutdown).await;
                 let _ = relay_task.await;
             }
             .instrument(span),
@@ -105,6 +181,7 @@ impl Sharer {
         Ok(Sharer {
             relay_addr: advertise,
             relay: handle,
+            unacked,
             task,
         })
     }
@@ -213,15 +290,23 @@ impl LinkMeter {
     }
 }
 
-async fn stream_loop(
-    opts: &SharerOptions,
-    url: &str,
-    key: &SigningKey,
+/// What every session of the stream loop works with.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    opts: &'a SharerOptions,
+    url: &'a str,
+    key: &'a SigningKey,
     advertise: SocketAddr,
-    relay: &RelayHandle,
+    relay: &'a RelayHandle,
+    unacked: &'a Unacked,
+}
+
+async fn stream_loop(
+    ctx: Ctx<'_>,
     mut location: watch::Receiver<LocationSpec>,
     shutdown: Shutdown,
 ) {
+    let opts = ctx.opts;
     // The coordinator places sharers by a fix: wait for the first one.
     if location.borrow().at.is_none() {
         info!("waiting for a position fix");
@@ -241,7 +326,7 @@ async fn stream_loop(
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(opts, url, key, advertise, relay, &mut meter, &mut location) => r,
+            r = session(ctx, &mut meter, &mut location) => r,
             _ = shutdown.clone().wait() => return,
         };
         if let Err(e) = result {
@@ -281,14 +366,18 @@ fn up(msg: Up) -> v1::SharerMessage {
 
 /// One stream to the coordinator, until it breaks.
 async fn session(
-    opts: &SharerOptions,
-    url: &str,
-    key: &SigningKey,
-    advertise: SocketAddr,
-    relay: &RelayHandle,
+    ctx: Ctx<'_>,
     meter: &mut LinkMeter,
     location: &mut watch::Receiver<LocationSpec>,
 ) -> Result<(), AgentError> {
+    let Ctx {
+        opts,
+        url,
+        key,
+        advertise,
+        relay,
+        unacked,
+    } = ctx;
     let channel = coordinator::connect(url).await?;
     let mut client = v1::sharer_link_client::SharerLinkClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
@@ -354,6 +443,7 @@ async fn session(
                 };
                 match msg.msg {
                     Some(Down::Pong(p)) => probe.pong(p.seq, Instant::now()),
+                    Some(Down::UsageAck(a)) => unacked.ack(&a.batch_ids),
                     Some(Down::AccessRequest(a)) => {
                         let requester = bandshare_core::DeviceKey::from_slice(&a.requester_key).ok();
                         let decision = opts.consent.decide(&consent::Moment {
@@ -395,17 +485,21 @@ async fn session(
                     store_daily_used(dir, relay.daily_used());
                 }
                 let link = meter.measure(&probe, relay, Instant::now());
-                let usage = relay.take_usage().into_iter().map(|u| v1::Usage {
+                let usage: Vec<v1::Usage> = relay.take_usage().into_iter().map(|u| v1::Usage {
                     requester_key: u.requester.0.to_vec(),
                     bytes_up: u.bytes_up,
                     bytes_down: u.bytes_down,
                     flows: u.flows,
                 }).collect();
+                if !usage.is_empty() {
+                    unacked.push(usage);
+                }
                 let report = v1::StateReport {
                     location: Some(location.borrow_and_update().to_wire()),
                     link: Some(cv::link_to_wire(&link)),
                     active_requesters: relay.active_requesters(),
-                    usage,
+                    usage: vec![],
+                    batches: unacked.to_send(),
                 };
                 if tx.send(up(Up::Report(report))).await.is_err() {
                     return Err(AgentError::Other("stream closed".into()));
