@@ -41,9 +41,41 @@ enum Command {
     Offers(OffersArgs),
     /// Run a coordinator, five sharers, a web target and a requester in one process.
     Demo,
+    /// Operate a coordinator's store: list, approve and revoke devices, rotate
+    /// the ticket-signing key. Works while the server runs; it applies
+    /// changes within a second (revocations reach sharers at once).
+    Admin(AdminArgs),
     /// Measure bandshare side by side with what you would build instead.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct AdminArgs {
+    /// The server's data directory [default: $XDG_DATA_HOME/bandshare/server].
+    #[arg(long, global = true)]
+    data: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Devices seen or decided, with their state (pending, approved, revoked).
+    List,
+    /// Let a device use the coordinator (needed with `server --enroll approve`).
+    Approve {
+        /// Its key: at least 8 leading hex digits from `admin list`, or all 64.
+        key: String,
+    },
+    /// Refuse a device from now on; sharers drop its connections within seconds.
+    Revoke {
+        /// Its key: at least 8 leading hex digits from `admin list`, or all 64.
+        key: String,
+    },
+    /// Make a new ticket-signing key. Sharers learn it before it signs; the
+    /// old key keeps verifying until its tickets have expired.
+    RotateKey,
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +174,11 @@ struct ServerArgs {
     /// TOML configuration (match radius, fan-out, deadlines, tickets).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Who may use this coordinator: open (trust on first use) or approve
+    /// (only devices approved with `bandshare admin approve`) [default: the
+    /// config's server.enroll, else open].
+    #[arg(long, value_parser = parsed::<bandshare_coordinator::config::Enroll>)]
+    enroll: Option<bandshare_coordinator::config::Enroll>,
 }
 
 /// Where the device is (shared by share, connect and offers).
@@ -416,6 +453,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(a) => connect(a).await,
         Command::Offers(a) => offers(a).await,
         Command::Demo => crate::demo::run().await,
+        Command::Admin(a) => admin(a),
         Command::Bench(BenchCommand::Match(a)) => bench_match(a).await,
         Command::Bench(BenchCommand::Failover(a)) => {
             init_logs("error");
@@ -543,10 +581,14 @@ fn print_report(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
 
 async fn server(a: ServerArgs) -> anyhow::Result<()> {
     init_logs("info");
-    let config = match &a.config {
+    let mut config = match &a.config {
         Some(p) => bandshare_coordinator::Config::load(p)?,
         None => bandshare_coordinator::Config::default(),
     };
+    if let Some(e) = a.enroll {
+        config.enroll = e;
+    }
+    info!(enroll = ?config.enroll, "enrollment");
     let dir = a.data.unwrap_or_else(|| default_data("server"));
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
@@ -559,6 +601,61 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", a.http))?;
     info!(grpc = %a.listen, http = %a.http, "bandshare coordinator starting");
     bandshare_coordinator::run(shared, grpc, Some(http), shutdown_on_signal().wait()).await?;
+    Ok(())
+}
+
+fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    use bandshare_store::Decision;
+    let dir = a.data.unwrap_or_else(|| default_data("server"));
+    if !dir.join("bandshare.db").exists() {
+        anyhow::bail!(
+            "no coordinator store in {} (give the server's --data)",
+            dir.display()
+        );
+    }
+    let store = bandshare_store::Store::open(&dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match a.cmd {
+        AdminCommand::List => {
+            println!(
+                "{:<64}  {:<9}  {:<9}  {:<8}  name",
+                "key", "role", "state", "seen"
+            );
+            for d in store.devices()? {
+                let state = d.decision.map_or("pending", |d| d.as_str());
+                let seen = if d.last_seen == 0 {
+                    "never".to_string()
+                } else {
+                    format!("{}s ago", now.saturating_sub(d.last_seen))
+                };
+                println!(
+                    "{}  {:<9}  {:<9}  {:<8}  {}",
+                    d.key, d.role, state, seen, d.name
+                );
+            }
+        }
+        AdminCommand::Approve { key } => {
+            let k = store.find_device(&key)?;
+            store.decide(&k, Decision::Approved, now)?;
+            println!("approved {k}");
+        }
+        AdminCommand::Revoke { key } => {
+            let k = store.find_device(&key)?;
+            store.decide(&k, Decision::Revoked, now)?;
+            println!("revoked {k} (a running server tells its sharers within a second)");
+        }
+        AdminCommand::RotateKey => {
+            let mut seed = [0u8; 32];
+            bandshare_coordinator::random_seed(&mut seed)?;
+            let id = store.add_signing_seed(seed, now)?;
+            println!(
+                "new ticket-signing key {id}: a running server announces it to sharers, signs with it a second later, and keeps the old one verifying until its tickets expire"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -287,3 +287,51 @@ fn server_stops_cleanly_on_sigterm() {
     );
     assert!(db.exists());
 }
+
+#[test]
+fn admin_lists_approves_revokes_and_rotates() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let d = data.path().to_str().expect("utf-8 path");
+    fails_with(&["admin", "--data", d, "list"], "no coordinator store");
+    let store = bandshare_store::Store::open(data.path()).expect("store");
+    let key = bandshare_core::DeviceKey([0x5a; 32]);
+    store.signing_seed(1, || [1; 32]).expect("a server's first key");
+    store
+        .upsert_device(&key, "phone", bandshare_store::Role::Requester, 1)
+        .expect("device");
+    let text = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let list = text(bandshare(&["admin", "--data", d, "list"]));
+    assert!(
+        list.contains(&key.to_string()) && list.contains("pending"),
+        "{list}"
+    );
+    let prefix = &key.to_string()[..10];
+    assert!(text(bandshare(&["admin", "--data", d, "approve", prefix])).contains("approved"));
+    let list = text(bandshare(&["admin", "--data", d, "list"]));
+    assert!(
+        list.contains("approved") && list.contains("phone"),
+        "{list}"
+    );
+    assert!(text(bandshare(&["admin", "--data", d, "revoke", prefix])).contains("revoked"));
+    assert_eq!(
+        store.decisions().expect("decisions"),
+        (vec![], vec![key]),
+        "the CLI wrote the server's store"
+    );
+    fails_with(&["admin", "--data", d, "approve", "zz"], "not a device key");
+    fails_with(
+        &["admin", "--data", d, "revoke", "0123456789"],
+        "no device key starts with",
+    );
+    assert!(
+        text(bandshare(&["admin", "--data", d, "rotate-key"])).contains("new ticket-signing key 2")
+    );
+    fails_with(&["server", "--enroll", "maybe"], "unknown enrollment mode");
+}

@@ -73,6 +73,30 @@ struct RawIndoor {
 struct RawServer {
     max_streams_per_connection: Option<u32>,
     max_inflight_requests: Option<u32>,
+    enroll: Option<String>,
+}
+
+/// Who may use the coordinator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Enroll {
+    /// Any device, trusted on first use (the demo's default).
+    #[default]
+    Open,
+    /// Only devices an operator approved (`bandshare admin approve`).
+    Approve,
+}
+
+impl std::str::FromStr for Enroll {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "open" => Ok(Enroll::Open),
+            "approve" => Ok(Enroll::Approve),
+            other => Err(format!(
+                "unknown enrollment mode {other:?} (expected open or approve)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +143,8 @@ pub struct Config {
     /// Share and ticket requests handled at once; more are refused with
     /// RESOURCE_EXHAUSTED at once instead of queueing.
     pub max_inflight_requests: u32,
+    /// Enrollment: open (trust on first use) or approve.
+    pub enroll: Enroll,
     /// Rate limits, plausibility and the measuring offset per requester.
     pub privacy: crate::privacy::PrivacyConfig,
 }
@@ -137,6 +163,7 @@ impl Default for Config {
             quota_bytes: 1 << 30,
             max_streams_per_connection: 1024,
             max_inflight_requests: 512,
+            enroll: Enroll::Open,
             privacy: crate::privacy::PrivacyConfig::default(),
         }
     }
@@ -360,6 +387,13 @@ impl Config {
                 1,
                 1_000_000,
             )?,
+            enroll: match &raw.server.enroll {
+                None => Enroll::Open,
+                Some(m) => m.parse().map_err(|problem| ConfigError::Invalid {
+                    key: "server.enroll",
+                    problem,
+                })?,
+            },
             privacy: privacy(&raw.privacy)?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {

@@ -13,6 +13,7 @@ pub mod matchmaker;
 pub mod privacy;
 pub mod registry;
 pub mod sharer_link;
+pub mod trust;
 
 pub use config::Config;
 
@@ -43,7 +44,10 @@ pub struct Shared {
     pub config: Config,
     pub registry: Registry,
     pub store: Store,
-    pub signer: TicketSigner,
+    /// Ticket-signing keys (see [`trust`]).
+    pub keys: std::sync::RwLock<trust::Keys>,
+    /// Enrollment decisions (see [`trust`]).
+    pub trust: std::sync::RwLock<trust::Trust>,
     pub started: Instant,
     /// State reports processed since start.
     pub reports_received: std::sync::atomic::AtomicU64,
@@ -76,27 +80,48 @@ pub enum ServerError {
 impl Shared {
     pub fn new(config: Config, store: Store) -> Result<Arc<Shared>, ServerError> {
         let mut fresh_err = false;
-        let (key_id, seed) = store.signing_seed(unix_now(), || {
+        let seeds = store.signing_seeds(unix_now(), || {
             let mut s = [0u8; 32];
-            let rng = ring::rand::SystemRandom::new();
-            fresh_err = ring::rand::SecureRandom::fill(&rng, &mut s).is_err();
+            fresh_err = random_seed(&mut s).is_err();
             s
         })?;
         if fresh_err {
             return Err(ServerError::Rng);
         }
-        // The offsets' secret comes from the signing seed, domain-separated,
-        // so it survives restarts without another stored secret.
+        let (Some((_, first)), Some((key_id, seed))) = (seeds.first(), seeds.last()) else {
+            return Err(ServerError::Rng);
+        };
+        // The offsets' secret comes from the first signing seed, domain-
+        // separated, so it survives restarts and key rotations without
+        // another stored secret.
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"bandshare privacy offsets v1\0");
-        ctx.update(&seed.0);
+        ctx.update(&first.0);
         let privacy_secret = ctx.finish();
+        // After a restart, the key before the newest still verifies for one
+        // ticket lifetime: tickets it signed may still be in use.
+        let previous = (seeds.len() >= 2).then(|| {
+            let (id, s) = &seeds[seeds.len() - 2];
+            (
+                TicketSigner::from_seed(&s.0, *id).public_key(),
+                Instant::now() + config.ticket_lifetime,
+            )
+        });
+        let (approved, revoked) = store.decisions()?;
         Ok(Arc::new(Shared {
             privacy: Mutex::new(privacy::Guard::new(
                 config.privacy.clone(),
                 privacy_secret.as_ref(),
             )),
-            signer: TicketSigner::from_seed(&seed.0, key_id),
+            keys: std::sync::RwLock::new(trust::Keys {
+                signer: Arc::new(TicketSigner::from_seed(&seed.0, *key_id)),
+                previous,
+                next: None,
+            }),
+            trust: std::sync::RwLock::new(trust::Trust {
+                approved: approved.into_iter().collect(),
+                revoked: revoked.into_iter().collect(),
+            }),
             registry: Registry::default(),
             store,
             started: Instant::now(),
@@ -122,6 +147,12 @@ impl Shared {
             ))
         })
     }
+}
+
+/// 32 random bytes from the system.
+pub fn random_seed(out: &mut [u8; 32]) -> Result<(), ServerError> {
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), out)
+        .map_err(|_| ServerError::Rng)
 }
 
 fn config_permits(c: &Config) -> usize {
@@ -188,6 +219,8 @@ pub async fn run(
             }
         })
     };
+    // Operators' decisions and key rotations, read from the store.
+    let trust_task = tokio::spawn(trust::watch(shared.clone(), stop_rx.clone()));
     let http_task = match http {
         Some(l) => {
             let app = http::router(shared.clone());
@@ -242,6 +275,7 @@ pub async fn run(
         }
     };
     sweeper.abort();
+    trust_task.abort();
     if let Some(h) = http_task {
         h.abort();
     }

@@ -103,6 +103,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let shared = &self.shared;
         let requester = DeviceKey::from_slice(&req.requester_key)
             .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        self.enrolled(&requester).await?;
         if req.sharer_keys.len() > 16 {
             return Err(Status::invalid_argument(
                 "at most 16 sharer keys per refresh",
@@ -132,7 +133,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
             let Some(c) = shared.registry.contact_of(&key) else {
                 continue;
             };
-            let ticket = shared.signer.sign(Ticket {
+            let ticket = shared.signer().sign(Ticket {
                 key_id: 0,
                 sharer: key,
                 requester,
@@ -173,12 +174,36 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let req = req.into_inner();
         let requester = DeviceKey::from_slice(&req.requester_key)
             .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        self.enrolled(&requester).await?;
         let span = info_span!("share_request", requester = %requester.short());
         self.handle(req, requester).instrument(span).await
     }
 }
 
 impl MatchmakerService {
+    /// Refuses a revoked or (in approval mode) unapproved requester; the
+    /// latter is recorded so the operator can approve it.
+    async fn enrolled(&self, requester: &DeviceKey) -> Result<(), Status> {
+        let Err(denied) = self.shared.check_device(requester) else {
+            return Ok(());
+        };
+        let fresh = self
+            .shared
+            .known_requesters
+            .lock()
+            .map(|mut k| k.insert(*requester))
+            .unwrap_or(false);
+        if fresh {
+            let store = self.shared.store.clone();
+            let key = *requester;
+            let _ = tokio::task::spawn_blocking(move || {
+                store.upsert_device(&key, "requester", Role::Requester, crate::unix_now())
+            })
+            .await;
+        }
+        Err(denied)
+    }
+
     async fn handle(
         &self,
         req: v1::ShareRequest,
@@ -269,7 +294,7 @@ impl MatchmakerService {
             };
             match answer {
                 Answer::Accepted(resp) if offers.len() < max => {
-                    let ticket = shared.signer.sign(Ticket {
+                    let ticket = shared.signer().sign(Ticket {
                         key_id: 0,
                         sharer: c.handle.key,
                         requester,

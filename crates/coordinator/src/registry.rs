@@ -156,6 +156,30 @@ impl Registry {
         names
     }
 
+    /// Every online sharer's outbound stream.
+    pub fn outbound(&self) -> Vec<Outbound> {
+        self.inner
+            .read()
+            .map(|g| g.handles.iter().flatten().map(|h| h.tx.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Ends the stream of the sharer with `key` (if online) with
+    /// PERMISSION_DENIED and takes it offline.
+    pub fn end_stream(&self, key: &DeviceKey, why: &str) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
+        let Some(id) = g.by_key.remove(key) else {
+            return;
+        };
+        if let Some(h) = g.take_handle(id) {
+            let _ =
+                h.tx.try_send(Err(Status::permission_denied(why.to_string())));
+        }
+        g.index.remove(id);
+    }
+
     /// The live position of the sharer called `name`, for operators' tools
     /// and tests; never persisted.
     pub fn position_of(&self, name: &str) -> Option<bandshare_core::Position> {

@@ -92,14 +92,25 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let info = sharer_info(&hello)?;
         let name = hello.name.clone();
         let shared = self.shared.clone();
+        if let Err(denied) = shared.check_device(&key) {
+            // Recorded, so an operator sees it in `bandshare admin list`.
+            let store = shared.store.clone();
+            let n = name.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                store.upsert_device(&key, &n, Role::Sharer, unix_now())
+            })
+            .await;
+            info!(sharer = %name, key = %key.short(), reason = denied.message(), "sharer refused");
+            return Err(denied);
+        }
         let cfg = &shared.config;
         let (tx, rx) = mpsc::channel(64);
         tx.send(down(Down::Welcome(v1::Welcome {
-            coordinator_key: shared.signer.public_key().to_vec(),
+            coordinator_key: shared.signer().public_key().to_vec(),
             report_interval_ms: cfg.report_interval.as_millis() as u32,
             ping_interval_ms: cfg.ping_interval.as_millis() as u32,
-            coordinator_keys: vec![shared.signer.public_key().to_vec()],
-            revoked: vec![],
+            coordinator_keys: shared.ticket_keys(),
+            revoked: shared.revoked(),
         })))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;

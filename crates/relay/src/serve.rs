@@ -108,6 +108,10 @@ struct Shared {
     daily: Arc<Allowance>,
     /// Each requester's rate and daily quota, shared by its connections.
     requesters: Mutex<HashMap<DeviceKey, Arc<PerRequester>>>,
+    /// Requesters the coordinator revoked: refused, their connections closed.
+    revoked: RwLock<std::collections::HashSet<DeviceKey>>,
+    /// Open connections by requester, so a revocation can close them.
+    conns: Mutex<HashMap<DeviceKey, Vec<quinn::Connection>>>,
 }
 
 struct PerRequester {
@@ -175,6 +179,25 @@ impl RelayHandle {
 
     pub fn uplink(&self) -> UplinkHealth {
         uplink_of(&self.0)
+    }
+
+    /// Refuses these requesters from now on and closes their connections.
+    pub fn revoke(&self, keys: &[DeviceKey]) {
+        if let Ok(mut r) = self.0.revoked.write() {
+            r.extend(keys.iter().copied());
+        }
+        let closing: Vec<quinn::Connection> = self
+            .0
+            .conns
+            .lock()
+            .map(|mut c| keys.iter().filter_map(|k| c.remove(k)).flatten().collect())
+            .unwrap_or_default();
+        for c in closing {
+            c.close(2u32.into(), b"requester revoked by the coordinator");
+        }
+        if !keys.is_empty() {
+            info!(count = keys.len(), "requesters revoked");
+        }
     }
 
     /// Bytes relayed today, all requesters (what the daily cap counts).
@@ -309,6 +332,8 @@ impl Relay {
                 .with_used(opts.daily_used),
             ),
             requesters: Mutex::default(),
+            revoked: RwLock::default(),
+            conns: Mutex::default(),
         });
         Ok(Relay { endpoint, shared })
     }
@@ -361,6 +386,14 @@ struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.conns.lock()
+            && let Some(list) = c.get_mut(&self.key)
+        {
+            list.retain(|c| c.close_reason().is_none());
+            if list.is_empty() {
+                c.remove(&self.key);
+            }
+        }
         if let Ok(mut a) = self.shared.active.lock()
             && let Some(n) = a.get_mut(&self.key)
         {
@@ -382,6 +415,14 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
     )
     .map_err(|_| "requester did not prove it holds the ticket's key".to_string())?;
     let requester = DeviceKey(hello.requester_key);
+    if shared
+        .revoked
+        .read()
+        .map(|r| r.contains(&requester))
+        .unwrap_or(true)
+    {
+        return Err("requester revoked by the coordinator".into());
+    }
     let now = now_unix();
     let ticket = {
         let v = shared
@@ -492,6 +533,19 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         shared: shared.clone(),
         key: requester,
     };
+    if let Ok(mut c) = shared.conns.lock() {
+        c.entry(requester).or_default().push(conn.clone());
+    }
+    // A revocation that raced the admission still closes this connection.
+    if shared
+        .revoked
+        .read()
+        .map(|r| r.contains(&requester))
+        .unwrap_or(true)
+    {
+        conn.close(2u32.into(), b"requester revoked by the coordinator");
+        return Err("requester revoked".into());
+    }
     info!(requester = %requester.short(), "requester admitted");
     send.write_all(&wire::encode_hello_reply(true, ""))
         .await

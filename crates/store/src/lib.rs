@@ -20,6 +20,43 @@ pub enum StoreError {
     CorruptKey(usize),
     #[error("store lock poisoned")]
     Poisoned,
+    #[error("no device key starts with {0:?} (see `bandshare admin list`)")]
+    NoSuchDevice(String),
+    #[error("{1} device keys start with {0:?}: give more hex digits")]
+    Ambiguous(String, usize),
+    #[error("{0:?} is not a device key: give hex digits (at least 8, or all 64)")]
+    BadKeyText(String),
+}
+
+/// A ticket-signing seed and its key id.
+pub type SigningSeed = (u8, Secret<[u8; 32]>);
+
+/// An operator's decision about a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Approved,
+    Revoked,
+}
+
+impl Decision {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Revoked => "revoked",
+        }
+    }
+}
+
+/// One device as `bandshare admin list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub key: DeviceKey,
+    pub name: String,
+    pub role: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    /// `None`: never decided (pending in approval mode).
+    pub decision: Option<Decision>,
 }
 
 /// A secret that never prints itself.
@@ -86,6 +123,11 @@ CREATE TABLE IF NOT EXISTS usage (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_requester ON usage(requester, at);
+CREATE TABLE IF NOT EXISTS enrollment (
+    key BLOB PRIMARY KEY,
+    decision TEXT NOT NULL,
+    changed INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage_batches (
     sharer BLOB NOT NULL,
     batch INTEGER NOT NULL,
@@ -153,6 +195,156 @@ impl Store {
             .try_into()
             .map_err(|_| StoreError::CorruptKey(seed.len()))?;
         Ok(((id & 0xff) as u8, Secret(seed)))
+    }
+
+    /// Every ticket-signing seed, oldest first, with its id. Made on first
+    /// use by `fresh` when there is none.
+    pub fn signing_seeds(
+        &self,
+        now_unix: u64,
+        fresh: impl FnOnce() -> [u8; 32],
+    ) -> Result<Vec<SigningSeed>, StoreError> {
+        self.signing_seed(now_unix, fresh)?;
+        let rows: Vec<(i64, Vec<u8>)> = self.with(|c| {
+            let mut st = c.prepare("SELECT id, seed FROM signing_keys ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(id, seed)| {
+                let seed: [u8; 32] = seed
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::CorruptKey(seed.len()))?;
+                Ok(((id & 0xff) as u8, Secret(seed)))
+            })
+            .collect()
+    }
+
+    /// Adds a new ticket-signing seed (a key rotation); returns its id.
+    pub fn add_signing_seed(&self, seed: [u8; 32], now_unix: u64) -> Result<u8, StoreError> {
+        let id = self.with(|c| {
+            c.execute(
+                "INSERT INTO signing_keys (id, seed, created)
+                 VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM signing_keys), ?1, ?2)",
+                params![seed.to_vec(), now_unix as i64],
+            )?;
+            c.query_row("SELECT MAX(id) FROM signing_keys", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })?;
+        Ok((id & 0xff) as u8)
+    }
+
+    /// Records an operator's decision about `key` (known or not yet seen).
+    pub fn decide(&self, key: &DeviceKey, d: Decision, now_unix: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO enrollment (key, decision, changed) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET decision = excluded.decision, changed = excluded.changed",
+                params![key.0.as_slice(), d.as_str(), now_unix as i64],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// (approved, revoked) device keys.
+    pub fn decisions(&self) -> Result<(Vec<DeviceKey>, Vec<DeviceKey>), StoreError> {
+        let rows: Vec<(Vec<u8>, String)> = self.with(|c| {
+            let mut st = c.prepare("SELECT key, decision FROM enrollment")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        let (mut approved, mut revoked) = (vec![], vec![]);
+        for (k, d) in rows {
+            let Ok(key) = DeviceKey::from_slice(&k) else {
+                continue;
+            };
+            match d.as_str() {
+                "approved" => approved.push(key),
+                "revoked" => revoked.push(key),
+                _ => {}
+            }
+        }
+        Ok((approved, revoked))
+    }
+
+    /// Every device seen or decided, most recently seen first.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        type Raw = (
+            Vec<u8>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+        );
+        let rows: Vec<Raw> = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT d.key, d.name, d.role, d.first_seen, d.last_seen, e.decision
+                   FROM devices d LEFT JOIN enrollment e ON e.key = d.key
+                 UNION ALL
+                 SELECT e.key, NULL, NULL, NULL, NULL, e.decision
+                   FROM enrollment e WHERE e.key NOT IN (SELECT key FROM devices)
+                 ORDER BY 5 DESC",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?;
+            rows.collect()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, name, role, first, last, d)| {
+                Some(DeviceRow {
+                    key: DeviceKey::from_slice(&k).ok()?,
+                    name: name.unwrap_or_else(|| "(not seen yet)".into()),
+                    role: role.unwrap_or_default(),
+                    first_seen: first.unwrap_or(0) as u64,
+                    last_seen: last.unwrap_or(0) as u64,
+                    decision: match d.as_deref() {
+                        Some("approved") => Some(Decision::Approved),
+                        Some("revoked") => Some(Decision::Revoked),
+                        _ => None,
+                    },
+                })
+            })
+            .collect())
+    }
+
+    /// The device whose hex key starts with `prefix` (at least 8 digits);
+    /// a whole 64-digit key is accepted even if never seen.
+    pub fn find_device(&self, prefix: &str) -> Result<DeviceKey, StoreError> {
+        let p = prefix.trim().to_ascii_lowercase();
+        if p.len() < 8 || p.len() > 64 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::BadKeyText(prefix.to_string()));
+        }
+        if p.len() == 64 {
+            let mut k = [0u8; 32];
+            for (i, byte) in k.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&p[2 * i..2 * i + 2], 16)
+                    .map_err(|_| StoreError::BadKeyText(prefix.to_string()))?;
+            }
+            return Ok(DeviceKey(k));
+        }
+        let found: Vec<DeviceKey> = self
+            .devices()?
+            .into_iter()
+            .map(|d| d.key)
+            .filter(|k| k.to_string().starts_with(&p))
+            .collect();
+        match found.len() {
+            0 => Err(StoreError::NoSuchDevice(prefix.to_string())),
+            1 => Ok(found[0]),
+            n => Err(StoreError::Ambiguous(prefix.to_string(), n)),
+        }
     }
 
     pub fn upsert_device(
@@ -312,5 +504,49 @@ mod tests {
         let (k2, s2) = st.signing_seed(20, || [9; 32]).expect("seed");
         assert_eq!((k1, s1.0), (k2, s2.0), "the key is made once and kept");
         assert_eq!(format!("{s2:?}"), "***");
+        // Rotation keeps the old seed; the newest signs.
+        let id = st.add_signing_seed([5; 32], 30).expect("rotate");
+        assert_eq!(id, 2);
+        let seeds = st.signing_seeds(31, || [0; 32]).expect("seeds");
+        let ids: Vec<(u8, u8)> = seeds.iter().map(|(i, s)| (*i, s.0[0])).collect();
+        assert_eq!(ids, vec![(1, 7), (2, 5)]);
+    }
+
+    #[test]
+    fn decisions_and_lookup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = Store::open(dir.path()).expect("open");
+        let a = DeviceKey([0xab; 32]);
+        let b = DeviceKey([0xac; 32]);
+        st.upsert_device(&a, "alice", Role::Sharer, 10).expect("a");
+        st.upsert_device(&b, "bob", Role::Requester, 11).expect("b");
+        assert_eq!(st.find_device("abababab").expect("prefix"), a);
+        assert!(matches!(
+            st.find_device("abab"),
+            Err(StoreError::BadKeyText(_))
+        ));
+        assert!(matches!(
+            st.find_device("ffffffff"),
+            Err(StoreError::NoSuchDevice(_))
+        ));
+        let c = DeviceKey([0xcd; 32]);
+        assert_eq!(st.find_device(&c.to_string()).expect("whole key"), c);
+        st.decide(&a, Decision::Approved, 12).expect("approve");
+        st.decide(&c, Decision::Approved, 12).expect("pre-approve");
+        st.decide(&a, Decision::Revoked, 13).expect("revoke");
+        let (approved, revoked) = st.decisions().expect("decisions");
+        assert_eq!((approved, revoked), (vec![c], vec![a]));
+        let list = st.devices().expect("list");
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[0].name, "bob");
+        assert_eq!(list[0].decision, None);
+        assert!(
+            list.iter()
+                .any(|d| d.key == a && d.decision == Some(Decision::Revoked))
+        );
+        assert!(
+            list.iter()
+                .any(|d| d.key == c && d.name == "(not seen yet)")
+        );
     }
 }

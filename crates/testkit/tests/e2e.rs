@@ -247,7 +247,7 @@ async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
     );
     let me = bandshare_agent::identity::generate().expect("key");
     let my_key = DeviceKey(me.verifying_key().to_bytes());
-    let signer = &c.coordinator.shared.signer;
+    let signer = c.coordinator.shared.signer();
     let ticket = |sharer: DeviceKey, expires: u64| Ticket {
         key_id: 0,
         sharer,

@@ -360,6 +360,20 @@ async fn moved(location: &mut watch::Receiver<LocationSpec>, last_report: &Insta
     }
 }
 
+/// The 32-byte keys of a list, others skipped.
+fn keys_of(list: &[Vec<u8>]) -> Vec<[u8; 32]> {
+    list.iter()
+        .filter_map(|k| k.as_slice().try_into().ok())
+        .collect()
+}
+
+fn devices_of(list: &[Vec<u8>]) -> Vec<bandshare_core::DeviceKey> {
+    keys_of(list)
+        .into_iter()
+        .map(bandshare_core::DeviceKey)
+        .collect()
+}
+
 fn up(msg: Up) -> v1::SharerMessage {
     v1::SharerMessage { msg: Some(msg) }
 }
@@ -414,12 +428,17 @@ async fn session(
         Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
         Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
     };
-    let coordinator_key: [u8; 32] = welcome
-        .coordinator_key
-        .as_slice()
-        .try_into()
-        .map_err(|_| AgentError::Other("coordinator key is not 32 bytes".into()))?;
-    relay.set_coordinator_keys(&[coordinator_key]);
+    let mut keys = keys_of(&welcome.coordinator_keys);
+    if keys.is_empty() {
+        keys = keys_of(std::slice::from_ref(&welcome.coordinator_key));
+    }
+    if keys.is_empty() {
+        return Err(AgentError::Other(
+            "coordinator sent no 32-byte ticket key".into(),
+        ));
+    }
+    relay.set_coordinator_keys(&keys);
+    relay.revoke(&devices_of(&welcome.revoked));
     let interval = |ms: u32, default: u64| {
         Duration::from_millis(if ms == 0 {
             default
@@ -444,6 +463,14 @@ async fn session(
                 match msg.msg {
                     Some(Down::Pong(p)) => probe.pong(p.seq, Instant::now()),
                     Some(Down::UsageAck(a)) => unacked.ack(&a.batch_ids),
+                    Some(Down::TicketKeys(k)) => {
+                        let keys = keys_of(&k.keys);
+                        if !keys.is_empty() {
+                            info!(keys = keys.len(), "coordinator ticket keys changed");
+                            relay.set_coordinator_keys(&keys);
+                        }
+                    }
+                    Some(Down::Revoked(r)) => relay.revoke(&devices_of(&r.keys)),
                     Some(Down::AccessRequest(a)) => {
                         let requester = bandshare_core::DeviceKey::from_slice(&a.requester_key).ok();
                         let decision = opts.consent.decide(&consent::Moment {
