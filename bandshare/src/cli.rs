@@ -73,6 +73,8 @@ enum AdminCommand {
         /// Its key: at least 8 leading hex digits from `admin list`, or all 64.
         key: String,
     },
+    /// Print the pin of the self-signed TLS certificate (`server --tls`).
+    Pin,
     /// Make a new ticket-signing key. Sharers learn it before it signs; the
     /// old key keeps verifying until its tickets have expired.
     RotateKey,
@@ -179,6 +181,16 @@ struct ServerArgs {
     /// config's server.enroll, else open].
     #[arg(long, value_parser = parsed::<bandshare_coordinator::config::Enroll>)]
     enroll: Option<bandshare_coordinator::config::Enroll>,
+    /// Serve gRPC over TLS with a certificate made on first start and kept
+    /// in --data (agents pin it: --server https://ADDR --server-pin PIN).
+    #[arg(long)]
+    tls: bool,
+    /// Serve gRPC over TLS with this certificate (PEM; needs --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Where the device is (shared by share, connect and offers).
@@ -267,9 +279,13 @@ impl LocationArgs {
 
 #[derive(Args, Debug)]
 struct ShareArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
     #[arg(long)]
     server: String,
+    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
+    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
+    #[arg(long, value_name = "HEX")]
+    server_pin: Option<String>,
     /// Name shown to requesters.
     #[arg(long)]
     name: String,
@@ -342,9 +358,13 @@ impl WantArgs {
 
 #[derive(Args, Debug)]
 struct ConnectArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
     #[arg(long)]
     server: String,
+    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
+    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
+    #[arg(long, value_name = "HEX")]
+    server_pin: Option<String>,
     #[command(flatten)]
     location: LocationArgs,
     #[command(flatten)]
@@ -372,9 +392,13 @@ struct ConnectArgs {
 
 #[derive(Args, Debug)]
 struct OffersArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:7400.
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
     #[arg(long)]
     server: String,
+    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
+    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
+    #[arg(long, value_name = "HEX")]
+    server_pin: Option<String>,
     #[command(flatten)]
     location: LocationArgs,
     #[command(flatten)]
@@ -593,14 +617,32 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
     let shared = bandshare_coordinator::Shared::new(config, store)?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),
+        _ if a.tls => Some(bandshare_coordinator::tls::self_signed(&dir)?),
+        _ => None,
+    };
     let grpc = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
     let http = tokio::net::TcpListener::bind(a.http)
         .await
         .with_context(|| format!("cannot listen on {}", a.http))?;
-    info!(grpc = %a.listen, http = %a.http, "bandshare coordinator starting");
-    bandshare_coordinator::run(shared, grpc, Some(http), shutdown_on_signal().wait()).await?;
+    match &tls {
+        Some(t) => info!(
+            grpc = %a.listen,
+            http = %a.http,
+            pin = %t.pin_hex(),
+            "bandshare coordinator starting with TLS: agents use --server https://{} --server-pin {}",
+            a.listen,
+            t.pin_hex()
+        ),
+        None => {
+            info!(grpc = %a.listen, http = %a.http, "bandshare coordinator starting (plaintext gRPC; --tls to encrypt)")
+        }
+    }
+    bandshare_coordinator::run_with(shared, grpc, Some(http), tls, shutdown_on_signal().wait())
+        .await?;
     Ok(())
 }
 
@@ -647,6 +689,10 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
             store.decide(&k, Decision::Revoked, now)?;
             println!("revoked {k} (a running server tells its sharers within a second)");
         }
+        AdminCommand::Pin => {
+            let tls = bandshare_coordinator::tls::self_signed(&dir)?;
+            println!("{}", tls.pin_hex());
+        }
         AdminCommand::RotateKey => {
             let mut seed = [0u8; 32];
             bandshare_coordinator::random_seed(&mut seed)?;
@@ -659,8 +705,9 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn share(a: ShareArgs) -> anyhow::Result<()> {
+async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
+    a.server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
     coordinator::normalize_url(&a.server)?;
     let dir = a
         .data
@@ -707,8 +754,10 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
+async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
     init_logs("info");
+    a.server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
+    coordinator::normalize_url(&a.server)?;
     let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
@@ -760,7 +809,8 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
         .await;
         here = rx.borrow().clone();
     }
-    let channel = coordinator::connect(&a.server).await?;
+    let server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
+    let channel = coordinator::connect(&server).await?;
     let resp = coordinator::share_request(
         channel,
         bandshare_proto::v1::ShareRequest {

@@ -295,7 +295,9 @@ fn admin_lists_approves_revokes_and_rotates() {
     fails_with(&["admin", "--data", d, "list"], "no coordinator store");
     let store = bandshare_store::Store::open(data.path()).expect("store");
     let key = bandshare_core::DeviceKey([0x5a; 32]);
-    store.signing_seed(1, || [1; 32]).expect("a server's first key");
+    store
+        .signing_seed(1, || [1; 32])
+        .expect("a server's first key");
     store
         .upsert_device(&key, "phone", bandshare_store::Role::Requester, 1)
         .expect("device");

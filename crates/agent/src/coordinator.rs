@@ -13,6 +13,8 @@ pub enum CoordinatorError {
     Unreachable(String, String),
     #[error("coordinator refused the request: {1}")]
     Status(tonic::Code, String),
+    #[error("{0}")]
+    Pin(String),
 }
 
 impl CoordinatorError {
@@ -26,17 +28,24 @@ impl CoordinatorError {
     }
 }
 
-/// Accepts `http://host:port` or `host:port`.
+/// Accepts `http://host:port`, `host:port`, or `https://host:port#PIN`
+/// where PIN is the 64 hex digits of the server certificate's SHA-256
+/// (`--server-pin`; the server prints it).
 pub fn normalize_url(s: &str) -> Result<String, CoordinatorError> {
     let url = if s.contains("://") {
         s.to_string()
     } else {
         format!("http://{s}")
     };
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| CoordinatorError::Url(s.to_string()))?;
+    let (url, pin) = match url.split_once('#') {
+        Some((u, p)) => (u.to_string(), Some(p.to_string())),
+        None => (url, None),
+    };
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(r), _) => (false, r),
+        (_, Some(r)) => (true, r),
+        _ => return Err(CoordinatorError::Url(s.to_string())),
+    };
     let hostport = rest.trim_end_matches('/');
     let ok = hostport
         .rsplit_once(':')
@@ -44,7 +53,47 @@ pub fn normalize_url(s: &str) -> Result<String, CoordinatorError> {
     if !ok || hostport.contains('/') {
         return Err(CoordinatorError::Url(s.to_string()));
     }
-    Ok(url.trim_end_matches('/').to_string())
+    match (tls, pin) {
+        (false, None) => Ok(format!("http://{hostport}")),
+        (false, Some(_)) => Err(CoordinatorError::Pin(
+            "--server-pin needs an https:// server address".into(),
+        )),
+        (true, None) => Err(CoordinatorError::Pin(
+            "https:// needs --server-pin (the server prints its pin at start; `bandshare admin pin` shows it)".into(),
+        )),
+        (true, Some(p)) => {
+            parse_pin(&p)?;
+            Ok(format!("https://{hostport}#{}", p.to_ascii_lowercase()))
+        }
+    }
+}
+
+/// 64 hex digits (optionally `sha256:`-prefixed, with `:` separators).
+pub fn parse_pin(s: &str) -> Result<[u8; 32], CoordinatorError> {
+    let hex: String = s
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    let bad = || CoordinatorError::Pin(format!("server pin {s:?} is not 64 hex digits"));
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Adds `--server-pin` to a server address as its `#PIN` part.
+pub fn with_pin(server: &str, pin: Option<&str>) -> String {
+    match pin {
+        Some(p) => format!("{}#{p}", server.split('#').next().unwrap_or(server)),
+        None => server.to_string(),
+    }
 }
 
 /// The error and its causes on one line.
@@ -64,15 +113,49 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 pub async fn connect(url: &str) -> Result<Channel, CoordinatorError> {
     let url = normalize_url(url)?;
-    let ep = Endpoint::from_shared(url.clone())
-        .map_err(|_| CoordinatorError::Url(url.clone()))?
+    let (base, pin) = match url.split_once('#') {
+        Some((u, p)) => (u.to_string(), Some(parse_pin(p)?)),
+        None => (url.clone(), None),
+    };
+    // Over TLS, tonic sees a plain http:// endpoint and the connector below
+    // does TLS itself, trusting only the pinned certificate.
+    let plain = base.replacen("https://", "http://", 1);
+    let ep = Endpoint::from_shared(plain)
+        .map_err(|_| CoordinatorError::Url(base.clone()))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    ep.connect()
-        .await
-        .map_err(|e| CoordinatorError::Unreachable(url, chain(&e)))
+    let unreachable =
+        |e: tonic::transport::Error| CoordinatorError::Unreachable(base.clone(), chain(&e));
+    let Some(pin) = pin else {
+        return ep.connect().await.map_err(unreachable);
+    };
+    let cfg = bandshare_relay::tls::pinned_client(
+        pin,
+        vec![b"h2".to_vec()],
+        "coordinator certificate does not match --server-pin",
+    )
+    .map_err(|e| CoordinatorError::Pin(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let dial = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let host = uri
+                .host()
+                .unwrap_or("localhost")
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from("bandshare-coordinator")
+                .map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    ep.connect_with_connector(dial).await.map_err(unreachable)
 }
 
 pub async fn share_request(
@@ -84,12 +167,25 @@ pub async fn share_request(
         .request_share(req)
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => {
-                CoordinatorError::Unreachable("coordinator".into(), s.message().to_string())
-            }
-            _ => CoordinatorError::Status(s.code(), s.message().to_string()),
-        })
+        .map_err(status_error)
+}
+
+/// A refusal as the user reads it; a plaintext client talking to a TLS
+/// server sees an HTTP/2 protocol error, so that one says what to do.
+pub fn status_error(s: tonic::Status) -> CoordinatorError {
+    let msg = s.message().to_string();
+    if msg.contains("h2 protocol error") {
+        return CoordinatorError::Unreachable(
+            "coordinator".into(),
+            format!("{msg} (does the server use TLS? then give https://… and --server-pin)"),
+        );
+    }
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            CoordinatorError::Unreachable("coordinator".into(), msg)
+        }
+        code => CoordinatorError::Status(code, msg),
+    }
 }
 
 #[cfg(test)]
@@ -111,8 +207,20 @@ mod tests {
             "h:99999",
             "ftp://h:1",
             "h:1/x",
+            "http://h:1#00",
+            "https://h:1",
+            "https://h:1#abc",
         ] {
             assert!(normalize_url(bad).is_err(), "{bad}");
         }
+        let pin = "AB".repeat(32);
+        assert_eq!(
+            normalize_url(&with_pin("https://h:1", Some(&pin))).expect("ok"),
+            format!("https://h:1#{}", pin.to_lowercase())
+        );
+        assert_eq!(
+            parse_pin(&format!("sha256:{pin}")).expect("pin"),
+            [0xab; 32]
+        );
     }
 }

@@ -26,6 +26,8 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "reports_received": shared.reports_received.load(std::sync::atomic::Ordering::Relaxed),
         "share_requests": shared.share_requests.load(std::sync::atomic::Ordering::Relaxed),
         "requests_shed": shared.shed.load(std::sync::atomic::Ordering::Relaxed),
+        "tls_pin": shared.tls_pin.get(),
+        "enroll": format!("{:?}", shared.config.enroll).to_lowercase(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

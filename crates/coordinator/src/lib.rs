@@ -13,6 +13,7 @@ pub mod matchmaker;
 pub mod privacy;
 pub mod registry;
 pub mod sharer_link;
+pub mod tls;
 pub mod trust;
 
 pub use config::Config;
@@ -63,6 +64,8 @@ pub struct Shared {
     inflight: tokio::sync::Semaphore,
     /// Requests refused because every permit was taken.
     pub shed: std::sync::atomic::AtomicU64,
+    /// SHA-256 of the gRPC TLS certificate, hex, when serving TLS.
+    pub tls_pin: std::sync::OnceLock<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +134,7 @@ impl Shared {
             offered: Mutex::default(),
             inflight: tokio::sync::Semaphore::new(config_permits(&config)),
             shed: Default::default(),
+            tls_pin: Default::default(),
             config,
         }))
     }
@@ -194,6 +198,20 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with(shared, grpc, http, None, shutdown).await
+}
+
+/// [`run`], serving gRPC over TLS when `tls` is given.
+pub async fn run_with(
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    tls: Option<tls::Tls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if let Some(t) = &tls {
+        let _ = shared.tls_pin.set(t.pin_hex());
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -236,7 +254,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     info!(addr = ?grpc.local_addr().ok(), "coordinator listening");
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .max_concurrent_streams(shared.config.max_streams_per_connection)
         // Beyond this many requests on one connection, refuse with
@@ -255,11 +273,18 @@ pub async fn run(
         ))
         .add_service(v1::health_server::HealthServer::new(HealthService {
             shared: shared.clone(),
-        }))
-        .serve_with_incoming_shutdown(
+        }));
+    type Serving = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    >;
+    let stop = stopped(stop_rx.clone());
+    let server: Serving = match tls {
+        Some(t) => Box::pin(router.serve_with_incoming_shutdown(tls::incoming(grpc, t), stop)),
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
+            stop,
+        )),
+    };
     // Sharer streams never end on their own: after the signal, in-flight
     // share requests get a short grace period, then every stream is cut
     // (sharers reconnect with backoff to whoever serves next).

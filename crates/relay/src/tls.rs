@@ -1,6 +1,7 @@
 //! TLS for the QUIC relay: a self-signed certificate made at start, whose
 //! SHA-256 travels in offers as a pin, and a client verifier that accepts
-//! exactly the pinned certificate (no CA, no names).
+//! exactly the pinned certificate (no CA, no names). The same verifier pins
+//! the coordinator's gRPC certificate (`--server-pin`).
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::DigitallySignedStruct;
@@ -76,23 +77,44 @@ pub fn server_config() -> Result<(quinn::ServerConfig, [u8; 32]), TlsError> {
 
 /// A client config that trusts only the certificate whose SHA-256 is `pin`.
 pub fn client_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = pinned_client(
+        pin,
+        vec![ALPN.to_vec()],
+        "relay certificate does not match the pin in the offer",
+    )?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport()));
     Ok(cfg)
 }
 
+/// A TLS 1.3 client config that trusts exactly the certificate whose SHA-256
+/// is `pin` (no CA, no names), offering `alpn`; `mismatch` is the error a
+/// different certificate gets.
+pub fn pinned_client(
+    pin: [u8; 32],
+    alpn: Vec<Vec<u8>>,
+    mismatch: &'static str,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier {
+            pin,
+            provider,
+            mismatch,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn;
+    Ok(tls)
+}
+
 #[derive(Debug)]
 struct PinVerifier {
     pin: [u8; 32],
     provider: Arc<CryptoProvider>,
+    mismatch: &'static str,
 }
 
 impl ServerCertVerifier for PinVerifier {
@@ -107,9 +129,7 @@ impl ServerCertVerifier for PinVerifier {
         if sha256(end_entity) == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "relay certificate does not match the pin in the offer".into(),
-            ))
+            Err(rustls::Error::General(self.mismatch.into()))
         }
     }
 
