@@ -318,3 +318,30 @@ async fn key_rotation_fails_no_handshake() {
         "the new key verifies"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_sharer_goes_offline_and_stays_out() {
+    let c = Cluster::start_with(
+        fast(),
+        vec![
+            SharerSpec::new("alice", 5.0, 0.0),
+            SharerSpec::new("bob", 8.0, 0.0),
+        ],
+    )
+    .await
+    .expect("cluster");
+    let alice = c.sharer("alice").expect("alice").key;
+    let store = c.coordinator.shared.store.clone();
+    store
+        .decide(&alice, Decision::Revoked, now_unix())
+        .expect("revoke");
+    let started = Instant::now();
+    let gone = wait_until(Duration::from_secs(10), || c.coordinator.online() == 1).await;
+    eprintln!("revoked sharer offline after {:?}", started.elapsed());
+    assert!(gone, "a revoked sharer is still online");
+    // Its reconnects are refused: it stays out of offers.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = c.ask(here(), ConditionSpec::default()).await.expect("ask");
+    let names: Vec<&str> = r.offers.iter().map(|o| o.sharer.as_str()).collect();
+    assert_eq!(names, vec!["bob"]);
+}
