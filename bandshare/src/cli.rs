@@ -409,6 +409,11 @@ struct OffersArgs {
     /// Also say why each nearby sharer was or was not offered.
     #[arg(long)]
     explain: bool,
+    /// Ask as the device whose key is in this directory (the one `connect`
+    /// uses, so an approved requester is served) [default:
+    /// $XDG_DATA_HOME/bandshare/requester; a throwaway key when absent].
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 /// Parses a flag with the type's own `FromStr`, whose error names what was
@@ -792,7 +797,18 @@ async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
 
 async fn offers(a: OffersArgs) -> anyhow::Result<()> {
     init_logs("warn");
-    let key = identity::generate()?;
+    // The requester's own key when it has one (needed in approval mode);
+    // otherwise a throwaway one, so asking leaves nothing behind.
+    let key_file = a
+        .data
+        .clone()
+        .unwrap_or_else(|| default_data("requester"))
+        .join("device.key");
+    let key = if a.data.is_some() || key_file.exists() {
+        identity::load_or_create(&key_file)?
+    } else {
+        identity::generate()?
+    };
     let sources = a.location.sources()?;
     let mut here = a.location.spec();
     if sources.is_live() {
