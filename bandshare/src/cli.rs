@@ -834,6 +834,7 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
             location: Some(here.to_wire()),
             conditions: Some(a.want.spec().to_wire()),
             explain: a.explain,
+            ..bandshare_agent::coordinator::signed_by(&key)
         },
     )
     .await?;

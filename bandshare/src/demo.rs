@@ -108,6 +108,7 @@ pub async fn run() -> anyhow::Result<()> {
             location: Some(location.to_wire()),
             conditions: Some(conditions.to_wire()),
             explain: true,
+            ..bandshare_agent::coordinator::signed_by(&probe_key)
         },
     )
     .await?;

@@ -158,6 +158,25 @@ pub async fn connect(url: &str) -> Result<Channel, CoordinatorError> {
     ep.connect_with_connector(dial).await.map_err(unreachable)
 }
 
+/// The requester's key and its proof of holding it, signed now: the rest
+/// of a [`v1::ShareRequest`] (`..signed_by(&key)`).
+pub fn signed_by(key: &ed25519_dalek::SigningKey) -> v1::ShareRequest {
+    let (proof, signed_at_unix) = bandshare_core::ticket::sign_request(key, unix_now());
+    v1::ShareRequest {
+        requester_key: key.verifying_key().to_bytes().to_vec(),
+        proof,
+        signed_at_unix,
+        ..Default::default()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub async fn share_request(
     channel: Channel,
     req: v1::ShareRequest,

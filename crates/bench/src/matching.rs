@@ -165,6 +165,7 @@ pub async fn share_load(
                     location: Some(loc.to_wire()),
                     conditions: Some(cond.to_wire()),
                     explain: false,
+                    ..bandshare_agent::coordinator::signed_by(&key)
                 };
                 let t = Instant::now();
                 let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;

@@ -103,6 +103,13 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let shared = &self.shared;
         let requester = DeviceKey::from_slice(&req.requester_key)
             .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        bandshare_core::ticket::verify_request(
+            &requester,
+            &req.proof,
+            req.signed_at_unix,
+            crate::unix_now(),
+        )
+        .map_err(Status::unauthenticated)?;
         self.enrolled(&requester).await?;
         if req.sharer_keys.len() > 16 {
             return Err(Status::invalid_argument(
@@ -174,6 +181,13 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let req = req.into_inner();
         let requester = DeviceKey::from_slice(&req.requester_key)
             .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        bandshare_core::ticket::verify_request(
+            &requester,
+            &req.proof,
+            req.signed_at_unix,
+            crate::unix_now(),
+        )
+        .map_err(Status::unauthenticated)?;
         self.enrolled(&requester).await?;
         let span = info_span!("share_request", requester = %requester.short());
         self.handle(req, requester).instrument(span).await

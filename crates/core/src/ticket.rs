@@ -111,6 +111,52 @@ fn signed_message(body: &[u8; BODY_LEN]) -> Vec<u8> {
     m
 }
 
+/// How far a request's signing time may be from the coordinator's clock.
+pub const REQUEST_WINDOW_S: u64 = 300;
+
+/// What a requester signs to show it holds the key its request names.
+pub fn request_proof_message(requester: &DeviceKey, signed_at_unix: u64) -> Vec<u8> {
+    let mut m = b"bandshare request v1\0".to_vec();
+    m.extend_from_slice(&requester.0);
+    m.extend_from_slice(&signed_at_unix.to_be_bytes());
+    m
+}
+
+/// Signs a request as `key` at `now_unix`: (proof, signed_at).
+pub fn sign_request(key: &SigningKey, now_unix: u64) -> (Vec<u8>, u64) {
+    let me = DeviceKey(key.verifying_key().to_bytes());
+    let sig = key.sign(&request_proof_message(&me, now_unix));
+    (sig.to_bytes().to_vec(), now_unix)
+}
+
+/// Checks a request's proof; `Err` says what is wrong with it.
+pub fn verify_request(
+    requester: &DeviceKey,
+    proof: &[u8],
+    signed_at_unix: u64,
+    now_unix: u64,
+) -> Result<(), String> {
+    if proof.is_empty() {
+        return Err("request is not signed by the key it names (no proof)".into());
+    }
+    if signed_at_unix.abs_diff(now_unix) > REQUEST_WINDOW_S {
+        return Err(format!(
+            "request was signed {} s away from the coordinator's clock (at most {REQUEST_WINDOW_S} s)",
+            signed_at_unix.abs_diff(now_unix)
+        ));
+    }
+    let sig: [u8; 64] = proof
+        .try_into()
+        .map_err(|_| format!("proof is {} bytes, expected 64", proof.len()))?;
+    let key = VerifyingKey::from_bytes(&requester.0)
+        .map_err(|_| "requester_key is not a valid Ed25519 key".to_string())?;
+    key.verify(
+        &request_proof_message(requester, signed_at_unix),
+        &Signature::from_bytes(&sig),
+    )
+    .map_err(|_| "request is not signed by the key it names".to_string())
+}
+
 /// Signs tickets; owned by the coordinator.
 pub struct TicketSigner {
     key: SigningKey,
@@ -195,6 +241,22 @@ impl TicketVerifier {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn request_proofs() {
+        let k = SigningKey::from_bytes(&[3; 32]);
+        let me = DeviceKey(k.verifying_key().to_bytes());
+        let (proof, at) = sign_request(&k, 1000);
+        assert_eq!(verify_request(&me, &proof, at, 1100), Ok(()));
+        assert!(verify_request(&me, &proof, at, 1000 + REQUEST_WINDOW_S + 1).is_err());
+        assert!(
+            verify_request(&me, &proof, at + 1, 1000).is_err(),
+            "time is signed"
+        );
+        assert!(verify_request(&DeviceKey([9; 32]), &proof, at, 1000).is_err());
+        assert!(verify_request(&me, &[], at, 1000).is_err());
+        assert!(verify_request(&me, &proof[..63], at, 1000).is_err());
+    }
 
     fn ticket(exp: u64) -> Ticket {
         Ticket {

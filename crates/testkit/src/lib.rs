@@ -453,6 +453,7 @@ impl Cluster {
                 location: Some(location.to_wire()),
                 conditions: Some(conditions.to_wire()),
                 explain: true,
+                ..bandshare_agent::coordinator::signed_by(key)
             },
         )
         .await?)

@@ -81,6 +81,7 @@ async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> 
             location: Some(loc.to_wire()),
             conditions: Some(cond.to_wire()),
             explain: true,
+            ..bandshare_agent::coordinator::signed_by(&key)
         },
     )
     .await

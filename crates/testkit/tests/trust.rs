@@ -44,6 +44,7 @@ async fn ask(url: &str, key: &ed25519_dalek::SigningKey) -> Result<usize, Coordi
             location: Some(here().to_wire()),
             conditions: Some(ConditionSpec::default().to_wire()),
             explain: false,
+            ..bandshare_agent::coordinator::signed_by(key)
         },
     )
     .await?;
@@ -191,6 +192,7 @@ async fn key_rotation_fails_no_handshake() {
                         location: Some(here().to_wire()),
                         conditions: Some(ConditionSpec::default().to_wire()),
                         explain: false,
+                        ..bandshare_agent::coordinator::signed_by(&me)
                     },
                 )
                 .await
@@ -344,4 +346,61 @@ async fn a_revoked_sharer_goes_offline_and_stays_out() {
     let r = c.ask(here(), ConditionSpec::default()).await.expect("ask");
     let names: Vec<&str> = r.offers.iter().map(|o| o.sharer.as_str()).collect();
     assert_eq!(names, vec!["bob"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_must_be_signed_by_the_key_it_names() {
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
+    let victim = identity::generate().expect("key");
+    let attacker = identity::generate().expect("key");
+    let send = |req: bandshare_proto::v1::ShareRequest| {
+        let url = c.coordinator.url.clone();
+        async move {
+            let ch = bandshare_agent::coordinator::connect(&url)
+                .await
+                .expect("connect");
+            bandshare_agent::coordinator::share_request(ch, req).await
+        }
+    };
+    let body = |key: &ed25519_dalek::SigningKey| bandshare_proto::v1::ShareRequest {
+        requester_key: key.verifying_key().to_bytes().to_vec(),
+        location: Some(here().to_wire()),
+        conditions: Some(ConditionSpec::default().to_wire()),
+        explain: false,
+        proof: vec![],
+        signed_at_unix: 0,
+    };
+    // No proof; the attacker's proof under the victim's key; a stale proof.
+    let signed = bandshare_agent::coordinator::signed_by(&attacker);
+    let stale = bandshare_core::ticket::sign_request(&victim, now_unix() - 3600);
+    for (req, what) in [
+        (body(&victim), "no proof"),
+        (
+            bandshare_proto::v1::ShareRequest {
+                proof: signed.proof,
+                signed_at_unix: signed.signed_at_unix,
+                ..body(&victim)
+            },
+            "not signed by the key",
+        ),
+        (
+            bandshare_proto::v1::ShareRequest {
+                proof: stale.0,
+                signed_at_unix: stale.1,
+                ..body(&victim)
+            },
+            "clock",
+        ),
+    ] {
+        let err = send(req).await.expect_err(what);
+        assert_eq!(
+            err.status_code(),
+            Some(tonic::Code::Unauthenticated),
+            "{what}: {err}"
+        );
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+    assert_eq!(ask(&c.coordinator.url, &victim).await.expect("signed"), 1);
 }

@@ -133,6 +133,7 @@ fn request(opts: &RequesterOptions, location: &LocationSpec, key: &SigningKey) -
         location: Some(location.to_wire()),
         conditions: Some(opts.conditions.to_wire()),
         explain: false,
+        ..coordinator::signed_by(key)
     }
 }
 
@@ -236,9 +237,14 @@ async fn refresh_tickets(
     let ch = coordinator::connect(url).await?;
     let mut client = v1::matchmaker_client::MatchmakerClient::new(ch);
     let resp = client
-        .refresh_tickets(v1::TicketRefresh {
-            requester_key: key.verifying_key().to_bytes().to_vec(),
-            sharer_keys: keys.into_iter().take(16).collect(),
+        .refresh_tickets({
+            let signed = coordinator::signed_by(key);
+            v1::TicketRefresh {
+                requester_key: signed.requester_key,
+                sharer_keys: keys.into_iter().take(16).collect(),
+                proof: signed.proof,
+                signed_at_unix: signed.signed_at_unix,
+            }
         })
         .await
         .map_err(|s| coordinator::CoordinatorError::Status(s.code(), s.message().to_string()))?
