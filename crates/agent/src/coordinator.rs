@@ -193,16 +193,18 @@ pub async fn share_request(
 /// server sees an HTTP/2 protocol error, so that one says what to do.
 pub fn status_error(s: tonic::Status) -> CoordinatorError {
     let msg = s.message().to_string();
-    if msg.contains("h2 protocol error") {
-        return CoordinatorError::Unreachable(
+    // The connection was made but the call broke: how a plaintext HTTP/2
+    // client sees a TLS server hang up on it (the message varies: "h2
+    // protocol error", "operation was canceled", a reset...).
+    let broken = matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) || msg.contains("h2 protocol error");
+    match s.code() {
+        _ if broken => CoordinatorError::Unreachable(
             "coordinator".into(),
             format!("{msg} (does the server use TLS? then give https://… and --server-pin)"),
-        );
-    }
-    match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            CoordinatorError::Unreachable("coordinator".into(), msg)
-        }
+        ),
         code => CoordinatorError::Status(code, msg),
     }
 }
