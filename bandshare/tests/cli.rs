@@ -209,11 +209,7 @@ fn demo_runs_and_exits_zero() {
 #[test]
 fn server_stops_cleanly_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = bandshare_testkit::free_loopback_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_bandshare"))
         .args([

@@ -70,11 +70,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let data = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let port = bandshare_testkit::free_loopback_port();
         let listen = format!("127.0.0.1:{port}");
         let addr: SocketAddr = listen.parse().expect("addr");
         let url = format!("http://{listen}");

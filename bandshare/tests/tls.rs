@@ -28,11 +28,7 @@ fn bandshare(args: &[&str]) -> Output {
 fn agents_pin_the_coordinator_certificate() {
     let data = tempfile::tempdir().expect("tempdir");
     let d = data.path().to_str().expect("utf-8");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = bandshare_testkit::free_loopback_port();
     let listen = format!("127.0.0.1:{port}");
     let _server = Server(
         Command::new(env!("CARGO_BIN_EXE_bandshare"))

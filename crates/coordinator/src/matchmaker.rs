@@ -101,16 +101,9 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let _permit = self.shared.admit_request()?;
         let req = req.into_inner();
         let shared = &self.shared;
-        let requester = DeviceKey::from_slice(&req.requester_key)
-            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
-        bandshare_core::ticket::verify_request(
-            &requester,
-            &req.proof,
-            req.signed_at_unix,
-            crate::unix_now(),
-        )
-        .map_err(Status::unauthenticated)?;
-        self.enrolled(&requester).await?;
+        let requester = self
+            .proven(&req.requester_key, &req.proof, req.signed_at_unix)
+            .await?;
         if req.sharer_keys.len() > 16 {
             return Err(Status::invalid_argument(
                 "at most 16 sharer keys per refresh",
@@ -179,22 +172,36 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
     ) -> Result<Response<v1::ShareResponse>, Status> {
         let _permit = self.shared.admit_request()?;
         let req = req.into_inner();
-        let requester = DeviceKey::from_slice(&req.requester_key)
-            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
-        bandshare_core::ticket::verify_request(
-            &requester,
-            &req.proof,
-            req.signed_at_unix,
-            crate::unix_now(),
-        )
-        .map_err(Status::unauthenticated)?;
-        self.enrolled(&requester).await?;
+        let requester = self
+            .proven(&req.requester_key, &req.proof, req.signed_at_unix)
+            .await?;
         let span = info_span!("share_request", requester = %requester.short());
         self.handle(req, requester).instrument(span).await
     }
 }
 
 impl MatchmakerService {
+    /// The requester a request names, once it has proven holding the key
+    /// and is allowed in (enrolled, not revoked).
+    async fn proven(
+        &self,
+        key: &[u8],
+        proof: &[u8],
+        signed_at_unix: u64,
+    ) -> Result<DeviceKey, Status> {
+        let requester = DeviceKey::from_slice(key)
+            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+        bandshare_core::ticket::verify_request(
+            &requester,
+            proof,
+            signed_at_unix,
+            crate::unix_now(),
+        )
+        .map_err(Status::unauthenticated)?;
+        self.enrolled(&requester).await?;
+        Ok(requester)
+    }
+
     /// Refuses a revoked or (in approval mode) unapproved requester; the
     /// latter is recorded so the operator can approve it.
     async fn enrolled(&self, requester: &DeviceKey) -> Result<(), Status> {

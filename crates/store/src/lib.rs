@@ -373,22 +373,7 @@ impl Store {
     pub fn record_usage(&self, rows: &[UsageRecord], now_unix: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         let tx = conn.transaction()?;
-        {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO usage (sharer, requester, bytes_up, bytes_down, flows, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for r in rows {
-                st.execute(params![
-                    r.sharer.0.as_slice(),
-                    r.requester.0.as_slice(),
-                    r.bytes_up as i64,
-                    r.bytes_down as i64,
-                    r.flows,
-                    now_unix as i64
-                ])?;
-            }
-        }
+        insert_usage(&tx, rows, now_unix)?;
         tx.commit()?;
         Ok(())
     }
@@ -410,20 +395,7 @@ impl Store {
             params![sharer.0.as_slice(), batch as i64, now_unix as i64],
         )? == 1;
         if fresh {
-            let mut st = tx.prepare_cached(
-                "INSERT INTO usage (sharer, requester, bytes_up, bytes_down, flows, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for r in rows {
-                st.execute(params![
-                    r.sharer.0.as_slice(),
-                    r.requester.0.as_slice(),
-                    r.bytes_up as i64,
-                    r.bytes_down as i64,
-                    r.flows,
-                    now_unix as i64
-                ])?;
-            }
+            insert_usage(&tx, rows, now_unix)?;
         }
         tx.commit()?;
         Ok(fresh)
@@ -446,6 +418,29 @@ impl Store {
             )
         })
     }
+}
+
+/// Appends ledger rows inside the caller's transaction.
+fn insert_usage(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[UsageRecord],
+    now_unix: u64,
+) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO usage (sharer, requester, bytes_up, bytes_down, flows, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for r in rows {
+        st.execute(params![
+            r.sharer.0.as_slice(),
+            r.requester.0.as_slice(),
+            r.bytes_up as i64,
+            r.bytes_down as i64,
+            r.flows,
+            now_unix as i64
+        ])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -55,6 +55,14 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// A loopback port free right now, for a child process to listen on.
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Polls `f` every 20 ms until it holds or `timeout` passes.
 pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;

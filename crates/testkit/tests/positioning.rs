@@ -61,11 +61,7 @@ async fn a_sharer_follows_gpsd_and_the_index_follows_it() {
     let log = dir.path().join("track.nmea");
     // 12 steps of 0.0005° (~55.6 m) north: ~611 m in all.
     std::fs::write(&log, track(12, 0.0005)).expect("write log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = bandshare_testkit::free_loopback_port();
     let child = Command::new("gpsfake")
         .args(["-q", "-1", "-c", "0.1", "-P", &port.to_string()])
         .arg(&log)
