@@ -198,7 +198,7 @@ struct ServerArgs {
 struct LocationArgs {
     /// Position: LAT,LON[,ALT] in degrees (and metres); the fallback when
     /// live sources are given.
-    #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parsed::<Position>)]
+    #[arg(long, value_name = "LAT,LON[,ALT]", value_parser = parsed::<Position>, allow_hyphen_values = true)]
     at: Option<Position>,
     /// Follow live fixes from gpsd at HOST:PORT (e.g. 127.0.0.1:2947).
     #[arg(long, value_name = "HOST:PORT")]
@@ -215,9 +215,9 @@ struct LocationArgs {
     /// Speed in metres per second.
     #[arg(long, value_parser = location::parse_speed)]
     speed: Option<f64>,
-    /// Wi-Fi scan: BSSID=RSSI,... (e.g. aa:bb:cc:dd:ee:ff=-60).
-    #[arg(long, value_parser = location::parse_wifi)]
-    wifi: Option<Vec<(String, i32)>>,
+    /// Wi-Fi scan: BSSID=RSSI,... (e.g. aa:bb:cc:dd:ee:ff=-60), repeatable.
+    #[arg(long, value_name = "BSSID=RSSI,...", value_delimiter = ',', value_parser = parse_wifi_one, allow_hyphen_values = true)]
+    wifi: Vec<(String, i32)>,
     /// Serving cell id.
     #[arg(long)]
     cell: Option<String>,
@@ -238,6 +238,34 @@ fn parse_hostport(s: &str) -> Result<String, String> {
     }
 }
 
+/// One `BSSID=RSSI` of `--wifi` (clap splits the list at commas).
+fn parse_wifi_one(s: &str) -> Result<(String, i32), String> {
+    location::parse_wifi(s)
+        .map_err(|e| e.to_string())?
+        .pop()
+        .ok_or_else(|| format!("expected BSSID=RSSI, got {s:?}"))
+}
+
+/// A service list that names at least one service.
+fn some_services(s: &str) -> Result<ServiceSet, String> {
+    let set: ServiceSet = parsed(s)?;
+    if set.is_empty() {
+        return Err("no service given: name at least one of hotspot, wifi6, 5ghz, prose".into());
+    }
+    Ok(set)
+}
+
+/// An address requesters can dial: a real IP and a port.
+fn dialable(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = parsed(s)?;
+    if a.ip().is_unspecified() || a.port() == 0 {
+        return Err(format!(
+            "{a} cannot be dialled: give the address and port requesters reach the relay at (e.g. 192.0.2.7:4433)"
+        ));
+    }
+    Ok(a)
+}
+
 fn parse_router(s: &str) -> Result<String, String> {
     bandshare_core::radio::parse_bssid(s)
         .map(bandshare_core::radio::format_bssid)
@@ -249,7 +277,7 @@ impl LocationArgs {
     fn sources(&self) -> anyhow::Result<bandshare_agent::position::Sources> {
         let any = self.at.is_some()
             || self.gpsd.is_some()
-            || self.wifi.is_some()
+            || !self.wifi.is_empty()
             || self.wifi_scan.is_some()
             || self.cell.is_some()
             || self.router.is_some();
@@ -269,7 +297,7 @@ impl LocationArgs {
             scene: self.scene,
             heading_deg: self.heading,
             speed_mps: self.speed,
-            wifi: self.wifi.clone().unwrap_or_default(),
+            wifi: self.wifi.clone(),
             cell: self.cell.clone(),
             router: self.router.clone(),
             accuracy_m: self.accuracy,
@@ -292,7 +320,7 @@ struct ShareArgs {
     #[command(flatten)]
     location: LocationArgs,
     /// Services offered: hotspot, wifi6, 5ghz, prose (comma-separated).
-    #[arg(long, default_value = "hotspot", value_parser = parsed::<ServiceSet>)]
+    #[arg(long, default_value = "hotspot", value_parser = some_services)]
     services: ServiceSet,
     /// Uplink network type: 5g, 4g or wifi.
     #[arg(long, value_parser = parsed::<NetworkType>)]
@@ -301,7 +329,7 @@ struct ShareArgs {
     #[arg(long, default_value = "0.0.0.0:0")]
     relay: SocketAddr,
     /// Address requesters dial [default: the relay's, or the address used toward the coordinator].
-    #[arg(long)]
+    #[arg(long, value_parser = dialable)]
     advertise: Option<SocketAddr>,
     /// Open a destination the default policy denies: CIDR[:PORT], repeatable.
     #[arg(long = "allow-egress", value_name = "CIDR[:PORT]", value_parser = parsed::<EgressRule>)]
@@ -339,7 +367,7 @@ struct ShareArgs {
 #[derive(Args, Debug, Clone)]
 struct WantArgs {
     /// Services wanted: hotspot, wifi6, 5ghz, prose (comma-separated).
-    #[arg(long, value_parser = parsed::<ServiceSet>)]
+    #[arg(long, value_parser = some_services)]
     want: Option<ServiceSet>,
     /// Uplink network type wanted: 5g, 4g or wifi.
     #[arg(long, value_parser = parsed::<NetworkType>)]
@@ -426,12 +454,23 @@ where
 }
 
 /// `$XDG_DATA_HOME/bandshare/SUB`, else `~/.local/share/bandshare/SUB`.
+/// An empty or relative `XDG_DATA_HOME` counts as unset (the XDG spec).
 fn default_data(sub: &str) -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from(".bandshare"));
     base.join("bandshare").join(sub)
+}
+
+/// One machine-readable line on stdout per bound address, so a caller that
+/// passed port 0 learns the port: `listening grpc=127.0.0.1:40123`.
+fn listening(what: &str, addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening {what}={addr}");
+    let _ = out.flush();
 }
 
 fn init_logs(default: &str) {
@@ -633,17 +672,21 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(a.http)
         .await
         .with_context(|| format!("cannot listen on {}", a.http))?;
+    let grpc_addr = grpc.local_addr().context("gRPC listener")?;
+    let http_addr = http.local_addr().context("HTTP listener")?;
+    listening("grpc", grpc_addr);
+    listening("http", http_addr);
     match &tls {
         Some(t) => info!(
-            grpc = %a.listen,
-            http = %a.http,
+            grpc = %grpc_addr,
+            http = %http_addr,
             pin = %t.pin_hex(),
             "bandshare coordinator starting with TLS: agents use --server https://{} --server-pin {}",
-            a.listen,
+            grpc_addr,
             t.pin_hex()
         ),
         None => {
-            info!(grpc = %a.listen, http = %a.http, "bandshare coordinator starting (plaintext gRPC; --tls to encrypt)")
+            info!(grpc = %grpc_addr, http = %http_addr, "bandshare coordinator starting (plaintext gRPC; --tls to encrypt)")
         }
     }
     bandshare_coordinator::run_with(shared, grpc, Some(http), tls, shutdown_on_signal().wait())
@@ -680,7 +723,11 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
                 };
                 println!(
                     "{}  {:<9}  {:<9}  {:<8}  {}",
-                    d.key, d.role, state, seen, d.name
+                    d.key,
+                    d.role,
+                    state,
+                    seen,
+                    bandshare_core::name::printable(&d.name)
                 );
             }
         }
@@ -712,6 +759,7 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
 
 async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
+    bandshare_core::name::check_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
     a.server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
     coordinator::normalize_url(&a.server)?;
     let dir = a
@@ -755,7 +803,8 @@ async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
         data_dir: Some(dir),
     };
     let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
-    sharer.join().await;
+    listening("relay", sharer.relay_addr);
+    sharer.join().await?;
     Ok(())
 }
 
@@ -778,6 +827,15 @@ async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
         control: a.control,
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;
+    if let Some(s) = r.socks_addr {
+        listening("socks", s);
+    }
+    for f in &r.forward_addrs {
+        listening("forward", *f);
+    }
+    if let Some(c) = r.control_addr {
+        listening("control", c);
+    }
     eprintln!("{}", crate::render::offers_table(&r.first_response, false));
     if let Some(s) = r.socks_addr {
         eprintln!(
@@ -844,4 +902,15 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
         println!("{}", crate::render::offers_table(&resp, a.explain));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -15,6 +15,16 @@ fn services(o: &v1::Offer) -> Vec<String> {
         .collect()
 }
 
+/// The first 8 bytes of the sharer's key in hex (`admin` takes it as a prefix).
+fn key_of(o: &v1::Offer) -> String {
+    bandshare_core::DeviceKey::from_slice(&o.sharer_key).map_or_else(|_| "-".into(), |k| k.short())
+}
+
+/// Text from the network, escaped for a terminal.
+fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    bandshare_core::name::printable(s)
+}
+
 fn network(n: i32) -> String {
     cv::network_from_wire(n).map_or("-".into(), |n| n.to_string())
 }
@@ -27,6 +37,7 @@ pub fn offers_json(resp: &v1::ShareResponse, explain: bool) -> String {
             let l = o.link.unwrap_or_default();
             json!({
                 "sharer": o.sharer,
+                "key": key_of(o),
                 "distance": o.distance_band,
                 "services": services(o),
                 "network": network(o.network),
@@ -58,21 +69,26 @@ pub fn offers_json(resp: &v1::ShareResponse, explain: bool) -> String {
 }
 
 pub fn offers_table(resp: &v1::ShareResponse, explain: bool) -> String {
-    let mut out = format!("scene: {} ({})\n", scene_name(resp), resp.scene_reason);
+    let mut out = format!(
+        "scene: {} ({})\n",
+        scene_name(resp),
+        shown(&resp.scene_reason)
+    );
     if resp.offers.is_empty() {
         out.push_str("no offers\n");
     } else {
         out.push_str(&format!(
-            "{:<3} {:<14} {:<9} {:<20} {:<6} {:>8} {:>6} {:>6}\n",
-            "#", "sharer", "distance", "services", "net", "rtt", "loss", "score"
+            "{:<3} {:<14} {:<16} {:<9} {:<20} {:<6} {:>8} {:>6} {:>6}\n",
+            "#", "sharer", "key", "distance", "services", "net", "rtt", "loss", "score"
         ));
         for (i, o) in resp.offers.iter().enumerate() {
             let l = o.link.unwrap_or_default();
             out.push_str(&format!(
-                "{:<3} {:<14} {:<9} {:<20} {:<6} {:>6.1}ms {:>5.1}% {:>6.3}\n",
+                "{:<3} {:<14} {:<16} {:<9} {:<20} {:<6} {:>6.1}ms {:>5.1}% {:>6.3}\n",
                 i + 1,
-                o.sharer,
-                o.distance_band,
+                shown(&o.sharer),
+                key_of(o),
+                shown(&o.distance_band),
                 services(o).join(","),
                 network(o.network),
                 l.rtt_us as f64 / 1000.0,
@@ -87,7 +103,9 @@ pub fn offers_table(resp: &v1::ShareResponse, explain: bool) -> String {
             let mark = if e.offered { "+" } else { "-" };
             out.push_str(&format!(
                 "  {mark} {:<14} {:<9} {}\n",
-                e.sharer, e.distance_band, e.reason
+                shown(&e.sharer),
+                shown(&e.distance_band),
+                shown(&e.reason)
             ));
         }
     }

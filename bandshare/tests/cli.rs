@@ -1,7 +1,9 @@
 //! The binary as a user runs it: bad input gives one clear line and a
 //! non-zero exit; `offers --json` prints DESIGN.md's object; the demo runs.
 
+use bandshare_testkit::process::Process;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn bandshare(args: &[&str]) -> Output {
     let home = tempfile::tempdir().expect("tempdir");
@@ -209,36 +211,32 @@ fn demo_runs_and_exits_zero() {
 #[test]
 fn server_stops_cleanly_on_sigterm() {
     let data = tempfile::tempdir().expect("tempdir");
-    let port = bandshare_testkit::free_loopback_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bandshare"))
-        .args([
+    let d = data.path().to_str().expect("utf-8");
+    let exe = env!("CARGO_BIN_EXE_bandshare");
+    let mut server = Process::bandshare(
+        exe,
+        &[
             "server",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
             "--data",
-        ])
-        .arg(data.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    // Wait until it has opened its store (the file appears), bounded.
-    let db = data.path().join("bandshare.db");
-    for _ in 0..100 {
-        if db.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+            d,
+        ],
+    )
+    .expect("spawn server");
+    let grpc = server.addr("grpc", Duration::from_secs(15)).expect("grpc");
+    server.addr("http", Duration::from_secs(1)).expect("http");
     // A sharer holds a stream open: shutdown must not wait for it forever.
     let sharer_data = tempfile::tempdir().expect("tempdir");
-    let mut sharer = Command::new(env!("CARGO_BIN_EXE_bandshare"))
-        .args([
+    let url = grpc.to_string();
+    let sharer = Process::bandshare(
+        exe,
+        &[
             "share",
             "--server",
-            &listen,
+            &url,
             "--name",
             "s",
             "--at",
@@ -246,42 +244,26 @@ fn server_stops_cleanly_on_sigterm() {
             "--relay",
             "127.0.0.1:0",
             "--data",
-        ])
-        .arg(sharer_data.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn sharer");
-    std::thread::sleep(std::time::Duration::from_millis(1000));
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().expect("wait") {
-            status = Some(s);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let Some(status) = status else {
-        let _ = child.kill();
+            sharer_data.path().to_str().expect("utf-8"),
+        ],
+    )
+    .expect("spawn sharer");
+    sharer
+        .addr("relay", Duration::from_secs(15))
+        .expect("relay");
+    assert!(
+        server.wait_stderr("sharer online", Duration::from_secs(10)),
+        "the sharer never connected: {}",
+        server.stderr()
+    );
+    server.signal("TERM");
+    let Some(status) = server.wait_exit(Duration::from_secs(5)) else {
         panic!("server did not stop within 5 s of SIGTERM");
     };
-    let _ = sharer.kill();
-    let _ = sharer.wait();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-    }
+    let err = server.stderr();
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("coordinator stopped"), "{err}");
-    assert!(
-        err.contains("sharer online"),
-        "the sharer never connected: {err}"
-    );
-    assert!(db.exists());
+    assert!(data.path().join("bandshare.db").exists());
 }
 
 #[test]

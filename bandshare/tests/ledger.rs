@@ -8,55 +8,38 @@ use bandshare_agent::{Shutdown, identity};
 use bandshare_core::{DeviceKey, EgressRule};
 use bandshare_store::Store;
 use bandshare_testkit::http::{HttpTarget, socks_get};
+use bandshare_testkit::process::Process;
 use bandshare_testkit::{SharerNode, SharerSpec, center, wait_until};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Server(Child);
-
-impl Server {
-    fn start(listen: &str, data: &Path) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_bandshare"))
-            .args([
-                "server",
-                "--listen",
-                listen,
-                "--http",
-                "127.0.0.1:0",
-                "--data",
-            ])
-            .arg(data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn server");
-        Server(child)
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill_9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `bandshare server` with gRPC on `listen` (port 0 the first time; the
+/// port it printed when it comes back) and the real process's address.
+fn start_server(listen: &str, data: &Path) -> (Process, SocketAddr) {
+    let p = Process::bandshare(
+        env!("CARGO_BIN_EXE_bandshare"),
+        &[
+            "server",
+            "--listen",
+            listen,
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().expect("utf-8"),
+        ],
+    )
+    .expect("spawn server");
+    let addr = p
+        .addr("grpc", Duration::from_secs(15))
+        .expect("server listening");
+    (p, addr)
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    let up = async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), up)
-        .await
-        .expect("server listening within 15 s");
+/// SIGKILL: no shutdown code runs.
+fn kill_9(p: &mut Process) {
+    let _ = p.child.kill();
+    let _ = p.child.wait();
 }
 
 fn ledger_bytes(data: &Path, requester: &DeviceKey) -> u64 {
@@ -70,12 +53,8 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let data = tempfile::tempdir().expect("tempdir");
-        let port = bandshare_testkit::free_loopback_port();
-        let listen = format!("127.0.0.1:{port}");
-        let addr: SocketAddr = listen.parse().expect("addr");
-        let url = format!("http://{listen}");
-        let mut server = Server::start(&listen, data.path());
-        wait_listening(addr).await;
+        let (mut server, addr) = start_server("127.0.0.1:0", data.path());
+        let url = format!("http://{addr}");
 
         let target = HttpTarget::start().await.expect("target");
         let rule: EgressRule = format!("127.0.0.1/32:{}", target.addr.port())
@@ -135,7 +114,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
         .await;
         assert!(acked, "usage was never acknowledged");
         let before = relay.total_bytes();
-        server.kill_9();
+        kill_9(&mut server);
         assert_eq!(
             ledger_bytes(data.path(), &me),
             before,
@@ -148,8 +127,8 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
             .await
             .expect("download while the coordinator is down");
         assert!(status.contains("200"), "{status}");
-        let mut server = Server::start(&listen, data.path());
-        wait_listening(addr).await;
+        // Back on the port it had: the sharer and requester know that URL.
+        let (mut server, _) = start_server(&addr.to_string(), data.path());
         let caught_up = wait_until(Duration::from_secs(30), || {
             unacked.acked_bytes() == relay.total_bytes() && unacked.is_empty()
         })
@@ -160,7 +139,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
         );
         let total = relay.total_bytes();
         assert!(total > before + 300_000);
-        server.kill_9();
+        kill_9(&mut server);
         assert_eq!(
             ledger_bytes(data.path(), &me),
             total,

@@ -2,19 +2,11 @@
 //! certificate on first start (key file 0600), agents pin it with
 //! `--server-pin`, and a wrong pin or a plaintext client is refused.
 
+use bandshare_testkit::process::Process;
 use bandshare_testkit::{SharerNode, SharerSpec, wait_until};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn bandshare(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bandshare"))
@@ -28,30 +20,25 @@ fn bandshare(args: &[&str]) -> Output {
 fn agents_pin_the_coordinator_certificate() {
     let data = tempfile::tempdir().expect("tempdir");
     let d = data.path().to_str().expect("utf-8");
-    let port = bandshare_testkit::free_loopback_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _server = Server(
-        Command::new(env!("CARGO_BIN_EXE_bandshare"))
-            .args([
-                "server",
-                "--tls",
-                "--listen",
-                &listen,
-                "--http",
-                "127.0.0.1:0",
-                "--data",
-                d,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn server"),
-    );
+    let server = Process::bandshare(
+        env!("CARGO_BIN_EXE_bandshare"),
+        &[
+            "server",
+            "--tls",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+            d,
+        ],
+    )
+    .expect("spawn server");
+    let listen = server
+        .addr("grpc", Duration::from_secs(15))
+        .expect("server listening")
+        .to_string();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let up = rt.block_on(wait_until(Duration::from_secs(15), || {
-        std::net::TcpStream::connect(&listen).is_ok()
-    }));
-    assert!(up, "server never listened");
     let key = data.path().join("tls/key.der");
     let mode = std::fs::metadata(&key)
         .expect("key file")

@@ -35,7 +35,12 @@ pub fn load_or_create(path: &Path) -> Result<SigningKey, IdentityError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
+                // Only the owner may list or read the device's directory.
+                let mut b = std::fs::DirBuilder::new();
+                b.recursive(true);
+                #[cfg(unix)]
+                std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+                b.create(dir).map_err(io)?;
             }
             let key = generate()?;
             let mut opts = std::fs::OpenOptions::new();

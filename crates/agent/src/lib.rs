@@ -33,6 +33,10 @@ pub enum AgentError {
     Relay(#[from] bandshare_relay::serve::RelayError),
     #[error("cannot listen on {0}: {1}")]
     Listen(std::net::SocketAddr, std::io::Error),
+    /// The coordinator refused this device for a reason retrying cannot
+    /// change (a bad or taken name, a second process with the same key).
+    #[error("coordinator refused this sharer: {0}")]
+    Refused(String),
     #[error("{0}")]
     Other(String),
 }

@@ -187,11 +187,14 @@ fn check<T: PartialOrd + std::fmt::Display + Copy>(
     hi: T,
 ) -> Result<T, ConfigError> {
     let v = v.unwrap_or(default);
-    if v < lo || v > hi {
-        return Err(ConfigError::Invalid {
-            key,
-            problem: format!("{v} is outside {lo}..={hi}"),
-        });
+    // Written so that NaN (which compares false with everything) fails.
+    if !(lo <= v && v <= hi) {
+        let problem = if v.partial_cmp(&v).is_none() {
+            format!("{v} is not a number (expected a finite value in {lo}..={hi})")
+        } else {
+            format!("{v} is outside {lo}..={hi}")
+        };
+        return Err(ConfigError::Invalid { key, problem });
     }
     Ok(v)
 }
@@ -409,6 +412,40 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_floats_are_refused_with_their_key() {
+        for (table, key) in [
+            ("scenes.outdoor", "radius_m"),
+            ("scenes.vehicle", "length_m"),
+            ("scenes.vehicle", "width_m"),
+            ("scenes.vehicle", "height_m"),
+            ("scenes.vehicle", "max_speed_diff_mps"),
+            ("scenes.vehicle", "min_speed_mps"),
+            ("scenes.station", "radius_m"),
+            ("scenes.indoor", "similarity_threshold"),
+            ("privacy", "requests_per_minute"),
+            ("privacy", "burst"),
+            ("privacy", "max_speed_mps"),
+            ("privacy", "slack_m"),
+            ("privacy", "fuzz_min_m"),
+            ("privacy", "fuzz_max_m"),
+        ] {
+            for v in ["nan", "-nan", "inf", "-inf"] {
+                let e = Config::parse(&format!("[{table}]\n{key} = {v}\n"))
+                    .expect_err("non-finite")
+                    .to_string();
+                assert!(e.contains(&format!("{table}.{key}")), "{v}: {e}");
+            }
+        }
+        let e = Config::parse("[scenes]\ngood_accuracy_m = nan\n")
+            .expect_err("nan")
+            .to_string();
+        assert!(
+            e.contains("scenes.good_accuracy_m") && e.contains("not a number"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn defaults_and_errors_name_the_key() {

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+/// Why a sharer's stream was ended for a newer one of the same device.
+pub const REPLACED: &str = "replaced: another connection with this device key came online at the coordinator (is the same key in use by a second process?)";
+
 pub type Outbound = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
 
 /// How to reach one online sharer, besides what matching needs.
@@ -84,7 +87,12 @@ impl Registry {
         };
         if let Some(old) = g.by_key.remove(&handle.key) {
             g.index.remove(old);
-            g.take_handle(old);
+            if let Some(h) = g.take_handle(old) {
+                // The older stream is ended, not left open and never
+                // offered again: its process logs why and stops (the same
+                // key online twice is a copied key or a second instance).
+                let _ = h.tx.try_send(Err(Status::already_exists(REPLACED)));
+            }
         }
         let id = g.index.insert(info);
         g.by_key.insert(handle.key, id);

@@ -33,9 +33,8 @@ fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
     let position = ev.fix.ok_or_else(|| {
         Status::invalid_argument("hello needs a location with a GNSS fix (--at is the fallback)")
     })?;
-    if h.name.is_empty() || h.name.len() > 64 {
-        return Err(Status::invalid_argument("sharer name must be 1..=64 bytes"));
-    }
+    bandshare_core::name::check_name(&h.name)
+        .map_err(|e| Status::invalid_argument(format!("sharer name refused: {e}")))?;
     if h.relay_endpoints.is_empty() {
         return Err(Status::invalid_argument("hello names no relay endpoint"));
     }
@@ -100,8 +99,24 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                 store.upsert_device(&key, &n, Role::Sharer, unix_now())
             })
             .await;
-            info!(sharer = %name, key = %key.short(), reason = denied.message(), "sharer refused");
+            info!(sharer = ?name, key = %key.short(), reason = denied.message(), "sharer refused");
             return Err(denied);
+        }
+        // A name belongs to the first admitted device that used it.
+        let bound = {
+            let store = shared.store.clone();
+            let n = name.clone();
+            tokio::task::spawn_blocking(move || store.bind_name(&n, &key, unix_now()))
+                .await
+                .map_err(|_| Status::internal("name binding task failed"))?
+                .map_err(|e| Status::internal(format!("store: {e}")))?
+        };
+        if let Err(owner) = bound {
+            info!(sharer = %name, key = %key.short(), owner = %owner.short(), "sharer refused: name taken");
+            return Err(Status::already_exists(format!(
+                "the name {name:?} belongs to another device (key {}…); choose another --name",
+                owner.short()
+            )));
         }
         let cfg = &shared.config;
         let (tx, rx) = mpsc::channel(64);

@@ -79,9 +79,9 @@ pub fn self_signed(dir: &Path) -> Result<Tls, TlsError> {
     }
     if !cert_path.exists() || !key_path.exists() {
         let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])?;
-        std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
+        bandshare_store::private::private_dir(&tls_dir).map_err(io(&tls_dir))?;
         write_private(&key_path, &ck.signing_key.serialize_der()).map_err(io(&key_path))?;
-        std::fs::write(&cert_path, ck.cert.der()).map_err(io(&cert_path))?;
+        write_private(&cert_path, ck.cert.der()).map_err(io(&cert_path))?;
     }
     let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
     let key = std::fs::read(&key_path).map_err(io(&key_path))?;

@@ -1,7 +1,12 @@
-//! Exponential backoff with jitter and a cap, as gRPC does it:
-//! 1 s × 1.6 per attempt up to 120 s, ±20 %.
+//! Exponential backoff with jitter and a cap, shaped like gRPC's
+//! (1 s × 1.6 per attempt, ±20 %) but capped at 12.5 s instead of 120 s:
+//! a coordinator back after a long outage has its sharers again within
+//! 10–15 s, not two minutes. Jitter spreads the reconnects of many sharers.
 
 use std::time::Duration;
+
+/// The longest wait between reconnect attempts before jitter (±20 %).
+pub const RECONNECT_CAP: Duration = Duration::from_millis(12_500);
 
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -14,7 +19,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff::new(Duration::from_secs(1), Duration::from_secs(120))
+        Backoff::new(Duration::from_secs(1), RECONNECT_CAP)
     }
 }
 
@@ -57,9 +62,9 @@ mod tests {
         for _ in 0..30 {
             b.next_delay(0.5);
         }
-        assert_eq!(b.next_delay(0.5), Duration::from_secs(120));
-        assert_eq!(b.next_delay(1.0), Duration::from_secs(144));
-        assert_eq!(b.next_delay(0.0), Duration::from_secs(96));
+        assert_eq!(b.next_delay(0.5), Duration::from_millis(12_500));
+        assert_eq!(b.next_delay(1.0), Duration::from_secs(15));
+        assert_eq!(b.next_delay(0.0), Duration::from_secs(10));
         b.reset();
         assert_eq!(b.next_delay(0.5), Duration::from_secs(1));
     }

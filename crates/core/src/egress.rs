@@ -36,13 +36,21 @@ impl Cidr {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("expected CIDR[:PORT] such as 127.0.0.1/32:8080, 10.0.0.0/8 or [::1]/128:443, got {0:?}")]
-pub struct BadCidr(pub String);
+pub enum BadCidr {
+    #[error(
+        "expected CIDR[:PORT] such as 127.0.0.1/32:8080, 10.0.0.0/8 or [::1]/128:443, got {0:?}"
+    )]
+    Syntax(String),
+    #[error(
+        "{0:?} is ambiguous: IPv6 with a port needs brackets, as in [::1]:8000; the address alone is [{0}] or {0}/128"
+    )]
+    AmbiguousV6(String),
+}
 
 impl FromStr for Cidr {
     type Err = BadCidr;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadCidr(s.to_string());
+        let bad = || BadCidr::Syntax(s.to_string());
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -82,7 +90,7 @@ impl FromStr for EgressRule {
     /// `CIDR[:PORT]`; IPv6 with a port needs brackets or a prefix:
     /// `[::1]:443`, `::1/128:443`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadCidr(s.to_string());
+        let bad = || BadCidr::Syntax(s.to_string());
         // Bracketed IPv6: "[addr]/p:port" or "[addr]:port".
         let (cidr_part, port) = if let Some(rest) = s.strip_prefix('[') {
             let (addr, after) = rest.split_once(']').ok_or_else(bad)?;
@@ -100,7 +108,9 @@ impl FromStr for EgressRule {
             let (a, port) = s.split_once(':').ok_or_else(bad)?;
             (a.to_string(), Some(port))
         } else {
-            (s.to_string(), None)
+            // Bare IPv6 with neither brackets nor a prefix: `::1:8000` is
+            // both the address ::1:8000 and ::1 port 8000, so say which.
+            return Err(BadCidr::AmbiguousV6(s.to_string()));
         };
         let cidr: Cidr = cidr_part.parse().map_err(|_| bad())?;
         let port = match port {
@@ -362,6 +372,14 @@ mod tests {
         assert_eq!((r.cidr.prefix, r.port), (8, None));
         let r: EgressRule = "127.0.0.1:9000".parse().expect("rule");
         assert_eq!((r.cidr.prefix, r.port), (32, Some(9000)));
+        // Unbracketed IPv6 is refused rather than read as a port-less address.
+        assert_eq!(
+            "::1:8000".parse::<EgressRule>(),
+            Err(BadCidr::AmbiguousV6("::1:8000".into()))
+        );
+        assert!("::1".parse::<EgressRule>().is_err());
+        let r: EgressRule = "[::1]".parse().expect("rule");
+        assert_eq!((r.cidr.addr, r.port), (ip("::1"), None));
         let r: EgressRule = "[::1]:443".parse().expect("rule");
         assert_eq!((r.cidr.addr, r.port), (ip("::1"), Some(443)));
         let r: EgressRule = "::1/128:443".parse().expect("rule");

@@ -12,6 +12,7 @@ pub mod enu;
 pub mod geo;
 pub mod key;
 pub mod link;
+pub mod name;
 pub mod radio;
 pub mod scene;
 pub mod service;

@@ -10,6 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod private;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create data directory {0}: {1}")]
@@ -128,6 +130,11 @@ CREATE TABLE IF NOT EXISTS enrollment (
     decision TEXT NOT NULL,
     changed INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS names (
+    folded TEXT PRIMARY KEY,
+    key BLOB NOT NULL,
+    bound INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage_batches (
     sharer BLOB NOT NULL,
     batch INTEGER NOT NULL,
@@ -139,8 +146,10 @@ CREATE TABLE IF NOT EXISTS usage_batches (
 impl Store {
     /// Opens (creating) `dir/bandshare.db` in WAL mode with the schema.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Dir(dir.to_path_buf(), e))?;
+        let dir_err = |e| StoreError::Dir(dir.to_path_buf(), e);
+        private::private_dir(dir).map_err(dir_err)?;
         let path = dir.join("bandshare.db");
+        private::private_file(&path).map_err(dir_err)?;
         let conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: an acknowledged ledger row survives a crash of the process
@@ -364,6 +373,44 @@ impl Store {
         Ok(())
     }
 
+    /// Binds a sharer name (compared case-folded, so "Alpha" is "alpha") to
+    /// `key` if it is free, already `key`'s, or held by a revoked device.
+    /// `Ok(Err(owner))`: another device holds it.
+    pub fn bind_name(
+        &self,
+        name: &str,
+        key: &DeviceKey,
+        now_unix: u64,
+    ) -> Result<Result<(), DeviceKey>, StoreError> {
+        let folded = name.to_lowercase();
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction()?;
+        let owner: Option<(Vec<u8>, Option<String>)> = tx
+            .query_row(
+                "SELECT n.key, e.decision FROM names n LEFT JOIN enrollment e ON e.key = n.key
+                 WHERE n.folded = ?1",
+                params![folded],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((owner, decision)) = owner
+            && owner.as_slice() != key.0.as_slice()
+            && decision.as_deref() != Some("revoked")
+        {
+            let owner =
+                DeviceKey::from_slice(&owner).map_err(|_| StoreError::CorruptKey(owner.len()))?;
+            return Ok(Err(owner));
+        }
+        tx.execute(
+            "INSERT INTO names (folded, key, bound) VALUES (?1, ?2, ?3)
+             ON CONFLICT(folded) DO UPDATE SET key = excluded.key, bound = excluded.bound
+             WHERE names.key != excluded.key",
+            params![folded, key.0.as_slice(), now_unix as i64],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
     pub fn device_count(&self) -> Result<u64, StoreError> {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get::<_, i64>(0)))
             .map(|n| n as u64)
@@ -505,6 +552,24 @@ mod tests {
         let seeds = st.signing_seeds(31, || [0; 32]).expect("seeds");
         let ids: Vec<(u8, u8)> = seeds.iter().map(|(i, s)| (*i, s.0[0])).collect();
         assert_eq!(ids, vec![(1, 7), (2, 5)]);
+    }
+
+    #[test]
+    fn a_name_belongs_to_its_first_device_until_that_is_revoked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = Store::open(dir.path()).expect("open");
+        let (a, b) = (DeviceKey([1; 32]), DeviceKey([2; 32]));
+        assert_eq!(st.bind_name("alpha", &a, 1).expect("bind"), Ok(()));
+        assert_eq!(st.bind_name("alpha", &a, 2).expect("again"), Ok(()));
+        assert_eq!(st.bind_name("alpha", &b, 3).expect("clash"), Err(a));
+        assert_eq!(st.bind_name("ALPHA", &b, 3).expect("case"), Err(a));
+        assert_eq!(st.bind_name("beta", &b, 3).expect("other"), Ok(()));
+        st.decide(&a, Decision::Revoked, 4).expect("revoke");
+        assert_eq!(st.bind_name("alpha", &b, 5).expect("freed"), Ok(()));
+        assert_eq!(st.bind_name("alpha", &a, 6).expect("taken"), Err(b));
+        drop(st);
+        let st = Store::open(dir.path()).expect("reopen");
+        assert_eq!(st.bind_name("Alpha", &a, 7).expect("durable"), Err(b));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod netns;
+pub mod process;
 pub mod udp;
 
 use anyhow::Context;
@@ -53,14 +54,6 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
-}
-
-/// A loopback port free right now, for a child process to listen on.
-pub fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// Polls `f` every 20 ms until it holds or `timeout` passes.

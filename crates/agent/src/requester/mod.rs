@@ -421,7 +421,10 @@ async fn maintain(
     key: SigningKey,
     size: usize,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut backoff = Backoff::new(
+        Duration::from_millis(500),
+        bandshare_core::backoff::RECONNECT_CAP,
+    );
     let mut rotate: Option<String> = None;
     let mut refresh_at = tokio::time::Instant::now();
     let mut retry_at = refresh_at;

@@ -169,6 +169,9 @@ pub struct Pool {
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct MemberStatus {
     pub sharer: String,
+    /// The first 8 bytes of the sharer's key in hex: two sharers may show
+    /// the same-looking name, never the same key.
+    pub key: String,
     /// ready, uplink-down (the sharer's own network fails) or closed.
     pub state: &'static str,
     pub rtt_ms: f64,
@@ -460,6 +463,7 @@ impl Pool {
                     let v = view(m);
                     MemberStatus {
                         sharer: m.name.clone(),
+                        key: m.key.short(),
                         state: if m.tunnel.close_reason().is_some() {
                             "closed"
                         } else if m.uplink_failing() {

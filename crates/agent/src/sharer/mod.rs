@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 #[derive(Clone, Debug)]
 pub struct SharerOptions {
@@ -57,7 +57,7 @@ pub struct Sharer {
     pub relay: RelayHandle,
     /// Usage the coordinator has not yet acknowledged as durable.
     pub unacked: Unacked,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
 }
 
 /// Usage batches sent but not yet acknowledged; they ride along in every
@@ -172,8 +172,13 @@ impl Sharer {
                     relay: &h,
                     unacked: &u,
                 };
-                stream_loop(ctx, location, shutdown).await;
+                let result = stream_loop(ctx, location, shutdown).await;
+                if result.is_err() {
+                    // Refused for good: nothing may be relayed any more.
+                    relay_task.abort();
+                }
                 let _ = relay_task.await;
+                result
             }
             .instrument(span),
         );
@@ -186,9 +191,12 @@ impl Sharer {
         })
     }
 
-    /// Waits until the sharer has stopped.
-    pub async fn join(self) {
-        let _ = self.task.await;
+    /// Waits until the sharer has stopped: `Err` when the coordinator
+    /// refused it for good (the reason is the coordinator's).
+    pub async fn join(self) -> Result<(), AgentError> {
+        self.task
+            .await
+            .map_err(|e| AgentError::Other(format!("sharer task failed: {e}")))?
     }
 }
 
@@ -305,14 +313,14 @@ async fn stream_loop(
     ctx: Ctx<'_>,
     mut location: watch::Receiver<LocationSpec>,
     shutdown: Shutdown,
-) {
+) -> Result<(), AgentError> {
     let opts = ctx.opts;
     // The coordinator places sharers by a fix: wait for the first one.
     if location.borrow().at.is_none() {
         info!("waiting for a position fix");
         tokio::select! {
-            r = location.wait_for(|l| l.at.is_some()) => if r.is_err() { return },
-            _ = shutdown.clone().wait() => return,
+            r = location.wait_for(|l| l.at.is_some()) => if r.is_err() { return Ok(()) },
+            _ = shutdown.clone().wait() => return Ok(()),
         }
     }
     let mut backoff = Backoff::default();
@@ -327,10 +335,15 @@ async fn stream_loop(
         let started = Instant::now();
         let result = tokio::select! {
             r = session(ctx, &mut meter, &mut location) => r,
-            _ = shutdown.clone().wait() => return,
+            _ = shutdown.clone().wait() => return Ok(()),
         };
-        if let Err(e) = result {
-            warn!(error = %e, "coordinator stream lost");
+        match result {
+            Err(AgentError::Refused(reason)) => {
+                error!(%reason, "the coordinator refused this sharer; stopping");
+                return Err(AgentError::Refused(reason));
+            }
+            Err(e) => warn!(error = %e, "coordinator stream lost"),
+            Ok(()) => {}
         }
         // A session that lasted a while was a success: start backoff over.
         if started.elapsed() > Duration::from_secs(30) {
@@ -343,7 +356,7 @@ async fn stream_loop(
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.clone().wait() => return,
+            _ = shutdown.clone().wait() => return Ok(()),
         }
     }
 }
@@ -376,6 +389,17 @@ fn devices_of(list: &[Vec<u8>]) -> Vec<bandshare_core::DeviceKey> {
 
 fn up(msg: Up) -> v1::SharerMessage {
     v1::SharerMessage { msg: Some(msg) }
+}
+
+/// A status from the coordinator as an error: refusals that retrying
+/// cannot change end the sharer; anything else is retried.
+fn stream_error(context: &str, s: &tonic::Status) -> AgentError {
+    match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => {
+            AgentError::Refused(s.message().to_string())
+        }
+        _ => AgentError::Other(format!("{context}: {}", s.message())),
+    }
 }
 
 /// One stream to the coordinator, until it breaks.
@@ -419,14 +443,14 @@ async fn session(
     let mut inbound = client
         .attach(ReceiverStream::new(rx))
         .await
-        .map_err(|s| AgentError::Other(format!("coordinator refused the stream: {}", s.message())))?
+        .map_err(|s| stream_error("coordinator refused the stream", &s))?
         .into_inner();
     let welcome = match inbound.message().await {
         Ok(Some(v1::CoordinatorMessage {
             msg: Some(Down::Welcome(w)),
         })) => w,
         Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
-        Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
+        Err(s) => return Err(stream_error("coordinator", &s)),
     };
     let mut keys = keys_of(&welcome.coordinator_keys);
     if keys.is_empty() {
@@ -458,7 +482,7 @@ async fn session(
                 let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => return Err(AgentError::Other("coordinator ended the stream".into())),
-                    Err(s) => return Err(AgentError::Other(format!("coordinator: {}", s.message()))),
+                    Err(s) => return Err(stream_error("coordinator", &s)),
                 };
                 match msg.msg {
                     Some(Down::Pong(p)) => probe.pong(p.seq, Instant::now()),
