@@ -150,6 +150,12 @@ const SMTP_PORTS: [u16; 3] = [25, 465, 587];
 
 impl EgressPolicy {
     pub fn decide(&self, ip: IpAddr, port: u16) -> Result<(), Denied> {
+        self.decide_with_own(ip, port, &[])
+    }
+
+    /// As `decide`, with `own_now` (the machine's addresses as of this
+    /// dial) refused besides `self.own`.
+    pub fn decide_with_own(&self, ip: IpAddr, port: u16, own_now: &[IpAddr]) -> Result<(), Denied> {
         if self.allow.iter().any(|r| r.matches(ip, port)) {
             return Ok(());
         }
@@ -157,7 +163,12 @@ impl EgressPolicy {
         if let Some(reason) = special_range(canon) {
             return Err(Denied(reason));
         }
-        if self.own.iter().any(|o| canonical(*o) == canon) {
+        if self
+            .own
+            .iter()
+            .chain(own_now)
+            .any(|o| canonical(*o) == canon)
+        {
             return Err(Denied("address of the sharer itself"));
         }
         if !self.allow_smtp && SMTP_PORTS.contains(&port) {

@@ -11,6 +11,7 @@
 //! by round-trip property tests of the codecs.
 
 pub mod limits;
+pub mod own;
 pub mod serve;
 pub mod splice;
 pub mod tls;

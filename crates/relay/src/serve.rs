@@ -88,6 +88,8 @@ struct Shared {
     pin: [u8; 32],
     verifier: RwLock<TicketVerifier>,
     egress: EgressPolicy,
+    /// This machine's addresses, read again whenever they change.
+    own: crate::own::OwnAddresses,
     max_requesters: u32,
     usage: Mutex<HashMap<DeviceKey, Arc<Counters>>>,
     /// Open connections per requester.
@@ -299,16 +301,15 @@ impl Relay {
         let (cfg, pin) = tls::server_config()?;
         let endpoint = quinn::Endpoint::server(cfg, opts.listen)
             .map_err(|e| RelayError::Bind(opts.listen, e))?;
-        let mut egress = opts.egress;
-        // Every address of this machine is off limits, whatever the range.
-        if let Ok(ifs) = if_addrs::get_if_addrs() {
-            egress.own.extend(ifs.iter().map(|i| i.ip()));
-        }
+        let egress = opts.egress;
         let shared = Arc::new(Shared {
             me: opts.me,
             pin,
             verifier: RwLock::new(TicketVerifier::default()),
             egress,
+            // Every address of this machine is off limits, whatever the
+            // range, including addresses it gains after start.
+            own: crate::own::OwnAddresses::new(),
             max_requesters: opts.max_requesters,
             usage: Mutex::default(),
             active: Mutex::default(),
@@ -642,21 +643,29 @@ fn io_reply(e: &std::io::Error) -> u8 {
 }
 
 /// Dials the first allowed address; `Err` is the reply code to send.
-async fn dial(header: &FlowHeader, egress: &EgressPolicy) -> Result<TcpStream, (u8, String)> {
+async fn dial(
+    header: &FlowHeader,
+    egress: &EgressPolicy,
+    own: &crate::own::OwnAddresses,
+) -> Result<TcpStream, (u8, String)> {
     let addrs = resolve(&header.host, header.port)
         .await
         .map_err(|code| (code, format!("cannot resolve {}", header.host)))?;
+    // Read after resolving, right before the decision: as of this dial.
+    let own_now = own.current();
     let mut denied = None;
     let allowed: Vec<SocketAddr> = addrs
         .iter()
-        .filter(|a| match egress.decide(a.ip(), a.port()) {
-            Ok(()) => true,
-            Err(why) => {
-                info!(target_addr = %a, reason = %why, "egress denied");
-                denied.get_or_insert_with(|| format!("{a} is off limits: {why}"));
-                false
-            }
-        })
+        .filter(
+            |a| match egress.decide_with_own(a.ip(), a.port(), &own_now) {
+                Ok(()) => true,
+                Err(why) => {
+                    info!(target_addr = %a, reason = %why, "egress denied");
+                    denied.get_or_insert_with(|| format!("{a} is off limits: {why}"));
+                    false
+                }
+            },
+        )
         .copied()
         .collect();
     if allowed.is_empty() {
@@ -696,7 +705,7 @@ async fn relay_flow(
     counters.flows.fetch_add(1, Ordering::Relaxed);
     let dialed = match meter.exhausted() {
         Some(reason) => Err((reply::NOT_ALLOWED, reason.to_string())),
-        None => dial(&header, &shared.egress).await,
+        None => dial(&header, &shared.egress, &shared.own).await,
     };
     let tcp = match dialed {
         Ok(s) => s,
