@@ -52,6 +52,7 @@ fn index(c: &mut Criterion) {
                     },
                     wanted: [Service::Hotspot].into_iter().collect(),
                     network: None,
+                    margin_m: 0.0,
                     explain: false,
                 };
                 black_box(rank(&idx, &q, &cfg).map(|o| o.candidates.len()))

@@ -104,6 +104,7 @@ fn query(p: Position) -> Query {
         },
         wanted: [Service::Hotspot].into_iter().collect(),
         network: None,
+        margin_m: 0.0,
         explain: false,
     }
 }

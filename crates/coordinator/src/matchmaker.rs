@@ -235,6 +235,9 @@ impl MatchmakerService {
         let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
         let conditions = req.conditions.unwrap_or_default();
         let mut evidence = evidence;
+        // How far the measuring point moved at most: the search reaches that
+        // much further so no sharer inside the region is missed.
+        let mut margin_m = 0.0;
         {
             let mut guard = shared
                 .privacy
@@ -261,6 +264,7 @@ impl MatchmakerService {
                 )
             {
                 evidence.fix = Some(guard.measuring_point(&requester, &fix));
+                margin_m = shared.config.privacy.fuzz_max_m;
             }
         }
         let query = Query {
@@ -268,6 +272,7 @@ impl MatchmakerService {
             wanted: cv::services_from_wire(&conditions.services),
             network: cv::network_from_wire(conditions.network),
             explain: req.explain,
+            margin_m,
         };
         let cfg = MatchConfig {
             region: shared.config.region.clone(),

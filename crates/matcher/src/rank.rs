@@ -17,6 +17,11 @@ pub struct Query {
     pub network: Option<NetworkType>,
     /// Also explain sharers that were filtered out.
     pub explain: bool,
+    /// How far past a circle's or sphere's edge to search, measured from
+    /// `evidence.fix`. The coordinator moves that point by up to this much
+    /// for privacy, so every sharer inside the region around the true
+    /// point is still found (and a few just outside it too).
+    pub margin_m: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -173,11 +178,12 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
     let mine = q.evidence.velocity();
     match &scene.region {
         Region::Circle { center, radius_m } => {
+            let reach = radius_m + q.margin_m.max(0.0);
             // With explain, look twice as far to say who was just outside.
-            let look = if q.explain { radius_m * 2.0 } else { *radius_m };
+            let look = if q.explain { reach * 2.0 } else { reach };
             index.within(center, look, |id, s, d, p| {
                 let band = DistanceBand::of_metres(d);
-                if d > *radius_m {
+                if d > reach {
                     c.reject(id, band, format!("outside the {radius_m:.0} m circle"));
                 } else {
                     let t = contact_time_s(p, relative_velocity(s, mine), *radius_m, CONTACT_CAP_S);
@@ -230,7 +236,8 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
         }
         Region::Sphere { center, radius_m } => {
             let frame = Frame::new(center);
-            let look = if q.explain { radius_m * 2.0 } else { *radius_m };
+            let reach = radius_m + q.margin_m.max(0.0);
+            let look = if q.explain { reach * 2.0 } else { reach };
             index.within(center, look, |id, s, d, _| {
                 let Some(info) = index.get(id) else { return };
                 let p = frame.enu(&info.position);
@@ -239,7 +246,7 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
                     _ => (d, None),
                 };
                 let band = DistanceBand::of_metres(dist);
-                if dist > *radius_m {
+                if dist > reach {
                     let level = match dz {
                         Some(u) if u.abs() > 3.0 => {
                             format!(
@@ -378,6 +385,7 @@ mod tests {
             },
             wanted: ServiceSet::default(),
             network: None,
+            margin_m: 0.0,
             explain: true,
         }
     }

@@ -153,3 +153,80 @@ async fn live_positions_never_reach_the_disk() {
     }
     assert!(files >= 1);
 }
+
+/// Every sharer inside the scene's region around the requester's true
+/// position is offered, whatever secret offset its key has: the search
+/// reaches past the region's edge by the largest offset. Sharers sit just
+/// inside the edge in eight directions (and, in the station, above and
+/// below); 24 requester keys each must be offered all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_does_not_shrink_any_region() {
+    use bandshare_core::Scene;
+    let mut config = unlimited(Config::default());
+    config.fanout = 64;
+    config.max_offers = 64;
+    let inside = |r: f64| -> Vec<(f64, f64)> {
+        (0..8)
+            .map(|k| {
+                let a = k as f64 * std::f64::consts::FRAC_PI_4;
+                (r * a.sin(), r * a.cos())
+            })
+            .collect()
+    };
+    // (scene, sharers, requester altitude), each shape at its defaults.
+    let outdoor: Vec<SharerSpec> = inside(198.0)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (e, n))| SharerSpec::new(&format!("o{k}"), e, n))
+        .chain([SharerSpec::new("o-near", 3.0, 0.0)])
+        .collect();
+    let mut station: Vec<SharerSpec> = inside(58.0)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (e, n))| SharerSpec::new(&format!("s{k}"), e, n).alt(10.0))
+        .collect();
+    // A level up and a level down, within the 60 m sphere in 3-D.
+    station.push(SharerSpec::new("s-up", 30.0, 0.0).alt(10.0 + 50.0));
+    station.push(SharerSpec::new("s-down", 0.0, -20.0).alt(10.0 - 55.0));
+    for (scene, sharers) in [(Scene::Outdoor, outdoor), (Scene::Station, station)] {
+        let want: Vec<String> = sharers.iter().map(|s| s.name.clone()).collect();
+        let c = Cluster::start_with(config.clone(), sharers)
+            .await
+            .expect("cluster");
+        let mut worst = usize::MAX;
+        for _ in 0..24 {
+            let me = identity::generate().expect("key");
+            let mut at = center();
+            at.alt = Some(10.0);
+            let loc = LocationSpec {
+                at: Some(at),
+                scene: Some(scene),
+                ..Default::default()
+            };
+            let r = c
+                .ask_as(&me, loc, ConditionSpec::default())
+                .await
+                .expect("share request");
+            let got: Vec<&str> = r.offers.iter().map(|o| o.sharer.as_str()).collect();
+            let missing: Vec<&String> =
+                want.iter().filter(|w| !got.contains(&w.as_str())).collect();
+            assert!(
+                missing.is_empty(),
+                "{scene:?}: a key with its offset missed {missing:?} (offered {got:?})"
+            );
+            worst = worst.min(got.len());
+            // Bands stay useful: the sharer 3 m away is never `50-200m`.
+            if let Some(o) = r.offers.iter().find(|o| o.sharer == "o-near") {
+                assert!(
+                    ["<10m", "10-50m"].contains(&o.distance_band.as_str()),
+                    "{}",
+                    o.distance_band
+                );
+            }
+        }
+        eprintln!(
+            "{scene:?}: all {} members offered to each of 24 keys (fewest offers {worst})",
+            want.len()
+        );
+    }
+}
