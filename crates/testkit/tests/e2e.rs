@@ -472,3 +472,61 @@ async fn port_forward_and_ipv6_targets() {
     assert!(ok, "{err}");
     assert_eq!(body, "served over IPv6\n");
 }
+
+/// Sends `bytes` to the proxy port and reads what comes back within 3 s
+/// (a client that gets no answer used to wait the 10 s head timeout).
+async fn exchange(proxy: SocketAddr, bytes: &[u8], want: usize) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("proxy port");
+    s.write_all(bytes).await.expect("send");
+    let mut got = vec![];
+    let read = async {
+        let mut buf = [0u8; 512];
+        while got.len() < want {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proxy_dialect_gets_its_own_answer_at_once() {
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let proxy = r.socks();
+    let port = c.target.addr.port();
+    // SOCKS4 CONNECT 127.0.0.1:port: SOCKS4's "request rejected" (91).
+    let mut v4 = vec![4, 1];
+    v4.extend_from_slice(&port.to_be_bytes());
+    v4.extend_from_slice(&[127, 0, 0, 1, 0]);
+    assert_eq!(exchange(proxy, &v4, 8).await, [0, 91, 0, 0, 0, 0, 0, 0]);
+    // HTTP CONNECT with bare LF line ends is understood.
+    let head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\nHost: x\n\n");
+    let got = exchange(proxy, head.as_bytes(), 12).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // SOCKS5 with an unknown address type: 0x08, not 0x07.
+    let got = exchange(proxy, &[5, 1, 0, 5, 1, 0, 9, 1, 2, 3, 4, 0, 80], 12).await;
+    assert_eq!(got.get(..2), Some(&[5u8, 0][..]), "method reply");
+    assert_eq!(got.get(2..4), Some(&[5u8, 0x08][..]), "{got:?}");
+    // An unknown command still gets 0x07.
+    let got = exchange(proxy, &[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80], 12).await;
+    assert_eq!(got.get(2..4), Some(&[5u8, 0x07][..]), "{got:?}");
+    // Something that is neither (a TLS hello's first bytes): 400 at once.
+    let got = exchange(proxy, &[0x16, 3, 1, 0, 5], 12).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+}

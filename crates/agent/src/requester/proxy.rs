@@ -15,26 +15,51 @@ use tracing::{Instrument, debug, info_span, warn};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a request head could not be read: what the client sent, or the
+/// connection.
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error(transparent)]
+    Parse(#[from] ProxyError),
+    #[error("{0}")]
+    Io(String),
+}
+
 /// Reads until `parse` has a value; returns it and the bytes after it.
 async fn read_until<T>(
     tcp: &mut TcpStream,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Parse<T>, ProxyError>,
 ) -> Result<T, String> {
+    read_until_typed(tcp, buf, parse)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn read_until_typed<T>(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<Parse<T>, ProxyError>,
+) -> Result<T, HeadError> {
     loop {
-        match parse(buf).map_err(|e| e.to_string())? {
+        match parse(buf)? {
             Parse::Done(v, used) => {
                 buf.drain(..used);
                 return Ok(v);
             }
             Parse::Incomplete => {
                 if buf.len() > socks::MAX_HEAD {
-                    return Err("request too large".into());
+                    return Err(HeadError::Parse(ProxyError::TooLarge));
                 }
                 let mut chunk = [0u8; 1024];
-                let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                let n = tcp
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| HeadError::Io(e.to_string()))?;
                 if n == 0 {
-                    return Err("client closed before the request was complete".into());
+                    return Err(HeadError::Io(
+                        "client closed before the request was complete".into(),
+                    ));
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
@@ -108,17 +133,36 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
             }
             buf.extend_from_slice(&chunk[..n]);
         };
+        if first == 4 {
+            // SOCKS4 or 4a: refuse in its own words at once, not by silence.
+            let _ = tcp.write_all(&socks::SOCKS4_REJECTED).await;
+            return Err("SOCKS4 client: only SOCKS5 is supported".to_string());
+        }
         if first == 5 {
             read_until(&mut tcp, &mut buf, socks::parse_greeting).await?;
             tcp.write_all(&[5, 0]).await.map_err(|e| e.to_string())?;
-            let target = match read_until(&mut tcp, &mut buf, socks::parse_request).await {
+            let target = match read_until_typed(&mut tcp, &mut buf, socks::parse_request).await {
                 Ok(t) => t,
                 Err(e) => {
-                    let _ = tcp.write_all(&socks::reply(0x07)).await;
-                    return Err(e);
+                    let code = match &e {
+                        HeadError::Parse(p) => socks::request_error_code(p),
+                        HeadError::Io(_) => 0x01,
+                    };
+                    let _ = tcp.write_all(&socks::reply(code)).await;
+                    return Err(e.to_string());
                 }
             };
             Ok((Dialect::Socks, target))
+        } else if !first.is_ascii_uppercase() {
+            // Neither SOCKS nor an HTTP method (a TLS hello, a stray
+            // protocol): say so now instead of waiting for a blank line.
+            let body = "this port speaks SOCKS5 and HTTP CONNECT only\n";
+            let msg = format!(
+                "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tcp.write_all(msg.as_bytes()).await;
+            return Err(format!("unknown protocol (first byte {first:#04x})"));
         } else {
             match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
                 Ok(t) => Ok((Dialect::Http, t)),

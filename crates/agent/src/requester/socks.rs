@@ -108,9 +108,40 @@ pub fn parse_authority(s: &str) -> Option<FlowHeader> {
     })
 }
 
+/// Where the head ends: the first empty line, its terminator CRLF or a
+/// bare LF (RFC 9112 §2.2 lets a recipient accept a bare LF). Returns the
+/// length of the head before the blank line and of the whole head.
+fn head_end(b: &[u8]) -> Option<(usize, usize)> {
+    let mut line_start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c != b'\n' {
+            continue;
+        }
+        let line = &b[line_start..i];
+        if line.is_empty() || line == b"\r" {
+            return Some((line_start, i + 1));
+        }
+        line_start = i + 1;
+    }
+    None
+}
+
+/// The reply a SOCKS4 client understands: version 0, "request rejected
+/// or failed" (91), no address. bandshare speaks SOCKS5 only.
+pub const SOCKS4_REJECTED: [u8; 8] = [0, 91, 0, 0, 0, 0, 0, 0];
+
+/// The SOCKS5 reply code for a request that could not be parsed.
+pub fn request_error_code(e: &ProxyError) -> u8 {
+    match e {
+        ProxyError::Command(_) => 0x07,
+        ProxyError::AddressType(_) => 0x08,
+        _ => 0x01,
+    }
+}
+
 /// `CONNECT host:port HTTP/1.x` and headers up to the blank line.
 pub fn parse_http_connect(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
-    let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let Some((end, used)) = head_end(b) else {
         return if b.len() > MAX_HEAD {
             Err(ProxyError::TooLarge)
         } else {
@@ -121,7 +152,11 @@ pub fn parse_http_connect(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
         return Err(ProxyError::TooLarge);
     }
     let head = std::str::from_utf8(&b[..end]).map_err(|_| ProxyError::Http("not UTF-8".into()))?;
-    let line = head.lines().next().unwrap_or_default();
+    let line = head
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('\r');
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next(), parts.next(), parts.next());
     if method != Some("CONNECT") {
@@ -136,13 +171,42 @@ pub fn parse_http_connect(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
     let target = target
         .and_then(parse_authority)
         .ok_or_else(|| ProxyError::Http(format!("bad CONNECT target in {line:?}")))?;
-    Ok(Parse::Done(target, end + 4))
+    Ok(Parse::Done(target, used))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn http_connect_heads_end_at_crlf_or_bare_lf() {
+        let t = FlowHeader {
+            host: Host::Name("example.net".into()),
+            port: 443,
+        };
+        for (head, used) in [
+            (
+                &b"CONNECT example.net:443 HTTP/1.1\r\nHost: x\r\n\r\nEARLY"[..],
+                48,
+            ),
+            (b"CONNECT example.net:443 HTTP/1.1\nHost: x\n\nEARLY", 45),
+            (b"CONNECT example.net:443 HTTP/1.1\n\n", 35),
+            (b"CONNECT example.net:443 HTTP/1.1\r\n\n", 36),
+        ] {
+            assert_eq!(
+                parse_http_connect(head),
+                Ok(Parse::Done(t.clone(), used)),
+                "{head:?}"
+            );
+        }
+        assert_eq!(
+            parse_http_connect(b"CONNECT example.net:443 HTTP/1.1\n"),
+            Ok(Parse::Incomplete)
+        );
+        assert_eq!(request_error_code(&ProxyError::AddressType(9)), 0x08);
+        assert_eq!(request_error_code(&ProxyError::Command(2)), 0x07);
+    }
 
     #[test]
     fn socks() {
