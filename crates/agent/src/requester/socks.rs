@@ -188,11 +188,11 @@ mod tests {
         for (head, used) in [
             (
                 &b"CONNECT example.net:443 HTTP/1.1\r\nHost: x\r\n\r\nEARLY"[..],
-                48,
+                45,
             ),
-            (b"CONNECT example.net:443 HTTP/1.1\nHost: x\n\nEARLY", 45),
-            (b"CONNECT example.net:443 HTTP/1.1\n\n", 35),
-            (b"CONNECT example.net:443 HTTP/1.1\r\n\n", 36),
+            (b"CONNECT example.net:443 HTTP/1.1\nHost: x\n\nEARLY", 42),
+            (b"CONNECT example.net:443 HTTP/1.1\n\n", 34),
+            (b"CONNECT example.net:443 HTTP/1.1\r\n\n", 35),
         ] {
             assert_eq!(
                 parse_http_connect(head),
