@@ -246,6 +246,16 @@ fn parse_wifi_one(s: &str) -> Result<(String, i32), String> {
         .ok_or_else(|| format!("expected BSSID=RSSI, got {s:?}"))
 }
 
+/// `--stall-grace`: 1–10 s (the QUIC connection itself ends after 10 s of
+/// silence).
+fn parse_grace(s: &str) -> Result<f64, String> {
+    let v: f64 = parsed(s)?;
+    if !(1.0..=10.0).contains(&v) {
+        return Err(format!("{s} is not between 1 and 10 seconds"));
+    }
+    Ok(v)
+}
+
 /// A service list that names at least one service.
 fn some_services(s: &str) -> Result<ServiceSet, String> {
     let set: ServiceSet = parsed(s)?;
@@ -413,6 +423,10 @@ struct ConnectArgs {
     /// Serve GET /status (pool as JSON) on this address.
     #[arg(long)]
     control: Option<SocketAddr>,
+    /// Seconds that flows already open through a sharer that went silent
+    /// wait for it (new flows move at once), 1 to 10.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_grace)]
+    stall_grace: f64,
     /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/requester].
     #[arg(long)]
     data: Option<PathBuf>,
@@ -825,6 +839,7 @@ async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
         socks: Some(a.socks),
         forwards: a.forward,
         control: a.control,
+        stall_grace: std::time::Duration::from_secs_f64(a.stall_grace),
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;
     if let Some(s) = r.socks_addr {

@@ -86,6 +86,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
                 socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
                 forwards: vec![],
                 control: None,
+                stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
             },
             key,
             shutdown,

@@ -387,13 +387,21 @@ fn b_killing_the_active_sharer_next_flow_succeeds() {
         "kill -9 {active}: next flow done {} ms after the kill",
         ms(took)
     );
+    // At once it takes no new flows (stalled: open flows wait for it up to
+    // the 10 s grace); after the grace it leaves the pool.
     let moved = net.wait(Duration::from_secs(5), || {
         net.pool_status().is_some_and(|s| {
-            s["active"].as_str().is_some_and(|a| a != active) && member(&s, &active).is_none()
+            s["active"].as_str().is_some_and(|a| a != active)
+                && member(&s, &active).is_none_or(|m| m["state"] == "stalled")
         })
     });
+    assert!(moved, "the dead sharer is stalled: {:?}", net.pool_status());
+    let gone = net.wait(Duration::from_secs(15), || {
+        net.pool_status()
+            .is_some_and(|s| member(&s, &active).is_none())
+    });
     assert!(
-        moved,
+        gone,
         "the dead sharer left the pool: {:?}",
         net.pool_status()
     );

@@ -171,6 +171,7 @@ async fn killed(rounds: usize) -> anyhow::Result<Latencies> {
         socks: Some("127.0.0.1:0".parse()?),
         forwards: vec![],
         control: None,
+        stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
     };
     opts.pool_size = 3;
     let (stop, shutdown) = bandshare_agent::Shutdown::new();

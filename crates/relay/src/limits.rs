@@ -49,7 +49,8 @@ pub fn today() -> u64 {
 
 /// A byte allowance, optionally renewed every day.
 pub struct Allowance {
-    cap: u64,
+    /// 0 stands for unlimited only at construction; `u64::MAX` after.
+    cap: std::sync::atomic::AtomicU64,
     daily: bool,
     /// Why a read stops when it is used up, told to the requester.
     reason: String,
@@ -60,7 +61,7 @@ impl Allowance {
     /// `cap` 0 = unlimited.
     pub fn new(cap: u64, daily: bool, reason: impl Into<String>) -> Allowance {
         Allowance {
-            cap: if cap == 0 { u64::MAX } else { cap },
+            cap: std::sync::atomic::AtomicU64::new(if cap == 0 { u64::MAX } else { cap }),
             daily,
             reason: reason.into(),
             state: Mutex::new((today(), 0)),
@@ -90,7 +91,8 @@ impl Allowance {
             return 0;
         };
         self.roll(&mut s);
-        let grant = want.min(self.cap.saturating_sub(s.1));
+        let cap = self.cap.load(std::sync::atomic::Ordering::Relaxed);
+        let grant = want.min(cap.saturating_sub(s.1));
         s.1 += grant;
         grant
     }
@@ -115,10 +117,23 @@ impl Allowance {
 
     /// Bytes left; `u64::MAX` when unlimited.
     pub fn left(&self) -> u64 {
-        if self.cap == u64::MAX {
+        let cap = self.cap.load(std::sync::atomic::Ordering::Relaxed);
+        if cap == u64::MAX {
             return u64::MAX;
         }
-        self.cap.saturating_sub(self.used())
+        cap.saturating_sub(self.used())
+    }
+
+    /// From now on `more` bytes are left (a renewed ticket's quota),
+    /// whatever was left before.
+    pub fn grant_from_now(&self, more: u64) {
+        let Ok(s) = self.state.lock() else { return };
+        let cap = if more == 0 {
+            u64::MAX
+        } else {
+            s.1.saturating_add(more)
+        };
+        self.cap.store(cap, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn reason(&self) -> &str {

@@ -10,7 +10,7 @@
 use crate::limits::{Allowance, Bucket, Limits, Meter, Metered};
 use crate::splice::copy_counted;
 use crate::tls;
-use crate::wire::{self, FlowHeader, Hello, Host, UplinkHealth, reply};
+use crate::wire::{self, FlowHeader, Hello, Host, StreamOpen, UplinkHealth, reply};
 use bandshare_core::{DeviceKey, EgressPolicy, TicketVerifier};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use std::collections::HashMap;
@@ -424,28 +424,7 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
     {
         return Err("requester revoked by the coordinator".into());
     }
-    let now = now_unix();
-    let ticket = {
-        let v = shared
-            .verifier
-            .read()
-            .map_err(|_| "relay state poisoned".to_string())?;
-        if v.is_empty() {
-            return Err("sharer has not yet heard from its coordinator".into());
-        }
-        v.verify(&hello.ticket, &shared.me, &requester, now)
-            .map_err(|e| e.to_string())?
-    };
-    {
-        let mut seen = shared
-            .replay
-            .lock()
-            .map_err(|_| "relay state poisoned".to_string())?;
-        seen.retain(|_, exp| *exp + bandshare_core::ticket::CLOCK_SKEW_S > now);
-        if seen.insert(ticket.nonce, ticket.expires_unix).is_some() {
-            return Err("ticket already used (replay)".into());
-        }
-    }
+    let ticket = fresh_ticket(shared, &hello.ticket, &requester)?;
     if shared.daily.left() == 0 {
         return Err(shared.daily.reason().to_string());
     }
@@ -468,6 +447,76 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
     }
     *active.entry(requester).or_insert(0) += 1;
     Ok((requester, ticket.quota_bytes))
+}
+
+/// Verifies a ticket for `requester` at this sharer and spends its nonce:
+/// signed by a coordinator key, bound to both, unexpired, never seen.
+fn fresh_ticket(
+    shared: &Shared,
+    bytes: &[u8],
+    requester: &DeviceKey,
+) -> Result<bandshare_core::Ticket, String> {
+    let now = now_unix();
+    let ticket = {
+        let v = shared
+            .verifier
+            .read()
+            .map_err(|_| "relay state poisoned".to_string())?;
+        if v.is_empty() {
+            return Err("sharer has not yet heard from its coordinator".into());
+        }
+        v.verify(bytes, &shared.me, requester, now)
+            .map_err(|e| e.to_string())?
+    };
+    let mut seen = shared
+        .replay
+        .lock()
+        .map_err(|_| "relay state poisoned".to_string())?;
+    seen.retain(|_, exp| *exp + bandshare_core::ticket::CLOCK_SKEW_S > now);
+    if seen.insert(ticket.nonce, ticket.expires_unix).is_some() {
+        return Err("ticket already used (replay)".into());
+    }
+    Ok(ticket)
+}
+
+/// What every stream of one admitted connection shares.
+struct Admitted {
+    requester: DeviceKey,
+    /// The byte quota of the connection's current ticket.
+    ticket_quota: Arc<Allowance>,
+}
+
+/// A renewal stream: a fresh ticket gives the connection its quota anew.
+async fn renew(
+    mut send: quinn::SendStream,
+    ticket: &[u8],
+    shared: &Shared,
+    admitted: &Admitted,
+) -> Result<(), String> {
+    let revoked = shared
+        .revoked
+        .read()
+        .map(|r| r.contains(&admitted.requester))
+        .unwrap_or(true);
+    let result = if revoked {
+        Err("requester revoked by the coordinator".to_string())
+    } else {
+        fresh_ticket(shared, ticket, &admitted.requester)
+    };
+    let reply = match &result {
+        Ok(t) => {
+            admitted.ticket_quota.grant_from_now(t.quota_bytes);
+            info!(requester = %admitted.requester.short(), quota = t.quota_bytes, "ticket renewed on the connection");
+            wire::encode_hello_reply(true, "")
+        }
+        Err(reason) => {
+            warn!(requester = %admitted.requester.short(), %reason, "ticket renewal refused");
+            wire::encode_hello_reply(false, reason)
+        }
+    };
+    send.write_all(&reply).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    result.map(drop)
 }
 
 /// One connection slot of a source address, given back on drop.
@@ -561,24 +610,29 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
         .or_default()
         .clone();
     let per = shared.requester(&requester)?;
+    let admitted = Arc::new(Admitted {
+        requester,
+        ticket_quota: Arc::new(Allowance::new(quota, false, wire::QUOTA_USED_UP)),
+    });
     let meter = Meter {
         bucket: per.bucket.clone(),
         allowances: vec![
-            Arc::new(Allowance::new(
-                quota,
-                false,
-                "the ticket's byte quota is used up",
-            )),
+            admitted.ticket_quota.clone(),
             per.quota.clone(),
             shared.daily.clone(),
         ],
     };
     loop {
         let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let (shared, counters, meter) = (shared.clone(), counters.clone(), meter.clone());
+        let (shared, counters, meter, admitted) = (
+            shared.clone(),
+            counters.clone(),
+            meter.clone(),
+            admitted.clone(),
+        );
         tokio::spawn(
             async move {
-                if let Err(e) = relay_flow(s, r, &shared, &counters, &meter).await {
+                if let Err(e) = relay_flow(s, r, &shared, &counters, &meter, &admitted).await {
                     debug!(error = %e, "flow ended with error");
                 }
             }
@@ -697,11 +751,16 @@ async fn relay_flow(
     shared: &Shared,
     counters: &Counters,
     meter: &Meter,
+    admitted: &Admitted,
 ) -> Result<(), String> {
-    let header = tokio::time::timeout(HEADER_TIMEOUT, FlowHeader::read(&mut recv))
+    let opened = tokio::time::timeout(HEADER_TIMEOUT, StreamOpen::read(&mut recv))
         .await
         .map_err(|_| "flow header timed out".to_string())?
         .map_err(|e| e.to_string())?;
+    let header = match opened {
+        StreamOpen::Flow(h) => h,
+        StreamOpen::Renew(ticket) => return renew(send, &ticket, shared, admitted).await,
+    };
     counters.flows.fetch_add(1, Ordering::Relaxed);
     let dialed = match meter.exhausted() {
         Some(reason) => Err((reply::NOT_ALLOWED, reason.to_string())),

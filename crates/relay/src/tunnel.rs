@@ -118,6 +118,22 @@ impl Tunnel {
         Ok((send, recv))
     }
 
+    /// Gives the connection a fresh ticket (and with it a new byte quota)
+    /// without closing it: `Ok(Err(reason))` when the sharer refused it.
+    pub async fn renew(&self, ticket: &[u8]) -> Result<Result<(), String>, FlowError> {
+        let frame = wire::encode_renewal(ticket)?;
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&frame).await.map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), wire::read_hello_reply(&mut recv))
+                .await
+                .map_err(|_| {
+                    FlowError::Lost("no answer to a ticket renewal within 5 s".into())
+                })??;
+        Ok(answer)
+    }
+
     /// Reads the flow's one-byte reply; `Ok` when the sharer connected.
     pub async fn read_reply(recv: &mut quinn::RecvStream) -> Result<(), FlowError> {
         let code = recv.read_u8().await.map_err(|e| lost(&e))?;

@@ -15,6 +15,11 @@
 //! Flow header (every further bidirectional stream):
 //! `version:u8=1 | atyp:u8 (1 IPv4, 3 name, 4 IPv6) | address | port:u16`,
 //! answered by one reply byte with SOCKS5's reply codes, then raw bytes.
+//!
+//! Ticket renewal (a further bidirectional stream instead of a flow):
+//! `version:u8=1 | 0xF0 | ticket_len:u16 | ticket`, answered like a hello.
+//! A fresh ticket for the same sharer and requester gives the connection
+//! a new byte quota, so a long transfer outlives the first ticket's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -343,6 +348,98 @@ impl FlowHeader {
     }
 }
 
+/// The "address type" that marks a ticket renewal stream.
+pub const RENEW: u8 = 0xF0;
+
+/// Why a flow is refused once the connection's ticket quota is spent; the
+/// requester renews or moves on when it sees it.
+pub const QUOTA_USED_UP: &str = "the ticket's byte quota is used up";
+
+/// What a requester opens a stream for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamOpen {
+    Flow(FlowHeader),
+    /// A fresh ticket for this connection.
+    Renew(Vec<u8>),
+}
+
+pub fn encode_renewal(ticket: &[u8]) -> Result<Vec<u8>, WireError> {
+    check_ticket_len(ticket.len())?;
+    let mut b = vec![VERSION, RENEW];
+    b.extend_from_slice(&(ticket.len() as u16).to_be_bytes());
+    b.extend_from_slice(ticket);
+    Ok(b)
+}
+
+/// Length of a renewal frame whose first bytes are `prefix`, when known.
+fn renewal_len(prefix: &[u8]) -> Result<Option<usize>, WireError> {
+    let (Some(&hi), Some(&lo)) = (prefix.get(2), prefix.get(3)) else {
+        return Ok(None);
+    };
+    let len = u16::from_be_bytes([hi, lo]) as usize;
+    check_ticket_len(len)?;
+    Ok(Some(4 + len))
+}
+
+fn check_ticket_len(len: usize) -> Result<(), WireError> {
+    if len == 0 {
+        return Err(WireError::Truncated {
+            what: "ticket",
+            need: 1,
+            got: 0,
+        });
+    }
+    if len > MAX_TICKET {
+        return Err(WireError::TooLong {
+            what: "ticket",
+            len,
+            max: MAX_TICKET,
+        });
+    }
+    Ok(())
+}
+
+impl StreamOpen {
+    pub fn decode(buf: &[u8]) -> Result<StreamOpen, WireError> {
+        if buf.get(1) != Some(&RENEW) {
+            return FlowHeader::decode(buf).map(StreamOpen::Flow);
+        }
+        if buf[0] != VERSION {
+            return Err(WireError::Version(buf[0]));
+        }
+        let total = renewal_len(buf)?.ok_or(WireError::Truncated {
+            what: "ticket renewal",
+            need: 4,
+            got: buf.len(),
+        })?;
+        need("ticket renewal", buf, total)?;
+        if buf.len() > total {
+            return Err(WireError::Trailing(buf.len() - total));
+        }
+        Ok(StreamOpen::Renew(buf[4..total].to_vec()))
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamOpen, WireError> {
+        let mut buf = vec![0u8; 3];
+        read_exact(r, &mut buf).await?;
+        if buf[1] != RENEW {
+            let total = FlowHeader::total_len(&buf)?.unwrap_or(3);
+            if total > buf.len() {
+                let have = buf.len();
+                buf.resize(total, 0);
+                read_exact(r, &mut buf[have..]).await?;
+            }
+            return StreamOpen::decode(&buf);
+        }
+        buf.resize(4, 0);
+        read_exact(r, &mut buf[3..]).await?;
+        let total = renewal_len(&buf)?.unwrap_or(4);
+        buf.resize(total, 0);
+        read_exact(r, &mut buf[4..]).await?;
+        StreamOpen::decode(&buf)
+    }
+}
+
 /// Reply codes of a flow, the same numbers SOCKS5 uses (RFC 1928 §6).
 pub mod reply {
     pub const OK: u8 = 0x00;
@@ -358,7 +455,7 @@ pub mod reply {
         match code {
             OK => "succeeded",
             GENERAL_FAILURE => "general failure",
-            NOT_ALLOWED => "not allowed by the sharer's egress policy",
+            NOT_ALLOWED => "not allowed by the sharer",
             NETWORK_UNREACHABLE => "network unreachable",
             HOST_UNREACHABLE => "host unreachable",
             REFUSED => "connection refused",
@@ -379,6 +476,36 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_round_trips_and_rejects_bad_lengths() {
+        let t = vec![7u8; 120];
+        let b = encode_renewal(&t).expect("encode");
+        assert_eq!(StreamOpen::decode(&b), Ok(StreamOpen::Renew(t.clone())));
+        assert!(StreamOpen::decode(&b[..b.len() - 1]).is_err());
+        assert!(matches!(
+            StreamOpen::decode(&[b.as_slice(), &[0]].concat()),
+            Err(WireError::Trailing(1))
+        ));
+        assert!(encode_renewal(&[]).is_err());
+        assert!(encode_renewal(&vec![0; MAX_TICKET + 1]).is_err());
+        assert!(StreamOpen::decode(&[1, RENEW, 0xff, 0xff]).is_err());
+        assert!(StreamOpen::decode(&[1, RENEW, 0, 0]).is_err());
+        assert!(StreamOpen::decode(&[2, RENEW, 0, 1, 9]).is_err());
+        let f = FlowHeader {
+            host: Host::Name("example.net".into()),
+            port: 443,
+        };
+        let enc = f.encode().expect("flow");
+        assert_eq!(StreamOpen::decode(&enc), Ok(StreamOpen::Flow(f)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let read = rt.block_on(StreamOpen::read(&mut b.as_slice()));
+        assert_eq!(read, Ok(StreamOpen::Renew(t)));
+        let read = rt.block_on(StreamOpen::read(&mut enc.as_slice()));
+        assert!(matches!(read, Ok(StreamOpen::Flow(_))));
+    }
     use proptest::prelude::*;
 
     fn host() -> impl Strategy<Value = Host> {

@@ -58,7 +58,7 @@ async fn serve(mut s: TcpStream) {
         .strip_prefix("/bytes/")
         .and_then(|n| n.parse::<u64>().ok())
     {
-        let n = n.min(1 << 30);
+        let n = n.min(4 << 30);
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
         );

@@ -426,6 +426,7 @@ impl Cluster {
             socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             forwards: vec![],
             control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
         }
     }
 

@@ -57,7 +57,11 @@ async fn a_silently_cut_link_moves_new_flows_and_ends_old_ones() {
     )
     .await
     .expect("cluster");
-    let r = c.requester(c.requester_options()).await.expect("requester");
+    // Open flows wait 2 s for a silent sharer here (10 s by default: see
+    // the next test), then end.
+    let mut opts = c.requester_options();
+    opts.stall_grace = Duration::from_secs(2);
+    let r = c.requester(opts).await.expect("requester");
     let port = c.target.addr.port();
     socks_get(r.socks(), "localhost", port, "/before")
         .await
@@ -136,6 +140,91 @@ async fn a_silently_cut_link_moves_new_flows_and_ends_old_ones() {
         matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
         "held flow: {ended:?}"
     );
+}
+
+/// A sharer silent for 3 s (a radio pause, SIGSTOP): new flows move at
+/// once, but a flow already open through it waits and carries on when it
+/// answers again, with no byte lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_stall_moves_new_flows_and_keeps_open_ones() {
+    let echo = echo_server().await;
+    let rule = format!("{}/32:{}", echo.ip(), echo.port())
+        .parse()
+        .expect("rule");
+    let spec = |n: &str, e: f64| SharerSpec::new(n, e, 0.0).behind_udp_relay().allow(rule);
+    let c = Cluster::start_with(exact_config(), vec![spec("alice", 5.0), spec("bob", 20.0)])
+        .await
+        .expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let port = c.target.addr.port();
+    socks_get(r.socks(), "localhost", port, "/before")
+        .await
+        .expect("fetch before");
+    let first = r.active().expect("active");
+    let mut held = socks_connect(r.socks(), echo).await;
+    held.write_all(b"one.").await.expect("write");
+    let mut four = [0u8; 4];
+    held.read_exact(&mut four).await.expect("echo before");
+
+    let node = c.sharer(&first).expect("active node");
+    let link = node.link.as_ref().expect("behind a UDP relay");
+    link.cut(true);
+    let cut_at = Instant::now();
+    // Bytes written during the stall wait in the QUIC stream.
+    held.write_all(b"two.")
+        .await
+        .expect("write during the stall");
+    let stalled = wait_until(Duration::from_secs(3), || {
+        r.requester
+            .pool
+            .status()
+            .pool
+            .iter()
+            .any(|m| m.sharer == first && m.state == "stalled")
+    })
+    .await;
+    assert!(stalled, "{:?}", r.requester.pool.status());
+    let (status, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        socks_get(r.socks(), "localhost", port, "/during"),
+    )
+    .await
+    .expect("a new flow during the stall")
+    .expect("fetch during the stall");
+    assert!(status.contains("200"), "{status}");
+    assert_ne!(
+        r.active().as_deref(),
+        Some(first.as_str()),
+        "new flows moved"
+    );
+    while cut_at.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    link.cut(false);
+
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(8), held.read_exact(&mut got))
+        .await
+        .expect("the held flow answers after the stall")
+        .expect("the held flow is still open");
+    assert_eq!(&got, b"two.");
+    held.write_all(b"tri.").await.expect("write after");
+    tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut got))
+        .await
+        .expect("echo after")
+        .expect("echo after");
+    assert_eq!(&got, b"tri.");
+    let back = wait_until(Duration::from_secs(3), || {
+        r.requester
+            .pool
+            .status()
+            .pool
+            .iter()
+            .any(|m| m.sharer == first && m.state == "ready")
+    })
+    .await;
+    assert!(back, "{:?}", r.requester.pool.status());
+    eprintln!("held flow survived a {} ms stall", 3000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +317,7 @@ async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after(
         socks: Some("127.0.0.1:0".parse().expect("addr")),
         forwards: vec![],
         control: None,
+        stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
     };
     let r = Requester::start(
         opts,
@@ -291,6 +381,8 @@ async fn trusted_sharers_are_reached_directly_while_the_coordinator_is_down() {
     .expect("cluster");
     let mut opts = c.requester_options();
     opts.pool_size = 1;
+    // The blip below outlasts the (shortened) wait for a stalled member.
+    opts.stall_grace = Duration::from_secs(1);
     let r = c.requester(opts).await.expect("requester");
     let port = c.target.addr.port();
     socks_get(r.socks(), "localhost", port, "/used")

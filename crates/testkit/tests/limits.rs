@@ -23,7 +23,7 @@ fn fast() -> Config {
 /// curl through the SOCKS5 port: (exit ok, bytes downloaded, seconds).
 async fn curl_bytes(socks: &str, url: &str) -> (bool, u64, f64) {
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "30", "-o", "/dev/null"])
+        .args(["-sS", "--max-time", "300", "-o", "/dev/null"])
         .args(["-w", "%{size_download} %{time_total}"])
         .args(["--socks5-hostname", socks, url])
         .output()
@@ -288,4 +288,47 @@ async fn consent_refusals_carry_reasons() {
     let mut offered: Vec<&str> = r.offers.iter().map(|o| o.sharer.as_str()).collect();
     offered.sort();
     assert_eq!(offered, vec!["open", "picky"]);
+}
+
+/// A transfer longer than one ticket's byte quota (1 GiB by default): the
+/// requester renews the ticket on the open connection before it runs out,
+/// so 3 GiB move through one sharer in several flows and in one flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gib_outlast_a_one_gib_ticket_in_several_flows_and_in_one() {
+    let config = fast();
+    assert_eq!(config.quota_bytes, 1 << 30, "the default quota");
+    let c = Cluster::start_with(config, vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
+    let mut opts = c.requester_options();
+    opts.pool_size = 1;
+    let r = c.requester(opts).await.expect("requester");
+    let socks = r.socks().to_string();
+    let port = c.target.addr.port();
+    let started = std::time::Instant::now();
+    // Several flows: 12 of 256 MiB.
+    for i in 0..12 {
+        let url = format!("http://localhost:{port}/bytes/{}", 256u64 << 20);
+        let (ok, bytes, secs) = curl_bytes(&socks, &url).await;
+        assert!(
+            ok && bytes == 256 << 20,
+            "flow {i}: ok {ok}, {bytes} bytes in {secs} s"
+        );
+    }
+    // One flow of 3 GiB.
+    let url = format!("http://localhost:{port}/bytes/{}", 3u64 << 30);
+    let (ok, bytes, secs) = curl_bytes(&socks, &url).await;
+    assert!(
+        ok && bytes == 3 << 30,
+        "one flow: ok {ok}, {bytes} bytes in {secs} s"
+    );
+    let status = r.requester.pool.status();
+    assert_eq!(status.pool.len(), 1, "{status:?}");
+    assert_eq!(status.pool[0].sharer, "alice");
+    let moved = status.pool[0].bytes_down;
+    assert!(moved >= 6 << 30, "{moved}");
+    eprintln!(
+        "6 GiB through one sharer and one connection with 1 GiB tickets in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

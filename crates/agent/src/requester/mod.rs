@@ -78,6 +78,9 @@ pub struct RequesterOptions {
     pub socks: Option<SocketAddr>,
     pub forwards: Vec<Forward>,
     pub control: Option<SocketAddr>,
+    /// How long flows open through a sharer that went silent wait for it
+    /// (new flows move at once); [`pool::STALL_GRACE`] by default.
+    pub stall_grace: Duration,
 }
 
 /// A running requester; listeners are bound and the pool is filling.
@@ -170,6 +173,7 @@ async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningK
             cv::network_from_wire(o.network),
             link,
             tunnel,
+            &o.ticket,
         ))
     });
     for r in futures::future::join_all(dials).await {
@@ -190,7 +194,11 @@ fn member(
     network: Option<bandshare_core::NetworkType>,
     link: bandshare_core::LinkState,
     tunnel: Tunnel,
+    ticket: &[u8],
 ) -> Member {
+    // The quota is read, not trusted: the sharer enforces it; knowing it
+    // lets the pool renew the ticket before a long transfer runs into it.
+    let quota = bandshare_core::Ticket::decode(ticket).map_or(0, |(t, _)| t.quota_bytes);
     Member {
         name,
         key,
@@ -210,6 +218,9 @@ fn member(
         uplink_loss_permille: AtomicU64::new(0),
         uplink_down: std::sync::atomic::AtomicBool::new(false),
         unreachable_until_ms: AtomicU64::new(0),
+        stalled: std::sync::atomic::AtomicBool::new(false),
+        ticket_quota: AtomicU64::new(quota),
+        renewed_at_bytes: AtomicU64::new(0),
     }
 }
 
@@ -305,6 +316,7 @@ async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
                     x.network,
                     x.link,
                     tunnel,
+                    &ticket,
                 ));
             }
             Err(e) => warn!(sharer = %x.name, error = %e, "trusted sharer unreachable"),
@@ -360,7 +372,7 @@ impl Requester {
         let channel = coordinator::connect(&url).await?;
         let here = location.borrow_and_update().clone();
         let first = coordinator::share_request(channel, request(&opts, &here, &key)).await?;
-        let pool = Arc::new(Pool::new(opts.strategy));
+        let pool = Arc::new(Pool::new(opts.strategy, opts.stall_grace));
         let size = opts.pool_size.max(1);
         connect_offers(&pool, first.offers.clone(), &key, size).await;
         let me = Requester {
@@ -442,7 +454,7 @@ async fn maintain(
                     Err(_) => Duration::from_secs(2),
                 };
         }
-        let wait = if pool.len() < size || rotate.is_some() {
+        let wait = if pool.serving() < size || rotate.is_some() {
             let here = location.borrow_and_update().clone();
             // Whichever path led here, asking from elsewhere rotates.
             let moved = rotate.take().or_else(|| moved_far(&asked, &here));
@@ -474,9 +486,17 @@ async fn maintain(
                                 }
                             }
                         }
-                        None => connect_offers(&pool, resp.offers, &key, size - pool.len()).await,
+                        None => {
+                            connect_offers(
+                                &pool,
+                                resp.offers,
+                                &key,
+                                size.saturating_sub(pool.serving()),
+                            )
+                            .await
+                        }
                     }
-                    if pool.len() < size {
+                    if pool.serving() < size {
                         Duration::from_secs(2)
                     } else {
                         Duration::from_secs(10)
@@ -484,7 +504,7 @@ async fn maintain(
                 }
                 Err(e) => {
                     rotate = moved;
-                    reconnect_trusted(&pool, &key, size.saturating_sub(pool.len())).await;
+                    reconnect_trusted(&pool, &key, size.saturating_sub(pool.serving())).await;
                     let d = backoff.next_delay(fastrand::f64());
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
                     d

@@ -16,8 +16,13 @@ use tracing::{info, warn};
 
 /// How often each member is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// A member that answers no probe for this long is dead.
+/// A member that answers no probe for this long is stalled: new flows
+/// move to another member at once, and the pool refills.
 pub const DEAD_AFTER: Duration = Duration::from_millis(600);
+/// How long flows already open through a stalled member wait for it (a
+/// phone's radio pause, a stopped process) before they are ended and the
+/// member leaves the pool. At most the QUIC idle timeout (10 s).
+pub const STALL_GRACE: Duration = Duration::from_secs(10);
 /// A flow not answered within this long is raced on the next member.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// A member that answered "network unreachable" is avoided this long
@@ -51,6 +56,12 @@ pub struct Member {
     /// Until when (ms since `joined`) new flows avoid this member because it
     /// answered a flow with "network unreachable".
     pub unreachable_until_ms: AtomicU64,
+    /// Silent past [`DEAD_AFTER`]: no new flows, open ones wait.
+    pub stalled: AtomicBool,
+    /// The byte quota of the connection's current ticket (0: unknown), and
+    /// the bytes moved when it was given.
+    pub ticket_quota: AtomicU64,
+    pub renewed_at_bytes: AtomicU64,
 }
 
 impl Member {
@@ -66,6 +77,24 @@ impl Member {
         self.uplink_down.load(Ordering::Relaxed)
             || (self.joined.elapsed().as_millis() as u64)
                 < self.unreachable_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed)
+    }
+
+    /// Whether half the current ticket's quota is spent: time to renew.
+    fn ticket_half_spent(&self) -> bool {
+        let quota = self.ticket_quota.load(Ordering::Relaxed);
+        quota > 0
+            && self
+                .bytes()
+                .saturating_sub(self.renewed_at_bytes.load(Ordering::Relaxed))
+                >= quota / 2
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     fn avoid_for(&self, d: Duration) {
@@ -110,6 +139,11 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
                     now.duration_since(m.joined).as_millis() as u64,
                     Ordering::Relaxed,
                 );
+                drop(t);
+                if m.stalled.swap(false, Ordering::Relaxed) {
+                    info!(sharer = %m.name, "stalled sharer answers again; its open flows carry on");
+                    pool.reselect();
+                }
             }
         })
     };
@@ -125,12 +159,23 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
             }
             Err(_) => break,
         };
-        if silent > DEAD_AFTER {
+        if silent > pool.stall_grace.max(DEAD_AFTER) {
             pool.remove(
                 &m.key,
                 &format!("no answer to probes for {} ms", silent.as_millis()),
             );
             break;
+        }
+        if silent > DEAD_AFTER && !m.stalled.swap(true, Ordering::Relaxed) {
+            warn!(
+                sharer = %m.name,
+                silent_ms = silent.as_millis() as u64,
+                open_flows_wait_s = pool.stall_grace.as_secs_f64(),
+                "sharer stalled: new flows move; open flows wait for it"
+            );
+            pool.reselect();
+            // A replacement, so the pool stays at its size meanwhile.
+            pool.changed.notify_one();
         }
         if send.write_all(&seq.to_be_bytes()).await.is_err() {
             break;
@@ -138,6 +183,46 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
     }
     reader.abort();
 }
+
+/// Keeps a member's ticket ahead of its traffic: once half the quota is
+/// spent, a spare ticket (kept fresh by the maintainer) goes to the sharer
+/// over the open connection and the quota starts over, so a long transfer
+/// never meets "the ticket's byte quota is used up".
+async fn keep_ticket(pool: Arc<Pool>, m: Arc<Member>) {
+    let mut tick = tokio::time::interval(RENEW_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if m.tunnel.close_reason().is_some() || !pool.contains(&m.key) {
+            return;
+        }
+        if !m.ticket_half_spent() {
+            continue;
+        }
+        let Some(ticket) = pool.take_spare(&m.key) else {
+            // The maintainer fetches one (throttled); ask again soon.
+            pool.changed.notify_one();
+            continue;
+        };
+        let quota = bandshare_core::Ticket::decode(&ticket).map_or(0, |(t, _)| t.quota_bytes);
+        let at = m.bytes();
+        match m.tunnel.renew(&ticket).await {
+            Ok(Ok(())) => {
+                m.renewed_at_bytes.store(at, Ordering::Relaxed);
+                m.ticket_quota.store(quota, Ordering::Relaxed);
+                info!(sharer = %m.name, moved = at, quota, "ticket renewed on the open connection");
+            }
+            Ok(Err(reason)) => {
+                warn!(sharer = %m.name, %reason, "sharer refused the renewed ticket")
+            }
+            Err(e) => warn!(sharer = %m.name, error = %e, "cannot renew the ticket"),
+        }
+        pool.changed.notify_one();
+    }
+}
+
+/// How often each member's ticket use is checked.
+const RENEW_CHECK: Duration = Duration::from_millis(250);
 
 /// A sharer this requester used successfully: enough to dial it again
 /// without the coordinator, given a ticket refreshed while it was reachable.
@@ -164,6 +249,8 @@ pub struct Pool {
     pub strategy: select::Strategy,
     /// Sharers used successfully, by key.
     pub trusted: std::sync::Mutex<std::collections::HashMap<DeviceKey, Trusted>>,
+    /// How long open flows wait for a stalled member ([`STALL_GRACE`]).
+    pub stall_grace: Duration,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -172,7 +259,8 @@ pub struct MemberStatus {
     /// The first 8 bytes of the sharer's key in hex: two sharers may show
     /// the same-looking name, never the same key.
     pub key: String,
-    /// ready, uplink-down (the sharer's own network fails) or closed.
+    /// ready, stalled (silent; open flows wait for it), uplink-down (the
+    /// sharer's own network fails) or closed.
     pub state: &'static str,
     pub rtt_ms: f64,
     /// The worse of probe loss (last 20 probes) and the sharer's reported
@@ -205,7 +293,7 @@ fn view(m: &Member) -> View {
         .load(Ordering::Relaxed)
         .max(m.uplink_loss_permille.load(Ordering::Relaxed));
     View {
-        alive: m.tunnel.close_reason().is_none() && !m.uplink_failing(),
+        alive: m.tunnel.close_reason().is_none() && !m.uplink_failing() && !m.is_stalled(),
         link_quality: m.link.quality(),
         rtt: if probe_rtt > 0 {
             Duration::from_micros(probe_rtt)
@@ -250,6 +338,19 @@ impl Pool {
         }
     }
 
+    /// Takes the spare ticket held for `key` if it is good for a while yet.
+    fn take_spare(&self, key: &DeviceKey) -> Option<Vec<u8>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut t = self.trusted.lock().ok()?;
+        let entry = t.get_mut(key)?;
+        match &entry.ticket {
+            Some((_, exp)) if *exp > now + 5 => entry.ticket.take().map(|(b, _)| b),
+            _ => None,
+        }
+    }
+
     /// Whether some trusted sharer has no spare ticket.
     pub fn needs_ticket(&self) -> bool {
         self.trusted
@@ -266,11 +367,21 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    pub fn new(strategy: select::Strategy) -> Pool {
+    pub fn new(strategy: select::Strategy, stall_grace: Duration) -> Pool {
         Pool {
             strategy,
+            stall_grace,
             ..Pool::default()
         }
+    }
+
+    /// Members that take new flows (not stalled): what the maintainer
+    /// keeps at the pool's size.
+    pub fn serving(&self) -> usize {
+        self.members
+            .read()
+            .map(|m| m.iter().filter(|x| !x.is_stalled()).count())
+            .unwrap_or(0)
     }
 
     pub fn keys(&self) -> Vec<DeviceKey> {
@@ -295,6 +406,7 @@ impl Pool {
         }
         self.reselect();
         tokio::spawn(probe(self.clone(), member.clone()));
+        tokio::spawn(keep_ticket(self.clone(), member.clone()));
         let pool = self.clone();
         tokio::spawn(async move {
             let why = member.tunnel.closed().await;
@@ -352,7 +464,9 @@ impl Pool {
         let members = self.members.read().ok()?.clone();
         members
             .into_iter()
-            .filter(|m| !skip.contains(&m.key) && m.tunnel.close_reason().is_none())
+            .filter(|m| {
+                !skip.contains(&m.key) && m.tunnel.close_reason().is_none() && !m.is_stalled()
+            })
             .max_by(|a, b| {
                 self.strategy
                     .rank(&view(a))
@@ -424,6 +538,18 @@ impl Pool {
                 }
                 // The sharer has no route out (its uplink went away): the
                 // next member may well have one.
+                // Its ticket is spent (renewal did not come in time): a
+                // new connection brings a new ticket; the next member now.
+                Err((FlowError::Refused(reply::NOT_ALLOWED, why), m))
+                    if why == bandshare_relay::wire::QUOTA_USED_UP =>
+                {
+                    self.remove(
+                        &m.key,
+                        "its ticket's byte quota is used up; reconnecting with a new ticket",
+                    );
+                    last = FlowError::Refused(reply::NOT_ALLOWED, why);
+                    next = self.next_best(&tried);
+                }
                 Err((e @ FlowError::Refused(reply::NETWORK_UNREACHABLE, _), m)) => {
                     warn!(sharer = %m.name, "sharer's network is unreachable; trying the next");
                     m.avoid_for(UNREACHABLE_AVOID);
@@ -466,6 +592,8 @@ impl Pool {
                         key: m.key.short(),
                         state: if m.tunnel.close_reason().is_some() {
                             "closed"
+                        } else if m.is_stalled() {
+                            "stalled"
                         } else if m.uplink_failing() {
                             "uplink-down"
                         } else {
