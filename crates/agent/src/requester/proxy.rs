@@ -162,7 +162,7 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
                 body.len()
             );
             let _ = tcp.write_all(msg.as_bytes()).await;
-            return Err(format!("unknown protocol (first byte {first:#04x})"));
+            Err(format!("unknown protocol (first byte {first:#04x})"))
         } else {
             match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
                 Ok(t) => Ok((Dialect::Http, t)),
