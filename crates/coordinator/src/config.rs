@@ -73,6 +73,7 @@ struct RawIndoor {
 struct RawServer {
     max_streams_per_connection: Option<u32>,
     max_inflight_requests: Option<u32>,
+    max_connections_per_source: Option<u32>,
     enroll: Option<String>,
 }
 
@@ -143,6 +144,9 @@ pub struct Config {
     /// Share and ticket requests handled at once; more are refused with
     /// RESOURCE_EXHAUSTED at once instead of queueing.
     pub max_inflight_requests: u32,
+    /// TCP connections one address may hold on each listener (sharers
+    /// behind one NAT each hold one).
+    pub max_connections_per_source: u32,
     /// Enrollment: open (trust on first use) or approve.
     pub enroll: Enroll,
     /// Rate limits, plausibility and the measuring offset per requester.
@@ -163,6 +167,7 @@ impl Default for Config {
             quota_bytes: 1 << 30,
             max_streams_per_connection: 1024,
             max_inflight_requests: 512,
+            max_connections_per_source: 256,
             enroll: Enroll::Open,
             privacy: crate::privacy::PrivacyConfig::default(),
         }
@@ -387,6 +392,13 @@ impl Config {
                 "server.max_inflight_requests",
                 raw.server.max_inflight_requests,
                 d.max_inflight_requests,
+                1,
+                1_000_000,
+            )?,
+            max_connections_per_source: check(
+                "server.max_connections_per_source",
+                raw.server.max_connections_per_source,
+                d.max_connections_per_source,
                 1,
                 1_000_000,
             )?,

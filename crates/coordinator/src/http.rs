@@ -26,6 +26,10 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "reports_received": shared.reports_received.load(std::sync::atomic::Ordering::Relaxed),
         "share_requests": shared.share_requests.load(std::sync::atomic::Ordering::Relaxed),
         "requests_shed": shared.shed.load(std::sync::atomic::Ordering::Relaxed),
+        "connections_refused": shared.grpc_sources.refused.load(std::sync::atomic::Ordering::Relaxed)
+            + shared.http_sources.refused.load(std::sync::atomic::Ordering::Relaxed),
+        "connections_silent": shared.grpc_sources.silent.load(std::sync::atomic::Ordering::Relaxed)
+            + shared.http_sources.silent.load(std::sync::atomic::Ordering::Relaxed),
         "tls_pin": shared.tls_pin.get(),
         "enroll": format!("{:?}", shared.config.enroll).to_lowercase(),
         "version": env!("CARGO_PKG_VERSION"),

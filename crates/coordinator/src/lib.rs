@@ -9,6 +9,7 @@
 pub mod config;
 pub mod evidence;
 pub mod http;
+pub mod listen;
 pub mod matchmaker;
 pub mod privacy;
 pub mod registry;
@@ -66,6 +67,9 @@ pub struct Shared {
     pub shed: std::sync::atomic::AtomicU64,
     /// SHA-256 of the gRPC TLS certificate, hex, when serving TLS.
     pub tls_pin: std::sync::OnceLock<String>,
+    /// Connections per source address on each listener (see [`listen`]).
+    pub grpc_sources: Arc<listen::Sources>,
+    pub http_sources: Arc<listen::Sources>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,8 @@ impl Shared {
             inflight: tokio::sync::Semaphore::new(config_permits(&config)),
             shed: Default::default(),
             tls_pin: Default::default(),
+            grpc_sources: Default::default(),
+            http_sources: Default::default(),
             config,
         }))
     }
@@ -239,13 +245,13 @@ pub async fn run_with(
     };
     // Operators' decisions and key rotations, read from the store.
     let trust_task = tokio::spawn(trust::watch(shared.clone(), stop_rx.clone()));
+    let cap = shared.config.max_connections_per_source;
     let http_task = match http {
         Some(l) => {
             let app = http::router(shared.clone());
             let stop = stopped(stop_rx.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(l, app).with_graceful_shutdown(stop).await
-            }))
+            let incoming = listen::guarded(l, "http", cap, shared.http_sources.clone());
+            Some(tokio::spawn(listen::serve_http(incoming, app, stop)))
         }
         None => None,
     };
@@ -278,12 +284,10 @@ pub async fn run_with(
         Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
     >;
     let stop = stopped(stop_rx.clone());
+    let incoming = listen::guarded(grpc, "grpc", cap, shared.grpc_sources.clone());
     let server: Serving = match tls {
-        Some(t) => Box::pin(router.serve_with_incoming_shutdown(tls::incoming(grpc, t), stop)),
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stop,
-        )),
+        Some(t) => Box::pin(router.serve_with_incoming_shutdown(tls::incoming(incoming, t), stop)),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop)),
     };
     // Sharer streams never end on their own: after the signal, in-flight
     // share requests get a short grace period, then every stream is cut

@@ -2,17 +2,17 @@
 //! and kept in the data directory (key file mode 0600), or one given as PEM
 //! files. Agents pin its SHA-256 (`--server-pin`), so no CA is needed.
 //!
-//! [`incoming`] turns a TCP listener into a stream of finished TLS
+//! [`incoming`] turns guarded TCP connections into a stream of finished TLS
 //! connections for tonic; a handshake that stalls is dropped after
 //! [`HANDSHAKE_TIMEOUT`] without holding up the others.
 
+use crate::listen::Guarded;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -123,12 +123,12 @@ pub fn from_pem(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
 }
 
 /// One accepted TLS connection, as tonic serves it.
-pub struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+pub struct TlsConn(tokio_rustls::server::TlsStream<Guarded>);
 
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = Option<std::net::SocketAddr>;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.peer_addr().ok()
+        Some(self.0.get_ref().0.peer())
     }
 }
 
@@ -168,27 +168,25 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts on `listener` and hands over connections whose handshake
-/// finished; runs until the receiver is dropped.
+/// Takes the guarded TCP connections of `incoming` and hands over those
+/// whose handshake finished; runs until the receiver is dropped.
 pub fn incoming(
-    listener: TcpListener,
+    mut incoming: tokio_stream::wrappers::ReceiverStream<Result<Guarded, std::io::Error>>,
     tls: Tls,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+    use tokio_stream::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (tcp, from) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+            let tcp = tokio::select! {
+                c = incoming.next() => match c {
+                    Some(Ok(c)) => c,
+                    Some(Err(_)) => continue,
+                    None => return,
                 },
                 _ = tx.closed() => return,
             };
-            let _ = tcp.set_nodelay(true);
+            let from = tcp.peer();
             let (tx, acceptor) = (tx.clone(), tls.acceptor.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

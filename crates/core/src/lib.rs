@@ -6,6 +6,7 @@
 //! outside input returns a `Result` whose error says what was expected and
 //! what came. Tested by unit and property tests in each module.
 
+pub mod accept;
 pub mod backoff;
 pub mod egress;
 pub mod enu;

@@ -4,6 +4,7 @@
 
 use super::pool::Pool;
 use super::socks::{self, Parse, ProxyError};
+use bandshare_core::accept::AcceptFailures;
 use bandshare_relay::splice::copy_counted;
 use bandshare_relay::wire::reply;
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -244,11 +245,41 @@ async fn relay_to(
     Ok(())
 }
 
-pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
+/// Accepts the next connection; when accept fails for want of file
+/// descriptors it backs off (logging once) instead of spinning, and the
+/// flows already open keep going.
+async fn accept(
+    listener: &TcpListener,
+    failures: &mut AcceptFailures,
+    what: &'static str,
+) -> (TcpStream, std::net::SocketAddr) {
     loop {
-        let Ok((tcp, from)) = listener.accept().await else {
-            continue;
-        };
+        match listener.accept().await {
+            Ok(x) => {
+                if failures.succeeded() {
+                    info!(listener = what, "accepting connections again");
+                }
+                return x;
+            }
+            Err(e) => {
+                let retry = failures.failed(e.raw_os_error(), std::time::Instant::now());
+                if retry.warn {
+                    warn!(listener = what, error = %e, "cannot accept: out of file descriptors; backing off, open flows continue");
+                }
+                if retry.after.is_zero() {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(retry.after).await;
+                }
+            }
+        }
+    }
+}
+
+pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
+    let mut failures = AcceptFailures::default();
+    loop {
+        let (tcp, from) = accept(&listener, &mut failures, "proxy").await;
         let pool = pool.clone();
         tokio::spawn(
             async move {
@@ -262,10 +293,9 @@ pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
 }
 
 pub async fn serve_forward(listener: TcpListener, target: FlowHeader, pool: Arc<Pool>) {
+    let mut failures = AcceptFailures::default();
     loop {
-        let Ok((tcp, from)) = listener.accept().await else {
-            continue;
-        };
+        let (tcp, from) = accept(&listener, &mut failures, "forward").await;
         let (pool, target) = (pool.clone(), target.clone());
         tokio::spawn(
             async move {
