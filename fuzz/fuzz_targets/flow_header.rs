@@ -1,5 +1,5 @@
-//! The flow header (every further stream): decode never panics and
-//! round-trips whatever it accepts. Also the sharer's answers the requester
+//! The flow header and the ticket renewal (every further stream): decode
+//! and read never panic and round-trip whatever they accept. Also the sharer's answers the requester
 //! reads: the hello reply and a refusal's reason.
 #![no_main]
 use bandshare_relay::{FlowHeader, wire};
@@ -20,6 +20,19 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(h) = FlowHeader::decode(data) {
         let again = h.encode().expect("a decoded header encodes");
         assert_eq!(FlowHeader::decode(&again), Ok(h));
+    }
+    match wire::StreamOpen::decode(data) {
+        Ok(wire::StreamOpen::Renew(t)) => {
+            let again = wire::encode_renewal(&t).expect("a decoded renewal encodes");
+            assert_eq!(again, data);
+        }
+        Ok(wire::StreamOpen::Flow(h)) => assert_eq!(FlowHeader::decode(data), Ok(h)),
+        Err(_) => {}
+    }
+    let mut r = data;
+    if let Some(Ok(open)) = now(wire::StreamOpen::read(&mut r)) {
+        let used = data.len() - r.len();
+        assert_eq!(wire::StreamOpen::decode(&data[..used]), Ok(open));
     }
     let mut r = data;
     let _ = now(wire::read_hello_reply(&mut r));
