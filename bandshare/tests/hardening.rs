@@ -899,3 +899,71 @@ fn the_requester_survives_fd_exhaustion_on_its_proxy_port() {
     });
     assert!(ok, "no flow after the exhaustion\n{}", r.stderr());
 }
+
+/// `bandshare bench …` with every flag, at the smallest sizes: each runs
+/// and prints one JSON object last (the figures themselves are for
+/// BENCHMARKS.md, not for tests).
+#[test]
+fn every_bench_runs_with_every_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("plot.svg");
+    let svg = svg.to_str().expect("utf-8");
+    let runs: [&[&str]; 4] = [
+        &[
+            "bench",
+            "match",
+            "--sharers",
+            "1000",
+            "--seconds",
+            "0.2",
+            "--concurrency",
+            "1",
+            "--no-redis",
+            "--json",
+            "--plot",
+            svg,
+            "--plot-sizes",
+            "500,1000",
+        ],
+        &[
+            "bench",
+            "relay",
+            "--seconds",
+            "0.2",
+            "--rounds",
+            "3",
+            "--json",
+        ],
+        &[
+            "bench",
+            "scale",
+            "--sharers",
+            "50",
+            "--connections",
+            "1",
+            "--report-interval-ms",
+            "100",
+            "--seconds",
+            "0.3",
+            "--concurrency",
+            "1",
+            "--json",
+        ],
+        &["bench", "failover", "--rounds", "1", "--json"],
+    ];
+    for args in runs {
+        let out = bandshare(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = text.lines().last().unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("{args:?}: {e}: {last}"));
+        assert!(v["machine"].is_string(), "{args:?}: {v}");
+    }
+    let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("the plot");
+    assert!(plot.contains("<svg"), "{plot}");
+}
