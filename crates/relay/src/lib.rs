@@ -10,15 +10,19 @@
 //! Tested end to end through `bandshare-testkit` (real QUIC on loopback) and
 //! by round-trip property tests of the codecs.
 
+pub mod admit;
+mod dial;
 pub mod limits;
 pub mod own;
 pub mod serve;
 pub mod splice;
+pub mod state;
 pub mod tls;
 pub mod tunnel;
 pub mod wire;
 
 pub use limits::Limits;
-pub use serve::{Relay, RelayHandle, RelayOptions, UsageDelta};
+pub use serve::{Relay, RelayOptions};
+pub use state::{RelayHandle, UsageDelta};
 pub use tunnel::{FlowError, Tunnel, TunnelError};
 pub use wire::{FlowHeader, Host, UplinkHealth};

@@ -1,24 +1,22 @@
-//! The sharer's relay: accepts QUIC connections from requesters that hold a
-//! ticket for this sharer, and relays each flow to its destination over the
-//! sharer's own uplink.
-//!
-//! Trust decisions, in order: the certificate pin (requester side), the
-//! requester's proof of its key, the ticket (offline, against the
-//! coordinator's keys), the replay cache, consent capacity; then per flow the
-//! egress policy on every *resolved* address and the ticket's byte quota.
+//! The sharer's relay, the async shell: accepts QUIC connections from
+//! requesters, asks the [`Gate`](crate::admit::Gate) whether to admit each
+//! hello (the certificate pin is checked requester side; the proof of key,
+//! ticket, replay cache and consent capacity in `admit.rs`), spends the
+//! byte allowances read by read (`limits.rs`), and relays each flow to a
+//! destination the egress policy allows (`dial.rs`) over the sharer's own
+//! uplink. Shared state lives in `state.rs`.
 
-use crate::limits::{Allowance, Bucket, Limits, Meter, Metered};
+use crate::admit::Gate;
+use crate::limits::{Allowance, Limits, Meter, Metered};
 use crate::splice::copy_counted;
+use crate::state::{Counters, RelayHandle, RelayState, now_unix, uplink_of};
 use crate::tls;
-use crate::wire::{self, FlowHeader, Hello, Host, StreamOpen, UplinkHealth, reply};
-use bandshare_core::{DeviceKey, EgressPolicy, TicketVerifier};
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use std::collections::HashMap;
+use crate::wire::{self, Hello, StreamOpen, reply};
+use bandshare_core::{DeviceKey, EgressPolicy};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// The QUIC handshake and the hello together must finish within this.
@@ -26,7 +24,6 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections one source address may hold open (or in handshake) at once.
 pub const MAX_CONNS_PER_SOURCE: u32 = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
@@ -67,209 +64,9 @@ impl RelayOptions {
     }
 }
 
-/// Bytes one requester moved since the last [`RelayHandle::take_usage`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UsageDelta {
-    pub requester: DeviceKey,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub flows: u32,
-}
-
-#[derive(Default)]
-struct Counters {
-    up: AtomicU64,
-    down: AtomicU64,
-    flows: AtomicU64,
-}
-
-struct Shared {
-    me: DeviceKey,
-    pin: [u8; 32],
-    verifier: RwLock<TicketVerifier>,
-    egress: EgressPolicy,
-    /// This machine's addresses, read again whenever they change.
-    own: crate::own::OwnAddresses,
-    max_requesters: u32,
-    usage: Mutex<HashMap<DeviceKey, Arc<Counters>>>,
-    /// Open connections per requester.
-    active: Mutex<HashMap<DeviceKey, u32>>,
-    /// Ticket nonces seen, with their expiry: a ticket opens one connection.
-    replay: Mutex<HashMap<[u8; 16], u64>>,
-    total: AtomicU64,
-    max_conns_per_source: u32,
-    hello_timeout: Duration,
-    /// Connections open per source address.
-    per_source: Mutex<HashMap<std::net::IpAddr, u32>>,
-    /// Connections refused because their source had too many.
-    refused_sources: AtomicU64,
-    /// The agent's view of its uplink: bit 16 down, low 16 bits loss ‰.
-    uplink: AtomicU32,
-    limits: Limits,
-    /// All requesters together, today.
-    daily: Arc<Allowance>,
-    /// Each requester's rate and daily quota, shared by its connections.
-    requesters: Mutex<HashMap<DeviceKey, Arc<PerRequester>>>,
-    /// Requesters the coordinator revoked: refused, their connections closed.
-    revoked: RwLock<std::collections::HashSet<DeviceKey>>,
-    /// Open connections by requester, so a revocation can close them.
-    conns: Mutex<HashMap<DeviceKey, Vec<quinn::Connection>>>,
-}
-
-struct PerRequester {
-    bucket: Option<Arc<Mutex<Bucket>>>,
-    quota: Arc<Allowance>,
-}
-
-impl Shared {
-    fn requester(&self, key: &DeviceKey) -> Result<Arc<PerRequester>, String> {
-        let mut map = self
-            .requesters
-            .lock()
-            .map_err(|_| "relay state poisoned".to_string())?;
-        let limits = self.limits;
-        Ok(map
-            .entry(*key)
-            .or_insert_with(|| {
-                Arc::new(PerRequester {
-                    bucket: (limits.rate_bytes_per_s > 0).then(|| {
-                        Arc::new(Mutex::new(Bucket::new(
-                            limits.rate_bytes_per_s,
-                            limits.burst(),
-                        )))
-                    }),
-                    quota: Arc::new(Allowance::new(
-                        limits.requester_daily_bytes,
-                        true,
-                        format!(
-                            "this requester's daily quota at this sharer ({} bytes) is used up",
-                            limits.requester_daily_bytes
-                        ),
-                    )),
-                })
-            })
-            .clone())
-    }
-}
-
-/// What the sharer agent needs of its relay: set the coordinator's keys,
-/// read counters. Cheap to clone.
-#[derive(Clone)]
-pub struct RelayHandle(Arc<Shared>);
-
-impl RelayHandle {
-    pub fn set_coordinator_keys(&self, keys: &[[u8; 32]]) {
-        if let Ok(mut v) = self.0.verifier.write() {
-            *v = TicketVerifier::new(keys);
-        }
-    }
-
-    /// Whether the coordinator's keys arrived (tickets can be verified).
-    pub fn knows_coordinator(&self) -> bool {
-        self.0
-            .verifier
-            .read()
-            .map(|v| !v.is_empty())
-            .unwrap_or(false)
-    }
-
-    /// What probe answers tell requesters about this sharer's uplink.
-    pub fn set_uplink(&self, h: UplinkHealth) {
-        let v = (h.down as u32) << 16 | h.loss_permille.min(1000) as u32;
-        self.0.uplink.store(v, Ordering::Relaxed);
-    }
-
-    pub fn uplink(&self) -> UplinkHealth {
-        uplink_of(&self.0)
-    }
-
-    /// Refuses these requesters from now on and closes their connections.
-    pub fn revoke(&self, keys: &[DeviceKey]) {
-        if let Ok(mut r) = self.0.revoked.write() {
-            r.extend(keys.iter().copied());
-        }
-        let closing: Vec<quinn::Connection> = self
-            .0
-            .conns
-            .lock()
-            .map(|mut c| keys.iter().filter_map(|k| c.remove(k)).flatten().collect())
-            .unwrap_or_default();
-        for c in closing {
-            c.close(2u32.into(), b"requester revoked by the coordinator");
-        }
-        if !keys.is_empty() {
-            info!(count = keys.len(), "requesters revoked");
-        }
-    }
-
-    /// Bytes relayed today, all requesters (what the daily cap counts).
-    pub fn daily_used(&self) -> u64 {
-        self.0.daily.used()
-    }
-
-    /// Bytes left of the daily cap (`u64::MAX` without one).
-    pub fn daily_left(&self) -> u64 {
-        self.0.daily.left()
-    }
-
-    /// Bytes `requester` may still move today (`u64::MAX` without a quota).
-    pub fn requester_left(&self, requester: &DeviceKey) -> u64 {
-        if self.0.limits.requester_daily_bytes == 0 {
-            return u64::MAX;
-        }
-        self.0
-            .requesters
-            .lock()
-            .ok()
-            .and_then(|m| m.get(requester).map(|r| r.quota.left()))
-            .unwrap_or(self.0.limits.requester_daily_bytes)
-    }
-
-    /// Connections refused so far because their source had too many open.
-    pub fn refused_sources(&self) -> u64 {
-        self.0.refused_sources.load(Ordering::Relaxed)
-    }
-
-    pub fn cert_pin(&self) -> [u8; 32] {
-        self.0.pin
-    }
-
-    /// All bytes relayed so far, both directions.
-    pub fn total_bytes(&self) -> u64 {
-        self.0.total.load(Ordering::Relaxed)
-    }
-
-    pub fn active_requesters(&self) -> u32 {
-        self.0.active.lock().map(|a| a.len() as u32).unwrap_or(0)
-    }
-
-    /// Per-requester usage since the previous call.
-    pub fn take_usage(&self) -> Vec<UsageDelta> {
-        let Ok(mut map) = self.0.usage.lock() else {
-            return vec![];
-        };
-        let mut out = vec![];
-        map.retain(|k, c| {
-            let d = UsageDelta {
-                requester: *k,
-                bytes_up: c.up.swap(0, Ordering::Relaxed),
-                bytes_down: c.down.swap(0, Ordering::Relaxed),
-                flows: c.flows.swap(0, Ordering::Relaxed) as u32,
-            };
-            let busy = d.bytes_up + d.bytes_down + d.flows as u64 > 0;
-            if busy {
-                out.push(d);
-            }
-            // Keep counters of connected requesters; drop idle ones.
-            Arc::strong_count(c) > 1 || busy
-        });
-        out
-    }
-}
-
 pub struct Relay {
     endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,21 +77,6 @@ pub enum RelayError {
     Bind(SocketAddr, std::io::Error),
 }
 
-fn uplink_of(shared: &Shared) -> UplinkHealth {
-    let v = shared.uplink.load(Ordering::Relaxed);
-    UplinkHealth {
-        down: v >> 16 & 1 == 1,
-        loss_permille: (v & 0xffff) as u16,
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Relay {
     /// Binds the UDP socket and makes a fresh certificate.
     pub fn bind(opts: RelayOptions) -> Result<Relay, RelayError> {
@@ -302,22 +84,21 @@ impl Relay {
         let endpoint = quinn::Endpoint::server(cfg, opts.listen)
             .map_err(|e| RelayError::Bind(opts.listen, e))?;
         let egress = opts.egress;
-        let shared = Arc::new(Shared {
-            me: opts.me,
+        let shared = Arc::new(RelayState {
             pin,
-            verifier: RwLock::new(TicketVerifier::default()),
+            gate: Mutex::new(Gate::new(
+                opts.me,
+                pin,
+                opts.max_requesters,
+                opts.max_conns_per_source,
+            )),
             egress,
             // Every address of this machine is off limits, whatever the
             // range, including addresses it gains after start.
             own: crate::own::OwnAddresses::new(),
-            max_requesters: opts.max_requesters,
             usage: Mutex::default(),
-            active: Mutex::default(),
-            replay: Mutex::default(),
             total: AtomicU64::new(0),
-            max_conns_per_source: opts.max_conns_per_source.max(1),
             hello_timeout: opts.hello_timeout,
-            per_source: Mutex::default(),
             refused_sources: AtomicU64::new(0),
             uplink: AtomicU32::new(0),
             limits: opts.limits,
@@ -333,7 +114,6 @@ impl Relay {
                 .with_used(opts.daily_used),
             ),
             requesters: Mutex::default(),
-            revoked: RwLock::default(),
             conns: Mutex::default(),
         });
         Ok(Relay { endpoint, shared })
@@ -381,7 +161,7 @@ impl Relay {
 
 /// Releases a requester's slot when its connection ends.
 struct ActiveGuard {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     key: DeviceKey,
 }
 
@@ -395,36 +175,19 @@ impl Drop for ActiveGuard {
                 c.remove(&self.key);
             }
         }
-        if let Ok(mut a) = self.shared.active.lock()
-            && let Some(n) = a.get_mut(&self.key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                a.remove(&self.key);
-            }
+        if let Ok(mut g) = self.shared.gate() {
+            g.leave(&self.key);
         }
     }
 }
 
-/// Checks a hello; `Err` carries the reason told to the requester.
-fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String> {
-    let key = VerifyingKey::from_bytes(&hello.requester_key)
-        .map_err(|_| "requester key is not a valid Ed25519 key".to_string())?;
-    key.verify(
-        &wire::hello_proof_message(&hello.ticket, &shared.pin),
-        &Signature::from_bytes(&hello.proof),
-    )
-    .map_err(|_| "requester did not prove it holds the ticket's key".to_string())?;
-    let requester = DeviceKey(hello.requester_key);
-    if shared
-        .revoked
-        .read()
-        .map(|r| r.contains(&requester))
-        .unwrap_or(true)
-    {
-        return Err("requester revoked by the coordinator".into());
-    }
-    let ticket = fresh_ticket(shared, &hello.ticket, &requester)?;
+/// Admits a hello: the gate's checks, then today's allowances, then a
+/// place among the requesters. `Err` is the reason told to the requester.
+fn admit(shared: &Arc<RelayState>, hello: &Hello) -> Result<(DeviceKey, u64), String> {
+    let (requester, ticket) = shared
+        .gate()?
+        .hello(hello, now_unix())
+        .map_err(|r| r.to_string())?;
     if shared.daily.left() == 0 {
         return Err(shared.daily.reason().to_string());
     }
@@ -432,51 +195,8 @@ fn admit(shared: &Arc<Shared>, hello: &Hello) -> Result<(DeviceKey, u64), String
     if per.quota.left() == 0 {
         return Err(per.quota.reason().to_string());
     }
-    let mut active = shared
-        .active
-        .lock()
-        .map_err(|_| "relay state poisoned".to_string())?;
-    if shared.max_requesters > 0
-        && !active.contains_key(&requester)
-        && active.len() as u32 >= shared.max_requesters
-    {
-        return Err(format!(
-            "sharer at capacity ({} requesters)",
-            shared.max_requesters
-        ));
-    }
-    *active.entry(requester).or_insert(0) += 1;
+    shared.gate()?.enter(requester).map_err(|r| r.to_string())?;
     Ok((requester, ticket.quota_bytes))
-}
-
-/// Verifies a ticket for `requester` at this sharer and spends its nonce:
-/// signed by a coordinator key, bound to both, unexpired, never seen.
-fn fresh_ticket(
-    shared: &Shared,
-    bytes: &[u8],
-    requester: &DeviceKey,
-) -> Result<bandshare_core::Ticket, String> {
-    let now = now_unix();
-    let ticket = {
-        let v = shared
-            .verifier
-            .read()
-            .map_err(|_| "relay state poisoned".to_string())?;
-        if v.is_empty() {
-            return Err("sharer has not yet heard from its coordinator".into());
-        }
-        v.verify(bytes, &shared.me, requester, now)
-            .map_err(|e| e.to_string())?
-    };
-    let mut seen = shared
-        .replay
-        .lock()
-        .map_err(|_| "relay state poisoned".to_string())?;
-    seen.retain(|_, exp| *exp + bandshare_core::ticket::CLOCK_SKEW_S > now);
-    if seen.insert(ticket.nonce, ticket.expires_unix).is_some() {
-        return Err("ticket already used (replay)".into());
-    }
-    Ok(ticket)
 }
 
 /// What every stream of one admitted connection shares.
@@ -490,19 +210,13 @@ struct Admitted {
 async fn renew(
     mut send: quinn::SendStream,
     ticket: &[u8],
-    shared: &Shared,
+    shared: &RelayState,
     admitted: &Admitted,
 ) -> Result<(), String> {
-    let revoked = shared
-        .revoked
-        .read()
-        .map(|r| r.contains(&admitted.requester))
-        .unwrap_or(true);
-    let result = if revoked {
-        Err("requester revoked by the coordinator".to_string())
-    } else {
-        fresh_ticket(shared, ticket, &admitted.requester)
-    };
+    let result = shared.gate().and_then(|mut g| {
+        g.fresh_ticket(ticket, &admitted.requester, now_unix())
+            .map_err(|r| r.to_string())
+    });
     let reply = match &result {
         Ok(t) => {
             admitted.ticket_quota.grant_from_now(t.quota_bytes);
@@ -521,39 +235,35 @@ async fn renew(
 
 /// One connection slot of a source address, given back on drop.
 struct SourceSlot {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     source: std::net::IpAddr,
 }
 
 impl SourceSlot {
-    fn take(shared: &Arc<Shared>, source: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut map = shared.per_source.lock().ok()?;
-        let n = map.entry(source).or_insert(0);
-        if *n >= shared.max_conns_per_source {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            shared: shared.clone(),
-            source,
-        })
+    fn take(shared: &Arc<RelayState>, source: std::net::IpAddr) -> Option<SourceSlot> {
+        shared
+            .gate()
+            .ok()?
+            .source_enter(source)
+            .then(|| SourceSlot {
+                shared: shared.clone(),
+                source,
+            })
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.shared.per_source.lock()
-            && let Some(n) = map.get_mut(&self.source)
-        {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.source);
-            }
+        if let Ok(mut g) = self.shared.gate() {
+            g.source_leave(&self.source);
         }
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), String> {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<RelayState>,
+) -> Result<(), String> {
     // Handshake and hello share one deadline: a slow or silent peer holds
     // its slot at most this long.
     let hello = async {
@@ -588,9 +298,8 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
     }
     // A revocation that raced the admission still closes this connection.
     if shared
-        .revoked
-        .read()
-        .map(|r| r.contains(&requester))
+        .gate()
+        .map(|g| g.is_revoked(&requester))
         .unwrap_or(true)
     {
         conn.close(2u32.into(), b"requester revoked by the coordinator");
@@ -647,7 +356,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Res
 async fn echo_probes(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
 ) {
     let mut frame = [0u8; wire::PROBE_LEN];
     let min_gap = Duration::from_secs(1) / wire::MAX_PROBES_PER_S;
@@ -665,90 +374,10 @@ async fn echo_probes(
     }
 }
 
-/// Addresses `host` stands for: itself; the address a name spells in any
-/// form (`127.1`, `0x7f000001`, `[::1]`, a trailing dot), without asking a
-/// resolver; else what the sharer's resolver says.
-async fn resolve(host: &Host, port: u16) -> Result<Vec<SocketAddr>, u8> {
-    match host {
-        Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, port)]),
-        Host::Name(name) => {
-            if let Some(ip) = bandshare_core::egress::literal_ip(name) {
-                return Ok(vec![SocketAddr::new(ip, port)]);
-            }
-            let name = name.trim_end_matches('.').to_string();
-            match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host((name, port))).await {
-                Ok(Ok(addrs)) => Ok(addrs.collect()),
-                Ok(Err(_)) => Err(reply::HOST_UNREACHABLE),
-                Err(_) => Err(reply::TTL_EXPIRED),
-            }
-        }
-    }
-}
-
-fn io_reply(e: &std::io::Error) -> u8 {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => reply::REFUSED,
-        TimedOut => reply::TTL_EXPIRED,
-        NetworkUnreachable => reply::NETWORK_UNREACHABLE,
-        HostUnreachable => reply::HOST_UNREACHABLE,
-        _ => reply::GENERAL_FAILURE,
-    }
-}
-
-/// Dials the first allowed address; `Err` is the reply code to send.
-async fn dial(
-    header: &FlowHeader,
-    egress: &EgressPolicy,
-    own: &crate::own::OwnAddresses,
-) -> Result<TcpStream, (u8, String)> {
-    let addrs = resolve(&header.host, header.port)
-        .await
-        .map_err(|code| (code, format!("cannot resolve {}", header.host)))?;
-    // Read after resolving, right before the decision: as of this dial.
-    let own_now = own.current();
-    let mut denied = None;
-    let allowed: Vec<SocketAddr> = addrs
-        .iter()
-        .filter(
-            |a| match egress.decide_with_own(a.ip(), a.port(), &own_now) {
-                Ok(()) => true,
-                Err(why) => {
-                    info!(target_addr = %a, reason = %why, "egress denied");
-                    denied.get_or_insert_with(|| format!("{a} is off limits: {why}"));
-                    false
-                }
-            },
-        )
-        .copied()
-        .collect();
-    if allowed.is_empty() {
-        return Err(match denied {
-            Some(why) => (reply::NOT_ALLOWED, why),
-            None => (
-                reply::HOST_UNREACHABLE,
-                format!("{} has no address", header.host),
-            ),
-        });
-    }
-    let mut failed = (reply::HOST_UNREACHABLE, String::new());
-    for a in allowed {
-        match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Ok(Err(e)) => failed = (io_reply(&e), format!("dialing {a}: {e}")),
-            Err(_) => failed = (reply::TTL_EXPIRED, format!("dialing {a} timed out")),
-        }
-    }
-    Err(failed)
-}
-
 async fn relay_flow(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    shared: &Shared,
+    shared: &RelayState,
     counters: &Counters,
     meter: &Meter,
     admitted: &Admitted,
@@ -764,7 +393,7 @@ async fn relay_flow(
     counters.flows.fetch_add(1, Ordering::Relaxed);
     let dialed = match meter.exhausted() {
         Some(reason) => Err((reply::NOT_ALLOWED, reason.to_string())),
-        None => dial(&header, &shared.egress, &shared.own).await,
+        None => crate::dial::dial(&header, &shared.egress, &shared.own).await,
     };
     let tcp = match dialed {
         Ok(s) => s,
