@@ -11,6 +11,7 @@ pub mod evidence;
 pub mod http;
 pub mod listen;
 pub mod matchmaker;
+pub mod offer;
 pub mod privacy;
 pub mod registry;
 pub mod sharer_link;

@@ -3,9 +3,10 @@
 //! acceptances into offers with signed tickets, best first. Offers carry a
 //! distance band, never coordinates.
 
+use crate::offer;
 use crate::registry::{self, Contact};
 use crate::{Shared, unix_now};
-use bandshare_core::{DeviceKey, Ticket};
+use bandshare_core::DeviceKey;
 use bandshare_matcher::{MatchConfig, Query};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
@@ -18,20 +19,13 @@ pub struct MatchmakerService {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// What came of asking one candidate.
-enum Answer {
-    Accepted(v1::AccessResponse),
-    Declined(String),
-    Silent,
-}
-
 async fn ask(
     shared: &Shared,
     c: &Contact,
     requester: &DeviceKey,
     conditions: &v1::Conditions,
     band: &str,
-) -> Answer {
+) -> offer::Answer {
     let (request_id, rx) = shared.registry.expect_answer(c.id, c.handle.generation);
     let deadline = shared.config.access_deadline;
     let req = v1::AccessRequest {
@@ -50,14 +44,14 @@ async fn ask(
         .is_ok();
     if !sent {
         shared.registry.forget_answer(request_id);
-        return Answer::Silent;
+        return offer::Answer::Silent;
     }
     match tokio::time::timeout(deadline, rx).await {
-        Ok(Ok(resp)) if resp.accept => Answer::Accepted(resp),
-        Ok(Ok(resp)) => Answer::Declined(resp.reason),
+        Ok(Ok(resp)) if resp.accept => offer::Answer::Accepted(resp),
+        Ok(Ok(resp)) => offer::Answer::Declined(resp.reason),
         _ => {
             shared.registry.forget_answer(request_id);
-            Answer::Silent
+            offer::Answer::Silent
         }
     }
 }
@@ -120,41 +114,15 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
             .lock()
             .map(|m| m.get(&requester).cloned().unwrap_or_default())
             .unwrap_or_default();
-        let now = unix_now();
-        let expires = now + shared.config.ticket_lifetime.as_secs();
-        let mut offers = vec![];
-        for k in &req.sharer_keys {
-            let Ok(key) = DeviceKey::from_slice(k) else {
-                continue;
-            };
-            if !allowed.contains(&key) {
-                continue;
-            }
-            let Some(c) = shared.registry.contact_of(&key) else {
-                continue;
-            };
-            let ticket = shared.signer().sign(Ticket {
-                key_id: 0,
-                sharer: key,
-                requester,
-                expires_unix: expires,
-                nonce: random_nonce(),
-                quota_bytes: shared.config.quota_bytes,
-            });
-            offers.push(v1::Offer {
-                sharer: c.info.name.to_string(),
-                sharer_key: key.0.to_vec(),
-                relay_endpoints: c.handle.relay_endpoints.clone(),
-                relay_cert_sha256: c.handle.relay_cert_sha256.clone(),
-                ticket,
-                services: cv::services_to_wire(c.info.services),
-                network: cv::network_to_wire(c.info.network),
-                link: Some(cv::link_to_wire(&c.info.link)),
-                distance_band: String::new(),
-                score: 0.0,
-                ticket_expires_unix: expires,
-            });
-        }
+        let contacts: Vec<Contact> = req
+            .sharer_keys
+            .iter()
+            .filter_map(|k| DeviceKey::from_slice(k).ok())
+            .filter(|k| allowed.contains(k))
+            .filter_map(|k| shared.registry.contact_of(&k))
+            .collect();
+        let terms = offer::Terms::new(&shared.config, &v1::Conditions::default(), unix_now());
+        let offers = offer::refreshed(&contacts, &terms, &shared.signer(), requester, random_nonce);
         debug!(
             asked = req.sharer_keys.len(),
             refreshed = offers.len(),
@@ -299,78 +267,22 @@ impl MatchmakerService {
         .await;
 
         let now = unix_now();
-        let expires = now + shared.config.ticket_lifetime.as_secs();
-        let quota = match conditions.quota_bytes {
-            0 => shared.config.quota_bytes,
-            q => q.min(shared.config.quota_bytes),
-        };
-        let max = match conditions.max_offers {
-            0 => shared.config.max_offers,
-            n => (n as usize).min(shared.config.max_offers),
-        };
-        let mut offers = vec![];
-        let mut explain = vec![];
-        for ((c, cand), answer) in contacts.iter().zip(&outcome.candidates).zip(answers) {
-            let verdict = |offered: bool, reason: String| v1::Verdict {
-                sharer: c.info.name.to_string(),
-                offered,
-                reason,
-                distance_band: cand.band.as_str().to_string(),
-                score: cand.score,
-            };
-            match answer {
-                Answer::Accepted(resp) if offers.len() < max => {
-                    let ticket = shared.signer().sign(Ticket {
-                        key_id: 0,
-                        sharer: c.handle.key,
-                        requester,
-                        expires_unix: expires,
-                        nonce: random_nonce(),
-                        quota_bytes: quota,
-                    });
-                    let endpoints = if resp.relay_endpoints.is_empty() {
-                        c.handle.relay_endpoints.clone()
-                    } else {
-                        resp.relay_endpoints
-                    };
-                    let mut link = resp
-                        .link
-                        .map(|l| cv::link_from_wire(&l))
-                        .unwrap_or(c.info.link);
-                    link.network = c.info.network;
-                    offers.push(v1::Offer {
-                        sharer: c.info.name.to_string(),
-                        sharer_key: c.handle.key.0.to_vec(),
-                        relay_endpoints: endpoints,
-                        relay_cert_sha256: c.handle.relay_cert_sha256.clone(),
-                        ticket,
-                        services: cv::services_to_wire(c.info.services),
-                        network: cv::network_to_wire(c.info.network),
-                        link: Some(cv::link_to_wire(&link)),
-                        distance_band: cand.band.as_str().to_string(),
-                        score: cand.score,
-                        ticket_expires_unix: expires,
-                    });
-                    let contact = if cand.contact_s >= bandshare_matcher::rank::CONTACT_CAP_S {
-                        "in range for a long time".to_string()
-                    } else {
-                        format!("in range for ~{:.0} s", cand.contact_s)
-                    };
-                    explain.push(verdict(true, format!("offered ({contact})")));
-                }
-                Answer::Accepted(_) => {
-                    explain.push(verdict(false, format!("more than {max} offers")))
-                }
-                Answer::Declined(why) => explain.push(verdict(false, format!("declined: {why}"))),
-                Answer::Silent => explain.push(verdict(
-                    false,
-                    format!(
-                        "no answer within {} ms",
-                        shared.config.access_deadline.as_millis()
-                    ),
-                )),
-            }
-        }
+        let terms = offer::Terms::new(&shared.config, &conditions, now);
+        let asked: Vec<(Contact, bandshare_matcher::Candidate, offer::Answer)> = contacts
+            .into_iter()
+            .zip(outcome.candidates.iter().cloned())
+            .zip(answers)
+            .map(|((c, cand), a)| (c, cand, a))
+            .collect();
+        let candidates = asked.len();
+        let (offers, mut explain) = offer::from_answers(
+            &asked,
+            &terms,
+            &shared.signer(),
+            requester,
+            shared.config.access_deadline.as_millis(),
+            random_nonce,
+        );
         if req.explain {
             explain.extend(outcome.rejected.iter().map(|v| v1::Verdict {
                 sharer: names.get(&v.id).cloned().unwrap_or_default(),
@@ -394,7 +306,7 @@ impl MatchmakerService {
         );
         info!(
             scene = outcome.scene.scene.as_str(),
-            candidates = contacts.len(),
+            candidates,
             offers = offers.len(),
             "share request answered"
         );
