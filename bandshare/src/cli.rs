@@ -718,10 +718,7 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
         );
     }
     let store = bandshare_store::Store::open(&dir)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = bandshare_core::clock::unix_now();
     match a.cmd {
         AdminCommand::List => {
             println!(
@@ -902,13 +899,7 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
     let channel = coordinator::connect(&server).await?;
     let resp = coordinator::share_request(
         channel,
-        bandshare_proto::v1::ShareRequest {
-            requester_key: key.verifying_key().to_bytes().to_vec(),
-            location: Some(here.to_wire()),
-            conditions: Some(a.want.spec().to_wire()),
-            explain: a.explain,
-            ..bandshare_agent::coordinator::signed_by(&key)
-        },
+        coordinator::share_request_from(&key, &here, &a.want.spec(), a.explain),
     )
     .await?;
     if a.json {

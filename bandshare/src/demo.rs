@@ -7,7 +7,6 @@
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_coordinator::Config;
 use bandshare_core::{NetworkType, Service};
-use bandshare_proto::v1;
 use bandshare_testkit::http::{PAGE_TITLE, socks_get};
 use bandshare_testkit::{Cluster, SharerSpec, center, wait_until};
 use std::time::{Duration, Instant};
@@ -103,13 +102,7 @@ pub async fn run() -> anyhow::Result<()> {
     };
     let resp = bandshare_agent::coordinator::share_request(
         ch,
-        v1::ShareRequest {
-            requester_key: probe_key.verifying_key().to_bytes().to_vec(),
-            location: Some(location.to_wire()),
-            conditions: Some(conditions.to_wire()),
-            explain: true,
-            ..bandshare_agent::coordinator::signed_by(&probe_key)
-        },
+        bandshare_agent::coordinator::share_request_from(&probe_key, &location, &conditions, true),
     )
     .await?;
     println!("{}", indent(&crate::render::offers_table(&resp, true)));

@@ -170,11 +170,23 @@ pub fn signed_by(key: &ed25519_dalek::SigningKey) -> v1::ShareRequest {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+use bandshare_core::clock::unix_now;
+
+/// A share request from `key` at `location` for `conditions`, signed now;
+/// with `explain` the coordinator says why each nearby sharer was or was
+/// not offered.
+pub fn share_request_from(
+    key: &ed25519_dalek::SigningKey,
+    location: &crate::location::LocationSpec,
+    conditions: &crate::location::ConditionSpec,
+    explain: bool,
+) -> v1::ShareRequest {
+    v1::ShareRequest {
+        location: Some(location.to_wire()),
+        conditions: Some(conditions.to_wire()),
+        explain,
+        ..signed_by(key)
+    }
 }
 
 pub async fn share_request(

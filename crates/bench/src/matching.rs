@@ -161,13 +161,8 @@ pub async fn share_load(
                     at: Some(random_point(&mut rng)),
                     ..Default::default()
                 };
-                let req = v1::ShareRequest {
-                    requester_key: key.verifying_key().to_bytes().to_vec(),
-                    location: Some(loc.to_wire()),
-                    conditions: Some(cond.to_wire()),
-                    explain: false,
-                    ..bandshare_agent::coordinator::signed_by(&key)
-                };
+                let req =
+                    bandshare_agent::coordinator::share_request_from(&key, &loc, &cond, false);
                 let t = Instant::now();
                 let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;
                 lat.push(t.elapsed());

@@ -26,20 +26,15 @@ use bandshare_store::Store;
 use registry::Registry;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+pub(crate) use bandshare_core::clock::unix_now;
+
 /// How long shutdown waits for open requests before cutting streams.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// State every service shares: configuration, the registry, the store and
 /// the ticket signer.

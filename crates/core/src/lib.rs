@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod backoff;
+pub mod clock;
 pub mod egress;
 pub mod enu;
 pub mod geo;

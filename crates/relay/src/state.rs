@@ -10,7 +10,7 @@ use bandshare_core::{DeviceKey, EgressPolicy};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::info;
 
 /// Bytes one requester moved since the last [`RelayHandle::take_usage`].
@@ -217,9 +217,4 @@ pub(crate) fn uplink_of(shared: &RelayState) -> UplinkHealth {
     }
 }
 
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use bandshare_core::clock::unix_now as now_unix;

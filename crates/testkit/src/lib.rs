@@ -450,13 +450,7 @@ impl Cluster {
         let ch = bandshare_agent::coordinator::connect(&self.coordinator.url).await?;
         Ok(bandshare_agent::coordinator::share_request(
             ch,
-            bandshare_proto::v1::ShareRequest {
-                requester_key: key.verifying_key().to_bytes().to_vec(),
-                location: Some(location.to_wire()),
-                conditions: Some(conditions.to_wire()),
-                explain: true,
-                ..bandshare_agent::coordinator::signed_by(key)
-            },
+            bandshare_agent::coordinator::share_request_from(key, &location, &conditions, true),
         )
         .await?)
     }

@@ -76,13 +76,7 @@ async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> 
     };
     coordinator::share_request(
         ch,
-        v1::ShareRequest {
-            requester_key: key.verifying_key().to_bytes().to_vec(),
-            location: Some(loc.to_wire()),
-            conditions: Some(cond.to_wire()),
-            explain: true,
-            ..bandshare_agent::coordinator::signed_by(&key)
-        },
+        bandshare_agent::coordinator::share_request_from(&key, &loc, &cond, true),
     )
     .await
     .expect("share request")

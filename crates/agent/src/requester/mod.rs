@@ -131,13 +131,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
 }
 
 fn request(opts: &RequesterOptions, location: &LocationSpec, key: &SigningKey) -> v1::ShareRequest {
-    v1::ShareRequest {
-        requester_key: key.verifying_key().to_bytes().to_vec(),
-        location: Some(location.to_wire()),
-        conditions: Some(opts.conditions.to_wire()),
-        explain: false,
-        ..coordinator::signed_by(key)
-    }
+    coordinator::share_request_from(key, location, &opts.conditions, false)
 }
 
 /// Dials the offers not yet in the pool, concurrently, and adds those that
@@ -184,6 +178,8 @@ async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningK
     }
 }
 
+use bandshare_core::clock::unix_now;
+
 #[allow(clippy::too_many_arguments)]
 fn member(
     name: String,
@@ -222,12 +218,6 @@ fn member(
         ticket_quota: AtomicU64::new(quota),
         renewed_at_bytes: AtomicU64::new(0),
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Fetches spare tickets for every trusted sharer; returns when to refresh

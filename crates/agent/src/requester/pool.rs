@@ -340,9 +340,7 @@ impl Pool {
 
     /// Takes the spare ticket held for `key` if it is good for a while yet.
     fn take_spare(&self, key: &DeviceKey) -> Option<Vec<u8>> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = bandshare_core::clock::unix_now();
         let mut t = self.trusted.lock().ok()?;
         let entry = t.get_mut(key)?;
         match &entry.ticket {
