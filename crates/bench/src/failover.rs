@@ -5,8 +5,8 @@
 
 use crate::stats::{Latencies, Proc};
 use bandshare_coordinator::Config;
-use bandshare_testkit::http::{HttpTarget, socks_get};
-use bandshare_testkit::{Cluster, CoordinatorNode, SharerSpec, center, exact_config, wait_until};
+use bandshare_local::http::{HttpTarget, socks_get};
+use bandshare_local::{Cluster, CoordinatorNode, SharerSpec, center, exact_config, wait_until};
 use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

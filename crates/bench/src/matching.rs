@@ -461,3 +461,60 @@ pub async fn run(o: &MatchOptions) -> anyhow::Result<serde_json::Value> {
     }
     Ok(v)
 }
+
+/// Share-request latency at each of `sizes` online sharers (the run in
+/// `report` counts for its own size), drawn as an SVG at `path` and noted
+/// in `report["plot"]`.
+pub async fn plot_latency(
+    o: &MatchOptions,
+    report: &mut serde_json::Value,
+    sizes: &[usize],
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut series = vec![];
+    for n in sizes {
+        let (p50, p99) = if *n == o.sharers {
+            (
+                report["grpc_p50_us"].as_f64().unwrap_or(0.0),
+                report["grpc_p99_us"].as_f64().unwrap_or(0.0),
+            )
+        } else {
+            let r = run(&MatchOptions {
+                sharers: *n,
+                redis: false,
+                ..o.clone()
+            })
+            .await?;
+            (
+                r["grpc_p50_us"].as_f64().unwrap_or(0.0),
+                r["grpc_p99_us"].as_f64().unwrap_or(0.0),
+            )
+        };
+        series.push((*n as f64, p50, p99));
+    }
+    use crate::plot::{Series, svg};
+    let doc = svg(
+        "share request latency vs online sharers (gRPC, loopback)",
+        "online sharers",
+        "latency (µs)",
+        &[
+            Series {
+                label: "p50",
+                colour: "#1f77b4",
+                points: series.iter().map(|s| (s.0, s.1)).collect(),
+            },
+            Series {
+                label: "p99",
+                colour: "#d62728",
+                points: series.iter().map(|s| (s.0, s.2)).collect(),
+            },
+        ],
+    );
+    std::fs::write(path, doc).with_context(|| format!("cannot write {}", path.display()))?;
+    report["plot"] = serde_json::json!({
+        "file": path.display().to_string(),
+        "points": series.iter().map(|s| serde_json::json!({"sharers": s.0, "p50_us": s.1, "p99_us": s.2})).collect::<Vec<_>>(),
+    });
+    Ok(())
+}

@@ -9,7 +9,7 @@
 use crate::stats::{Latencies, Proc};
 use bandshare_coordinator::Config;
 use bandshare_core::EgressRule;
-use bandshare_testkit::{Cluster, SharerSpec};
+use bandshare_local::{Cluster, SharerSpec};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

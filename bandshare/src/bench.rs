@@ -1,0 +1,178 @@
+//! `bandshare bench …` (the `bench` feature): flags and the report. The
+//! measurements themselves live in `crates/bench`.
+
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Matching: index and full gRPC share requests vs Redis GEOSEARCH/GEOADD.
+    Match(BenchMatchArgs),
+    /// Relay: bulk throughput and first-byte latency vs direct TCP and shadowsocks-rust.
+    Relay(BenchRelayArgs),
+    /// Scale: many sharer streams on one coordinator process.
+    Scale(BenchScaleArgs),
+    /// Failover: a sharer killed (SIGKILL) or its link cut, to the first new flow that works.
+    Failover(BenchFailoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchFailoverArgs {
+    /// Rounds of each kind of failure.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchScaleArgs {
+    /// Sharer streams to keep online.
+    #[arg(long, default_value_t = 100_000)]
+    sharers: usize,
+    /// HTTP/2 connections the streams are multiplexed over.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How often each sharer reports state.
+    #[arg(long, default_value_t = 2000)]
+    report_interval_ms: u64,
+    /// Seconds of measurement under load.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Concurrent share-request clients during the measurement.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRelayArgs {
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// New flows timed for first-byte latency.
+    #[arg(long, default_value_t = 300)]
+    rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchMatchArgs {
+    /// Online sharers, uniformly over 50 km x 50 km around 39.9,116.4.
+    #[arg(long, default_value_t = 1_000_000)]
+    sharers: usize,
+    /// Seconds each timed phase runs.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent clients for gRPC and Redis queries.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Skip the Redis reference.
+    #[arg(long)]
+    no_redis: bool,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Also measure share-request latency at these sizes and draw an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Sizes for --plot.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    plot_sizes: Vec<usize>,
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("error"))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Match(a) => bench_match(a).await,
+        BenchCommand::Failover(a) => {
+            init_logs();
+            anyhow::ensure!(a.rounds > 0, "--rounds must be positive");
+            let mut v =
+                bandshare_bench::failover::run(&bandshare_bench::failover::FailoverOptions {
+                    rounds: a.rounds,
+                })
+                .await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
+        BenchCommand::Scale(a) => {
+            init_logs();
+            anyhow::ensure!(
+                a.sharers > 0
+                    && a.connections > 0
+                    && a.concurrency > 0
+                    && a.seconds > 0.0
+                    && a.report_interval_ms >= 100,
+                "--sharers, --connections, --concurrency and --seconds must be positive, --report-interval-ms at least 100"
+            );
+            let o = bandshare_bench::scale::ScaleOptions {
+                sharers: a.sharers,
+                connections: a.connections,
+                report_interval_ms: a.report_interval_ms,
+                seconds: a.seconds,
+                concurrency: a.concurrency,
+            };
+            let mut v = bandshare_bench::scale::run(&o).await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
+        BenchCommand::Relay(a) => {
+            init_logs();
+            anyhow::ensure!(
+                a.seconds > 0.0 && a.rounds > 0,
+                "--seconds and --rounds must be positive"
+            );
+            let o = bandshare_bench::relay::RelayBenchOptions {
+                seconds: a.seconds,
+                first_byte_rounds: a.rounds,
+            };
+            let mut v = bandshare_bench::relay::run(&o).await?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
+    }
+}
+
+async fn bench_match(a: BenchMatchArgs) -> anyhow::Result<()> {
+    use bandshare_bench::matching::{MatchOptions, run};
+    init_logs();
+    anyhow::ensure!(
+        a.sharers > 0 && a.concurrency > 0 && a.seconds > 0.0,
+        "--sharers, --concurrency and --seconds must be positive"
+    );
+    let o = MatchOptions {
+        sharers: a.sharers,
+        seconds: a.seconds,
+        concurrency: a.concurrency,
+        redis: !a.no_redis,
+        ..MatchOptions::default()
+    };
+    let mut report = run(&o).await?;
+    if let Some(path) = &a.plot {
+        bandshare_bench::matching::plot_latency(&o, &mut report, &a.plot_sizes, path).await?;
+        eprintln!("plot written to {}", path.display());
+    }
+    report["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+    print_report(&report, a.json)
+}
+
+fn print_report(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
+    Ok(())
+}
