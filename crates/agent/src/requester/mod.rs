@@ -4,23 +4,23 @@
 
 pub mod pool;
 pub mod proxy;
+mod refill;
 pub mod select;
 pub mod socks;
 
 use crate::location::{ConditionSpec, LocationSpec};
 use crate::{AgentError, Shutdown, coordinator};
-use bandshare_core::{Backoff, DeviceKey, DistanceBand};
-use bandshare_proto::convert as cv;
 use bandshare_proto::v1;
-use bandshare_relay::{FlowHeader, Tunnel};
+use bandshare_relay::FlowHeader;
 use ed25519_dalek::SigningKey;
-use pool::{Member, Pool, Trusted};
+use pool::Pool;
+pub use refill::{MOVE_THRESHOLD_M, moved_far};
+use refill::{connect_offers, maintain, request};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 /// `--forward LOCAL=HOST:PORT`
 #[cfg(test)]
@@ -102,216 +102,10 @@ impl Requester {
     }
 }
 
-/// A move this far (or a change of scene) asks for fresh offers.
-pub const MOVE_THRESHOLD_M: f64 = 50.0;
-
-/// Whether the requester moved enough since `asked` to ask again.
-pub fn moved_far(asked: &LocationSpec, now: &LocationSpec) -> Option<String> {
-    if asked.scene != now.scene {
-        return Some(format!(
-            "scene changed to {:?}",
-            now.scene.map(|s| s.to_string())
-        ));
-    }
-    match (asked.at, now.at) {
-        (Some(a), Some(b)) => {
-            let d = a.ground_distance_m(&b);
-            (d > MOVE_THRESHOLD_M).then(|| format!("moved {d:.0} m"))
-        }
-        (None, Some(_)) => Some("got a position fix".into()),
-        _ => (asked.wifi != now.wifi && !now.wifi.is_empty())
-            .then(|| "Wi-Fi surroundings changed".into()),
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| AgentError::Listen(addr, e))
-}
-
-fn request(opts: &RequesterOptions, location: &LocationSpec, key: &SigningKey) -> v1::ShareRequest {
-    coordinator::share_request_from(key, location, &opts.conditions, false)
-}
-
-/// Dials the offers not yet in the pool, concurrently, and adds those that
-/// answer, up to `room` of them.
-async fn connect_offers(pool: &Arc<Pool>, offers: Vec<v1::Offer>, key: &SigningKey, room: usize) {
-    let fresh: Vec<v1::Offer> = offers
-        .into_iter()
-        .filter(|o| DeviceKey::from_slice(&o.sharer_key).is_ok_and(|k| !pool.contains(&k)))
-        .take(room)
-        .collect();
-    let dials = fresh.into_iter().map(|o| async move {
-        let addr = o
-            .relay_endpoints
-            .iter()
-            .find_map(|e| e.parse::<SocketAddr>().ok());
-        let pin: Option<[u8; 32]> = o.relay_cert_sha256.as_slice().try_into().ok();
-        let (Some(addr), Some(pin), Ok(sharer_key)) =
-            (addr, pin, DeviceKey::from_slice(&o.sharer_key))
-        else {
-            return Err(format!("offer from {} is malformed", o.sharer));
-        };
-        let tunnel = Tunnel::connect(addr, pin, &o.ticket, key)
-            .await
-            .map_err(|e| format!("{}: {e}", o.sharer))?;
-        let mut link = o.link.as_ref().map(cv::link_from_wire).unwrap_or_default();
-        link.network = cv::network_from_wire(o.network);
-        Ok(member(
-            o.sharer.clone(),
-            sharer_key,
-            addr,
-            pin,
-            DistanceBand::parse(&o.distance_band),
-            cv::network_from_wire(o.network),
-            link,
-            tunnel,
-            &o.ticket,
-        ))
-    });
-    for r in futures::future::join_all(dials).await {
-        match r {
-            Ok(m) => pool.add(m),
-            Err(e) => warn!(error = %e, "cannot join sharer"),
-        }
-    }
-}
-
-use bandshare_core::clock::unix_now;
-
-#[allow(clippy::too_many_arguments)]
-fn member(
-    name: String,
-    key: DeviceKey,
-    endpoint: SocketAddr,
-    pin: [u8; 32],
-    band: Option<DistanceBand>,
-    network: Option<bandshare_core::NetworkType>,
-    link: bandshare_core::LinkState,
-    tunnel: Tunnel,
-    ticket: &[u8],
-) -> Member {
-    // The quota is read, not trusted: the sharer enforces it; knowing it
-    // lets the pool renew the ticket before a long transfer runs into it.
-    let quota = bandshare_core::Ticket::decode(ticket).map_or(0, |(t, _)| t.quota_bytes);
-    Member {
-        name,
-        key,
-        endpoint,
-        pin,
-        band,
-        network,
-        link,
-        tunnel,
-        bytes_up: AtomicU64::new(0),
-        bytes_down: AtomicU64::new(0),
-        flows: AtomicU64::new(0),
-        probe_rtt_us: AtomicU64::new(0),
-        probe_loss_permille: AtomicU64::new(0),
-        last_answer_ms: AtomicU64::new(0),
-        joined: std::time::Instant::now(),
-        uplink_loss_permille: AtomicU64::new(0),
-        uplink_down: std::sync::atomic::AtomicBool::new(false),
-        unreachable_until_ms: AtomicU64::new(0),
-        stalled: std::sync::atomic::AtomicBool::new(false),
-        ticket_quota: AtomicU64::new(quota),
-        renewed_at_bytes: AtomicU64::new(0),
-    }
-}
-
-/// Fetches spare tickets for every trusted sharer; returns when to refresh
-/// next (half the shortest ticket lifetime, at least 2 s).
-async fn refresh_tickets(
-    url: &str,
-    pool: &Pool,
-    key: &SigningKey,
-) -> Result<Duration, coordinator::CoordinatorError> {
-    let keys: Vec<Vec<u8>> = pool
-        .trusted
-        .lock()
-        .map(|t| t.keys().map(|k| k.0.to_vec()).collect())
-        .unwrap_or_default();
-    if keys.is_empty() {
-        return Ok(Duration::from_secs(30));
-    }
-    let ch = coordinator::connect(url).await?;
-    let mut client = v1::matchmaker_client::MatchmakerClient::new(ch);
-    let resp = client
-        .refresh_tickets({
-            let signed = coordinator::signed_by(key);
-            v1::TicketRefresh {
-                requester_key: signed.requester_key,
-                sharer_keys: keys.into_iter().take(16).collect(),
-                proof: signed.proof,
-                signed_at_unix: signed.signed_at_unix,
-            }
-        })
-        .await
-        .map_err(|s| coordinator::CoordinatorError::Status(s.code(), s.message().to_string()))?
-        .into_inner();
-    let now = unix_now();
-    let mut next = Duration::from_secs(30);
-    if let Ok(mut t) = pool.trusted.lock() {
-        for o in resp.offers {
-            let (Ok(k), Some(addr), Ok(pin)) = (
-                DeviceKey::from_slice(&o.sharer_key),
-                o.relay_endpoints
-                    .iter()
-                    .find_map(|e| e.parse::<SocketAddr>().ok()),
-                <[u8; 32]>::try_from(o.relay_cert_sha256.as_slice()),
-            ) else {
-                continue;
-            };
-            if let Some(entry) = t.get_mut(&k) {
-                entry.endpoint = addr;
-                entry.pin = pin;
-                entry.ticket = Some((o.ticket, o.ticket_expires_unix));
-                let half = o.ticket_expires_unix.saturating_sub(now) / 2;
-                next = next.min(Duration::from_secs(half.max(2)));
-            }
-        }
-    }
-    Ok(next)
-}
-
-/// While the coordinator cannot be reached: dials trusted sharers that
-/// hold an unexpired spare ticket, up to `room` of them.
-async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
-    let now = unix_now();
-    let picks: Vec<(DeviceKey, Trusted, Vec<u8>)> = match pool.trusted.lock() {
-        Ok(mut t) => t
-            .iter_mut()
-            .filter(|(k, x)| {
-                !pool.contains(k) && x.ticket.as_ref().is_some_and(|(_, exp)| *exp > now + 1)
-            })
-            .take(room)
-            .filter_map(|(k, x)| {
-                let (ticket, _) = x.ticket.take()?; // one ticket, one connection
-                Some((*k, x.clone(), ticket))
-            })
-            .collect(),
-        Err(_) => return,
-    };
-    for (k, x, ticket) in picks {
-        match Tunnel::connect(x.endpoint, x.pin, &ticket, key).await {
-            Ok(tunnel) => {
-                info!(sharer = %x.name, "reconnected directly to a trusted sharer");
-                pool.add(member(
-                    x.name.clone(),
-                    k,
-                    x.endpoint,
-                    x.pin,
-                    x.band,
-                    x.network,
-                    x.link,
-                    tunnel,
-                    &ticket,
-                ));
-            }
-            Err(e) => warn!(sharer = %x.name, error = %e, "trusted sharer unreachable"),
-        }
-    }
 }
 
 impl Requester {
@@ -409,126 +203,6 @@ impl Requester {
             pool.close_all();
         });
         Ok(me)
-    }
-}
-
-/// Keeps the pool at `size`: refills after a member leaves and every 10 s,
-/// with backoff while the coordinator cannot be reached.
-async fn maintain(
-    pool: Arc<Pool>,
-    url: String,
-    opts: RequesterOptions,
-    mut location: tokio::sync::watch::Receiver<LocationSpec>,
-    mut asked: LocationSpec,
-    key: SigningKey,
-    size: usize,
-) {
-    let mut backoff = Backoff::new(
-        Duration::from_millis(500),
-        bandshare_core::backoff::RECONNECT_CAP,
-    );
-    let mut rotate: Option<String> = None;
-    let mut refresh_at = tokio::time::Instant::now();
-    let mut retry_at = refresh_at;
-    loop {
-        // Keep a spare ticket for every trusted sharer while we can.
-        let needs_ticket = pool.needs_ticket();
-        // A sharer newly trusted is refreshed at once, but never more often
-        // than every 2 s (the coordinator may be down).
-        let now = tokio::time::Instant::now();
-        if (needs_ticket && now >= retry_at) || now >= refresh_at {
-            retry_at = now + Duration::from_secs(2);
-            refresh_at = now
-                + match refresh_tickets(&url, &pool, &key).await {
-                    Ok(next) => next,
-                    Err(_) => Duration::from_secs(2),
-                };
-        }
-        let wait = if pool.serving() < size || rotate.is_some() {
-            let here = location.borrow_and_update().clone();
-            // Whichever path led here, asking from elsewhere rotates.
-            let moved = rotate.take().or_else(|| moved_far(&asked, &here));
-            let result = async {
-                let ch = coordinator::connect(&url).await?;
-                coordinator::share_request(ch, request(&opts, &here, &key)).await
-            }
-            .await;
-            match result {
-                Ok(resp) => {
-                    backoff.reset();
-                    asked = here;
-                    match moved {
-                        // Make before break: join the new sharers first,
-                        // then drop those no longer offered here.
-                        Some(why) => {
-                            let offered: Vec<DeviceKey> = resp
-                                .offers
-                                .iter()
-                                .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok())
-                                .collect();
-                            info!(reason = %why, offers = offered.len(), "rotating the pool");
-                            connect_offers(&pool, resp.offers, &key, size).await;
-                            if !offered.is_empty() {
-                                for k in pool.keys() {
-                                    if !offered.contains(&k) {
-                                        pool.remove(&k, "no longer offered here after moving");
-                                    }
-                                }
-                            }
-                        }
-                        None => {
-                            connect_offers(
-                                &pool,
-                                resp.offers,
-                                &key,
-                                size.saturating_sub(pool.serving()),
-                            )
-                            .await
-                        }
-                    }
-                    if pool.serving() < size {
-                        Duration::from_secs(2)
-                    } else {
-                        Duration::from_secs(10)
-                    }
-                }
-                Err(e) => {
-                    rotate = moved;
-                    reconnect_trusted(&pool, &key, size.saturating_sub(pool.serving())).await;
-                    let d = backoff.next_delay(fastrand::f64());
-                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
-                    d
-                }
-            }
-        } else {
-            Duration::from_secs(10)
-        };
-        let needs_ticket = pool.needs_ticket();
-        let due = if needs_ticket {
-            refresh_at.min(retry_at)
-        } else {
-            refresh_at
-        };
-        let wait = wait.min(
-            due.saturating_duration_since(tokio::time::Instant::now())
-                .max(Duration::from_millis(200)),
-        );
-        tokio::select! {
-            _ = pool.changed.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            changed = location.changed() => {
-                if changed.is_err() {
-                    // No source can move it any more: wait on the rest.
-                    tokio::select! {
-                        _ = pool.changed.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                } else if let Some(why) = moved_far(&asked, &location.borrow_and_update()) {
-                    rotate = Some(why);
-                }
-            }
-        }
-        pool.reselect();
     }
 }
 
