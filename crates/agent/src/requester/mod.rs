@@ -2,6 +2,7 @@
 //! tunnels to several sharers, and serves local applications through SOCKS5,
 //! HTTP CONNECT, fixed port forwards and a `GET /status` endpoint.
 
+pub mod failover;
 pub mod pool;
 pub mod proxy;
 mod refill;

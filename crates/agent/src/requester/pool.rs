@@ -1,34 +1,25 @@
 //! The pool: tunnels to several sharers at once, one of them active for
-//! new flows. A member whose tunnel closes leaves at once and the next
-//! best takes over; the maintainer refills the pool in the background.
+//! new flows. The async shell of failover: it probes each member, races a
+//! slow flow on the next member, and carries out what the failover state
+//! machine (`failover.rs`) decides from probe answers, silence and flow
+//! results; the maintainer refills the pool in the background.
 
-use super::select::{self, View};
+pub use super::failover::{DEAD_AFTER, PROBE_EVERY, STALL_GRACE, UNREACHABLE_AVOID};
+use super::failover::{Decision, Failover, FlowFailure};
+use super::select;
 use crate::probe::PingTracker;
 use bandshare_core::{DeviceKey, DistanceBand, LinkState, NetworkType};
 use bandshare_relay::wire::reply;
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-/// How often each member is probed.
-pub const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// A member that answers no probe for this long is stalled: new flows
-/// move to another member at once, and the pool refills.
-pub const DEAD_AFTER: Duration = Duration::from_millis(600);
-/// How long flows already open through a stalled member wait for it (a
-/// phone's radio pause, a stopped process) before they are ended and the
-/// member leaves the pool. At most the QUIC idle timeout (10 s).
-pub const STALL_GRACE: Duration = Duration::from_secs(10);
 /// A flow not answered within this long is raced on the next member.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
-/// A member that answered "network unreachable" is avoided this long
-/// (unless its probe answers say its uplink is fine sooner... they do not
-/// shorten it: a route can vanish before the sharer's own check notices).
-pub const UNREACHABLE_AVOID: Duration = Duration::from_secs(3);
 
 pub struct Member {
     pub name: String,
@@ -43,21 +34,6 @@ pub struct Member {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub flows: AtomicU64,
-    /// Probe results: smoothed RTT in µs (0 until the first answer), loss
-    /// per mille, and when the last answer came (ms since `joined`).
-    pub probe_rtt_us: AtomicU64,
-    pub probe_loss_permille: AtomicU64,
-    pub last_answer_ms: AtomicU64,
-    pub joined: Instant,
-    /// The sharer's own uplink as its probe answers tell: loss per mille,
-    /// and whether it is down.
-    pub uplink_loss_permille: AtomicU64,
-    pub uplink_down: AtomicBool,
-    /// Until when (ms since `joined`) new flows avoid this member because it
-    /// answered a flow with "network unreachable".
-    pub unreachable_until_ms: AtomicU64,
-    /// Silent past [`DEAD_AFTER`]: no new flows, open ones wait.
-    pub stalled: AtomicBool,
     /// The byte quota of the connection's current ticket (0: unknown), and
     /// the bytes moved when it was given.
     pub ticket_quota: AtomicU64,
@@ -65,20 +41,6 @@ pub struct Member {
 }
 
 impl Member {
-    /// Whether a probe was answered within two probe intervals.
-    pub fn fresh(&self) -> bool {
-        let last = Duration::from_millis(self.last_answer_ms.load(Ordering::Relaxed));
-        self.joined.elapsed().saturating_sub(last) <= PROBE_EVERY * 2
-    }
-
-    /// Whether new flows should avoid this member: its uplink is down, or it
-    /// just answered a flow with "network unreachable".
-    pub fn uplink_failing(&self) -> bool {
-        self.uplink_down.load(Ordering::Relaxed)
-            || (self.joined.elapsed().as_millis() as u64)
-                < self.unreachable_until_ms.load(Ordering::Relaxed)
-    }
-
     fn bytes(&self) -> u64 {
         self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed)
     }
@@ -92,19 +54,10 @@ impl Member {
                 .saturating_sub(self.renewed_at_bytes.load(Ordering::Relaxed))
                 >= quota / 2
     }
-
-    pub fn is_stalled(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed)
-    }
-
-    fn avoid_for(&self, d: Duration) {
-        let until = (self.joined.elapsed() + d).as_millis() as u64;
-        self.unreachable_until_ms.store(until, Ordering::Relaxed);
-    }
 }
 
-/// Pings the member over its probe channel; removes it from the pool when
-/// it stops answering (a silently cut link, a killed process).
+/// Pings the member over its probe channel and feeds failover its answers
+/// and its silences (a silently cut link, a stopped or killed process).
 async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
     let Some((mut send, mut recv)) = m.tunnel.take_probe() else {
         return;
@@ -117,33 +70,19 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
             while recv.read_exact(&mut frame).await.is_ok() {
                 let now = Instant::now();
                 let (seq, uplink) = bandshare_relay::wire::decode_probe_reply(&frame);
-                let was_down = m.uplink_down.swap(uplink.down, Ordering::Relaxed);
-                let was_loss = m
-                    .uplink_loss_permille
-                    .swap(uplink.loss_permille as u64, Ordering::Relaxed);
-                if was_down != uplink.down || was_loss.abs_diff(uplink.loss_permille as u64) > 50 {
-                    if was_down != uplink.down {
-                        info!(sharer = %m.name, down = uplink.down, "sharer's uplink changed");
-                    }
-                    pool.reselect();
+                let (rtt, loss) = {
+                    let Ok(mut t) = tracker.lock() else { break };
+                    t.pong(seq, now);
+                    (t.rtt().unwrap_or_default(), t.loss_permille(now))
+                };
+                let was_down = pool.failover().health(&m.key).map(|h| h.uplink.down);
+                if was_down.is_some_and(|d| d != uplink.down) {
+                    info!(sharer = %m.name, down = uplink.down, "sharer's uplink changed");
                 }
-                let Ok(mut t) = tracker.lock() else { break };
-                t.pong(seq, now);
-                m.probe_rtt_us.store(
-                    t.rtt().map_or(0, |d| d.as_micros() as u64),
-                    Ordering::Relaxed,
-                );
-                m.probe_loss_permille
-                    .store(t.loss_permille(now) as u64, Ordering::Relaxed);
-                m.last_answer_ms.store(
-                    now.duration_since(m.joined).as_millis() as u64,
-                    Ordering::Relaxed,
-                );
-                drop(t);
-                if m.stalled.swap(false, Ordering::Relaxed) {
-                    info!(sharer = %m.name, "stalled sharer answers again; its open flows carry on");
-                    pool.reselect();
-                }
+                let d =
+                    pool.failover()
+                        .probe_answer(&m.key, rtt, loss.min(1000) as u16, uplink, now);
+                pool.apply(d);
             }
         })
     };
@@ -152,32 +91,13 @@ async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let (seq, silent) = match tracker.lock() {
-            Ok(mut t) => {
-                let since = now.saturating_duration_since(t.last_answer().unwrap_or(m.joined));
-                (t.ping(now), since)
-            }
-            Err(_) => break,
-        };
-        if silent > pool.stall_grace.max(DEAD_AFTER) {
-            pool.remove(
-                &m.key,
-                &format!("no answer to probes for {} ms", silent.as_millis()),
-            );
+        let Ok(seq) = tracker.lock().map(|mut t| t.ping(now)) else {
             break;
-        }
-        if silent > DEAD_AFTER && !m.stalled.swap(true, Ordering::Relaxed) {
-            warn!(
-                sharer = %m.name,
-                silent_ms = silent.as_millis() as u64,
-                open_flows_wait_s = pool.stall_grace.as_secs_f64(),
-                "sharer stalled: new flows move; open flows wait for it"
-            );
-            pool.reselect();
-            // A replacement, so the pool stays at its size meanwhile.
-            pool.changed.notify_one();
-        }
-        if send.write_all(&seq.to_be_bytes()).await.is_err() {
+        };
+        let d = pool.failover().tick(&m.key, now);
+        let leaving = d.iter().any(|x| matches!(x, Decision::Drop { .. }));
+        pool.apply(d);
+        if leaving || send.write_all(&seq.to_be_bytes()).await.is_err() {
             break;
         }
     }
@@ -238,19 +158,16 @@ pub struct Trusted {
     pub ticket: Option<(Vec<u8>, u64)>,
 }
 
-#[derive(Default)]
 pub struct Pool {
     members: RwLock<Vec<Arc<Member>>>,
-    active: RwLock<Option<DeviceKey>>,
-    /// Wakes the maintainer when a member leaves.
+    /// Which member carries new flows, and every member's health.
+    failover: Mutex<Failover>,
+    /// Wakes the maintainer when a member leaves or stalls.
     pub changed: Notify,
     /// Total bytes through the pool, both directions.
     pub total_bytes: AtomicU64,
-    pub strategy: select::Strategy,
     /// Sharers used successfully, by key.
     pub trusted: std::sync::Mutex<std::collections::HashMap<DeviceKey, Trusted>>,
-    /// How long open flows wait for a stalled member ([`STALL_GRACE`]).
-    pub stall_grace: Duration,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -281,28 +198,6 @@ pub struct MemberStatus {
 pub struct Status {
     pub active: Option<String>,
     pub pool: Vec<MemberStatus>,
-}
-
-/// How the selector sees a member. One whose uplink fails is not a
-/// candidate for new flows; loss is the worse of the link to it and its
-/// own uplink.
-fn view(m: &Member) -> View {
-    let probe_rtt = m.probe_rtt_us.load(Ordering::Relaxed);
-    let loss = m
-        .probe_loss_permille
-        .load(Ordering::Relaxed)
-        .max(m.uplink_loss_permille.load(Ordering::Relaxed));
-    View {
-        alive: m.tunnel.close_reason().is_none() && !m.uplink_failing() && !m.is_stalled(),
-        link_quality: m.link.quality(),
-        rtt: if probe_rtt > 0 {
-            Duration::from_micros(probe_rtt)
-        } else {
-            m.tunnel.rtt()
-        },
-        loss: loss.min(1000) as f64 / 1000.0,
-        band: m.band,
-    }
 }
 
 impl Pool {
@@ -367,19 +262,65 @@ impl Pool {
 
     pub fn new(strategy: select::Strategy, stall_grace: Duration) -> Pool {
         Pool {
-            strategy,
-            stall_grace,
-            ..Pool::default()
+            members: RwLock::default(),
+            failover: Mutex::new(Failover::new(strategy, stall_grace)),
+            changed: Notify::new(),
+            total_bytes: AtomicU64::new(0),
+            trusted: Default::default(),
+        }
+    }
+
+    /// Failover's state, for one decision (never held across an await or
+    /// while [`Pool::apply`] runs).
+    fn failover(&self) -> MutexGuard<'_, Failover> {
+        match self.failover.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn member(&self, key: &DeviceKey) -> Option<Arc<Member>> {
+        self.members
+            .read()
+            .ok()?
+            .iter()
+            .find(|m| m.key == *key)
+            .cloned()
+    }
+
+    fn name_of(&self, key: Option<DeviceKey>) -> Option<String> {
+        key.and_then(|k| self.member(&k)).map(|m| m.name.clone())
+    }
+
+    /// Carries out what failover decided.
+    fn apply(&self, decisions: Vec<Decision>) {
+        for d in decisions {
+            match d {
+                Decision::Stalled { key, silent } => {
+                    warn!(
+                        sharer = ?self.name_of(Some(key)),
+                        silent_ms = silent.as_millis() as u64,
+                        open_flows_wait_s = self.failover().stall_grace().as_secs_f64(),
+                        "sharer stalled: new flows move; open flows wait for it"
+                    );
+                    // A replacement, so the pool stays at its size meanwhile.
+                    self.changed.notify_one();
+                }
+                Decision::Resumed(key) => {
+                    info!(sharer = ?self.name_of(Some(key)), "stalled sharer answers again; its open flows carry on");
+                }
+                Decision::Drop { key, why } => self.remove(&key, &why),
+                Decision::Switched { from, to } => {
+                    info!(from = ?self.name_of(from), to = ?self.name_of(to), "active sharer changed");
+                }
+            }
         }
     }
 
     /// Members that take new flows (not stalled): what the maintainer
     /// keeps at the pool's size.
     pub fn serving(&self) -> usize {
-        self.members
-            .read()
-            .map(|m| m.iter().filter(|x| !x.is_stalled()).count())
-            .unwrap_or(0)
+        self.failover().serving()
     }
 
     pub fn keys(&self) -> Vec<DeviceKey> {
@@ -402,7 +343,13 @@ impl Pool {
         if let Ok(mut m) = self.members.write() {
             m.push(member.clone());
         }
-        self.reselect();
+        let d = self.failover().join(
+            member.key,
+            member.link.quality(),
+            member.band,
+            Instant::now(),
+        );
+        self.apply(d);
         tokio::spawn(probe(self.clone(), member.clone()));
         tokio::spawn(keep_ticket(self.clone(), member.clone()));
         let pool = self.clone();
@@ -421,55 +368,35 @@ impl Pool {
         if let Some(g) = gone {
             warn!(sharer = %g.name, reason = %why, "left the pool");
             g.tunnel.close();
-            self.reselect();
+            let d = self.failover().leave(key, Instant::now());
+            self.apply(d);
             self.changed.notify_one();
         }
     }
 
-    /// Recomputes the active member; logs a switch.
+    /// Lets failover choose again; the member new flows go to now.
     pub fn reselect(&self) -> Option<Arc<Member>> {
-        let members = self.members.read().ok()?.clone();
-        let views: Vec<View> = members.iter().map(|m| view(m)).collect();
-        let mut active = self.active.write().ok()?;
-        let current = active.and_then(|k| members.iter().position(|m| m.key == k));
-        let chosen = select::choose(&views, current, self.strategy, |n| {
-            if n == 0 { 0 } else { fastrand::usize(..n) }
-        });
-        let next = chosen.map(|i| members[i].clone());
-        let next_key = next.as_ref().map(|m| m.key);
-        if next_key != *active {
-            let from = active
-                .and_then(|k| members.iter().find(|m| m.key == k))
-                .map(|m| m.name.clone());
-            info!(from = ?from, to = ?next.as_ref().map(|m| m.name.clone()), "active sharer changed");
-            *active = next_key;
-        }
-        next
+        let d = self.failover().reselect(Instant::now());
+        self.apply(d);
+        self.active()
     }
 
     pub fn active(&self) -> Option<Arc<Member>> {
-        let key = (*self.active.read().ok()?)?;
-        self.members
-            .read()
-            .ok()?
-            .iter()
-            .find(|m| m.key == key)
-            .cloned()
+        let key = self.failover().active()?;
+        self.member(&key)
     }
 
-    /// The best live member other than those in `skip`.
+    /// The best member other than those in `skip`.
     fn next_best(&self, skip: &[DeviceKey]) -> Option<Arc<Member>> {
-        let members = self.members.read().ok()?.clone();
-        members
-            .into_iter()
-            .filter(|m| {
-                !skip.contains(&m.key) && m.tunnel.close_reason().is_none() && !m.is_stalled()
-            })
-            .max_by(|a, b| {
-                self.strategy
-                    .rank(&view(a))
-                    .total_cmp(&self.strategy.rank(&view(b)))
-            })
+        let key = self.failover().next_best(skip, Instant::now())?;
+        self.member(&key)
+            .filter(|m| m.tunnel.close_reason().is_none())
+    }
+
+    /// A flow through `m` failed in a way failover acts on.
+    fn flow_failed(&self, m: &Member, f: FlowFailure) {
+        let d = self.failover().flow_failed(&m.key, f, Instant::now());
+        self.apply(d);
     }
 
     /// Opens a flow through the active member. A lost tunnel moves on to the
@@ -501,7 +428,7 @@ impl Pool {
         while let Some(m) = next.take() {
             tried.push(m.key);
             // Optimistic data only through a member that answers probes now.
-            let wait = wait_reply || !m.fresh();
+            let wait = wait_reply || !self.failover().fresh(&m.key, Instant::now());
             let mut a = Box::pin(attempt(m.clone(), wait));
             let result: Result<Opened, (FlowError, Arc<Member>)> = if !wait {
                 a.await
@@ -530,28 +457,24 @@ impl Pool {
                     return Ok((s, r, m));
                 }
                 Err((FlowError::Lost(why), m)) => {
-                    self.remove(&m.key, &why);
+                    self.flow_failed(&m, FlowFailure::Lost(why.clone()));
                     last = FlowError::Lost(why);
                     next = self.next_best(&tried);
                 }
-                // The sharer has no route out (its uplink went away): the
-                // next member may well have one.
                 // Its ticket is spent (renewal did not come in time): a
                 // new connection brings a new ticket; the next member now.
                 Err((FlowError::Refused(reply::NOT_ALLOWED, why), m))
                     if why == bandshare_relay::wire::QUOTA_USED_UP =>
                 {
-                    self.remove(
-                        &m.key,
-                        "its ticket's byte quota is used up; reconnecting with a new ticket",
-                    );
+                    self.flow_failed(&m, FlowFailure::QuotaUsedUp);
                     last = FlowError::Refused(reply::NOT_ALLOWED, why);
                     next = self.next_best(&tried);
                 }
+                // The sharer has no route out (its uplink went away): the
+                // next member may well have one.
                 Err((e @ FlowError::Refused(reply::NETWORK_UNREACHABLE, _), m)) => {
                     warn!(sharer = %m.name, "sharer's network is unreachable; trying the next");
-                    m.avoid_for(UNREACHABLE_AVOID);
-                    self.reselect();
+                    self.flow_failed(&m, FlowFailure::Unreachable);
                     last = e;
                     next = self.next_best(&tried);
                 }
@@ -575,7 +498,9 @@ impl Pool {
 
     pub fn status(&self) -> Status {
         let members = self.members.read().map(|m| m.clone()).unwrap_or_default();
-        let active = self.active.read().ok().and_then(|a| *a);
+        let now = Instant::now();
+        let failover = self.failover();
+        let active = failover.active();
         Status {
             active: members
                 .iter()
@@ -584,23 +509,27 @@ impl Pool {
             pool: members
                 .iter()
                 .map(|m| {
-                    let v = view(m);
+                    let h = failover.health(&m.key);
+                    let rtt = h
+                        .map(|h| h.rtt)
+                        .filter(|r| !r.is_zero())
+                        .unwrap_or_else(|| m.tunnel.rtt());
                     MemberStatus {
                         sharer: m.name.clone(),
                         key: m.key.short(),
                         state: if m.tunnel.close_reason().is_some() {
                             "closed"
-                        } else if m.is_stalled() {
+                        } else if h.is_some_and(|h| h.stalled) {
                             "stalled"
-                        } else if m.uplink_failing() {
+                        } else if h.is_some_and(|h| h.uplink_failing(now)) {
                             "uplink-down"
                         } else {
                             "ready"
                         },
-                        rtt_ms: (v.rtt.as_secs_f64() * 1e5).round() / 100.0,
-                        loss: v.loss,
-                        uplink_loss: m.uplink_loss_permille.load(Ordering::Relaxed) as f64 / 1000.0,
-                        score: (select::score(&v) * 1000.0).round() / 1000.0,
+                        rtt_ms: (rtt.as_secs_f64() * 1e5).round() / 100.0,
+                        loss: h.map_or(0.0, |h| h.loss()),
+                        uplink_loss: h.map_or(0.0, |h| h.uplink.loss_permille as f64 / 1000.0),
+                        score: (failover.score(&m.key, now) * 1000.0).round() / 1000.0,
                         active: Some(m.key) == active,
                         distance: m.band.map(|b| b.to_string()).unwrap_or_default(),
                         network: m.network.map(|n| n.to_string()),
