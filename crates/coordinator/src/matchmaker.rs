@@ -202,10 +202,10 @@ impl MatchmakerService {
         let loc = req.location.unwrap_or_default();
         let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
         let conditions = req.conditions.unwrap_or_default();
-        let mut evidence = evidence;
         // How far the measuring point moved at most: the search reaches that
         // much further so no sharer inside the region is missed.
         let mut margin_m = 0.0;
+        let mut scene;
         {
             let mut guard = shared
                 .privacy
@@ -221,17 +221,14 @@ impl MatchmakerService {
                         Status::failed_precondition(r.to_string())
                     }
                 })?;
-            // Where positions are compared as points (outdoor, station),
-            // measure from this requester's fixed offset point; the car
-            // (vehicle) needs the true point and co-movement guards it.
+            // The scene, decided once; where it compares positions as
+            // points, measure from this requester's secret offset point.
+            scene = bandshare_matcher::decide_scene(&evidence, &shared.config.region)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             if let Some(fix) = evidence.fix
-                && let Ok(d) = bandshare_matcher::decide_scene(&evidence, &shared.config.region)
-                && matches!(
-                    d.scene,
-                    bandshare_core::Scene::Outdoor | bandshare_core::Scene::Station
-                )
+                && bandshare_matcher::measured_from_an_offset(scene.scene)
             {
-                evidence.fix = Some(guard.measuring_point(&requester, &fix));
+                scene = scene.centred_on(guard.measuring_point(&requester, &fix));
                 margin_m = shared.config.privacy.fuzz_max_m;
             }
         }
@@ -250,10 +247,7 @@ impl MatchmakerService {
             outcome,
             contacts,
             names,
-        } = shared
-            .registry
-            .rank(&query, &cfg)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        } = shared.registry.rank_in(&query, &cfg, scene);
 
         // Ask the top M at once; each answers within the deadline or not at all.
         let answers = async {

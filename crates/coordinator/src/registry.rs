@@ -4,7 +4,7 @@
 //! methods; no lock is held across an await.
 
 use bandshare_core::DeviceKey;
-use bandshare_matcher::{Index, MatchConfig, Outcome, Query, SharerId, SharerInfo};
+use bandshare_matcher::{Index, MatchConfig, Outcome, Query, SceneDecision, SharerId, SharerInfo};
 use bandshare_proto::v1;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -219,12 +219,24 @@ impl Registry {
         q: &Query,
         cfg: &MatchConfig,
     ) -> Result<Ranked, bandshare_matcher::region::NoLocation> {
+        let scene = bandshare_matcher::decide_scene(&q.evidence, &cfg.region)?;
+        Ok(self.rank_in(q, cfg, scene))
+    }
+
+    /// Ranks in a scene already decided (see `matcher::rank_in`).
+    pub fn rank_in(&self, q: &Query, cfg: &MatchConfig, scene: SceneDecision) -> Ranked {
         let Ok(g) = self.inner.read() else {
-            return Err(bandshare_matcher::region::NoLocation(
-                "registry unavailable".into(),
-            ));
+            return Ranked {
+                outcome: Outcome {
+                    scene,
+                    candidates: vec![],
+                    rejected: vec![],
+                },
+                contacts: vec![],
+                names: HashMap::new(),
+            };
         };
-        let outcome = bandshare_matcher::rank(&g.index, q, cfg)?;
+        let outcome = bandshare_matcher::rank_in(&g.index, q, cfg, scene);
         let contacts = outcome
             .candidates
             .iter()
@@ -241,11 +253,11 @@ impl Registry {
             .iter()
             .filter_map(|v| Some((v.id, g.index.get(v.id)?.name.to_string())))
             .collect();
-        Ok(Ranked {
+        Ranked {
             outcome,
             contacts,
             names,
-        })
+        }
     }
 
     /// The online sharer with device key `key`.

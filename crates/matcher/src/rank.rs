@@ -170,6 +170,17 @@ fn heard_by(index: &Index, keys: impl Iterator<Item = RadioKey>) -> Vec<SharerId
 
 pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLocation> {
     let scene = decide_scene(&q.evidence, &cfg.region)?;
+    Ok(rank_in(index, q, cfg, scene))
+}
+
+/// [`rank`] in a scene already decided (once per request: the coordinator
+/// decides it, then may move the region's centre for privacy).
+pub fn rank_in(
+    index: &Index,
+    q: &Query,
+    cfg: &MatchConfig,
+    scene: crate::SceneDecision,
+) -> Outcome {
     let mut c = Collect {
         q,
         candidates: Vec::with_capacity(64),
@@ -364,11 +375,11 @@ pub fn rank(index: &Index, q: &Query, cfg: &MatchConfig) -> Result<Outcome, NoLo
             }
         }
     }
-    Ok(Outcome {
+    Outcome {
         scene,
         candidates,
         rejected,
-    })
+    }
 }
 
 #[cfg(test)]

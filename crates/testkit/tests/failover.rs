@@ -388,10 +388,10 @@ async fn trusted_sharers_are_reached_directly_while_the_coordinator_is_down() {
     socks_get(r.socks(), "localhost", port, "/used")
         .await
         .expect("fetch");
-    // Using alice made her trusted; a spare ticket arrives from the coordinator.
+    // Using alice made her a known sharer; a spare ticket arrives from the coordinator.
     let pool = r.requester.pool.clone();
     assert!(
-        wait_until(Duration::from_secs(5), || pool.trusted_with_ticket() == 1).await,
+        wait_until(Duration::from_secs(5), || pool.known_with_ticket() == 1).await,
         "no spare ticket"
     );
 
@@ -409,7 +409,7 @@ async fn trusted_sharers_are_reached_directly_while_the_coordinator_is_down() {
     // The requester dials her directly with the spare ticket.
     let back = wait_until(Duration::from_secs(10), || pool.len() == 1).await;
     assert!(back, "no direct reconnect: {:?}", pool.status());
-    assert_eq!(pool.trusted_with_ticket(), 0, "the spare ticket was used");
+    assert_eq!(pool.known_with_ticket(), 0, "the spare ticket was used");
     let (status, _) = socks_get(r.socks(), "localhost", port, "/direct")
         .await
         .expect("fetch without a coordinator");

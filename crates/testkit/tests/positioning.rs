@@ -21,7 +21,7 @@ impl Drop for Gpsfake {
 fn start_gpsfake(log: &std::path::Path) -> Option<(Gpsfake, u16)> {
     if Command::new("gpsfake").arg("-h").output().is_err() {
         eprintln!(
-            "SKIP: gpsfake is not installed (apt install gpsd gpsd-clients, as .ci/test does)"
+            "SKIP: gpsfake is not installed (apt install gpsd gpsd-clients, as scripts/test does)"
         );
         return None;
     }

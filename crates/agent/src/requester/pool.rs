@@ -147,7 +147,7 @@ const RENEW_CHECK: Duration = Duration::from_millis(250);
 /// A sharer this requester used successfully: enough to dial it again
 /// without the coordinator, given a ticket refreshed while it was reachable.
 #[derive(Clone, Debug)]
-pub struct Trusted {
+pub struct KnownSharer {
     pub name: String,
     pub endpoint: std::net::SocketAddr,
     pub pin: [u8; 32],
@@ -167,7 +167,7 @@ pub struct Pool {
     /// Total bytes through the pool, both directions.
     pub total_bytes: AtomicU64,
     /// Sharers used successfully, by key.
-    pub trusted: std::sync::Mutex<std::collections::HashMap<DeviceKey, Trusted>>,
+    pub known: std::sync::Mutex<std::collections::HashMap<DeviceKey, KnownSharer>>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -210,12 +210,12 @@ impl Pool {
     }
 
     /// Remembers `m` as a sharer that served us (keeping any ticket held).
-    fn trust(&self, m: &Member) {
-        let Ok(mut t) = self.trusted.lock() else {
+    fn remember(&self, m: &Member) {
+        let Ok(mut t) = self.known.lock() else {
             return;
         };
         let fresh = !t.contains_key(&m.key);
-        let entry = t.entry(m.key).or_insert_with(|| Trusted {
+        let entry = t.entry(m.key).or_insert_with(|| KnownSharer {
             name: m.name.clone(),
             endpoint: m.endpoint,
             pin: m.pin,
@@ -236,7 +236,7 @@ impl Pool {
     /// Takes the spare ticket held for `key` if it is good for a while yet.
     fn take_spare(&self, key: &DeviceKey) -> Option<Vec<u8>> {
         let now = bandshare_core::clock::unix_now();
-        let mut t = self.trusted.lock().ok()?;
+        let mut t = self.known.lock().ok()?;
         let entry = t.get_mut(key)?;
         match &entry.ticket {
             Some((_, exp)) if *exp > now + 5 => entry.ticket.take().map(|(b, _)| b),
@@ -244,17 +244,17 @@ impl Pool {
         }
     }
 
-    /// Whether some trusted sharer has no spare ticket.
+    /// Whether some known sharer has no spare ticket.
     pub fn needs_ticket(&self) -> bool {
-        self.trusted
+        self.known
             .lock()
             .map(|t| t.values().any(|x| x.ticket.is_none()))
             .unwrap_or(false)
     }
 
-    /// Trusted sharers holding a spare ticket.
-    pub fn trusted_with_ticket(&self) -> usize {
-        self.trusted
+    /// KnownSharer sharers holding a spare ticket.
+    pub fn known_with_ticket(&self) -> usize {
+        self.known
             .lock()
             .map(|t| t.values().filter(|x| x.ticket.is_some()).count())
             .unwrap_or(0)
@@ -266,7 +266,7 @@ impl Pool {
             failover: Mutex::new(Failover::new(strategy, stall_grace)),
             changed: Notify::new(),
             total_bytes: AtomicU64::new(0),
-            trusted: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -453,7 +453,7 @@ impl Pool {
             match result {
                 Ok((s, r, m)) => {
                     m.flows.fetch_add(1, Ordering::Relaxed);
-                    self.trust(&m);
+                    self.remember(&m);
                     return Ok((s, r, m));
                 }
                 Err((FlowError::Lost(why), m)) => {

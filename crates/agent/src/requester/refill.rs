@@ -4,7 +4,7 @@
 //! make-before-break rotation when the device moves or changes scene.
 
 use super::RequesterOptions;
-use super::pool::{Member, Pool, Trusted};
+use super::pool::{KnownSharer, Member, Pool};
 use crate::coordinator;
 use crate::location::LocationSpec;
 use bandshare_core::{Backoff, DeviceKey, DistanceBand};
@@ -131,7 +131,7 @@ fn member(
     }
 }
 
-/// Fetches spare tickets for every trusted sharer; returns when to refresh
+/// Fetches spare tickets for every known sharer; returns when to refresh
 /// next (half the shortest ticket lifetime, at least 2 s).
 async fn refresh_tickets(
     url: &str,
@@ -139,7 +139,7 @@ async fn refresh_tickets(
     key: &SigningKey,
 ) -> Result<Duration, coordinator::CoordinatorError> {
     let keys: Vec<Vec<u8>> = pool
-        .trusted
+        .known
         .lock()
         .map(|t| t.keys().map(|k| k.0.to_vec()).collect())
         .unwrap_or_default();
@@ -163,7 +163,7 @@ async fn refresh_tickets(
         .into_inner();
     let now = unix_now();
     let mut next = Duration::from_secs(30);
-    if let Ok(mut t) = pool.trusted.lock() {
+    if let Ok(mut t) = pool.known.lock() {
         for o in resp.offers {
             let (Ok(k), Some(addr), Ok(pin)) = (
                 DeviceKey::from_slice(&o.sharer_key),
@@ -186,11 +186,11 @@ async fn refresh_tickets(
     Ok(next)
 }
 
-/// While the coordinator cannot be reached: dials trusted sharers that
+/// While the coordinator cannot be reached: dials known sharers that
 /// hold an unexpired spare ticket, up to `room` of them.
-async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
+async fn reconnect_known(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
     let now = unix_now();
-    let picks: Vec<(DeviceKey, Trusted, Vec<u8>)> = match pool.trusted.lock() {
+    let picks: Vec<(DeviceKey, KnownSharer, Vec<u8>)> = match pool.known.lock() {
         Ok(mut t) => t
             .iter_mut()
             .filter(|(k, x)| {
@@ -207,7 +207,7 @@ async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
     for (k, x, ticket) in picks {
         match Tunnel::connect(x.endpoint, x.pin, &ticket, key).await {
             Ok(tunnel) => {
-                info!(sharer = %x.name, "reconnected directly to a trusted sharer");
+                info!(sharer = %x.name, "reconnected directly to a known sharer");
                 pool.add(member(
                     x.name.clone(),
                     k,
@@ -220,7 +220,7 @@ async fn reconnect_trusted(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
                     &ticket,
                 ));
             }
-            Err(e) => warn!(sharer = %x.name, error = %e, "trusted sharer unreachable"),
+            Err(e) => warn!(sharer = %x.name, error = %e, "known sharer unreachable"),
         }
     }
 }
@@ -244,9 +244,9 @@ pub(super) async fn maintain(
     let mut refresh_at = tokio::time::Instant::now();
     let mut retry_at = refresh_at;
     loop {
-        // Keep a spare ticket for every trusted sharer while we can.
+        // Keep a spare ticket for every known sharer while we can.
         let needs_ticket = pool.needs_ticket();
-        // A sharer newly trusted is refreshed at once, but never more often
+        // A sharer newly known is refreshed at once, but never more often
         // than every 2 s (the coordinator may be down).
         let now = tokio::time::Instant::now();
         if (needs_ticket && now >= retry_at) || now >= refresh_at {
@@ -307,7 +307,7 @@ pub(super) async fn maintain(
                 }
                 Err(e) => {
                     rotate = moved;
-                    reconnect_trusted(&pool, &key, size.saturating_sub(pool.serving())).await;
+                    reconnect_known(&pool, &key, size.saturating_sub(pool.serving())).await;
                     let d = backoff.next_delay(fastrand::f64());
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
                     d
