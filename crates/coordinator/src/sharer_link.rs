@@ -121,7 +121,6 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let cfg = &shared.config;
         let (tx, rx) = mpsc::channel(64);
         tx.send(down(Down::Welcome(v1::Welcome {
-            coordinator_key: shared.signer().public_key().to_vec(),
             report_interval_ms: cfg.report_interval.as_millis() as u32,
             ping_interval_ms: cfg.ping_interval.as_millis() as u32,
             coordinator_keys: shared.ticket_keys(),
@@ -169,7 +168,7 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                                 .reports_received
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let batches = std::mem::take(&mut r.batches);
-                            apply_report(&shared, id, generation, key, r, now);
+                            apply_report(&shared, id, generation, r, now);
                             if !batches.is_empty() {
                                 tokio::spawn(record_batches(
                                     shared.clone(),
@@ -252,7 +251,6 @@ fn apply_report(
     shared: &Arc<Shared>,
     id: bandshare_matcher::SharerId,
     generation: u64,
-    key: DeviceKey,
     r: v1::StateReport,
     now: Instant,
 ) {
@@ -280,13 +278,4 @@ fn apply_report(
         }
         info.active_requesters = r.active_requesters;
     });
-    let rows = usage_rows(key, &r.usage);
-    if !rows.is_empty() {
-        let store = shared.store.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.record_usage(&rows, unix_now()) {
-                warn!(error = %e, "cannot record usage");
-            }
-        });
-    }
 }

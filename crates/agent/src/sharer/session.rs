@@ -175,10 +175,7 @@ async fn session(
         Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
         Err(s) => return Err(stream_error("coordinator", &s)),
     };
-    let mut keys = keys_of(&welcome.coordinator_keys);
-    if keys.is_empty() {
-        keys = keys_of(std::slice::from_ref(&welcome.coordinator_key));
-    }
+    let keys = keys_of(&welcome.coordinator_keys);
     if keys.is_empty() {
         return Err(AgentError::Other(
             "coordinator sent no 32-byte ticket key".into(),
@@ -272,7 +269,6 @@ async fn session(
                     location: Some(location.borrow_and_update().to_wire()),
                     link: Some(cv::link_to_wire(&link)),
                     active_requesters: relay.active_requesters(),
-                    usage: vec![],
                     batches: unacked.to_send(),
                 };
                 if tx.send(up(Up::Report(report))).await.is_err() {
