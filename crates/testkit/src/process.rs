@@ -166,3 +166,41 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Runs the binary at `exe` once with `args`, a fresh `XDG_DATA_HOME` and
+/// no `RUST_LOG`, plus `envs`, in `cwd` if given; returns what it printed.
+pub fn run_once(
+    exe: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    cwd: Option<&std::path::Path>,
+) -> std::process::Output {
+    let home = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env("XDG_DATA_HOME", home.path())
+        .env_remove("RUST_LOG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    cmd.output().expect("run the binary")
+}
+
+/// Asserts that `exe ARGS` fails with exactly one line on stderr, holding
+/// `needle`, and no panic: how bad input must look to a user.
+pub fn fails_with_one_line(exe: &str, args: &[&str], needle: &str) {
+    let out = run_once(exe, args, &[], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {:?} lacks {needle:?}",
+        lines[0]
+    );
+}
