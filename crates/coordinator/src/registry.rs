@@ -188,8 +188,9 @@ impl Registry {
         g.index.remove(id);
     }
 
-    /// The live position of the sharer called `name`, for operators' tools
-    /// and tests; never persisted.
+    /// The live position of the sharer called `name`, for tests; never
+    /// persisted (feature `introspect`).
+    #[cfg(feature = "introspect")]
     pub fn position_of(&self, name: &str) -> Option<bandshare_core::Position> {
         let g = self.inner.read().ok()?;
         g.handles
@@ -293,7 +294,9 @@ impl Registry {
     }
 
     /// Which sharer stream (id, generation) a pending access request went
-    /// to; lets an in-process sharer (benchmarks) answer as that stream.
+    /// to; lets an in-process sharer (benchmarks) answer as that stream
+    /// (feature `introspect`).
+    #[cfg(feature = "introspect")]
     pub fn pending_sharer(&self, request_id: u64) -> Option<(SharerId, u64)> {
         let p = self.pending.lock().ok()?;
         p.get(&request_id).map(|(id, g, _)| (*id, *g))
