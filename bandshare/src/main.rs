@@ -1,5 +1,6 @@
 //! `bandshare`: the one binary. It parses flags and calls the `run`
-//! functions of the crates; nothing else lives here.
+//! functions of the crates (`cli.rs`; `bench.rs` with the default `bench`
+//! feature); the demo (`demo.rs`) runs on `bandshare-local`.
 
 #[cfg(feature = "bench")]
 mod bench;

@@ -5,6 +5,7 @@
 //! - [`relay`]: bulk throughput and first-byte latency vs direct TCP and
 //!   shadowsocks-rust.
 //! - [`scale`]: many sharer streams on one coordinator process.
+//! - [`failover`]: a sharer killed or its link cut, to the first new flow.
 //!
 //! Benchmarks are not tests: nothing here asserts a speed. Every run prints
 //! a readable report to stderr and, with `--json`, one JSON object as the

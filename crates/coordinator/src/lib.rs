@@ -1,9 +1,10 @@
 //! The coordinator (`bandshare server`): gRPC services for sharers
 //! (`SharerLink`), requesters (`Matchmaker`) and operators (`Health`), the
-//! registry of online sharers, and an HTTP status endpoint.
+//! registry of online sharers, offers and tickets (`offer.rs`), the
+//! listeners' guards (`listen.rs`), and an HTTP status endpoint.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests
-//! start it on port 0 in-process (see `bandshare-testkit`). It never writes
+//! start it on port 0 in-process (see `bandshare-local`). It never writes
 //! live positions to disk; the store holds devices, keys and the ledger.
 
 pub mod config;

@@ -1,11 +1,17 @@
 //! The QUIC data plane (ALPN `bandshare/1`).
 //!
-//! - [`wire`]: the versioned hello and flow-header formats (pure codecs).
+//! - [`wire`]: the versioned hello, flow-header, renewal and probe formats
+//!   (pure codecs).
+//! - [`admit`]: who is let in, sans-I/O (proof of key, ticket, replay,
+//!   revocation, capacity, source slots).
+//! - [`limits`]: byte allowances and the rate, spent read by read.
+//! - [`state`]: the relay's shared state and the agent's [`RelayHandle`].
+//! - [`own`]: this machine's addresses, current at every dial.
+//! - [`serve`]: the async relay: accepts, admits, relays each flow to a
+//!   destination the egress policy allows, with half-close, and counts.
 //! - [`tls`]: self-signed relay certificates and pin verification.
-//! - [`serve`]: the sharer's relay: verifies tickets offline, applies the
-//!   egress policy to resolved addresses, dials, splices bytes both ways
-//!   with half-close, and counts bytes per requester.
-//! - [`tunnel`]: the requester's client: connect with a ticket, open flows.
+//! - [`tunnel`]: the requester's client: connect with a ticket, open flows,
+//!   renew the ticket.
 //!
 //! Tested end to end through `bandshare-testkit` (real QUIC on loopback) and
 //! by round-trip property tests of the codecs.

@@ -1,6 +1,8 @@
 //! `bandshare connect`: asks the coordinator for offers, keeps a pool of
 //! tunnels to several sharers, and serves local applications through SOCKS5,
-//! HTTP CONNECT, fixed port forwards and a `GET /status` endpoint.
+//! HTTP CONNECT, fixed port forwards and a `GET /status` endpoint. Failover
+//! is decided in `failover.rs`, carried out by `pool.rs`; refilling the
+//! pool is `refill.rs`.
 
 pub mod failover;
 pub mod pool;
