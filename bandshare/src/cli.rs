@@ -112,7 +112,7 @@ struct ServerArgs {
     tls_key: Option<PathBuf>,
 }
 
-/// Where the device is (shared by share, connect and offers).
+/// Where the device is (state by share, connect and offers).
 #[derive(Args, Debug, Clone)]
 struct LocationArgs {
     /// Position: LAT,LON[,ALT] in degrees (and metres); the fallback when
@@ -473,7 +473,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let dir = a.data.unwrap_or_else(|| default_data("server"));
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
-    let shared = bandshare_coordinator::Shared::new(config, store)?;
+    let state = bandshare_coordinator::State::new(config, store)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),
         _ if a.tls => Some(bandshare_coordinator::tls::self_signed(&dir)?),
@@ -502,7 +502,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
             info!(grpc = %grpc_addr, http = %http_addr, "bandshare coordinator starting (plaintext gRPC; --tls to encrypt)")
         }
     }
-    bandshare_coordinator::run_with(shared, grpc, Some(http), tls, shutdown_on_signal().wait())
+    bandshare_coordinator::run_with(state, grpc, Some(http), tls, shutdown_on_signal().wait())
         .await?;
     Ok(())
 }

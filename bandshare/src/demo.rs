@@ -146,7 +146,7 @@ pub async fn run() -> anyhow::Result<()> {
     println!("   new flows moved from {first} to {second}");
     print_pool(&r);
 
-    let ledger = cluster.coordinator.shared.store.clone();
+    let ledger = cluster.coordinator.state.store().clone();
     wait_until(Duration::from_secs(3), || {
         ledger.usage_rows().unwrap_or(0) > 0
     })

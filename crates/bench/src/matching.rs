@@ -14,7 +14,7 @@ use crate::redis::{RedisServer, Reply, Resp};
 use crate::stats::{Latencies, bar, rss_bytes};
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_coordinator::registry::{Handle, Registry};
-use bandshare_coordinator::{Config, Shared};
+use bandshare_coordinator::{Config, State};
 use bandshare_core::{DeviceKey, LinkState, NetworkType, Position, Service, ServiceSet};
 use bandshare_matcher::{MatchConfig, Query, RegionConfig, SharerInfo};
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
@@ -111,15 +111,15 @@ fn query(p: Position) -> Query {
 
 /// Answers every access request pushed to the bench sharers, at once.
 fn spawn_answerer(
-    shared: Arc<Shared>,
+    state: Arc<State>,
     mut rx: tokio::sync::mpsc::Receiver<Result<v1::CoordinatorMessage, tonic::Status>>,
 ) {
     tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.recv().await {
             if let Some(Down::AccessRequest(a)) = msg.msg
-                && let Some((id, generation)) = shared.registry.pending_sharer(a.request_id)
+                && let Some((id, generation)) = state.registry().pending_sharer(a.request_id)
             {
-                shared.registry.answer(
+                state.registry().answer(
                     id,
                     generation,
                     v1::AccessResponse {
@@ -232,10 +232,10 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     config.privacy.burst = 1e9;
     config.privacy.max_speed_mps = 1e9;
     config.privacy.slack_m = 1e12;
-    let shared = Shared::new(config, bandshare_store::Store::open(dir.path())?)?;
+    let state = State::new(config, bandshare_store::Store::open(dir.path())?)?;
     let (tx, rx) = tokio::sync::mpsc::channel(1 << 16);
     let before = rss_bytes(None);
-    let ids = load(&shared.registry, o.sharers, &mut rng, &tx);
+    let ids = load(state.registry(), o.sharers, &mut rng, &tx);
     let bytes_per_sharer = rss_bytes(None).saturating_sub(before) as f64 / o.sharers.max(1) as f64;
     eprintln!(
         "  {} sharers online, {:.0} bytes each (resident memory growth)",
@@ -250,7 +250,7 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     let (t0, mut n, mut found) = (Instant::now(), 0u64, 0usize);
     while t0.elapsed().as_secs_f64() < o.seconds {
         for _ in 0..100 {
-            let r = shared.registry.rank(&query(random_point(&mut rng)), &cfg);
+            let r = state.registry().rank(&query(random_point(&mut rng)), &cfg);
             found += r.map_or(0, |r| r.contacts.len());
             n += 1;
         }
@@ -268,8 +268,8 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
         for _ in 0..1000 {
             let (id, generation) = ids[rng.usize(..ids.len())];
             let p = random_point(&mut rng);
-            shared
-                .registry
+            state
+                .registry()
                 .update(id, generation, now, |i| i.position = p);
             u += 1;
         }
@@ -278,12 +278,12 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     eprintln!("  index: {updates_per_s:.0} position updates/s");
 
     // Full share requests through gRPC on loopback.
-    spawn_answerer(shared.clone(), rx);
+    spawn_answerer(state.clone(), rx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (trigger, shutdown) = bandshare_agent::Shutdown::new();
     let server = tokio::spawn(bandshare_coordinator::run(
-        shared.clone(),
+        state.clone(),
         listener,
         None,
         shutdown.wait(),

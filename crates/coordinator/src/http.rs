@@ -1,37 +1,34 @@
 //! The coordinator's HTTP side: `GET /healthz` and `GET /status` (JSON) for
 //! operators and scripts.
 
-use crate::Shared;
-use axum::{Json, Router, extract::State, routing::get};
+use crate::State;
+use axum::{Json, Router, extract, routing::get};
 use std::sync::Arc;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
-        .with_state(shared)
+        .with_state(state)
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    let store = shared.store.clone();
+async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde_json::Value> {
+    let store = state.store().clone();
     let devices = tokio::task::spawn_blocking(move || store.device_count().ok())
         .await
         .ok()
         .flatten();
-    Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "status": "serving",
-        "online_sharers": shared.registry.len(),
         "known_devices": devices,
-        "uptime_s": shared.started.elapsed().as_secs(),
-        "reports_received": shared.reports_received.load(std::sync::atomic::Ordering::Relaxed),
-        "share_requests": shared.share_requests.load(std::sync::atomic::Ordering::Relaxed),
-        "requests_shed": shared.shed.load(std::sync::atomic::Ordering::Relaxed),
-        "connections_refused": shared.grpc_sources.refused.load(std::sync::atomic::Ordering::Relaxed)
-            + shared.http_sources.refused.load(std::sync::atomic::Ordering::Relaxed),
-        "connections_silent": shared.grpc_sources.silent.load(std::sync::atomic::Ordering::Relaxed)
-            + shared.http_sources.silent.load(std::sync::atomic::Ordering::Relaxed),
-        "tls_pin": shared.tls_pin.get(),
-        "enroll": format!("{:?}", shared.config.enroll).to_lowercase(),
+        "tls_pin": state.tls_pin(),
+        "enroll": format!("{:?}", state.config().enroll).to_lowercase(),
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    });
+    if let (Some(o), Ok(serde_json::Value::Object(c))) =
+        (body.as_object_mut(), serde_json::to_value(state.counters()))
+    {
+        o.extend(c);
+    }
+    Json(body)
 }

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 /// clients speak first; so does every HTTP/1 client).
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections open per source address, shared by a listener's slots.
+/// Connections open per source address, state by a listener's slots.
 #[derive(Default)]
 pub struct Sources {
     open: Mutex<HashMap<IpAddr, u32>>,

@@ -5,7 +5,7 @@
 
 use crate::offer;
 use crate::registry::{self, Contact};
-use crate::{Shared, unix_now};
+use crate::{State, unix_now};
 use bandshare_core::DeviceKey;
 use bandshare_matcher::{MatchConfig, Query};
 use bandshare_proto::convert as cv;
@@ -16,18 +16,18 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub struct MatchmakerService {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: Arc<State>,
 }
 
 async fn ask(
-    shared: &Shared,
+    state: &State,
     c: &Contact,
     requester: &DeviceKey,
     conditions: &v1::Conditions,
     band: &str,
 ) -> offer::Answer {
-    let (request_id, rx) = shared.registry.expect_answer(c.id, c.handle.generation);
-    let deadline = shared.config.access_deadline;
+    let (request_id, rx) = state.registry().expect_answer(c.id, c.handle.generation);
+    let deadline = state.config().access_deadline;
     let req = v1::AccessRequest {
         request_id,
         requester_key: requester.0.to_vec(),
@@ -43,14 +43,14 @@ async fn ask(
         }))
         .is_ok();
     if !sent {
-        shared.registry.forget_answer(request_id);
+        state.registry().forget_answer(request_id);
         return offer::Answer::Silent;
     }
     match tokio::time::timeout(deadline, rx).await {
         Ok(Ok(resp)) if resp.accept => offer::Answer::Accepted(resp),
         Ok(Ok(resp)) => offer::Answer::Declined(resp.reason),
         _ => {
-            shared.registry.forget_answer(request_id);
+            state.registry().forget_answer(request_id);
             offer::Answer::Silent
         }
     }
@@ -67,34 +67,15 @@ fn random_nonce() -> [u8; 16] {
     n
 }
 
-/// Notes which sharers `requester` was offered (bounded: forgets everyone
-/// when it grows past 100,000 requesters).
-fn remember_offered(
-    shared: &Shared,
-    requester: &DeviceKey,
-    sharers: impl Iterator<Item = DeviceKey>,
-) {
-    if let Ok(mut m) = shared.offered.lock() {
-        if m.len() > 100_000 {
-            m.clear();
-        }
-        let set = m.entry(*requester).or_default();
-        set.extend(sharers);
-        if set.len() > 64 {
-            set.clear();
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl v1::matchmaker_server::Matchmaker for MatchmakerService {
     async fn refresh_tickets(
         &self,
         req: Request<v1::TicketRefresh>,
     ) -> Result<Response<v1::ShareResponse>, Status> {
-        let _permit = self.shared.admit_request()?;
+        let _permit = self.state.admit_request()?;
         let req = req.into_inner();
-        let shared = &self.shared;
+        let state = &self.state;
         let requester = self
             .proven(&req.requester_key, &req.proof, req.signed_at_unix)
             .await?;
@@ -103,26 +84,19 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
                 "at most 16 sharer keys per refresh",
             ));
         }
-        shared
-            .privacy
-            .lock()
-            .map_err(|_| Status::internal("privacy state poisoned"))?
-            .admit(&requester, None, std::time::Instant::now())
+        state
+            .privacy(|g| g.admit(&requester, None, std::time::Instant::now()))?
             .map_err(|r| Status::resource_exhausted(r.to_string()))?;
-        let allowed = shared
-            .offered
-            .lock()
-            .map(|m| m.get(&requester).cloned().unwrap_or_default())
-            .unwrap_or_default();
+        let allowed = state.offered_to(&requester);
         let contacts: Vec<Contact> = req
             .sharer_keys
             .iter()
             .filter_map(|k| DeviceKey::from_slice(k).ok())
             .filter(|k| allowed.contains(k))
-            .filter_map(|k| shared.registry.contact_of(&k))
+            .filter_map(|k| state.registry().contact_of(&k))
             .collect();
-        let terms = offer::Terms::new(&shared.config, &v1::Conditions::default(), unix_now());
-        let offers = offer::refreshed(&contacts, &terms, &shared.signer(), requester, random_nonce);
+        let terms = offer::Terms::new(state.config(), &v1::Conditions::default(), unix_now());
+        let offers = offer::refreshed(&contacts, &terms, &state.signer(), requester, random_nonce);
         debug!(
             asked = req.sharer_keys.len(),
             refreshed = offers.len(),
@@ -138,7 +112,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         &self,
         req: Request<v1::ShareRequest>,
     ) -> Result<Response<v1::ShareResponse>, Status> {
-        let _permit = self.shared.admit_request()?;
+        let _permit = self.state.admit_request()?;
         let req = req.into_inner();
         let requester = self
             .proven(&req.requester_key, &req.proof, req.signed_at_unix)
@@ -173,17 +147,11 @@ impl MatchmakerService {
     /// Refuses a revoked or (in approval mode) unapproved requester; the
     /// latter is recorded so the operator can approve it.
     async fn enrolled(&self, requester: &DeviceKey) -> Result<(), Status> {
-        let Err(denied) = self.shared.check_device(requester) else {
+        let Err(denied) = self.state.check_device(requester) else {
             return Ok(());
         };
-        let fresh = self
-            .shared
-            .known_requesters
-            .lock()
-            .map(|mut k| k.insert(*requester))
-            .unwrap_or(false);
-        if fresh {
-            let store = self.shared.store.clone();
+        if self.state.first_sight(requester) {
+            let store = self.state.store().clone();
             let key = *requester;
             let _ = tokio::task::spawn_blocking(move || {
                 store.upsert_device(&key, "requester", Role::Requester, crate::unix_now())
@@ -198,21 +166,16 @@ impl MatchmakerService {
         req: v1::ShareRequest,
         requester: DeviceKey,
     ) -> Result<Response<v1::ShareResponse>, Status> {
-        let shared = &self.shared;
+        let state = &self.state;
         let loc = req.location.unwrap_or_default();
         let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
         let conditions = req.conditions.unwrap_or_default();
         // How far the measuring point moved at most: the search reaches that
         // much further so no sharer inside the region is missed.
-        let mut margin_m = 0.0;
-        let mut scene;
-        {
-            let mut guard = shared
-                .privacy
-                .lock()
-                .map_err(|_| Status::internal("privacy state poisoned"))?;
+        let now_i = std::time::Instant::now();
+        let (scene, margin_m) = state.privacy(|guard| {
             guard
-                .admit(&requester, evidence.fix, std::time::Instant::now())
+                .admit(&requester, evidence.fix, now_i)
                 .map_err(|r| match r {
                     crate::privacy::Refusal::RateLimited { .. } => {
                         Status::resource_exhausted(r.to_string())
@@ -223,15 +186,16 @@ impl MatchmakerService {
                 })?;
             // The scene, decided once; where it compares positions as
             // points, measure from this requester's secret offset point.
-            scene = bandshare_matcher::decide_scene(&evidence, &shared.config.region)
+            let scene = bandshare_matcher::decide_scene(&evidence, &state.config().region)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if let Some(fix) = evidence.fix
-                && bandshare_matcher::measured_from_an_offset(scene.scene)
-            {
-                scene = scene.centred_on(guard.measuring_point(&requester, &fix));
-                margin_m = shared.config.privacy.fuzz_max_m;
-            }
-        }
+            Ok::<_, Status>(match evidence.fix {
+                Some(fix) if bandshare_matcher::measured_from_an_offset(scene.scene) => (
+                    scene.centred_on(guard.measuring_point(&requester, &fix)),
+                    state.config().privacy.fuzz_max_m,
+                ),
+                _ => (scene, 0.0),
+            })
+        })??;
         let query = Query {
             evidence,
             wanted: cv::services_from_wire(&conditions.services),
@@ -240,28 +204,28 @@ impl MatchmakerService {
             margin_m,
         };
         let cfg = MatchConfig {
-            region: shared.config.region.clone(),
-            fanout: shared.config.fanout,
+            region: state.config().region.clone(),
+            fanout: state.config().fanout,
         };
         let registry::Ranked {
             outcome,
             contacts,
             names,
-        } = shared.registry.rank_in(&query, &cfg, scene);
+        } = state.registry().rank_in(&query, &cfg, scene);
 
         // Ask the top M at once; each answers within the deadline or not at all.
         let answers = async {
             let asks = contacts
                 .iter()
                 .zip(&outcome.candidates)
-                .map(|(c, cand)| ask(shared, c, &requester, &conditions, cand.band.as_str()));
+                .map(|(c, cand)| ask(state, c, &requester, &conditions, cand.band.as_str()));
             futures::future::join_all(asks).await
         }
         .instrument(info_span!("access_fanout", asked = contacts.len()))
         .await;
 
         let now = unix_now();
-        let terms = offer::Terms::new(&shared.config, &conditions, now);
+        let terms = offer::Terms::new(state.config(), &conditions, now);
         let asked: Vec<(Contact, bandshare_matcher::Candidate, offer::Answer)> = contacts
             .into_iter()
             .zip(outcome.candidates.iter().cloned())
@@ -272,9 +236,9 @@ impl MatchmakerService {
         let (offers, mut explain) = offer::from_answers(
             &asked,
             &terms,
-            &shared.signer(),
+            &state.signer(),
             requester,
-            shared.config.access_deadline.as_millis(),
+            state.config().access_deadline.as_millis(),
             random_nonce,
         );
         if req.explain {
@@ -288,11 +252,8 @@ impl MatchmakerService {
         } else {
             explain.clear();
         }
-        shared
-            .share_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        remember_offered(
-            shared,
+        state.count_share_request();
+        state.remember_offered(
             &requester,
             offers
                 .iter()
@@ -305,13 +266,8 @@ impl MatchmakerService {
             "share request answered"
         );
         debug!(reason = %outcome.scene.reason, "scene decision");
-        let first_time = shared
-            .known_requesters
-            .lock()
-            .map(|mut k| k.insert(requester))
-            .unwrap_or(false);
-        if first_time {
-            let store = shared.store.clone();
+        if state.first_sight(&requester) {
+            let store = state.store().clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.upsert_device(&requester, "requester", Role::Requester, now) {
                     warn!(error = %e, "cannot record requester");

@@ -4,7 +4,7 @@
 //! The stream ending takes the sharer offline at once.
 
 use crate::registry::Handle;
-use crate::{Shared, unix_now};
+use crate::{State, unix_now};
 use bandshare_core::DeviceKey;
 use bandshare_matcher::SharerInfo;
 use bandshare_proto::convert as cv;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
 pub struct SharerLinkService {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: Arc<State>,
 }
 
 fn down(msg: Down) -> Result<v1::CoordinatorMessage, Status> {
@@ -90,10 +90,10 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         }
         let info = sharer_info(&hello)?;
         let name = hello.name.clone();
-        let shared = self.shared.clone();
-        if let Err(denied) = shared.check_device(&key) {
+        let state = self.state.clone();
+        if let Err(denied) = state.check_device(&key) {
             // Recorded, so an operator sees it in `bandshare admin list`.
-            let store = shared.store.clone();
+            let store = state.store().clone();
             let n = name.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 store.upsert_device(&key, &n, Role::Sharer, unix_now())
@@ -104,7 +104,7 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         }
         // A name belongs to the first admitted device that used it.
         let bound = {
-            let store = shared.store.clone();
+            let store = state.store().clone();
             let n = name.clone();
             tokio::task::spawn_blocking(move || store.bind_name(&n, &key, unix_now()))
                 .await
@@ -118,13 +118,13 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                 owner.short()
             )));
         }
-        let cfg = &shared.config;
+        let cfg = state.config();
         let (tx, rx) = mpsc::channel(64);
         tx.send(down(Down::Welcome(v1::Welcome {
             report_interval_ms: cfg.report_interval.as_millis() as u32,
             ping_interval_ms: cfg.ping_interval.as_millis() as u32,
-            coordinator_keys: shared.ticket_keys(),
-            revoked: shared.revoked(),
+            coordinator_keys: state.ticket_keys(),
+            revoked: state.revoked(),
         })))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;
@@ -136,10 +136,10 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             generation: 0,
             last_seen: Instant::now(),
         };
-        let (id, generation) = shared.registry.add(info, handle);
-        info!(sharer = %name, key = %key.short(), online = shared.registry.len(), "sharer online");
+        let (id, generation) = state.registry().add(info, handle);
+        info!(sharer = %name, key = %key.short(), online = state.registry().len(), "sharer online");
         {
-            let store = shared.store.clone();
+            let store = state.store().clone();
             let name = name.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = store.upsert_device(&key, &name, Role::Sharer, unix_now()) {
@@ -150,7 +150,7 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let span = info_span!("sharer_stream", sharer = %name);
         tokio::spawn(
             async move {
-                let registry = &shared.registry;
+                let registry = &state.registry();
                 let why = loop {
                     let msg = match inbound.message().await {
                         Ok(Some(m)) => m,
@@ -164,14 +164,12 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                             let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
                         }
                         Some(Up::Report(mut r)) => {
-                            shared
-                                .reports_received
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            state.count_report();
                             let batches = std::mem::take(&mut r.batches);
-                            apply_report(&shared, id, generation, r, now);
+                            apply_report(&state, id, generation, r, now);
                             if !batches.is_empty() {
                                 tokio::spawn(record_batches(
-                                    shared.clone(),
+                                    state.clone(),
                                     key,
                                     batches,
                                     tx.clone(),
@@ -200,12 +198,12 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
 /// Writes usage batches to the ledger, then acknowledges the ones that are
 /// durable; a batch seen before is acknowledged without counting it again.
 async fn record_batches(
-    shared: Arc<Shared>,
+    state: Arc<State>,
     sharer: DeviceKey,
     batches: Vec<v1::UsageBatch>,
     tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
 ) {
-    let store = shared.store.clone();
+    let store = state.store().clone();
     let acked = tokio::task::spawn_blocking(move || {
         let mut acked = vec![];
         for b in batches.into_iter().take(MAX_BATCHES_PER_REPORT) {
@@ -248,7 +246,7 @@ fn usage_rows(sharer: DeviceKey, usage: &[v1::Usage]) -> Vec<UsageRecord> {
 }
 
 fn apply_report(
-    shared: &Arc<Shared>,
+    state: &Arc<State>,
     id: bandshare_matcher::SharerId,
     generation: u64,
     r: v1::StateReport,
@@ -259,7 +257,7 @@ fn apply_report(
         .location
         .as_ref()
         .and_then(|l| crate::evidence::evidence(l).ok());
-    shared.registry.update(id, generation, now, |info| {
+    state.registry().update(id, generation, now, |info| {
         if let Some(ev) = ev {
             if let Some(p) = ev.fix {
                 info.position = p;

@@ -13,14 +13,11 @@
 //!   verifying until every ticket it signed has expired. No handshake fails
 //!   during a rotation.
 
-use crate::Shared;
-use crate::config::Enroll;
+use crate::State;
 use bandshare_core::{DeviceKey, TicketSigner};
-use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::Status;
 use tracing::{info, warn};
 
 /// How often the store is read for operators' changes.
@@ -44,7 +41,57 @@ pub struct Keys {
     pub next: Option<(Arc<TicketSigner>, Instant)>,
 }
 
+impl Trust {
+    /// Takes the decisions just read; returns the devices revoked since
+    /// the last read.
+    pub fn replace(&mut self, fresh: Trust) -> Vec<DeviceKey> {
+        let new = fresh.revoked.difference(&self.revoked).copied().collect();
+        *self = fresh;
+        new
+    }
+}
+
 impl Keys {
+    /// One step of a rotation at `now`, given the seeds in the store: a
+    /// newer seed is announced, an announced key starts signing after
+    /// [`PROPAGATION`] (the old one verifies for a ticket `lifetime` plus
+    /// clock skew more), and a previous key past its overlap is retired.
+    /// True when the keys sharers must accept changed.
+    pub fn advance(&mut self, seeds: &[Seed], now: Instant, lifetime: Duration) -> bool {
+        let mut changed = false;
+        if let Some((id, seed)) = seeds.last()
+            && *id != self.signer.key_id()
+            && self.next.as_ref().is_none_or(|(n, _)| n.key_id() != *id)
+        {
+            info!(key_id = id, "new signing key: announcing it to sharers");
+            self.next = Some((
+                Arc::new(TicketSigner::from_seed(seed, *id)),
+                now + PROPAGATION,
+            ));
+            changed = true;
+        }
+        if let Some((next, at)) = self.next.clone()
+            && now >= at
+        {
+            let overlap = lifetime + Duration::from_secs(bandshare_core::ticket::CLOCK_SKEW_S);
+            self.previous = Some((self.signer.public_key(), now + overlap));
+            info!(
+                key_id = next.key_id(),
+                overlap_s = overlap.as_secs(),
+                "new signing key signs now"
+            );
+            self.signer = next;
+            self.next = None;
+            changed = true;
+        }
+        if self.previous.is_some_and(|(_, until)| now >= until) {
+            info!("previous signing key retired");
+            self.previous = None;
+            changed = true;
+        }
+        changed
+    }
+
     /// Keys sharers must accept now: the signing one, the announced next
     /// one and the previous one still in its overlap.
     pub fn verifying(&self) -> Vec<[u8; 32]> {
@@ -55,67 +102,18 @@ impl Keys {
     }
 }
 
-impl Shared {
-    /// The key that signs tickets now.
-    pub fn signer(&self) -> Arc<TicketSigner> {
-        match self.keys.read() {
-            Ok(k) => k.signer.clone(),
-            Err(p) => p.into_inner().signer.clone(),
-        }
-    }
-
-    /// Every key whose tickets sharers must accept now.
-    pub fn ticket_keys(&self) -> Vec<Vec<u8>> {
-        self.keys
-            .read()
-            .map(|k| k.verifying().iter().map(|k| k.to_vec()).collect())
-            .unwrap_or_default()
-    }
-
-    /// Revoked device keys, for a sharer's welcome.
-    pub fn revoked(&self) -> Vec<Vec<u8>> {
-        self.trust
-            .read()
-            .map(|t| t.revoked.iter().map(|k| k.0.to_vec()).collect())
-            .unwrap_or_default()
-    }
-
-    /// Whether `key` may use the coordinator: `Err(PERMISSION_DENIED)` with
-    /// what to do about it.
-    pub fn check_device(&self, key: &DeviceKey) -> Result<(), Status> {
-        let t = self
-            .trust
-            .read()
-            .map_err(|_| Status::internal("trust state poisoned"))?;
-        if t.revoked.contains(key) {
-            return Err(Status::permission_denied(format!(
-                "device {} is revoked by the coordinator's operator",
-                key.short()
-            )));
-        }
-        if self.config.enroll == Enroll::Approve && !t.approved.contains(key) {
-            return Err(Status::permission_denied(format!(
-                "device {} is not approved yet: the operator runs `bandshare admin approve {}` on the coordinator",
-                key.short(),
-                key.short()
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Reads decisions and keys from the store (blocking).
 /// A key id and its seed.
 pub type Seed = (u8, [u8; 32]);
 
-fn read_store(shared: &Shared) -> Option<(Trust, Vec<Seed>)> {
-    let (approved, revoked) = shared
-        .store
+/// Reads decisions and keys from the store (blocking).
+pub fn read_store(state: &State) -> Option<(Trust, Vec<Seed>)> {
+    let (approved, revoked) = state
+        .store()
         .decisions()
         .map_err(|e| warn!(error = %e, "cannot read enrollment"))
         .ok()?;
-    let seeds = shared
-        .store
+    let seeds = state
+        .store()
         .signing_seeds(crate::unix_now(), || [0; 32])
         .map_err(|e| warn!(error = %e, "cannot read signing keys"))
         .ok()?;
@@ -128,95 +126,19 @@ fn read_store(shared: &Shared) -> Option<(Trust, Vec<Seed>)> {
     ))
 }
 
-fn send_all(shared: &Shared, msg: Down) {
-    for tx in shared.registry.outbound() {
-        let _ = tx.try_send(Ok(v1::CoordinatorMessage {
-            msg: Some(msg.clone()),
-        }));
-    }
-}
-
-/// One pass: apply what operators changed. Returns nothing; logs.
-pub fn apply(shared: &Shared, trust: Trust, seeds: &[Seed], now: Instant) {
-    // Enrollment.
-    let newly_revoked: Vec<DeviceKey> = match shared.trust.write() {
-        Ok(mut t) => {
-            let new: Vec<DeviceKey> = trust.revoked.difference(&t.revoked).copied().collect();
-            *t = trust;
-            new
-        }
-        Err(_) => vec![],
-    };
-    if !newly_revoked.is_empty() {
-        for k in &newly_revoked {
-            info!(device = %k.short(), "device revoked: telling every sharer");
-            shared
-                .registry
-                .end_stream(k, "device revoked by the operator");
-        }
-        send_all(
-            shared,
-            Down::Revoked(v1::Revoked {
-                keys: newly_revoked.iter().map(|k| k.0.to_vec()).collect(),
-            }),
-        );
-    }
-    // Keys.
-    let Ok(mut keys) = shared.keys.write() else {
-        return;
-    };
-    let mut changed = false;
-    if let Some((id, seed)) = seeds.last()
-        && *id != keys.signer.key_id()
-        && keys.next.as_ref().is_none_or(|(n, _)| n.key_id() != *id)
-    {
-        info!(key_id = id, "new signing key: announcing it to sharers");
-        keys.next = Some((
-            Arc::new(TicketSigner::from_seed(seed, *id)),
-            now + PROPAGATION,
-        ));
-        changed = true;
-    }
-    if let Some((next, at)) = keys.next.clone()
-        && now >= at
-    {
-        let overlap = shared.config.ticket_lifetime
-            + Duration::from_secs(bandshare_core::ticket::CLOCK_SKEW_S);
-        keys.previous = Some((keys.signer.public_key(), now + overlap));
-        info!(
-            key_id = next.key_id(),
-            overlap_s = overlap.as_secs(),
-            "new signing key signs now"
-        );
-        keys.signer = next;
-        keys.next = None;
-        changed = true;
-    }
-    if keys.previous.is_some_and(|(_, until)| now >= until) {
-        info!("previous signing key retired");
-        keys.previous = None;
-        changed = true;
-    }
-    if changed {
-        let list = keys.verifying().iter().map(|k| k.to_vec()).collect();
-        drop(keys);
-        send_all(shared, Down::TicketKeys(v1::TicketKeys { keys: list }));
-    }
-}
-
 /// Reads the store every [`POLL`] until `stop` fires.
-pub async fn watch(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn watch(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(POLL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let s = shared.clone();
+        let s = state.clone();
         let Ok(Some((trust, seeds))) = tokio::task::spawn_blocking(move || read_store(&s)).await
         else {
             continue;
         };
-        apply(&shared, trust, &seeds, Instant::now());
+        state.apply_decisions(trust, &seeds, Instant::now());
     }
 }

@@ -14,7 +14,7 @@ use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
 use bandshare_agent::shutdown::Trigger;
 use bandshare_agent::{Shutdown, identity};
-use bandshare_coordinator::{Config, Shared};
+use bandshare_coordinator::{Config, State};
 use bandshare_core::{DeviceKey, EgressPolicy, EgressRule, NetworkType, Position, ServiceSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,7 +73,7 @@ pub struct CoordinatorNode {
     pub url: String,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub state: Arc<State>,
     pub data_dir: tempfile::TempDir,
     trigger: Trigger,
     task: tokio::task::JoinHandle<()>,
@@ -97,12 +97,12 @@ impl CoordinatorNode {
         data_dir: tempfile::TempDir,
     ) -> anyhow::Result<CoordinatorNode> {
         let store = bandshare_store::Store::open(data_dir.path())?;
-        let shared = Shared::new(config, store)?;
+        let state = State::new(config, store)?;
         let grpc = tokio::net::TcpListener::bind(grpc).await?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
         let (trigger, shutdown) = Shutdown::new();
-        let s = shared.clone();
+        let s = state.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = bandshare_coordinator::run(s, grpc, Some(http), shutdown.wait()).await {
                 tracing::error!(error = %e, "coordinator failed");
@@ -112,7 +112,7 @@ impl CoordinatorNode {
             url: format!("http://{grpc_addr}"),
             grpc_addr,
             http_addr,
-            shared,
+            state,
             data_dir,
             trigger,
             task,
@@ -120,7 +120,7 @@ impl CoordinatorNode {
     }
 
     pub fn online(&self) -> usize {
-        self.shared.registry.len()
+        self.state.registry().len()
     }
 
     pub async fn stop(self) {
@@ -133,7 +133,7 @@ impl CoordinatorNode {
     pub async fn stop_keeping(self) -> (Config, SocketAddr, tempfile::TempDir) {
         self.trigger.fire();
         let _ = self.task.await;
-        (self.shared.config.clone(), self.grpc_addr, self.data_dir)
+        (self.state.config().clone(), self.grpc_addr, self.data_dir)
     }
 }
 

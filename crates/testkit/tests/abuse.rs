@@ -53,13 +53,7 @@ async fn overload_is_shed_with_resource_exhausted() {
         }
     }
     assert_eq!((ok, exhausted), (2, 10), "{results:?}");
-    assert_eq!(
-        c.coordinator
-            .shared
-            .shed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        10
-    );
+    assert_eq!(c.coordinator.state.counters().requests_shed, 10);
     // The load is gone: served again.
     c.ask(loc, ConditionSpec::default())
         .await

@@ -135,7 +135,7 @@ async fn curl_fetches_through_a_sharer_and_usage_is_recorded() {
     assert!(v["pool"].as_array().is_some_and(|p| p.len() == 2), "{v}");
 
     // The sharer reports usage; the coordinator's ledger records it.
-    let store = c.coordinator.shared.store.clone();
+    let store = c.coordinator.state.store().clone();
     let ok = wait_until(Duration::from_secs(5), || {
         store.usage_rows().unwrap_or(0) > 0
     })
@@ -242,7 +242,7 @@ async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
     );
     let me = bandshare_agent::identity::generate().expect("key");
     let my_key = DeviceKey(me.verifying_key().to_bytes());
-    let signer = c.coordinator.shared.signer();
+    let signer = c.coordinator.state.signer();
     let ticket = |sharer: DeviceKey, expires: u64| Ticket {
         key_id: 0,
         sharer,

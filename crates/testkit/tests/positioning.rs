@@ -128,8 +128,8 @@ async fn a_sharer_follows_gpsd_and_the_index_follows_it() {
     // The sharer's altitude came from the 3-D fix (44 m above mean sea level).
     let got_alt = wait_until(Duration::from_secs(2), || {
         c.coordinator
-            .shared
-            .registry
+            .state
+            .registry()
             .position_of("mobile")
             .is_some_and(|p| p.alt == Some(44.0))
     })
@@ -137,6 +137,6 @@ async fn a_sharer_follows_gpsd_and_the_index_follows_it() {
     assert!(
         got_alt,
         "{:?}",
-        c.coordinator.shared.registry.position_of("mobile")
+        c.coordinator.state.registry().position_of("mobile")
     );
 }

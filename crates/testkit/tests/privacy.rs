@@ -126,7 +126,7 @@ async fn live_positions_never_reach_the_disk() {
             .await
             .expect("fetch");
     assert!(status.contains("200"));
-    let ledger = c.coordinator.shared.store.clone();
+    let ledger = c.coordinator.state.store().clone();
     bandshare_testkit::wait_until(std::time::Duration::from_secs(5), || {
         ledger.usage_rows().unwrap_or(0) > 0
     })

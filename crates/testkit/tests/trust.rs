@@ -59,7 +59,7 @@ async fn approval_mode_refuses_devices_until_an_operator_approves_them() {
     })
     .await
     .expect("coordinator");
-    let store = node.shared.store.clone();
+    let store = node.state.store().clone();
 
     // A requester nobody approved is refused, told what to do, and listed.
     let me = identity::generate().expect("key");
@@ -123,7 +123,7 @@ async fn a_revoked_requester_is_cut_off_by_sharers_within_ten_seconds() {
         .expect("fetch before revocation");
     assert!(status.contains("200"), "{status}");
 
-    let store = c.coordinator.shared.store.clone();
+    let store = c.coordinator.state.store().clone();
     store
         .decide(&my_key, Decision::Revoked, now_unix())
         .expect("revoke");
@@ -149,7 +149,7 @@ async fn a_revoked_requester_is_cut_off_by_sharers_within_ten_seconds() {
     let err = ask(&c.coordinator.url, &me).await.expect_err("revoked");
     assert_eq!(err.status_code(), Some(tonic::Code::PermissionDenied));
     assert!(err.to_string().contains("revoked"), "{err}");
-    let ticket = c.coordinator.shared.signer().sign(bandshare_core::Ticket {
+    let ticket = c.coordinator.state.signer().sign(bandshare_core::Ticket {
         key_id: 0,
         sharer: alice.key,
         requester: my_key,
@@ -171,8 +171,8 @@ async fn key_rotation_fails_no_handshake() {
     let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
         .await
         .expect("cluster");
-    let shared = c.coordinator.shared.clone();
-    let old_signer = shared.signer();
+    let state = c.coordinator.state.clone();
+    let old_signer = state.signer();
     let old_id = old_signer.key_id();
     // Handshakes back to back: ask for an offer, dial it with its ticket.
     let url = c.coordinator.url.clone();
@@ -232,14 +232,11 @@ async fn key_rotation_fails_no_handshake() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut seed = [0u8; 32];
     bandshare_coordinator::random_seed(&mut seed).expect("rng");
-    let new_id = shared
-        .store
+    let new_id = state
+        .store()
         .add_signing_seed(seed, now_unix())
         .expect("rotate");
-    let rotated = wait_until(Duration::from_secs(5), || {
-        shared.signer().key_id() == new_id
-    })
-    .await;
+    let rotated = wait_until(Duration::from_secs(5), || state.signer().key_id() == new_id).await;
     assert!(rotated, "the new key never started signing");
     let (ok, failed, signed_by) = hammer.await.expect("hammer");
     eprintln!(
@@ -277,28 +274,13 @@ async fn key_rotation_fails_no_handshake() {
         dial(old_signer.sign(mk(1))).await.is_ok(),
         "old key in its overlap"
     );
-    let (trust_now, seeds) = {
-        let (a, r) = shared.store.decisions().expect("decisions");
-        let t = trust::Trust {
-            approved: a.into_iter().collect(),
-            revoked: r.into_iter().collect(),
-        };
-        let s: Vec<(u8, [u8; 32])> = shared
-            .store
-            .signing_seeds(now_unix(), || [0; 32])
-            .expect("seeds")
-            .into_iter()
-            .map(|(i, s)| (i, s.0))
-            .collect();
-        (t, s)
-    };
-    trust::apply(
-        &shared,
+    let (trust_now, seeds) = trust::read_store(&state).expect("store readable");
+    state.apply_decisions(
         trust_now,
         &seeds,
         Instant::now() + Duration::from_secs(3600),
     );
-    assert_eq!(shared.ticket_keys().len(), 1, "the old key is retired");
+    assert_eq!(state.ticket_keys().len(), 1, "the old key is retired");
     // The sharer hears of it at once: an old-key ticket is refused.
     let started = Instant::now();
     let mut nonce = 10u8;
@@ -316,7 +298,7 @@ async fn key_rotation_fails_no_handshake() {
         }
     }
     assert!(
-        dial(shared.signer().sign(mk(3))).await.is_ok(),
+        dial(state.signer().sign(mk(3))).await.is_ok(),
         "the new key verifies"
     );
 }
@@ -333,7 +315,7 @@ async fn a_revoked_sharer_goes_offline_and_stays_out() {
     .await
     .expect("cluster");
     let alice = c.sharer("alice").expect("alice").key;
-    let store = c.coordinator.shared.store.clone();
+    let store = c.coordinator.state.store().clone();
     store
         .decide(&alice, Decision::Revoked, now_unix())
         .expect("revoke");

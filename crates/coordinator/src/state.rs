@@ -1,0 +1,338 @@
+//! [`State`]: what every service of one coordinator shares — its
+//! configuration, the registry of online sharers, the store, the ticket
+//! keys and enrollment decisions, the privacy guard and the counters
+//! `/status` shows. Fields are private; services go through the methods
+//! below, so each rule (admission, who may refresh which ticket, who is
+//! trusted) is written once.
+
+use crate::config::{Config, Enroll};
+use crate::registry::Registry;
+use crate::trust::{Keys, Seed, Trust};
+use crate::{ServerError, listen, privacy};
+use bandshare_core::{DeviceKey, TicketSigner};
+use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
+use bandshare_store::Store;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+use tonic::Status;
+use tracing::info;
+
+/// Requesters whose offered sharers are remembered at most (then all are
+/// forgotten at once), and sharers remembered per requester.
+const OFFERED_REQUESTERS: usize = 100_000;
+const OFFERED_PER_REQUESTER: usize = 64;
+
+pub struct State {
+    config: Config,
+    registry: Registry,
+    store: Store,
+    /// Ticket-signing keys (see [`crate::trust`]).
+    keys: RwLock<Keys>,
+    /// Enrollment decisions (see [`crate::trust`]).
+    trust: RwLock<Trust>,
+    started: Instant,
+    /// State reports processed since start.
+    reports_received: AtomicU64,
+    /// Share requests answered since start.
+    share_requests: AtomicU64,
+    /// Requesters seen since start (recorded in the store once each).
+    known_requesters: Mutex<HashSet<DeviceKey>>,
+    /// Rate limits, plausibility and measuring offsets per requester.
+    privacy: Mutex<privacy::Guard>,
+    /// Sharers offered to each requester: the only ones whose tickets it
+    /// may refresh.
+    offered: Mutex<HashMap<DeviceKey, HashSet<DeviceKey>>>,
+    /// Permits for requests in flight (`server.max_inflight_requests`).
+    inflight: tokio::sync::Semaphore,
+    /// Requests refused because every permit was taken.
+    shed: AtomicU64,
+    /// SHA-256 of the gRPC TLS certificate, hex, when serving TLS.
+    tls_pin: OnceLock<String>,
+    /// Connections per source address on each listener (see [`listen`]).
+    grpc_sources: Arc<listen::Sources>,
+    http_sources: Arc<listen::Sources>,
+}
+
+/// What `/status` and `Health.Check` report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Counters {
+    pub online_sharers: usize,
+    pub uptime_s: u64,
+    pub reports_received: u64,
+    pub share_requests: u64,
+    pub requests_shed: u64,
+    pub connections_refused: u64,
+    pub connections_silent: u64,
+}
+
+/// The listener a connection arrived on.
+#[derive(Debug, Clone, Copy)]
+pub enum Listener {
+    Grpc,
+    Http,
+}
+
+impl State {
+    /// Opens the coordinator's state over `store`: its signing keys (made on
+    /// first start), the privacy secret derived from them, and the
+    /// operators' decisions.
+    pub fn new(config: Config, store: Store) -> Result<Arc<State>, ServerError> {
+        let mut fresh_err = false;
+        let seeds = store.signing_seeds(crate::unix_now(), || {
+            let mut s = [0u8; 32];
+            fresh_err = crate::random_seed(&mut s).is_err();
+            s
+        })?;
+        if fresh_err {
+            return Err(ServerError::Rng);
+        }
+        let (Some((_, first)), Some((key_id, seed))) = (seeds.first(), seeds.last()) else {
+            return Err(ServerError::Rng);
+        };
+        // The offsets' secret comes from the first signing seed, domain-
+        // separated, so it survives restarts and key rotations without
+        // another stored secret.
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"bandshare privacy offsets v1\0");
+        ctx.update(&first.0);
+        let privacy_secret = ctx.finish();
+        // After a restart, the key before the newest still verifies for one
+        // ticket lifetime: tickets it signed may still be in use.
+        let previous = (seeds.len() >= 2).then(|| {
+            let (id, s) = &seeds[seeds.len() - 2];
+            (
+                TicketSigner::from_seed(&s.0, *id).public_key(),
+                Instant::now() + config.ticket_lifetime,
+            )
+        });
+        let (approved, revoked) = store.decisions()?;
+        Ok(Arc::new(State {
+            privacy: Mutex::new(privacy::Guard::new(
+                config.privacy.clone(),
+                privacy_secret.as_ref(),
+            )),
+            keys: RwLock::new(Keys {
+                signer: Arc::new(TicketSigner::from_seed(&seed.0, *key_id)),
+                previous,
+                next: None,
+            }),
+            trust: RwLock::new(Trust {
+                approved: approved.into_iter().collect(),
+                revoked: revoked.into_iter().collect(),
+            }),
+            registry: Registry::default(),
+            store,
+            started: Instant::now(),
+            reports_received: Default::default(),
+            share_requests: Default::default(),
+            known_requesters: Mutex::default(),
+            offered: Mutex::default(),
+            inflight: tokio::sync::Semaphore::new(config.max_inflight_requests as usize),
+            shed: Default::default(),
+            tls_pin: Default::default(),
+            grpc_sources: Default::default(),
+            http_sources: Default::default(),
+            config,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The online sharers.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The SQLite store (devices, keys, ledger). Its calls block: use it
+    /// from `spawn_blocking`.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A permit to handle one request, or RESOURCE_EXHAUSTED at once when
+    /// `server.max_inflight_requests` are already in flight: load is shed,
+    /// never queued without bound.
+    pub fn admit_request(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.inflight.try_acquire().map_err(|_| {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            Status::resource_exhausted(format!(
+                "coordinator overloaded: {} requests in flight; retry with backoff",
+                self.config.max_inflight_requests
+            ))
+        })
+    }
+
+    /// Runs `f` with the privacy guard (rate limits, plausibility, offsets).
+    pub fn privacy<R>(&self, f: impl FnOnce(&mut privacy::Guard) -> R) -> Result<R, Status> {
+        let mut g = self
+            .privacy
+            .lock()
+            .map_err(|_| Status::internal("privacy state poisoned"))?;
+        Ok(f(&mut g))
+    }
+
+    /// Notes which sharers `requester` was offered (bounded: forgets
+    /// everyone when too many requesters are remembered).
+    pub fn remember_offered(
+        &self,
+        requester: &DeviceKey,
+        sharers: impl Iterator<Item = DeviceKey>,
+    ) {
+        if let Ok(mut m) = self.offered.lock() {
+            if m.len() > OFFERED_REQUESTERS {
+                m.clear();
+            }
+            let set = m.entry(*requester).or_default();
+            set.extend(sharers);
+            if set.len() > OFFERED_PER_REQUESTER {
+                set.clear();
+            }
+        }
+    }
+
+    /// The sharers `requester` was offered: the only ones whose tickets it
+    /// may refresh.
+    pub fn offered_to(&self, requester: &DeviceKey) -> HashSet<DeviceKey> {
+        self.offered
+            .lock()
+            .map(|m| m.get(requester).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// True the first time `requester` is seen since start.
+    pub fn first_sight(&self, requester: &DeviceKey) -> bool {
+        self.known_requesters
+            .lock()
+            .map(|mut k| k.insert(*requester))
+            .unwrap_or(false)
+    }
+
+    pub fn count_report(&self) {
+        self.reports_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_share_request(&self) {
+        self.share_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn counters(&self) -> Counters {
+        let both = |f: fn(&listen::Sources) -> &AtomicU64| {
+            f(&self.grpc_sources).load(Ordering::Relaxed)
+                + f(&self.http_sources).load(Ordering::Relaxed)
+        };
+        Counters {
+            online_sharers: self.registry.len(),
+            uptime_s: self.started.elapsed().as_secs(),
+            reports_received: self.reports_received.load(Ordering::Relaxed),
+            share_requests: self.share_requests.load(Ordering::Relaxed),
+            requests_shed: self.shed.load(Ordering::Relaxed),
+            connections_refused: both(|s| &s.refused),
+            connections_silent: both(|s| &s.silent),
+        }
+    }
+
+    /// Connections per source on one listener.
+    pub fn sources(&self, l: Listener) -> Arc<listen::Sources> {
+        match l {
+            Listener::Grpc => self.grpc_sources.clone(),
+            Listener::Http => self.http_sources.clone(),
+        }
+    }
+
+    pub fn set_tls_pin(&self, pin: String) {
+        let _ = self.tls_pin.set(pin);
+    }
+
+    pub fn tls_pin(&self) -> Option<&str> {
+        self.tls_pin.get().map(String::as_str)
+    }
+
+    /// The key that signs tickets now.
+    pub fn signer(&self) -> Arc<TicketSigner> {
+        match self.keys.read() {
+            Ok(k) => k.signer.clone(),
+            Err(p) => p.into_inner().signer.clone(),
+        }
+    }
+
+    /// Every key whose tickets sharers must accept now.
+    pub fn ticket_keys(&self) -> Vec<Vec<u8>> {
+        self.keys
+            .read()
+            .map(|k| k.verifying().iter().map(|k| k.to_vec()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Revoked device keys, for a sharer's welcome.
+    pub fn revoked(&self) -> Vec<Vec<u8>> {
+        self.trust
+            .read()
+            .map(|t| t.revoked.iter().map(|k| k.0.to_vec()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `key` may use the coordinator: `Err(PERMISSION_DENIED)` with
+    /// what to do about it.
+    pub fn check_device(&self, key: &DeviceKey) -> Result<(), Status> {
+        let t = self
+            .trust
+            .read()
+            .map_err(|_| Status::internal("trust state poisoned"))?;
+        if t.revoked.contains(key) {
+            return Err(Status::permission_denied(format!(
+                "device {} is revoked by the coordinator's operator",
+                key.short()
+            )));
+        }
+        if self.config.enroll == Enroll::Approve && !t.approved.contains(key) {
+            return Err(Status::permission_denied(format!(
+                "device {} is not approved yet: the operator runs `bandshare admin approve {}` on the coordinator",
+                key.short(),
+                key.short()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies what operators changed in the store (see
+    /// [`crate::trust::watch`]): newly revoked devices are cut off and every
+    /// sharer is told; signing keys advance through their rotation and
+    /// sharers get the new list.
+    pub fn apply_decisions(&self, trust: Trust, seeds: &[Seed], now: Instant) {
+        let newly_revoked = match self.trust.write() {
+            Ok(mut t) => t.replace(trust),
+            Err(_) => vec![],
+        };
+        if !newly_revoked.is_empty() {
+            for k in &newly_revoked {
+                info!(device = %k.short(), "device revoked: telling every sharer");
+                self.registry
+                    .end_stream(k, "device revoked by the operator");
+            }
+            self.tell_every_sharer(Down::Revoked(v1::Revoked {
+                keys: newly_revoked.iter().map(|k| k.0.to_vec()).collect(),
+            }));
+        }
+        let list = match self.keys.write() {
+            Ok(mut keys) => keys
+                .advance(seeds, now, self.config.ticket_lifetime)
+                .then(|| keys.verifying().iter().map(|k| k.to_vec()).collect()),
+            Err(_) => None,
+        };
+        if let Some(keys) = list {
+            self.tell_every_sharer(Down::TicketKeys(v1::TicketKeys { keys }));
+        }
+    }
+
+    fn tell_every_sharer(&self, msg: Down) {
+        for tx in self.registry.outbound() {
+            let _ = tx.try_send(Ok(v1::CoordinatorMessage {
+                msg: Some(msg.clone()),
+            }));
+        }
+    }
+}
