@@ -6,7 +6,7 @@ use bandshare_agent::location::{self, ConditionSpec, LocationSpec};
 use bandshare_agent::requester::{Forward, Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
-use bandshare_agent::{Shutdown, coordinator, identity};
+use bandshare_agent::{Shutdown, client, identity};
 use bandshare_core::{EgressPolicy, EgressRule, NetworkType, Position, Scene, ServiceSet};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -203,7 +203,7 @@ fn parse_router(s: &str) -> Result<String, String> {
 
 impl LocationArgs {
     /// The live sources; errors when there is nothing to locate by.
-    fn sources(&self) -> anyhow::Result<bandshare_agent::position::Sources> {
+    fn sources(&self) -> anyhow::Result<bandshare_agent::location::Sources> {
         let any = self.at.is_some()
             || self.gpsd.is_some()
             || !self.wifi.is_empty()
@@ -214,7 +214,7 @@ impl LocationArgs {
             any,
             "no location: give --at LAT,LON, --gpsd HOST:PORT, --wifi, --wifi-scan IFACE, --cell or --router"
         );
-        Ok(bandshare_agent::position::Sources {
+        Ok(bandshare_agent::location::Sources {
             gpsd: self.gpsd.clone(),
             wifi_scan: self.wifi_scan.clone(),
         })
@@ -570,8 +570,8 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
 async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
     bandshare_core::name::check_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-    a.server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
-    coordinator::normalize_url(&a.server)?;
+    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
+    client::normalize_url(&a.server)?;
     let dir = a
         .data
         .clone()
@@ -620,8 +620,8 @@ async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
 
 async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
     init_logs("info");
-    a.server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
-    coordinator::normalize_url(&a.server)?;
+    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
+    client::normalize_url(&a.server)?;
     let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
@@ -683,7 +683,7 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
     if sources.is_live() {
         // One reading from the live sources, waited for at most 5 s.
         let (_stop, shutdown) = Shutdown::new();
-        let mut rx = bandshare_agent::position::start(here.clone(), &sources, shutdown);
+        let mut rx = bandshare_agent::location::start(here.clone(), &sources, shutdown);
         let want_fix = sources.gpsd.is_some();
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(5),
@@ -694,11 +694,11 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
         .await;
         here = rx.borrow().clone();
     }
-    let server = coordinator::with_pin(&a.server, a.server_pin.as_deref());
-    let channel = coordinator::connect(&server).await?;
-    let resp = coordinator::share_request(
+    let server = client::with_pin(&a.server, a.server_pin.as_deref());
+    let channel = client::connect(&server).await?;
+    let resp = client::share_request(
         channel,
-        coordinator::share_request_from(&key, &here, &a.want.spec(), a.explain),
+        client::share_request_from(&key, &here, &a.want.spec(), a.explain),
     )
     .await?;
     if a.json {

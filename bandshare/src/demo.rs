@@ -89,7 +89,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     let want: bandshare_core::ServiceSet = [Service::Hotspot].into_iter().collect();
     println!("\n1. A requester at the centre asks for offers (wants: hotspot)");
-    let ch = bandshare_agent::coordinator::connect(&cluster.coordinator.url).await?;
+    let ch = bandshare_agent::client::connect(&cluster.coordinator.url).await?;
     let probe_key = bandshare_agent::identity::generate()?;
     let location = LocationSpec {
         at: Some(center()),
@@ -100,9 +100,9 @@ pub async fn run() -> anyhow::Result<()> {
         network: None,
         max_offers: 0,
     };
-    let resp = bandshare_agent::coordinator::share_request(
+    let resp = bandshare_agent::client::share_request(
         ch,
-        bandshare_agent::coordinator::share_request_from(&probe_key, &location, &conditions, true),
+        bandshare_agent::client::share_request_from(&probe_key, &location, &conditions, true),
     )
     .await?;
     println!("{}", indent(&crate::render::offers_table(&resp, true)));

@@ -7,15 +7,14 @@
 //!   tunnels, the active choice, and the local SOCKS5 / HTTP CONNECT proxy,
 //!   port forwards and `GET /status`.
 //!
-//! Shared pieces: device [`identity`], the [`coordinator`] client and
+//! Shared pieces: device [`identity`], the coordinator [`client`] and
 //! [`location`] flags. Pure decisions (consent, probe statistics, pool
 //! choice, SOCKS parsing) are plain functions with unit tests; the async
 //! shells are tested end to end through `bandshare-testkit`.
 
-pub mod coordinator;
+pub mod client;
 pub mod identity;
 pub mod location;
-pub mod position;
 pub mod probe;
 pub mod requester;
 pub mod sharer;
@@ -26,7 +25,7 @@ pub use shutdown::Shutdown;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Coordinator(#[from] coordinator::CoordinatorError),
+    Coordinator(#[from] client::CoordinatorError),
     #[error("device identity: {0}")]
     Identity(#[from] identity::IdentityError),
     #[error("relay: {0}")]

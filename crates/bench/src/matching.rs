@@ -148,7 +148,7 @@ pub async fn share_load(
         let url = url.to_string();
         clients.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(seed + c as u64);
-            let ch = bandshare_agent::coordinator::connect(&url).await?;
+            let ch = bandshare_agent::client::connect(&url).await?;
             let key = bandshare_agent::identity::generate()?;
             let (mut lat, mut offers) = (Latencies::default(), 0usize);
             let cond = ConditionSpec {
@@ -161,10 +161,9 @@ pub async fn share_load(
                     at: Some(random_point(&mut rng)),
                     ..Default::default()
                 };
-                let req =
-                    bandshare_agent::coordinator::share_request_from(&key, &loc, &cond, false);
+                let req = bandshare_agent::client::share_request_from(&key, &loc, &cond, false);
                 let t = Instant::now();
-                let resp = bandshare_agent::coordinator::share_request(ch.clone(), req).await?;
+                let resp = bandshare_agent::client::share_request(ch.clone(), req).await?;
                 lat.push(t.elapsed());
                 offers += resp.offers.len();
             }

@@ -162,7 +162,7 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     let url = format!("http://127.0.0.1:{port}");
     let mut probe = None;
     for _ in 0..100 {
-        if let Ok(ch) = bandshare_agent::coordinator::connect(&url).await
+        if let Ok(ch) = bandshare_agent::client::connect(&url).await
             && health(&ch).await.is_ok()
         {
             probe = Some(ch);
@@ -175,7 +175,7 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
 
     let mut channels = vec![];
     for _ in 0..o.connections {
-        channels.push(bandshare_agent::coordinator::connect(&url).await?);
+        channels.push(bandshare_agent::client::connect(&url).await?);
     }
     let sent = Arc::new(AtomicU64::new(0));
     let gate = Arc::new(Semaphore::new(256));

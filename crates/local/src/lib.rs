@@ -281,7 +281,7 @@ impl SharerNode {
             server: coordinator_url.to_string(),
             name: spec.name.clone(),
             location: spec.location(),
-            sources: bandshare_agent::position::Sources {
+            sources: bandshare_agent::location::Sources {
                 gpsd: spec.gpsd.clone(),
                 wifi_scan: None,
             },
@@ -403,10 +403,10 @@ impl Cluster {
         location: LocationSpec,
         conditions: ConditionSpec,
     ) -> anyhow::Result<bandshare_proto::v1::ShareResponse> {
-        let ch = bandshare_agent::coordinator::connect(&self.coordinator.url).await?;
-        Ok(bandshare_agent::coordinator::share_request(
+        let ch = bandshare_agent::client::connect(&self.coordinator.url).await?;
+        Ok(bandshare_agent::client::share_request(
             ch,
-            bandshare_agent::coordinator::share_request_from(key, &location, &conditions, true),
+            bandshare_agent::client::share_request_from(key, &location, &conditions, true),
         )
         .await?)
     }

@@ -22,7 +22,7 @@ impl MuteSharer {
     /// Attaches as sharer `name` at the centre with a relay nobody can dial.
     pub async fn attach(url: &str, name: &str) -> anyhow::Result<MuteSharer> {
         use bandshare_proto::v1;
-        let ch = bandshare_agent::coordinator::connect(url).await?;
+        let ch = bandshare_agent::client::connect(url).await?;
         let mut client = v1::sharer_link_client::SharerLinkClient::new(ch);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let key = identity::generate()?;

@@ -40,7 +40,7 @@ async fn overload_is_shed_with_resource_exhausted() {
             Ok(_) => ok += 1,
             Err(e) => {
                 let status = e
-                    .downcast_ref::<bandshare_agent::coordinator::CoordinatorError>()
+                    .downcast_ref::<bandshare_agent::client::CoordinatorError>()
                     .and_then(|ce| ce.status_code());
                 assert_eq!(
                     status,

@@ -2,7 +2,7 @@
 //! with QUIC relays, a requester with its SOCKS5 / HTTP CONNECT port, real
 //! curl, and a local HTTP target reachable only through `--allow-egress`.
 
-use bandshare_agent::coordinator;
+use bandshare_agent::client;
 use bandshare_coordinator::Config;
 use bandshare_core::{DeviceKey, NetworkType, Ticket, TicketSigner};
 use bandshare_proto::v1;
@@ -61,7 +61,7 @@ fn now() -> u64 {
 }
 
 async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> v1::ShareResponse {
-    let ch = coordinator::connect(&cluster.coordinator.url)
+    let ch = client::connect(&cluster.coordinator.url)
         .await
         .expect("connect");
     let key = bandshare_agent::identity::generate().expect("key");
@@ -74,9 +74,9 @@ async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> 
         at: Some(center()),
         ..Default::default()
     };
-    coordinator::share_request(
+    client::share_request(
         ch,
-        bandshare_agent::coordinator::share_request_from(&key, &loc, &cond, true),
+        bandshare_agent::client::share_request_from(&key, &loc, &cond, true),
     )
     .await
     .expect("share request")

@@ -2,7 +2,7 @@
 //! the coordinator reads operators' decisions from its SQLite store (what
 //! `bandshare admin` writes) and sharers act on them.
 
-use bandshare_agent::coordinator::CoordinatorError;
+use bandshare_agent::client::CoordinatorError;
 use bandshare_agent::identity;
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_coordinator::config::Enroll;
@@ -36,15 +36,15 @@ fn now_unix() -> u64 {
 }
 
 async fn ask(url: &str, key: &ed25519_dalek::SigningKey) -> Result<usize, CoordinatorError> {
-    let ch = bandshare_agent::coordinator::connect(url).await?;
-    let r = bandshare_agent::coordinator::share_request(
+    let ch = bandshare_agent::client::connect(url).await?;
+    let r = bandshare_agent::client::share_request(
         ch,
         bandshare_proto::v1::ShareRequest {
             requester_key: key.verifying_key().to_bytes().to_vec(),
             location: Some(here().to_wire()),
             conditions: Some(ConditionSpec::default().to_wire()),
             explain: false,
-            ..bandshare_agent::coordinator::signed_by(key)
+            ..bandshare_agent::client::signed_by(key)
         },
     )
     .await?;
@@ -182,17 +182,17 @@ async fn key_rotation_fails_no_handshake() {
         while Instant::now() < until {
             let me = identity::generate().expect("key");
             let result = async {
-                let ch = bandshare_agent::coordinator::connect(&url)
+                let ch = bandshare_agent::client::connect(&url)
                     .await
                     .map_err(|e| e.to_string())?;
-                let r = bandshare_agent::coordinator::share_request(
+                let r = bandshare_agent::client::share_request(
                     ch,
                     bandshare_proto::v1::ShareRequest {
                         requester_key: me.verifying_key().to_bytes().to_vec(),
                         location: Some(here().to_wire()),
                         conditions: Some(ConditionSpec::default().to_wire()),
                         explain: false,
-                        ..bandshare_agent::coordinator::signed_by(&me)
+                        ..bandshare_agent::client::signed_by(&me)
                     },
                 )
                 .await
@@ -340,10 +340,10 @@ async fn a_request_must_be_signed_by_the_key_it_names() {
     let send = |req: bandshare_proto::v1::ShareRequest| {
         let url = c.coordinator.url.clone();
         async move {
-            let ch = bandshare_agent::coordinator::connect(&url)
+            let ch = bandshare_agent::client::connect(&url)
                 .await
                 .expect("connect");
-            bandshare_agent::coordinator::share_request(ch, req).await
+            bandshare_agent::client::share_request(ch, req).await
         }
     };
     let body = |key: &ed25519_dalek::SigningKey| bandshare_proto::v1::ShareRequest {
@@ -355,7 +355,7 @@ async fn a_request_must_be_signed_by_the_key_it_names() {
         signed_at_unix: 0,
     };
     // No proof; the attacker's proof under the victim's key; a stale proof.
-    let signed = bandshare_agent::coordinator::signed_by(&attacker);
+    let signed = bandshare_agent::client::signed_by(&attacker);
     let stale = bandshare_core::ticket::sign_request(&victim, now_unix() - 3600);
     for (req, what) in [
         (body(&victim), "no proof"),

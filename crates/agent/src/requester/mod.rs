@@ -12,7 +12,7 @@ pub mod select;
 pub mod socks;
 
 use crate::location::{ConditionSpec, LocationSpec};
-use crate::{AgentError, Shutdown, coordinator};
+use crate::{AgentError, Shutdown, client};
 use bandshare_proto::v1;
 use bandshare_relay::FlowHeader;
 use ed25519_dalek::SigningKey;
@@ -73,7 +73,7 @@ impl std::str::FromStr for Forward {
 pub struct RequesterOptions {
     pub server: String,
     pub location: LocationSpec,
-    pub sources: crate::position::Sources,
+    pub sources: crate::location::Sources,
     pub conditions: ConditionSpec,
     pub pool_size: usize,
     /// How the active member is chosen.
@@ -120,7 +120,7 @@ impl Requester {
         key: SigningKey,
         shutdown: Shutdown,
     ) -> Result<Requester, AgentError> {
-        let url = coordinator::normalize_url(&opts.server)?;
+        let url = client::normalize_url(&opts.server)?;
         let socks = match opts.socks {
             Some(a) => Some(bind(a).await?),
             None => None,
@@ -139,7 +139,7 @@ impl Requester {
         let location_tx = Arc::new(location_tx);
         {
             let mut sources =
-                crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
+                crate::location::start(opts.location.clone(), &opts.sources, shutdown.clone());
             let tx = location_tx.clone();
             tokio::spawn(async move {
                 while sources.changed().await.is_ok() {
@@ -156,9 +156,9 @@ impl Requester {
             )
             .await;
         }
-        let channel = coordinator::connect(&url).await?;
+        let channel = client::connect(&url).await?;
         let here = location.borrow_and_update().clone();
-        let first = coordinator::share_request(channel, request(&opts, &here, &key)).await?;
+        let first = client::share_request(channel, request(&opts, &here, &key)).await?;
         let pool = Arc::new(Pool::new(opts.strategy, opts.stall_grace));
         let size = opts.pool_size.max(1);
         connect_offers(&pool, first.offers.clone(), &key, size).await;

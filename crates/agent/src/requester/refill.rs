@@ -5,7 +5,7 @@
 
 use super::RequesterOptions;
 use super::pool::{KnownSharer, Member, Pool};
-use crate::coordinator;
+use crate::client;
 use crate::location::LocationSpec;
 use bandshare_core::{Backoff, DeviceKey, DistanceBand};
 use bandshare_proto::convert as cv;
@@ -45,7 +45,7 @@ pub(super) fn request(
     location: &LocationSpec,
     key: &SigningKey,
 ) -> v1::ShareRequest {
-    coordinator::share_request_from(key, location, &opts.conditions, false)
+    client::share_request_from(key, location, &opts.conditions, false)
 }
 
 /// Dials the offers not yet in the pool, concurrently, and adds those that
@@ -137,7 +137,7 @@ async fn refresh_tickets(
     url: &str,
     pool: &Pool,
     key: &SigningKey,
-) -> Result<Duration, coordinator::CoordinatorError> {
+) -> Result<Duration, client::CoordinatorError> {
     let keys: Vec<Vec<u8>> = pool
         .known
         .lock()
@@ -146,11 +146,11 @@ async fn refresh_tickets(
     if keys.is_empty() {
         return Ok(Duration::from_secs(30));
     }
-    let ch = coordinator::connect(url).await?;
+    let ch = client::connect(url).await?;
     let mut client = v1::matchmaker_client::MatchmakerClient::new(ch);
     let resp = client
         .refresh_tickets({
-            let signed = coordinator::signed_by(key);
+            let signed = client::signed_by(key);
             v1::TicketRefresh {
                 requester_key: signed.requester_key,
                 sharer_keys: keys.into_iter().take(16).collect(),
@@ -159,7 +159,7 @@ async fn refresh_tickets(
             }
         })
         .await
-        .map_err(|s| coordinator::CoordinatorError::Status(s.code(), s.message().to_string()))?
+        .map_err(|s| client::CoordinatorError::Status(s.code(), s.message().to_string()))?
         .into_inner();
     let now = unix_now();
     let mut next = Duration::from_secs(30);
@@ -262,8 +262,8 @@ pub(super) async fn maintain(
             // Whichever path led here, asking from elsewhere rotates.
             let moved = rotate.take().or_else(|| moved_far(&asked, &here));
             let result = async {
-                let ch = coordinator::connect(&url).await?;
-                coordinator::share_request(ch, request(&opts, &here, &key)).await
+                let ch = client::connect(&url).await?;
+                client::share_request(ch, request(&opts, &here, &key)).await
             }
             .await;
             match result {

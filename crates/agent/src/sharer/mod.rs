@@ -10,7 +10,7 @@ mod session;
 pub mod uplink;
 
 use crate::location::LocationSpec;
-use crate::{AgentError, Shutdown, coordinator};
+use crate::{AgentError, Shutdown, client};
 use bandshare_core::{EgressPolicy, NetworkType, ServiceSet};
 use bandshare_proto::v1;
 use bandshare_relay::{Relay, RelayHandle, RelayOptions};
@@ -28,7 +28,7 @@ pub struct SharerOptions {
     pub name: String,
     /// The static location (`--at`, `--wifi`, `--cell`); live sources update it.
     pub location: LocationSpec,
-    pub sources: crate::position::Sources,
+    pub sources: crate::location::Sources,
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
     /// Where the QUIC relay listens.
@@ -131,7 +131,7 @@ impl Sharer {
         key: SigningKey,
         shutdown: Shutdown,
     ) -> Result<Sharer, AgentError> {
-        let url = coordinator::normalize_url(&opts.server)?;
+        let url = client::normalize_url(&opts.server)?;
         let mut relay_opts = RelayOptions::new(
             opts.relay_listen,
             bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
@@ -150,7 +150,7 @@ impl Sharer {
         };
         let handle = relay.handle();
         let location =
-            crate::position::start(opts.location.clone(), &opts.sources, shutdown.clone());
+            crate::location::start(opts.location.clone(), &opts.sources, shutdown.clone());
         let relay_task = tokio::spawn(relay.run(shutdown.clone().wait()));
         tokio::spawn(uplink::watch(
             uplink::uplink_interface(opts.uplink.as_deref()),

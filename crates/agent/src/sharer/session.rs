@@ -9,7 +9,7 @@ use super::meter::LinkMeter;
 use super::{SharerOptions, Unacked, uplink};
 use crate::location::LocationSpec;
 use crate::probe::PingTracker;
-use crate::{AgentError, Shutdown, coordinator};
+use crate::{AgentError, Shutdown, client};
 use bandshare_core::Backoff;
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message::Msg as Up};
@@ -139,7 +139,7 @@ async fn session(
         relay,
         unacked,
     } = ctx;
-    let channel = coordinator::connect(url).await?;
+    let channel = client::connect(url).await?;
     let mut client = v1::sharer_link_client::SharerLinkClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     let mut probe = PingTracker::new(Duration::from_secs(2));

@@ -1,5 +1,5 @@
-//! Talking to the coordinator: parsing its URL, connecting with a clear
-//! error when it cannot be reached, and the one-shot share request.
+//! The coordinator client: parsing the coordinator's URL, connecting with
+//! a clear error when it cannot be reached, and the one-shot share request.
 
 use bandshare_proto::v1;
 use std::time::Duration;

@@ -1,9 +1,18 @@
-//! The location and condition flags shared by `share`, `connect` and
-//! `offers`, parsed into wire messages.
+//! Where a device is (its *location*: a GNSS position, Wi-Fi fingerprint,
+//! serving cell or router, see DESIGN's word table) and the condition flags
+//! shared by `share`, `connect` and `offers`, parsed into wire messages;
+//! kept current by live sources: a static `--at` (and `--wifi`, `--cell`,
+//! `--router`) as the fallback, fixes from gpsd (`--gpsd`, [`gpsd`]) and
+//! periodic Wi-Fi scans (`--wifi-scan IFACE`, [`wifi_scan`]). Sources update
+//! one `watch` of the location; agents read it when they report or ask.
+
+pub mod gpsd;
+pub mod wifi_scan;
 
 use bandshare_core::{NetworkType, Position, Scene, ServiceSet};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1;
+use tokio::sync::watch;
 
 /// Where a device says it is.
 #[derive(Clone, Debug, Default)]
@@ -108,6 +117,50 @@ pub fn parse_speed(s: &str) -> Result<f64, FlagError> {
         .ok()
         .filter(|v| (0.0..=150.0).contains(v))
         .ok_or_else(|| FlagError::Speed(s.to_string()))
+}
+
+/// Where live locations come from.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// gpsd's address, `HOST:PORT`.
+    pub gpsd: Option<String>,
+    /// Interface to scan for Wi-Fi access points.
+    pub wifi_scan: Option<String>,
+}
+
+impl Sources {
+    pub fn is_live(&self) -> bool {
+        self.gpsd.is_some() || self.wifi_scan.is_some()
+    }
+}
+
+/// Starts the live sources (each retries on its own until `shutdown`) and
+/// returns the watch of the current location, starting from `initial`.
+pub fn start(
+    initial: LocationSpec,
+    sources: &Sources,
+    shutdown: crate::Shutdown,
+) -> watch::Receiver<LocationSpec> {
+    let (tx, rx) = watch::channel(initial);
+    if let Some(addr) = &sources.gpsd {
+        let (tx, addr, stop) = (tx.clone(), addr.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = gpsd::follow(addr, tx) => {}
+                _ = stop.wait() => {}
+            }
+        });
+    }
+    if let Some(iface) = &sources.wifi_scan {
+        let (tx, iface, stop) = (tx.clone(), iface.clone(), shutdown);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = wifi_scan::follow(iface, tx) => {}
+                _ = stop.wait() => {}
+            }
+        });
+    }
+    rx
 }
 
 #[cfg(test)]
