@@ -36,6 +36,11 @@ pub enum AgentError {
     /// change (a bad or taken name, a second process with the same key).
     #[error("coordinator refused this sharer: {0}")]
     Refused(String),
-    #[error("{0}")]
-    Other(String),
+    /// The stream to the coordinator broke or broke its protocol; the
+    /// sharer reconnects with backoff.
+    #[error("coordinator stream: {0}")]
+    Stream(String),
+    /// An agent's own task ended by panicking or being cancelled.
+    #[error("agent task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }

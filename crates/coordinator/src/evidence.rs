@@ -12,35 +12,42 @@ fn nonempty(s: &str) -> Option<Arc<str>> {
     (!s.is_empty() && s.len() <= 64).then(|| s.into())
 }
 
-pub fn evidence(loc: &v1::Location) -> Result<Evidence, String> {
+/// A location with a value out of range; says which and what was sent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BadLocation {
+    #[error("{0}")]
+    Fix(String),
+    #[error("accuracy must be within 0..=100000 m, got {0}")]
+    Accuracy(f64),
+    #[error("heading must be within 0..360 degrees, got {0}")]
+    Heading(f64),
+    #[error("speed must be within 0..=150 m/s, got {0}")]
+    Speed(f64),
+    #[error("{0}")]
+    Wifi(String),
+}
+
+pub fn evidence(loc: &v1::Location) -> Result<Evidence, BadLocation> {
     let fix = match &loc.gnss {
-        Some(f) => Some(cv::fix_from_wire(f).map_err(|e| e.to_string())?),
+        Some(f) => Some(cv::fix_from_wire(f).map_err(|e| BadLocation::Fix(e.to_string()))?),
         None => None,
     };
     let accuracy_m = loc.gnss.as_ref().and_then(|f| f.accuracy_m);
-    if accuracy_m.is_some_and(|a| !(0.0..=100_000.0).contains(&a)) {
-        return Err(format!(
-            "accuracy must be within 0..=100000 m, got {accuracy_m:?}"
-        ));
+    if let Some(a) = accuracy_m.filter(|a| !(0.0..=100_000.0).contains(a)) {
+        return Err(BadLocation::Accuracy(a));
     }
-    if loc.heading_deg.is_some_and(|h| !(0.0..360.0).contains(&h)) {
-        return Err(format!(
-            "heading must be within 0..360 degrees, got {:?}",
-            loc.heading_deg
-        ));
+    if let Some(h) = loc.heading_deg.filter(|h| !(0.0..360.0).contains(h)) {
+        return Err(BadLocation::Heading(h));
     }
-    if loc.speed_mps.is_some_and(|v| !(0.0..=150.0).contains(&v)) {
-        return Err(format!(
-            "speed must be within 0..=150 m/s, got {:?}",
-            loc.speed_mps
-        ));
+    if let Some(v) = loc.speed_mps.filter(|v| !(0.0..=150.0).contains(v)) {
+        return Err(BadLocation::Speed(v));
     }
     let obs: Vec<(String, i32)> = loc
         .wifi
         .iter()
         .map(|w| (w.bssid.clone(), w.rssi_dbm))
         .collect();
-    let wifi = Fingerprint::parse(&obs).map_err(|e| e.to_string())?;
+    let wifi = Fingerprint::parse(&obs).map_err(|e| BadLocation::Wifi(e.to_string()))?;
     let anchor = loc.anchor.clone().unwrap_or_default();
     Ok(Evidence {
         scene_hint: cv::scene_from_wire(loc.scene_hint),
@@ -83,9 +90,9 @@ mod tests {
         assert_eq!(ev.cell.as_deref(), Some("460-00-1-2"));
         assert!(ev.router.is_none());
         loc.heading_deg = Some(400.0);
-        assert!(evidence(&loc).is_err_and(|e| e.contains("heading")));
+        assert!(evidence(&loc).is_err_and(|e| e.to_string().contains("heading")));
         loc.heading_deg = None;
         loc.wifi[0].bssid = "nonsense".into();
-        assert!(evidence(&loc).is_err_and(|e| e.contains("BSSID")));
+        assert!(evidence(&loc).is_err_and(|e| e.to_string().contains("BSSID")));
     }
 }

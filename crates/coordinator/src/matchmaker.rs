@@ -139,7 +139,7 @@ impl MatchmakerService {
             signed_at_unix,
             crate::unix_now(),
         )
-        .map_err(Status::unauthenticated)?;
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
         self.enrolled(&requester).await?;
         Ok(requester)
     }
@@ -168,7 +168,8 @@ impl MatchmakerService {
     ) -> Result<Response<v1::ShareResponse>, Status> {
         let state = &self.state;
         let loc = req.location.unwrap_or_default();
-        let evidence = crate::evidence::evidence(&loc).map_err(Status::invalid_argument)?;
+        let evidence =
+            crate::evidence::evidence(&loc).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let conditions = req.conditions.unwrap_or_default();
         // How far the measuring point moved at most: the search reaches that
         // much further so no sharer inside the region is missed.

@@ -29,7 +29,7 @@ fn down(msg: Down) -> Result<v1::CoordinatorMessage, Status> {
 fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
     let loc = h.location.as_ref();
     let ev = crate::evidence::evidence(&loc.cloned().unwrap_or_default())
-        .map_err(Status::invalid_argument)?;
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let position = ev.fix.ok_or_else(|| {
         Status::invalid_argument("hello needs a location with a GNSS fix (--at is the fallback)")
     })?;

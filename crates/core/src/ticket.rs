@@ -129,32 +129,45 @@ pub fn sign_request(key: &SigningKey, now_unix: u64) -> (Vec<u8>, u64) {
     (sig.to_bytes().to_vec(), now_unix)
 }
 
-/// Checks a request's proof; `Err` says what is wrong with it.
+/// What is wrong with a request's proof of holding its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    #[error("request is not signed by the key it names (no proof)")]
+    Missing,
+    #[error(
+        "request was signed {0} s away from the coordinator's clock (at most {REQUEST_WINDOW_S} s)"
+    )]
+    Skewed(u64),
+    #[error("proof is {0} bytes, expected 64")]
+    Length(usize),
+    #[error("requester_key is not a valid Ed25519 key")]
+    BadKey,
+    #[error("request is not signed by the key it names")]
+    Forged,
+}
+
+/// Checks a request's proof.
 pub fn verify_request(
     requester: &DeviceKey,
     proof: &[u8],
     signed_at_unix: u64,
     now_unix: u64,
-) -> Result<(), String> {
+) -> Result<(), ProofError> {
     if proof.is_empty() {
-        return Err("request is not signed by the key it names (no proof)".into());
+        return Err(ProofError::Missing);
     }
     if signed_at_unix.abs_diff(now_unix) > REQUEST_WINDOW_S {
-        return Err(format!(
-            "request was signed {} s away from the coordinator's clock (at most {REQUEST_WINDOW_S} s)",
-            signed_at_unix.abs_diff(now_unix)
-        ));
+        return Err(ProofError::Skewed(signed_at_unix.abs_diff(now_unix)));
     }
     let sig: [u8; 64] = proof
         .try_into()
-        .map_err(|_| format!("proof is {} bytes, expected 64", proof.len()))?;
-    let key = VerifyingKey::from_bytes(&requester.0)
-        .map_err(|_| "requester_key is not a valid Ed25519 key".to_string())?;
+        .map_err(|_| ProofError::Length(proof.len()))?;
+    let key = VerifyingKey::from_bytes(&requester.0).map_err(|_| ProofError::BadKey)?;
     key.verify(
         &request_proof_message(requester, signed_at_unix),
         &Signature::from_bytes(&sig),
     )
-    .map_err(|_| "request is not signed by the key it names".to_string())
+    .map_err(|_| ProofError::Forged)
 }
 
 /// Signs tickets; owned by the coordinator.

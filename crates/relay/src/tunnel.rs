@@ -85,8 +85,8 @@ impl Tunnel {
                 .await
                 .map_err(|e| TunnelError::Connect(addr, e.to_string()))?;
             match wire::read_hello_reply(&mut recv).await? {
-                Ok(()) => Ok((conn, send, recv)),
-                Err(reason) => Err(TunnelError::Refused(reason)),
+                wire::HelloReply::Accepted => Ok((conn, send, recv)),
+                wire::HelloReply::Refused(reason) => Err(TunnelError::Refused(reason)),
             }
         };
         let (conn, send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
@@ -119,8 +119,8 @@ impl Tunnel {
     }
 
     /// Gives the connection a fresh ticket (and with it a new byte quota)
-    /// without closing it: `Ok(Err(reason))` when the sharer refused it.
-    pub async fn renew(&self, ticket: &[u8]) -> Result<Result<(), String>, FlowError> {
+    /// without closing it.
+    pub async fn renew(&self, ticket: &[u8]) -> Result<wire::HelloReply, FlowError> {
         let frame = wire::encode_renewal(ticket)?;
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
         send.write_all(&frame).await.map_err(|e| lost(&e))?;

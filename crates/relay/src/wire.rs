@@ -194,17 +194,23 @@ fn cut_255(s: &str) -> &str {
     &s[..cut]
 }
 
-/// Reads a hello reply: `Ok(())` when accepted, else the sharer's reason.
-pub async fn read_hello_reply<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Result<(), String>, WireError> {
+/// A sharer's answer to a hello or a ticket renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloReply {
+    Accepted,
+    /// Refused, with the sharer's reason.
+    Refused(String),
+}
+
+/// Reads a hello reply.
+pub async fn read_hello_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<HelloReply, WireError> {
     let mut head = [0u8; 2];
     read_exact(r, &mut head).await?;
     let mut reason = vec![0u8; head[1] as usize];
     read_exact(r, &mut reason).await?;
     Ok(match head[0] {
-        0 => Ok(()),
-        _ => Err(String::from_utf8_lossy(&reason).into_owned()),
+        0 => HelloReply::Accepted,
+        _ => HelloReply::Refused(String::from_utf8_lossy(&reason).into_owned()),
     })
 }
 
@@ -557,7 +563,7 @@ mod tests {
             let mut r = &b[..];
             let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
             let got = rt.block_on(read_hello_reply(&mut r)).expect("reads");
-            prop_assert_eq!(got, if ok { Ok(()) } else { Err(reason) });
+            prop_assert_eq!(got, if ok { HelloReply::Accepted } else { HelloReply::Refused(reason) });
         }
 
         #[test]

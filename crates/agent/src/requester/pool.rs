@@ -9,7 +9,7 @@ use super::failover::{Decision, Failover, FlowFailure};
 use super::select;
 use crate::probe::PingTracker;
 use bandshare_core::{DeviceKey, DistanceBand, LinkState, NetworkType};
-use bandshare_relay::wire::reply;
+use bandshare_relay::wire::{HelloReply, reply};
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,12 +127,12 @@ async fn keep_ticket(pool: Arc<Pool>, m: Arc<Member>) {
         let quota = bandshare_core::Ticket::decode(&ticket).map_or(0, |(t, _)| t.quota_bytes);
         let at = m.bytes();
         match m.tunnel.renew(&ticket).await {
-            Ok(Ok(())) => {
+            Ok(HelloReply::Accepted) => {
                 m.renewed_at_bytes.store(at, Ordering::Relaxed);
                 m.ticket_quota.store(quota, Ordering::Relaxed);
                 info!(sharer = %m.name, moved = at, quota, "ticket renewed on the open connection");
             }
-            Ok(Err(reason)) => {
+            Ok(HelloReply::Refused(reason)) => {
                 warn!(sharer = %m.name, %reason, "sharer refused the renewed ticket")
             }
             Err(e) => warn!(sharer = %m.name, error = %e, "cannot renew the ticket"),

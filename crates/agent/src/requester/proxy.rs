@@ -26,18 +26,29 @@ enum HeadError {
     Io(String),
 }
 
-/// Reads until `parse` has a value; returns it and the bytes after it.
-async fn read_until<T>(
-    tcp: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    parse: impl Fn(&[u8]) -> Result<Parse<T>, ProxyError>,
-) -> Result<T, String> {
-    read_until_typed(tcp, buf, parse)
-        .await
-        .map_err(|e| e.to_string())
+/// Why one local client's connection ended early: logged, never fatal.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error("SOCKS4 client: only SOCKS5 is supported")]
+    Socks4,
+    #[error("unknown protocol (first byte {0:#04x})")]
+    UnknownProtocol(u8),
+    #[error("client too slow to send its request")]
+    Slow,
+    #[error("client closed")]
+    Closed,
+    #[error("{target}: {error}")]
+    Open { target: String, error: FlowError },
+    #[error("flow via {via} ended: {error}")]
+    Cut { via: String, error: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
-async fn read_until_typed<T>(
+/// Reads until `parse` has a value; returns it and the bytes after it.
+async fn read_until<T>(
     tcp: &mut TcpStream,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Parse<T>, ProxyError>,
@@ -120,7 +131,7 @@ async fn answer(
 }
 
 /// Handles one local client of the proxy port.
-async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), String> {
+async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), Ended> {
     let mut buf = Vec::with_capacity(512);
     let head = async {
         let first = loop {
@@ -128,21 +139,21 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
                 break *b;
             }
             let mut chunk = [0u8; 512];
-            let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            let n = tcp.read(&mut chunk).await?;
             if n == 0 {
-                return Err("client closed".to_string());
+                return Err(Ended::Closed);
             }
             buf.extend_from_slice(&chunk[..n]);
         };
         if first == 4 {
             // SOCKS4 or 4a: refuse in its own words at once, not by silence.
             let _ = tcp.write_all(&socks::SOCKS4_REJECTED).await;
-            return Err("SOCKS4 client: only SOCKS5 is supported".to_string());
+            return Err(Ended::Socks4);
         }
         if first == 5 {
             read_until(&mut tcp, &mut buf, socks::parse_greeting).await?;
-            tcp.write_all(&[5, 0]).await.map_err(|e| e.to_string())?;
-            let target = match read_until_typed(&mut tcp, &mut buf, socks::parse_request).await {
+            tcp.write_all(&[5, 0]).await?;
+            let target = match read_until(&mut tcp, &mut buf, socks::parse_request).await {
                 Ok(t) => t,
                 Err(e) => {
                     let code = match &e {
@@ -150,7 +161,7 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
                         HeadError::Io(_) => 0x01,
                     };
                     let _ = tcp.write_all(&socks::reply(code)).await;
-                    return Err(e.to_string());
+                    return Err(e.into());
                 }
             };
             Ok((Dialect::Socks, target))
@@ -163,24 +174,25 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), S
                 body.len()
             );
             let _ = tcp.write_all(msg.as_bytes()).await;
-            Err(format!("unknown protocol (first byte {first:#04x})"))
+            Err(Ended::UnknownProtocol(first))
         } else {
             match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
                 Ok(t) => Ok((Dialect::Http, t)),
                 Err(e) => {
+                    let why = e.to_string();
                     let msg = format!(
-                        "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{e}\n",
-                        e.len() + 1
+                        "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{why}\n",
+                        why.len() + 1
                     );
                     let _ = tcp.write_all(msg.as_bytes()).await;
-                    Err(e)
+                    Err(e.into())
                 }
             }
         }
     };
     let (dialect, target) = tokio::time::timeout(HEAD_TIMEOUT, head)
         .await
-        .map_err(|_| "client too slow to send its request".to_string())??;
+        .map_err(|_| Ended::Slow)??;
     relay_to(tcp, &pool, &target, Some(dialect), buf).await
 }
 
@@ -192,7 +204,7 @@ async fn relay_to(
     target: &FlowHeader,
     dialect: Option<Dialect>,
     early: Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), Ended> {
     // A port forward has no proxy reply to give, so its first bytes go
     // right behind the flow header; the sharer's reply is read after.
     let wait_reply = dialect.is_some();
@@ -209,17 +221,18 @@ async fn relay_to(
                 };
                 let _ = answer(&mut tcp, d, failure_code(&e), &reason).await;
             }
-            return Err(format!("{}:{}: {e}", target.host, target.port));
+            return Err(Ended::Open {
+                target: format!("{}:{}", target.host, target.port),
+                error: e,
+            });
         }
     };
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
     if let Some(d) = &dialect {
-        answer(&mut tcp, d, reply::OK, "")
-            .await
-            .map_err(|e| e.to_string())?;
+        answer(&mut tcp, d, reply::OK, "").await?;
     }
     if !early.is_empty() {
-        send.write_all(&early).await.map_err(|e| e.to_string())?;
+        send.write_all(&early).await.map_err(std::io::Error::from)?;
         member
             .bytes_up
             .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -239,8 +252,11 @@ async fn relay_to(
     let (u, d) = tokio::join!(up, down);
     // A flow cut by a dying sharer ends here with an error the app sees as
     // a reset/close, never a hang.
-    if let (Err(e), _) | (_, Err(e)) = (&u, &d) {
-        return Err(format!("flow via {} ended: {e}", member.name));
+    if let (Err(error), _) | (_, Err(error)) = (u, d) {
+        return Err(Ended::Cut {
+            via: member.name.to_string(),
+            error,
+        });
     }
     Ok(())
 }

@@ -49,31 +49,32 @@ impl std::fmt::Display for Window {
 }
 
 impl std::str::FromStr for Window {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let clock = |t: &str| -> Result<u16, String> {
+    type Err = ConsentError;
+    fn from_str(s: &str) -> Result<Self, ConsentError> {
+        let bad = |m: String| ConsentError(m);
+        let clock = |t: &str| -> Result<u16, ConsentError> {
             let (h, m) = t
                 .trim()
                 .split_once(':')
-                .ok_or_else(|| format!("{t:?} is not HH:MM"))?;
+                .ok_or_else(|| bad(format!("{t:?} is not HH:MM")))?;
             let (h, m): (u16, u16) = (
-                h.parse().map_err(|_| format!("{t:?} is not HH:MM"))?,
-                m.parse().map_err(|_| format!("{t:?} is not HH:MM"))?,
+                h.parse().map_err(|_| bad(format!("{t:?} is not HH:MM")))?,
+                m.parse().map_err(|_| bad(format!("{t:?} is not HH:MM")))?,
             );
             if h > 24 || m > 59 || (h == 24 && m > 0) {
-                return Err(format!("{t:?} is not a time of day"));
+                return Err(bad(format!("{t:?} is not a time of day")));
             }
             Ok(h * 60 + m)
         };
         let (a, b) = s
             .split_once('-')
-            .ok_or_else(|| format!("schedule window {s:?} is not HH:MM-HH:MM"))?;
+            .ok_or_else(|| bad(format!("schedule window {s:?} is not HH:MM-HH:MM")))?;
         let w = Window {
             start_min: clock(a)?,
             end_min: clock(b)? % (24 * 60),
         };
         if w.start_min == w.end_min && clock(b)? != 24 * 60 {
-            return Err(format!("schedule window {s:?} is empty"));
+            return Err(bad(format!("schedule window {s:?} is empty")));
         }
         Ok(w)
     }
@@ -121,90 +122,113 @@ pub struct Moment {
     pub requester_left: u64,
 }
 
+/// Why a sharer declines an access request; its text is what the
+/// requester is shown.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Declined {
+    #[error("sharer is not accepting requesters")]
+    NotAccepting,
+    #[error("outside the sharer's schedule (serves {} local time)", windows(.0))]
+    OutsideSchedule(Vec<Window>),
+    #[error("sharer's battery {battery}% is below its minimum of {min}%")]
+    LowBattery { battery: u32, min: u32 },
+    #[error("service not allowed by the sharer: {refused} (allowed: {})", if .allowed.is_empty() { "none".to_string() } else { .allowed.to_string() })]
+    ServiceNotAllowed {
+        refused: ServiceSet,
+        allowed: ServiceSet,
+    },
+    #[error("sharer at capacity ({active}/{max} requesters)")]
+    AtCapacity { active: u32, max: u32 },
+    #[error("sharer's daily data cap of {} is reached", show_bytes(*.0))]
+    DailyCapReached(u64),
+    #[error("your daily quota of {} at this sharer is used up", show_bytes(*.0))]
+    QuotaUsedUp(u64),
+}
+
+fn windows(w: &[Window]) -> String {
+    w.iter()
+        .map(Window::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A consent file, flag or size that cannot be read; says which and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConsentError(String);
+
+impl ConsentError {
+    fn at(key: &str, e: impl std::fmt::Display) -> ConsentError {
+        ConsentError(format!("{key}: {e}"))
+    }
+}
+
 impl Consent {
-    /// `Err` carries the reason the requester is shown.
-    pub fn decide(&self, m: &Moment) -> Result<(), String> {
+    pub fn decide(&self, m: &Moment) -> Result<(), Declined> {
         if !self.accept {
-            return Err("sharer is not accepting requesters".into());
+            return Err(Declined::NotAccepting);
         }
         if !self.schedule.is_empty() && !self.schedule.iter().any(|w| w.contains(m.minute_of_day)) {
-            let windows: Vec<String> = self.schedule.iter().map(Window::to_string).collect();
-            return Err(format!(
-                "outside the sharer's schedule (serves {} local time)",
-                windows.join(", ")
-            ));
+            return Err(Declined::OutsideSchedule(self.schedule.clone()));
         }
-        if let (Some(min), Some(b)) = (self.min_battery_pct, m.battery_pct)
-            && b < min
+        if let (Some(min), Some(battery)) = (self.min_battery_pct, m.battery_pct)
+            && battery < min
         {
-            return Err(format!(
-                "sharer's battery {b}% is below its minimum of {min}%"
-            ));
+            return Err(Declined::LowBattery { battery, min });
         }
         if let Some(allowed) = self.allowed_services {
             let refused = allowed.missing(m.wanted);
             if !refused.is_empty() {
-                return Err(format!(
-                    "service not allowed by the sharer: {refused} (allowed: {})",
-                    if allowed.is_empty() {
-                        "none".to_string()
-                    } else {
-                        allowed.to_string()
-                    }
-                ));
+                return Err(Declined::ServiceNotAllowed { refused, allowed });
             }
         }
         if self.max_requesters > 0 && m.active_requesters >= self.max_requesters {
-            return Err(format!(
-                "sharer at capacity ({}/{} requesters)",
-                m.active_requesters, self.max_requesters
-            ));
+            return Err(Declined::AtCapacity {
+                active: m.active_requesters,
+                max: self.max_requesters,
+            });
         }
         if m.daily_left == 0 {
-            return Err(format!(
-                "sharer's daily data cap of {} is reached",
-                show_bytes(self.limits.daily_cap_bytes)
-            ));
+            return Err(Declined::DailyCapReached(self.limits.daily_cap_bytes));
         }
         if m.requester_left == 0 {
-            return Err(format!(
-                "your daily quota of {} at this sharer is used up",
-                show_bytes(self.limits.requester_daily_bytes)
-            ));
+            return Err(Declined::QuotaUsedUp(self.limits.requester_daily_bytes));
         }
         Ok(())
     }
 
     /// Reads a consent file (format in the module docs); errors name the key.
-    pub fn from_toml(text: &str) -> Result<Consent, String> {
-        let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Consent, ConsentError> {
+        let f: File = toml::from_str(text).map_err(|e| ConsentError(e.to_string()))?;
         let schedule = f
             .schedule
             .iter()
-            .map(|w| w.parse().map_err(|e| format!("schedule: {e}")))
-            .collect::<Result<Vec<Window>, String>>()?;
+            .map(|w| w.parse().map_err(|e| ConsentError::at("schedule", e)))
+            .collect::<Result<Vec<Window>, ConsentError>>()?;
         if let Some(b) = f.min_battery_pct
             && b > 100
         {
-            return Err(format!("min_battery_pct: {b} is above 100"));
+            return Err(ConsentError(format!("min_battery_pct: {b} is above 100")));
         }
         let allowed_services = match &f.allowed_services {
             None => None,
             Some(list) => Some(
                 list.join(",")
                     .parse::<ServiceSet>()
-                    .map_err(|e| format!("allowed_services: {e}"))?,
+                    .map_err(|e| ConsentError::at("allowed_services", e))?,
             ),
         };
-        let size = |key: &str, v: &Option<Size>| -> Result<u64, String> {
+        let size = |key: &str, v: &Option<Size>| -> Result<u64, ConsentError> {
             v.as_ref()
-                .map_or(Ok(0), |s| s.bytes().map_err(|e| format!("{key}: {e}")))
+                .map_or(Ok(0), |s| s.bytes().map_err(|e| ConsentError::at(key, e)))
         };
         let p = f.per_requester.unwrap_or_default();
         let rate = match &p.rate {
             None => 0,
             Some(Size::Bytes(n)) => *n,
-            Some(Size::Text(t)) => parse_rate(t).map_err(|e| format!("per_requester.rate: {e}"))?,
+            Some(Size::Text(t)) => {
+                parse_rate(t).map_err(|e| ConsentError::at("per_requester.rate", e))?
+            }
         };
         Ok(Consent {
             accept: f.accept.unwrap_or(true),
@@ -252,7 +276,7 @@ enum Size {
 }
 
 impl Size {
-    fn bytes(&self) -> Result<u64, String> {
+    fn bytes(&self) -> Result<u64, ConsentError> {
         match self {
             Size::Bytes(n) => Ok(*n),
             Size::Text(t) => parse_bytes(t),
@@ -261,7 +285,7 @@ impl Size {
 }
 
 /// "500 MB", "1.5GiB", "64 KiB", "1000": bytes (MB = 10^6, MiB = 2^20).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, ConsentError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -269,7 +293,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a size like \"500 MB\""))?;
+        .map_err(|_| ConsentError(format!("{s:?} is not a size like \"500 MB\"")))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" | "k" => 1e3,
@@ -280,20 +304,20 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
         other => {
-            return Err(format!(
+            return Err(ConsentError(format!(
                 "{s:?}: unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
+            )));
         }
     };
     let v = n * mult;
     if !v.is_finite() || v >= u64::MAX as f64 {
-        return Err(format!("{s:?} is too large"));
+        return Err(ConsentError(format!("{s:?} is too large")));
     }
     Ok(v.round() as u64)
 }
 
 /// "2 MB/s", "16 Mbit/s", "500 KiB/s": bytes per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
+pub fn parse_rate(s: &str) -> Result<u64, ConsentError> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     if let Some(bits) = lower
@@ -304,9 +328,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     }
     match lower.strip_suffix("/s") {
         Some(b) => parse_bytes(b),
-        None => Err(format!(
+        None => Err(ConsentError(format!(
             "{s:?} is not a rate like \"2 MB/s\" or \"16 Mbit/s\""
-        )),
+        ))),
     }
 }
 
@@ -352,21 +376,23 @@ mod tests {
             c.decide(&Moment {
                 active_requesters: 1,
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Ok(())
         );
         assert_eq!(
             c.decide(&Moment {
                 active_requesters: 2,
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Err("sharer at capacity (2/2 requesters)".into())
         );
         let c = Consent {
             accept: false,
             ..Consent::default()
         };
-        assert!(c.decide(&moment()).is_err());
+        assert!(c.decide(&moment()).map_err(|d| d.to_string()).is_err());
         let c = Consent::from_toml(
             r#"
             daily_cap = "1 GB"
@@ -386,40 +412,46 @@ mod tests {
             c.decide(&Moment {
                 minute_of_day: 6 * 60,
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Err("outside the sharer's schedule (serves 07:30-23:00 local time)".into())
         );
         assert_eq!(
             c.decide(&Moment {
                 battery_pct: Some(12),
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Err("sharer's battery 12% is below its minimum of 20%".into())
         );
         assert_eq!(
             c.decide(&Moment {
                 battery_pct: Some(20),
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Ok(())
         );
         let wanted = "hotspot,prose".parse().expect("set");
         assert_eq!(
-            c.decide(&Moment { wanted, ..moment() }),
+            c.decide(&Moment { wanted, ..moment() })
+                .map_err(|d| d.to_string()),
             Err("service not allowed by the sharer: prose (allowed: hotspot)".into())
         );
         assert_eq!(
             c.decide(&Moment {
                 daily_left: 0,
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Err("sharer's daily data cap of 1.0 GB is reached".into())
         );
         assert_eq!(
             c.decide(&Moment {
                 requester_left: 0,
                 ..moment()
-            }),
+            })
+            .map_err(|d| d.to_string()),
             Err("your daily quota of 5.0 MB at this sharer is used up".into())
         );
     }
@@ -447,7 +479,7 @@ mod tests {
             ("colour = \"blue\"", "colour"),
         ] {
             let e = Consent::from_toml(text).expect_err(text);
-            assert!(e.contains(key), "{text}: {e}");
+            assert!(e.to_string().contains(key), "{text}: {e}");
         }
     }
 

@@ -194,9 +194,7 @@ impl Sharer {
     /// Waits until the sharer has stopped: `Err` when the coordinator
     /// refused it for good (the reason is the coordinator's).
     pub async fn join(self) -> Result<(), AgentError> {
-        self.task
-            .await
-            .map_err(|e| AgentError::Other(format!("sharer task failed: {e}")))?
+        self.task.await?
     }
 }
 

@@ -121,7 +121,7 @@ fn stream_error(context: &str, s: &tonic::Status) -> AgentError {
         tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => {
             AgentError::Refused(s.message().to_string())
         }
-        _ => AgentError::Other(format!("{context}: {}", s.message())),
+        _ => AgentError::Stream(format!("{context}: {}", s.message())),
     }
 }
 
@@ -162,7 +162,7 @@ async fn session(
     };
     tx.send(up(Up::Hello(hello)))
         .await
-        .map_err(|_| AgentError::Other("stream closed".into()))?;
+        .map_err(|_| AgentError::Stream("closed".into()))?;
     let mut inbound = client
         .attach(ReceiverStream::new(rx))
         .await
@@ -172,12 +172,12 @@ async fn session(
         Ok(Some(v1::CoordinatorMessage {
             msg: Some(Down::Welcome(w)),
         })) => w,
-        Ok(_) => return Err(AgentError::Other("coordinator sent no welcome".into())),
+        Ok(_) => return Err(AgentError::Stream("coordinator sent no welcome".into())),
         Err(s) => return Err(stream_error("coordinator", &s)),
     };
     let keys = keys_of(&welcome.coordinator_keys);
     if keys.is_empty() {
-        return Err(AgentError::Other(
+        return Err(AgentError::Stream(
             "coordinator sent no 32-byte ticket key".into(),
         ));
     }
@@ -201,7 +201,7 @@ async fn session(
             msg = inbound.message() => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
-                    Ok(None) => return Err(AgentError::Other("coordinator ended the stream".into())),
+                    Ok(None) => return Err(AgentError::Stream("coordinator ended it".into())),
                     Err(s) => return Err(stream_error("coordinator", &s)),
                 };
                 match msg.msg {
@@ -233,7 +233,7 @@ async fn session(
                         let resp = v1::AccessResponse {
                             request_id: a.request_id,
                             accept: decision.is_ok(),
-                            reason: decision.err().unwrap_or_default(),
+                            reason: decision.err().map(|d| d.to_string()).unwrap_or_default(),
                             relay_endpoints: vec![advertise.to_string()],
                             services: cv::services_to_wire(opts.services),
                             link: Some(cv::link_to_wire(&link)),
@@ -272,7 +272,7 @@ async fn session(
                     batches: unacked.to_send(),
                 };
                 if tx.send(up(Up::Report(report))).await.is_err() {
-                    return Err(AgentError::Other("stream closed".into()));
+                    return Err(AgentError::Stream("closed".into()));
                 }
             }
         }
