@@ -7,7 +7,9 @@ use bandshare_agent::requester::{Forward, Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
 use bandshare_agent::{Shutdown, client, identity};
-use bandshare_core::{EgressPolicy, EgressRule, NetworkType, Position, Scene, ServiceSet};
+use bandshare_core::{
+    EgressPolicy, EgressRule, NetworkType, Position, Scene, Security, ServiceSet,
+};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -254,6 +256,10 @@ struct ShareArgs {
     /// Uplink network type: 5g, 4g or wifi.
     #[arg(long, value_parser = parsed::<NetworkType>)]
     network: Option<NetworkType>,
+    /// How the hotspot's Wi-Fi is secured: open, wpa2 or wpa3 (requesters
+    /// may ask for at least one).
+    #[arg(long, value_parser = parsed::<Security>)]
+    security: Option<Security>,
     /// UDP address of the QUIC relay.
     #[arg(long, default_value = "0.0.0.0:0")]
     relay: SocketAddr,
@@ -301,6 +307,10 @@ struct WantArgs {
     /// Uplink network type wanted: 5g, 4g or wifi.
     #[arg(long, value_parser = parsed::<NetworkType>)]
     network: Option<NetworkType>,
+    /// Weakest hotspot security accepted: open, wpa2 or wpa3 (wpa2 also
+    /// takes wpa3; sharers that declare none are left out).
+    #[arg(long, value_parser = parsed::<Security>)]
+    security: Option<Security>,
 }
 
 impl WantArgs {
@@ -308,6 +318,7 @@ impl WantArgs {
         ConditionSpec {
             want: self.want.unwrap_or_default(),
             network: self.network,
+            security: self.security,
             max_offers: 0,
         }
     }
@@ -599,6 +610,7 @@ async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
         location: a.location.spec(),
         services: a.services,
         network: a.network,
+        security: a.security,
         relay_listen: a.relay,
         advertise: a.advertise,
         egress: EgressPolicy {

@@ -98,7 +98,7 @@ pub async fn run() -> anyhow::Result<()> {
     let conditions = ConditionSpec {
         want,
         network: None,
-        max_offers: 0,
+        ..Default::default()
     };
     let resp = bandshare_agent::client::share_request(
         ch,

@@ -19,6 +19,7 @@ fn sharer(i: usize, rng: &mut fastrand::Rng) -> SharerInfo {
         speed_mps: None,
         services: [Service::Hotspot].into_iter().collect(),
         network: Some(NetworkType::FiveG),
+        security: None,
         link: LinkState {
             rtt_us: 20_000,
             ..LinkState::default()
@@ -52,6 +53,7 @@ fn index(c: &mut Criterion) {
                     },
                     wanted: [Service::Hotspot].into_iter().collect(),
                     network: None,
+                    security: None,
                     margin_m: 0.0,
                     explain: false,
                 };

@@ -75,6 +75,7 @@ fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
         speed_mps: None,
         services,
         network: Some(network),
+        security: Some(bandshare_core::Security::Wpa2),
         link: LinkState {
             rtt_us: 5_000 + rng.u32(0..80_000),
             loss_permille: rng.u32(0..30),
@@ -104,6 +105,7 @@ fn query(p: Position) -> Query {
         },
         wanted: [Service::Hotspot].into_iter().collect(),
         network: None,
+        security: None,
         margin_m: 0.0,
         explain: false,
     }
@@ -154,6 +156,7 @@ pub async fn share_load(
             let cond = ConditionSpec {
                 want: [Service::Hotspot].into_iter().collect(),
                 network: None,
+                security: None,
                 max_offers: 10,
             };
             while Instant::now() < deadline {

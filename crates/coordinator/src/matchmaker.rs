@@ -201,6 +201,7 @@ impl MatchmakerService {
             evidence,
             wanted: cv::services_from_wire(&conditions.services),
             network: cv::network_from_wire(conditions.network),
+            security: cv::security_from_wire(conditions.security),
             explain: req.explain,
             margin_m,
         };

@@ -200,6 +200,7 @@ mod tests {
                 speed_mps: None,
                 services: Default::default(),
                 network: None,
+                security: None,
                 link: Default::default(),
                 accepting: true,
                 active_requesters: 0,

@@ -51,6 +51,7 @@ fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
         speed_mps: ev.speed_mps,
         services: cv::services_from_wire(&h.services),
         network: cv::network_from_wire(h.network),
+        security: cv::security_from_wire(h.security),
         link,
         accepting: consent.accept,
         active_requesters: 0,

@@ -27,5 +27,5 @@ pub use key::DeviceKey;
 pub use link::LinkState;
 pub use radio::Fingerprint;
 pub use scene::Scene;
-pub use service::{NetworkType, Service, ServiceSet};
+pub use service::{NetworkType, Security, Service, ServiceSet};
 pub use ticket::{Ticket, TicketError, TicketSigner, TicketVerifier};

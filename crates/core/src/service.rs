@@ -150,6 +150,49 @@ impl fmt::Display for NetworkType {
     }
 }
 
+/// How a sharer's Wi-Fi hotspot is secured, weakest first: a requester
+/// asks for at least one of these (`--security wpa2` takes WPA2 or WPA3).
+/// Flows are end-to-end QUIC either way; this is the radio link's own
+/// protection, for a device that joins the hotspot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Security {
+    Open,
+    Wpa2,
+    Wpa3,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown security {0:?}: expected open, wpa2 or wpa3")]
+pub struct UnknownSecurity(pub String);
+
+impl Security {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Security::Open => "open",
+            Security::Wpa2 => "wpa2",
+            Security::Wpa3 => "wpa3",
+        }
+    }
+}
+
+impl FromStr for Security {
+    type Err = UnknownSecurity;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "open" => Ok(Security::Open),
+            "wpa2" => Ok(Security::Wpa2),
+            "wpa3" => Ok(Security::Wpa3),
+            _ => Err(UnknownSecurity(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +214,14 @@ mod tests {
     fn networks() {
         assert_eq!("5G".parse(), Ok(NetworkType::FiveG));
         assert!("3g".parse::<NetworkType>().is_err());
+    }
+
+    #[test]
+    fn security_is_ordered_and_parsed() {
+        assert!(Security::Open < Security::Wpa2 && Security::Wpa2 < Security::Wpa3);
+        for s in [Security::Open, Security::Wpa2, Security::Wpa3] {
+            assert_eq!(s.as_str().parse::<Security>(), Ok(s));
+        }
+        assert!("wep".parse::<Security>().is_err());
     }
 }

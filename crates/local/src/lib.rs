@@ -146,6 +146,7 @@ pub struct SharerSpec {
     pub north_m: f64,
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
+    pub security: Option<bandshare_core::Security>,
     pub allow: Vec<EgressRule>,
     pub consent: Consent,
     pub alt: Option<f64>,
@@ -217,6 +218,7 @@ impl SharerSpec {
             north_m,
             services: "hotspot".parse().unwrap_or_default(),
             network: Some(NetworkType::FiveG),
+            security: Some(bandshare_core::Security::Wpa2),
             allow: vec![],
             consent: Consent::default(),
             alt: None,
@@ -244,6 +246,11 @@ impl SharerSpec {
 
     pub fn network(mut self, n: NetworkType) -> Self {
         self.network = Some(n);
+        self
+    }
+
+    pub fn security(mut self, s: bandshare_core::Security) -> Self {
+        self.security = Some(s);
         self
     }
 
@@ -287,6 +294,7 @@ impl SharerNode {
             },
             services: spec.services,
             network: spec.network,
+            security: spec.security,
             relay_listen,
             advertise: link.as_ref().map(|l| l.addr),
             egress: EgressPolicy {

@@ -7,7 +7,7 @@
 //! Cells shrink in longitude degrees with latitude (their ground width stays
 //! near 220 m), and column numbers wrap at the antimeridian.
 
-use bandshare_core::{Fingerprint, LinkState, NetworkType, Position, ServiceSet};
+use bandshare_core::{Fingerprint, LinkState, NetworkType, Position, Security, ServiceSet};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -28,6 +28,8 @@ pub struct SharerInfo {
     pub speed_mps: Option<f64>,
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
+    /// The hotspot's Wi-Fi security, when declared.
+    pub security: Option<Security>,
     pub link: LinkState,
     /// Consent: answers access requests at all.
     pub accepting: bool,
@@ -72,6 +74,7 @@ struct Slot {
 pub struct Summary {
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
+    pub security: Option<Security>,
     pub up: bool,
     pub accepting: bool,
     pub active_requesters: u32,
@@ -87,6 +90,7 @@ impl Summary {
         Summary {
             services: info.services,
             network: info.network,
+            security: info.security,
             up: info.link.up,
             accepting: info.accepting,
             active_requesters: info.active_requesters,
@@ -387,6 +391,7 @@ pub(crate) mod tests {
             speed_mps: None,
             services: ServiceSet::default(),
             network: None,
+            security: None,
             link: LinkState::default(),
             accepting: true,
             active_requesters: 0,

@@ -5,7 +5,7 @@
 use crate::index::{Index, RadioKey, SharerId, Summary};
 use crate::region::{Evidence, NoLocation, Region, RegionConfig, SceneDecision, decide_scene};
 use bandshare_core::enu::{Frame, contact_time_s};
-use bandshare_core::{DistanceBand, NetworkType, ServiceSet};
+use bandshare_core::{DistanceBand, NetworkType, Security, ServiceSet};
 
 /// Contact times are capped here: "a long time".
 pub const CONTACT_CAP_S: f64 = 600.0;
@@ -15,6 +15,8 @@ pub struct Query {
     pub evidence: Evidence,
     pub wanted: ServiceSet,
     pub network: Option<NetworkType>,
+    /// The weakest hotspot security accepted.
+    pub security: Option<Security>,
     /// Also explain sharers that were filtered out.
     pub explain: bool,
     /// How far past a circle's or sphere's edge to search, measured from
@@ -91,6 +93,12 @@ fn filter(info: &Summary, q: &Query) -> Option<String> {
     {
         let has = info.network.map_or("unknown", |n| n.as_str());
         return Some(format!("network is {has}, wanted {want}"));
+    }
+    if let Some(least) = q.security
+        && info.security.is_none_or(|s| s < least)
+    {
+        let has = info.security.map_or("undeclared", |s| s.as_str());
+        return Some(format!("security is {has}, wanted at least {least}"));
     }
     if !info.up {
         return Some("uplink down".into());
@@ -396,9 +404,53 @@ mod tests {
             },
             wanted: ServiceSet::default(),
             network: None,
+            security: None,
             margin_m: 0.0,
             explain: true,
         }
+    }
+
+    #[test]
+    fn security_is_a_minimum() {
+        let c = Position::new(39.9, 116.4, None).expect("valid");
+        let mut idx = Index::default();
+        let mut ids = vec![];
+        for (name, sec) in [
+            ("undeclared", None),
+            ("open", Some(Security::Open)),
+            ("wpa2", Some(Security::Wpa2)),
+            ("wpa3", Some(Security::Wpa3)),
+        ] {
+            let mut s = sharer(name, c.offset_m(5.0, 0.0));
+            s.security = sec;
+            ids.push(idx.insert(s));
+        }
+        let offered = |least| {
+            let mut q = query(c);
+            q.security = least;
+            let out = rank(&idx, &q, &MatchConfig::default()).expect("ranks");
+            let mut got: Vec<_> = out.candidates.iter().map(|c| c.id).collect();
+            got.sort();
+            (got, out.rejected)
+        };
+        assert_eq!(offered(None).0.len(), 4, "no minimum: all");
+        let (got, rejected) = offered(Some(Security::Wpa2));
+        assert_eq!(got, vec![ids[2], ids[3]]);
+        let why = |id| {
+            rejected
+                .iter()
+                .find(|v| v.id == id)
+                .map(|v| v.reason.clone())
+        };
+        assert_eq!(
+            why(ids[1]).as_deref(),
+            Some("security is open, wanted at least wpa2")
+        );
+        assert_eq!(
+            why(ids[0]).as_deref(),
+            Some("security is undeclared, wanted at least wpa2")
+        );
+        assert_eq!(offered(Some(Security::Wpa3)).0, vec![ids[3]]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! never to a panic.
 
 use crate::v1;
-use bandshare_core::{LinkState, NetworkType, Position, Scene, Service, ServiceSet};
+use bandshare_core::{LinkState, NetworkType, Position, Scene, Security, Service, ServiceSet};
 
 pub fn service_to_wire(s: Service) -> i32 {
     (match s {
@@ -30,6 +30,24 @@ pub fn services_to_wire(set: ServiceSet) -> Vec<i32> {
 
 pub fn services_from_wire(v: &[i32]) -> ServiceSet {
     v.iter().filter_map(|s| service_from_wire(*s)).collect()
+}
+
+pub fn security_to_wire(s: Option<Security>) -> i32 {
+    (match s {
+        None => v1::Security::Unspecified,
+        Some(Security::Open) => v1::Security::Open,
+        Some(Security::Wpa2) => v1::Security::Wpa2,
+        Some(Security::Wpa3) => v1::Security::Wpa3,
+    }) as i32
+}
+
+pub fn security_from_wire(v: i32) -> Option<Security> {
+    match v1::Security::try_from(v).ok()? {
+        v1::Security::Open => Some(Security::Open),
+        v1::Security::Wpa2 => Some(Security::Wpa2),
+        v1::Security::Wpa3 => Some(Security::Wpa3),
+        v1::Security::Unspecified => None,
+    }
 }
 
 pub fn network_to_wire(n: Option<NetworkType>) -> i32 {
@@ -129,6 +147,14 @@ mod tests {
 
     #[test]
     fn round_trips() {
+        for s in [
+            None,
+            Some(Security::Open),
+            Some(Security::Wpa2),
+            Some(Security::Wpa3),
+        ] {
+            assert_eq!(security_from_wire(security_to_wire(s)), s);
+        }
         for s in Service::ALL {
             assert_eq!(service_from_wire(service_to_wire(s)), Some(s));
         }

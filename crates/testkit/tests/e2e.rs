@@ -4,7 +4,7 @@
 
 use bandshare_agent::client;
 use bandshare_coordinator::Config;
-use bandshare_core::{DeviceKey, NetworkType, Ticket, TicketSigner};
+use bandshare_core::{DeviceKey, NetworkType, Security, Ticket, TicketSigner};
 use bandshare_proto::v1;
 use bandshare_relay::{Tunnel, TunnelError};
 use bandshare_testkit::http::{PAGE_TITLE, socks_get};
@@ -61,15 +61,22 @@ fn now() -> u64 {
 }
 
 async fn offers(cluster: &Cluster, want: &str, network: Option<NetworkType>) -> v1::ShareResponse {
+    let cond = bandshare_agent::location::ConditionSpec {
+        want: want.parse().expect("services"),
+        network,
+        ..Default::default()
+    };
+    offers_for(cluster, cond).await
+}
+
+async fn offers_for(
+    cluster: &Cluster,
+    cond: bandshare_agent::location::ConditionSpec,
+) -> v1::ShareResponse {
     let ch = client::connect(&cluster.coordinator.url)
         .await
         .expect("connect");
     let key = bandshare_agent::identity::generate().expect("key");
-    let cond = bandshare_agent::location::ConditionSpec {
-        want: want.parse().expect("services"),
-        network,
-        max_offers: 0,
-    };
     let loc = bandshare_agent::location::LocationSpec {
         at: Some(center()),
         ..Default::default()
@@ -343,16 +350,18 @@ async fn a_sharer_that_disconnects_stops_being_offered_and_traffic_moves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn services_and_network_type_filter_offers() {
+async fn services_network_type_and_security_filter_offers() {
     let c = Cluster::start_with(
         fast(),
         vec![
             SharerSpec::new("five", 5.0, 0.0)
                 .services("hotspot,5ghz")
-                .network(NetworkType::FiveG),
+                .network(NetworkType::FiveG)
+                .security(Security::Wpa3),
             SharerSpec::new("four", 10.0, 0.0)
                 .services("hotspot,wifi6")
-                .network(NetworkType::FourG),
+                .network(NetworkType::FourG)
+                .security(Security::Open),
             SharerSpec::new("wifi", 15.0, 0.0)
                 .services("hotspot,wifi6,5ghz")
                 .network(NetworkType::Wifi),
@@ -394,6 +403,30 @@ async fn services_and_network_type_filter_offers() {
     };
     assert_eq!(why("five"), "service missing: wifi6");
     assert_eq!(why("four"), "network is 4g, wanted wifi");
+    // Security is a minimum: wpa2 takes wpa2 and wpa3, never open.
+    let secured = |least| {
+        offers_for(
+            &c,
+            bandshare_agent::location::ConditionSpec {
+                security: Some(least),
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(
+        names(&secured(Security::Wpa2).await),
+        vec!["five", "prose", "wifi"]
+    );
+    let strict = secured(Security::Wpa3).await;
+    assert_eq!(names(&strict), vec!["five"]);
+    assert!(
+        strict
+            .explain
+            .iter()
+            .any(|v| v.sharer == "four" && v.reason == "security is open, wanted at least wpa3"),
+        "{:?}",
+        strict.explain
+    );
     // Offers carry a distance band and never coordinates.
     for o in &r.offers {
         assert_eq!(o.distance_band, "10-50m");

@@ -9,7 +9,7 @@
 pub mod gpsd;
 pub mod wifi_scan;
 
-use bandshare_core::{NetworkType, Position, Scene, ServiceSet};
+use bandshare_core::{NetworkType, Position, Scene, Security, ServiceSet};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1;
 use tokio::sync::watch;
@@ -60,6 +60,8 @@ impl LocationSpec {
 pub struct ConditionSpec {
     pub want: ServiceSet,
     pub network: Option<NetworkType>,
+    /// The weakest hotspot security accepted.
+    pub security: Option<Security>,
     pub max_offers: u32,
 }
 
@@ -68,7 +70,7 @@ impl ConditionSpec {
         v1::Conditions {
             services: cv::services_to_wire(self.want),
             network: cv::network_to_wire(self.network),
-            security: 0,
+            security: cv::security_to_wire(self.security),
             max_offers: self.max_offers,
             quota_bytes: 0,
         }

@@ -31,6 +31,8 @@ pub struct SharerOptions {
     pub sources: crate::location::Sources,
     pub services: ServiceSet,
     pub network: Option<NetworkType>,
+    /// How the hotspot's Wi-Fi is secured, when declared.
+    pub security: Option<bandshare_core::Security>,
     /// Where the QUIC relay listens.
     pub relay_listen: SocketAddr,
     /// The address requesters dial; derived when the relay listens on an

@@ -150,7 +150,7 @@ async fn session(
         public_key: key.verifying_key().to_bytes().to_vec(),
         services: cv::services_to_wire(opts.services),
         network: cv::network_to_wire(opts.network),
-        security: 0,
+        security: cv::security_to_wire(opts.security),
         relay_endpoints: vec![advertise.to_string()],
         relay_cert_sha256: relay.cert_pin().to_vec(),
         consent: Some(v1::ConsentPolicy {
