@@ -1,5 +1,5 @@
 //! `bandshare`: the one binary. It parses flags and calls the `run`
-//! functions of the crates (`cli.rs`; `bench.rs` with the default `bench`
+//! functions of the crates (`cli/`: flags in `mod.rs`, commands in `run.rs`; `bench.rs` with the default `bench`
 //! feature); the demo (`demo.rs`) runs on `bandshare-local`.
 
 #[cfg(feature = "bench")]

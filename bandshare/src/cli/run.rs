@@ -1,0 +1,341 @@
+//! What each subcommand does once its flags are parsed: start the
+//! coordinator, a sharer or a requester (each until a signal), run one
+//! admin operation or one share request, and the process glue they share
+//! (logs, data directories, signals, `listening` lines).
+
+use super::{
+    AdminArgs, AdminCommand, Cli, Command, ConnectArgs, OffersArgs, ServerArgs, ShareArgs,
+};
+use anyhow::Context;
+use bandshare_agent::requester::{Requester, RequesterOptions};
+use bandshare_agent::sharer::consent::Consent;
+use bandshare_agent::sharer::{Sharer, SharerOptions};
+use bandshare_agent::{Shutdown, client, identity};
+use bandshare_core::EgressPolicy;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tracing::info;
+
+/// `$XDG_DATA_HOME/bandshare/SUB`, else `~/.local/share/bandshare/SUB`.
+/// An empty or relative `XDG_DATA_HOME` counts as unset (the XDG spec).
+fn default_data(sub: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from(".bandshare"));
+    base.join("bandshare").join(sub)
+}
+
+/// One machine-readable line on stdout per bound address, so a caller that
+/// passed port 0 learns the port: `listening grpc=127.0.0.1:40123`.
+fn listening(what: &str, addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening {what}={addr}");
+    let _ = out.flush();
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signalled() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn shutdown_on_signal() -> Shutdown {
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        signalled().await;
+        info!("signal received, shutting down");
+        trigger.fire();
+    });
+    shutdown
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Command::Server(a) => server(a).await,
+        Command::Share(a) => share(a).await,
+        Command::Connect(a) => connect(a).await,
+        Command::Offers(a) => offers(a).await,
+        Command::Demo => crate::demo::run().await,
+        Command::Admin(a) => admin(a),
+        #[cfg(feature = "bench")]
+        Command::Bench(b) => crate::bench::run(b).await,
+    }
+}
+
+async fn server(a: ServerArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    let mut config = match &a.config {
+        Some(p) => bandshare_coordinator::Config::load(p)?,
+        None => bandshare_coordinator::Config::default(),
+    };
+    if let Some(e) = a.enroll {
+        config.enroll = e;
+    }
+    info!(enroll = ?config.enroll, "enrollment");
+    let dir = a.data.unwrap_or_else(|| default_data("server"));
+    let store = bandshare_store::Store::open(&dir)?;
+    info!(store = %store.path().display(), "store opened");
+    let state = bandshare_coordinator::State::new(config, store)?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),
+        _ if a.tls => Some(bandshare_coordinator::tls::self_signed(&dir)?),
+        _ => None,
+    };
+    let grpc = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let http = tokio::net::TcpListener::bind(a.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.http))?;
+    let grpc_addr = grpc.local_addr().context("gRPC listener")?;
+    let http_addr = http.local_addr().context("HTTP listener")?;
+    listening("grpc", grpc_addr);
+    listening("http", http_addr);
+    match &tls {
+        Some(t) => info!(
+            grpc = %grpc_addr,
+            http = %http_addr,
+            pin = %t.pin_hex(),
+            "bandshare coordinator starting with TLS: agents use --server https://{} --server-pin {}",
+            grpc_addr,
+            t.pin_hex()
+        ),
+        None => {
+            info!(grpc = %grpc_addr, http = %http_addr, "bandshare coordinator starting (plaintext gRPC; --tls to encrypt)")
+        }
+    }
+    bandshare_coordinator::run_with(state, grpc, Some(http), tls, shutdown_on_signal().wait())
+        .await?;
+    Ok(())
+}
+
+fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    use bandshare_store::Decision;
+    let dir = a.data.unwrap_or_else(|| default_data("server"));
+    if !dir.join("bandshare.db").exists() {
+        anyhow::bail!(
+            "no coordinator store in {} (give the server's --data)",
+            dir.display()
+        );
+    }
+    let store = bandshare_store::Store::open(&dir)?;
+    let now = bandshare_core::clock::unix_now();
+    match a.cmd {
+        AdminCommand::List => {
+            println!(
+                "{:<64}  {:<9}  {:<9}  {:<8}  name",
+                "key", "role", "state", "seen"
+            );
+            for d in store.devices()? {
+                let state = d.decision.map_or("pending", |d| d.as_str());
+                let seen = if d.last_seen == 0 {
+                    "never".to_string()
+                } else {
+                    format!("{}s ago", now.saturating_sub(d.last_seen))
+                };
+                println!(
+                    "{}  {:<9}  {:<9}  {:<8}  {}",
+                    d.key,
+                    d.role,
+                    state,
+                    seen,
+                    bandshare_core::name::printable(&d.name)
+                );
+            }
+        }
+        AdminCommand::Approve { key } => {
+            let k = store.find_device(&key)?;
+            store.decide(&k, Decision::Approved, now)?;
+            println!("approved {k}");
+        }
+        AdminCommand::Revoke { key } => {
+            let k = store.find_device(&key)?;
+            store.decide(&k, Decision::Revoked, now)?;
+            println!("revoked {k} (a running server tells its sharers within a second)");
+        }
+        AdminCommand::Pin => {
+            let tls = bandshare_coordinator::tls::self_signed(&dir)?;
+            println!("{}", tls.pin_hex());
+        }
+        AdminCommand::RotateKey => {
+            let mut seed = [0u8; 32];
+            bandshare_coordinator::random_seed(&mut seed)?;
+            let id = store.add_signing_seed(seed, now)?;
+            println!(
+                "new ticket-signing key {id}: a running server announces it to sharers, signs with it a second later, and keeps the old one verifying until its tickets expire"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    bandshare_core::name::check_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
+    client::normalize_url(&a.server)?;
+    let dir = a
+        .data
+        .clone()
+        .unwrap_or_else(|| default_data(&format!("share-{}", a.name)));
+    let key = identity::load_or_create(&dir.join("device.key"))?;
+    let mut consent = match &a.consent {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read consent file {}: {e}", path.display()))?;
+            Consent::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("consent file {}: {e}", path.display()))?
+        }
+        None => Consent::default(),
+    };
+    if a.decline {
+        consent.accept = false;
+    }
+    if a.max_requesters > 0 {
+        consent.max_requesters = a.max_requesters;
+    }
+    let opts = SharerOptions {
+        sources: a.location.sources()?,
+        server: a.server,
+        name: a.name,
+        location: a.location.spec(),
+        services: a.services,
+        network: a.network,
+        security: a.security,
+        relay_listen: a.relay,
+        advertise: a.advertise,
+        egress: EgressPolicy {
+            allow: a.allow_egress,
+            ..Default::default()
+        },
+        bandwidth_bps: a.bandwidth_mbps.unwrap_or(0).saturating_mul(1_000_000),
+        consent,
+        uplink: a.uplink,
+        uplink_check: a.uplink_check,
+        power_supply: a.power_supply,
+        data_dir: Some(dir),
+    };
+    let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
+    listening("relay", sharer.relay_addr);
+    sharer.join().await?;
+    Ok(())
+}
+
+async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
+    client::normalize_url(&a.server)?;
+    let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
+    let key = identity::load_or_create(&dir.join("device.key"))?;
+    let shutdown = shutdown_on_signal();
+    let opts = RequesterOptions {
+        sources: a.location.sources()?,
+        server: a.server,
+        location: a.location.spec(),
+        conditions: a.want.spec(),
+        pool_size: a.pool,
+        strategy: a.strategy,
+        socks: Some(a.socks),
+        forwards: a.forward,
+        control: a.control,
+        stall_grace: std::time::Duration::from_secs_f64(a.stall_grace),
+    };
+    let r = Requester::start(opts, key, shutdown.clone()).await?;
+    if let Some(s) = r.socks_addr {
+        listening("socks", s);
+    }
+    for f in &r.forward_addrs {
+        listening("forward", *f);
+    }
+    if let Some(c) = r.control_addr {
+        listening("control", c);
+    }
+    eprintln!("{}", crate::render::offers_table(&r.first_response, false));
+    if let Some(s) = r.socks_addr {
+        eprintln!(
+            "SOCKS5 and HTTP CONNECT proxy on {s}   e.g. curl --socks5-hostname {s} http://example.com/"
+        );
+    }
+    for f in &r.forward_addrs {
+        eprintln!("forward listening on {f}");
+    }
+    if let Some(c) = r.control_addr {
+        eprintln!("status: curl http://{c}/status");
+    }
+    shutdown.wait().await;
+    r.pool.close_all();
+    Ok(())
+}
+
+async fn offers(a: OffersArgs) -> anyhow::Result<()> {
+    init_logs("warn");
+    // The requester's own key when it has one (needed in approval mode);
+    // otherwise a throwaway one, so asking leaves nothing behind.
+    let key_file = a
+        .data
+        .clone()
+        .unwrap_or_else(|| default_data("requester"))
+        .join("device.key");
+    let key = if a.data.is_some() || key_file.exists() {
+        identity::load_or_create(&key_file)?
+    } else {
+        identity::generate()?
+    };
+    let sources = a.location.sources()?;
+    let mut here = a.location.spec();
+    if sources.is_live() {
+        // One reading from the live sources, waited for at most 5 s.
+        let (_stop, shutdown) = Shutdown::new();
+        let mut rx = bandshare_agent::location::start(here.clone(), &sources, shutdown);
+        let want_fix = sources.gpsd.is_some();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|l| {
+                (!want_fix || l.at.is_some()) && (sources.wifi_scan.is_none() || !l.wifi.is_empty())
+            }),
+        )
+        .await;
+        here = rx.borrow().clone();
+    }
+    let server = client::with_pin(&a.server, a.server_pin.as_deref());
+    let channel = client::connect(&server).await?;
+    let resp = client::share_request(
+        channel,
+        client::share_request_from(&key, &here, &a.want.spec(), a.explain),
+    )
+    .await?;
+    if a.json {
+        println!("{}", crate::render::offers_json(&resp, a.explain));
+    } else {
+        println!("{}", crate::render::offers_table(&resp, a.explain));
+    }
+    Ok(())
+}
