@@ -1,6 +1,6 @@
-//! `bandshare`: the one binary. It parses flags and calls the `run`
-//! functions of the crates (`cli/`: flags in `mod.rs`, commands in `run.rs`; `bench.rs` with the default `bench`
-//! feature); the demo (`demo.rs`) runs on `bandshare-local`.
+//! `bandshare`: the one binary. It parses flags (`cli/mod.rs`) and calls
+//! the crates' `run` functions (`cli/run.rs`; `bench.rs` with the default
+//! `bench` feature); the demo (`demo.rs`) runs on `bandshare-local`.
 
 #[cfg(feature = "bench")]
 mod bench;
