@@ -68,24 +68,7 @@ pub async fn run() -> anyhow::Result<()> {
     let cluster =
         Cluster::start_with(config, specs.iter().map(|(s, _)| s.clone()).collect()).await?;
     let port = cluster.target.addr.port();
-    println!(
-        "coordinator   {}   (SQLite store in {})",
-        cluster.coordinator.url,
-        cluster.coordinator.data_dir.path().display()
-    );
-    println!(
-        "web target    http://localhost:{port}/   (loopback: sharers reach it only through --allow-egress 127.0.0.1/32:{port})"
-    );
-    println!("sharers around {:.4},{:.4}:", center().lat, center().lon);
-    for (s, place) in &specs {
-        let net = s.network.map_or("-", |n| n.as_str());
-        println!(
-            "  {:<6} {:<11} services {:<18} network {net}",
-            s.name,
-            place,
-            s.services.to_string()
-        );
-    }
+    print_setup(&cluster, &specs);
 
     let want: bandshare_core::ServiceSet = [Service::Hotspot].into_iter().collect();
     println!("\n1. A requester at the centre asks for offers (wants: hotspot)");
@@ -122,28 +105,7 @@ pub async fn run() -> anyhow::Result<()> {
     );
     let first = fetch(&r, port, "/hello").await?;
 
-    println!("\n4. Kill the active sharer {first}: its stream ends and its relay closes");
-    cluster
-        .sharer(&first)
-        .ok_or_else(|| anyhow::anyhow!("no sharer {first}"))?
-        .kill();
-    let before = cluster.sharers.len();
-    let gone = wait_until(Duration::from_secs(5), || {
-        cluster.coordinator.online() < before
-    })
-    .await;
-    println!(
-        "   coordinator: {} sharers online{}",
-        cluster.coordinator.online(),
-        if gone {
-            format!(", {first} is no longer offered")
-        } else {
-            String::new()
-        }
-    );
-    let second = fetch(&r, port, "/again").await?;
-    anyhow::ensure!(second != first, "traffic did not move away from {first}");
-    println!("   new flows moved from {first} to {second}");
+    fail_over(&cluster, &r, &first, port).await?;
     print_pool(&r);
 
     let ledger = cluster.coordinator.state.store().clone();
@@ -161,6 +123,61 @@ pub async fn run() -> anyhow::Result<()> {
     for s in &cluster.sharers {
         s.kill();
     }
+    Ok(())
+}
+
+/// Where everything runs and who shares what.
+fn print_setup(cluster: &Cluster, specs: &[(SharerSpec, &str)]) {
+    let port = cluster.target.addr.port();
+    println!(
+        "coordinator   {}   (SQLite store in {})",
+        cluster.coordinator.url,
+        cluster.coordinator.data_dir.path().display()
+    );
+    println!(
+        "web target    http://localhost:{port}/   (loopback: sharers reach it only through --allow-egress 127.0.0.1/32:{port})"
+    );
+    println!("sharers around {:.4},{:.4}:", center().lat, center().lon);
+    for (s, place) in specs {
+        let net = s.network.map_or("-", |n| n.as_str());
+        println!(
+            "  {:<6} {:<11} services {:<18} network {net}",
+            s.name,
+            place,
+            s.services.to_string()
+        );
+    }
+}
+
+/// Step 4: kills the active sharer and shows new flows moving on.
+async fn fail_over(
+    cluster: &Cluster,
+    r: &bandshare_local::RequesterNode,
+    first: &str,
+    port: u16,
+) -> anyhow::Result<()> {
+    println!("\n4. Kill the active sharer {first}: its stream ends and its relay closes");
+    cluster
+        .sharer(first)
+        .ok_or_else(|| anyhow::anyhow!("no sharer {first}"))?
+        .kill();
+    let before = cluster.sharers.len();
+    let gone = wait_until(Duration::from_secs(5), || {
+        cluster.coordinator.online() < before
+    })
+    .await;
+    println!(
+        "   coordinator: {} sharers online{}",
+        cluster.coordinator.online(),
+        if gone {
+            format!(", {first} is no longer offered")
+        } else {
+            String::new()
+        }
+    );
+    let second = fetch(r, port, "/again").await?;
+    anyhow::ensure!(second != first, "traffic did not move away from {first}");
+    println!("   new flows moved from {first} to {second}");
     Ok(())
 }
 

@@ -133,7 +133,7 @@ fn offers_json_has_the_design_shape_and_no_coordinates() {
     let out = bandshare(&[
         "offers",
         "--server",
-        &cluster.coordinator.url,
+        cluster.coordinator.url.as_str(),
         "--at",
         &at,
         "--json",
@@ -168,7 +168,7 @@ fn offers_json_has_the_design_shape_and_no_coordinates() {
     let out = bandshare(&[
         "offers",
         "--server",
-        &cluster.coordinator.url,
+        cluster.coordinator.url.as_str(),
         "--at",
         &at,
         "--explain",

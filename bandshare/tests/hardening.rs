@@ -843,7 +843,7 @@ fn the_requester_survives_fd_exhaustion_on_its_proxy_port() {
         &[
             "connect",
             "--server",
-            &cluster.coordinator.url,
+            cluster.coordinator.url.as_str(),
             "--at",
             &at,
             "--pool",

@@ -54,7 +54,8 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
     rt.block_on(async {
         let data = tempfile::tempdir().expect("tempdir");
         let (mut server, addr) = start_server("127.0.0.1:0", data.path());
-        let url = format!("http://{addr}");
+        let url: bandshare_agent::client::ServerUrl =
+            format!("http://{addr}").parse().expect("url");
 
         let target = HttpTarget::start().await.expect("target");
         let rule: EgressRule = format!("127.0.0.1/32:{}", target.addr.port())

@@ -55,7 +55,7 @@ fn agents_pin_the_coordinator_certificate() {
     // A sharer attaches over TLS with the pin.
     let sharer = rt
         .block_on(SharerNode::start(
-            &format!("{https}#{pin}"),
+            &format!("{https}#{pin}").parse().expect("url"),
             &SharerSpec::new("alice", 5.0, 0.0),
         ))
         .expect("sharer");

@@ -7,6 +7,7 @@ use super::{
     AdminArgs, AdminCommand, Cli, Command, ConnectArgs, OffersArgs, ServerArgs, ShareArgs,
 };
 use anyhow::Context;
+use bandshare_agent::client::ServerUrl;
 use bandshare_agent::requester::{Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
@@ -197,11 +198,10 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
+async fn share(a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
     bandshare_core::name::check_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
-    client::normalize_url(&a.server)?;
+    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
     let dir = a
         .data
         .clone()
@@ -224,7 +224,7 @@ async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
     }
     let opts = SharerOptions {
         sources: a.location.sources()?,
-        server: a.server,
+        server,
         name: a.name,
         location: a.location.spec(),
         services: a.services,
@@ -249,16 +249,15 @@ async fn share(mut a: ShareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(mut a: ConnectArgs) -> anyhow::Result<()> {
+async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     init_logs("info");
-    a.server = client::with_pin(&a.server, a.server_pin.as_deref());
-    client::normalize_url(&a.server)?;
+    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
     let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
     let opts = RequesterOptions {
         sources: a.location.sources()?,
-        server: a.server,
+        server,
         location: a.location.spec(),
         conditions: a.want.spec(),
         pool_size: a.pool,
@@ -325,7 +324,7 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
         .await;
         here = rx.borrow().clone();
     }
-    let server = client::with_pin(&a.server, a.server_pin.as_deref());
+    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
     let channel = client::connect(&server).await?;
     let resp = client::share_request(
         channel,

@@ -28,6 +28,41 @@ impl CoordinatorError {
     }
 }
 
+/// A coordinator's address, checked and normalised once where it enters
+/// (a flag, a config, a test): `http://HOST:PORT` or `https://HOST:PORT#PIN`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServerUrl(String);
+
+impl ServerUrl {
+    /// See [`normalize_url`] for what is accepted.
+    pub fn parse(s: &str) -> Result<ServerUrl, CoordinatorError> {
+        normalize_url(s).map(ServerUrl)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `HOST:PORT`, without the scheme and the pin.
+    pub fn host_port(&self) -> &str {
+        let rest = self.0.split_once("://").map_or(self.0.as_str(), |(_, r)| r);
+        rest.split('#').next().unwrap_or(rest)
+    }
+}
+
+impl std::str::FromStr for ServerUrl {
+    type Err = CoordinatorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ServerUrl::parse(s)
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Accepts `http://host:port`, `host:port`, or `https://host:port#PIN`
 /// where PIN is the 64 hex digits of the server certificate's SHA-256
 /// (`--server-pin`; the server prints it).
@@ -111,11 +146,10 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub async fn connect(url: &str) -> Result<Channel, CoordinatorError> {
-    let url = normalize_url(url)?;
-    let (base, pin) = match url.split_once('#') {
+pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
+    let (base, pin) = match url.as_str().split_once('#') {
         Some((u, p)) => (u.to_string(), Some(parse_pin(p)?)),
-        None => (url.clone(), None),
+        None => (url.0.clone(), None),
     };
     // Over TLS, tonic sees a plain http:// endpoint and the connector below
     // does TLS itself, trusting only the pinned certificate.
@@ -254,6 +288,16 @@ mod tests {
         assert_eq!(
             parse_pin(&format!("sha256:{pin}")).expect("pin"),
             [0xab; 32]
+        );
+        let tls = ServerUrl::parse(&with_pin("https://h:1/", Some(&pin))).expect("ok");
+        assert_eq!(tls.host_port(), "h:1");
+        assert_eq!(
+            ServerUrl::parse("[::1]:7").expect("ok").host_port(),
+            "[::1]:7"
+        );
+        assert_eq!(
+            "h:2".parse::<ServerUrl>().expect("ok").to_string(),
+            "http://h:2"
         );
     }
 }

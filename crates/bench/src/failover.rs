@@ -101,7 +101,7 @@ async fn silent(rounds: usize) -> anyhow::Result<Latencies> {
 }
 
 fn spawn_sharer(
-    url: &str,
+    url: &bandshare_agent::client::ServerUrl,
     name: &str,
     east: f64,
     target_port: u16,
@@ -113,7 +113,7 @@ fn spawn_sharer(
             .args([
                 "share",
                 "--server",
-                url,
+                url.as_str(),
                 "--name",
                 name,
                 "--at",

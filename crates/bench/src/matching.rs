@@ -139,7 +139,7 @@ fn spawn_answerer(
 /// from random points of the square for `seconds`. Returns the latencies
 /// and the number of offers received.
 pub async fn share_load(
-    url: &str,
+    url: &bandshare_agent::client::ServerUrl,
     concurrency: usize,
     seconds: f64,
     seed: u64,
@@ -147,7 +147,7 @@ pub async fn share_load(
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut clients = vec![];
     for c in 0..concurrency {
-        let url = url.to_string();
+        let url = url.clone();
         clients.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(seed + c as u64);
             let ch = bandshare_agent::client::connect(&url).await?;
@@ -282,7 +282,7 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     // Full share requests through gRPC on loopback.
     spawn_answerer(state.clone(), rx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = bandshare_agent::client::ServerUrl::parse(&listener.local_addr()?.to_string())?;
     let (trigger, shutdown) = bandshare_agent::Shutdown::new();
     let server = tokio::spawn(bandshare_coordinator::run(
         state.clone(),

@@ -159,7 +159,7 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
             .spawn()?,
     );
     let pid = server.0.id();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = bandshare_agent::client::ServerUrl::parse(&format!("127.0.0.1:{port}"))?;
     let mut probe = None;
     for _ in 0..100 {
         if let Ok(ch) = bandshare_agent::client::connect(&url).await

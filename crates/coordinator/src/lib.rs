@@ -75,6 +75,25 @@ impl v1::health_server::Health for HealthService {
     }
 }
 
+/// Takes sharers offline that have been silent longer than
+/// `expire_after`, checking four times as often, until `stop` fires.
+async fn expire_silent(state: Arc<State>, mut rx: tokio::sync::watch::Receiver<bool>) {
+    let every = (state.config().expire_after / 4).max(std::time::Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = rx.changed() => break,
+        }
+        for name in state
+            .registry()
+            .expire(Instant::now(), state.config().expire_after)
+        {
+            info!(sharer = %name, "sharer expired: silent too long");
+        }
+    }
+}
+
 /// Serves gRPC on `grpc` (and HTTP status on `http`, if given) until
 /// `shutdown` resolves; then stops accepting and ends every sharer stream.
 pub async fn run(
@@ -101,27 +120,7 @@ pub async fn run_with(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // Expire silent sharers.
-    let sweeper = {
-        let state = state.clone();
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let every = (state.config().expire_after / 4).max(std::time::Duration::from_millis(50));
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = rx.changed() => break,
-                }
-                for name in state
-                    .registry()
-                    .expire(Instant::now(), state.config().expire_after)
-                {
-                    info!(sharer = %name, "sharer expired: silent too long");
-                }
-            }
-        })
-    };
+    let sweeper = tokio::spawn(expire_silent(state.clone(), stop_rx.clone()));
     // Operators' decisions and key rotations, read from the store.
     let trust_task = tokio::spawn(trust::watch(state.clone(), stop_rx.clone()));
     let cap = state.config().max_connections_per_source;

@@ -67,6 +67,53 @@ fn random_nonce() -> [u8; 16] {
     n
 }
 
+/// Admits a request by its rate and plausibility, then decides its scene
+/// once. Where the scene compares positions as points, the search is
+/// centred on this requester's secret offset point and reaches the offset's
+/// maximum further (the margin), so no sharer inside the region is missed.
+fn place(
+    state: &State,
+    requester: &DeviceKey,
+    evidence: &bandshare_matcher::Evidence,
+) -> Result<(bandshare_matcher::SceneDecision, f64), Status> {
+    let now = std::time::Instant::now();
+    state.privacy(|guard| {
+        guard
+            .admit(requester, evidence.fix, now)
+            .map_err(|r| match r {
+                crate::privacy::Refusal::RateLimited { .. } => {
+                    Status::resource_exhausted(r.to_string())
+                }
+                crate::privacy::Refusal::Implausible { .. } => {
+                    Status::failed_precondition(r.to_string())
+                }
+            })?;
+        let scene = bandshare_matcher::decide_scene(evidence, &state.config().region)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(match evidence.fix {
+            Some(fix) if bandshare_matcher::measured_from_an_offset(scene.scene) => (
+                scene.centred_on(guard.measuring_point(requester, &fix)),
+                state.config().privacy.fuzz_max_m,
+            ),
+            _ => (scene, 0.0),
+        })
+    })?
+}
+
+/// Records a requester in the store the first time it is seen since start
+/// (so operators can list and approve it).
+fn record_requester(state: &State, requester: DeviceKey) -> Option<tokio::task::JoinHandle<()>> {
+    if !state.first_sight(&requester) {
+        return None;
+    }
+    let store = state.store().clone();
+    Some(tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.upsert_device(&requester, "requester", Role::Requester, unix_now()) {
+            warn!(error = %e, "cannot record requester");
+        }
+    }))
+}
+
 #[tonic::async_trait]
 impl v1::matchmaker_server::Matchmaker for MatchmakerService {
     async fn refresh_tickets(
@@ -150,13 +197,8 @@ impl MatchmakerService {
         let Err(denied) = self.state.check_device(requester) else {
             return Ok(());
         };
-        if self.state.first_sight(requester) {
-            let store = self.state.store().clone();
-            let key = *requester;
-            let _ = tokio::task::spawn_blocking(move || {
-                store.upsert_device(&key, "requester", Role::Requester, crate::unix_now())
-            })
-            .await;
+        if let Some(recorded) = record_requester(&self.state, *requester) {
+            let _ = recorded.await;
         }
         Err(denied)
     }
@@ -171,32 +213,7 @@ impl MatchmakerService {
         let evidence =
             crate::evidence::evidence(&loc).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let conditions = req.conditions.unwrap_or_default();
-        // How far the measuring point moved at most: the search reaches that
-        // much further so no sharer inside the region is missed.
-        let now_i = std::time::Instant::now();
-        let (scene, margin_m) = state.privacy(|guard| {
-            guard
-                .admit(&requester, evidence.fix, now_i)
-                .map_err(|r| match r {
-                    crate::privacy::Refusal::RateLimited { .. } => {
-                        Status::resource_exhausted(r.to_string())
-                    }
-                    crate::privacy::Refusal::Implausible { .. } => {
-                        Status::failed_precondition(r.to_string())
-                    }
-                })?;
-            // The scene, decided once; where it compares positions as
-            // points, measure from this requester's secret offset point.
-            let scene = bandshare_matcher::decide_scene(&evidence, &state.config().region)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Ok::<_, Status>(match evidence.fix {
-                Some(fix) if bandshare_matcher::measured_from_an_offset(scene.scene) => (
-                    scene.centred_on(guard.measuring_point(&requester, &fix)),
-                    state.config().privacy.fuzz_max_m,
-                ),
-                _ => (scene, 0.0),
-            })
-        })??;
+        let (scene, margin_m) = place(state, &requester, &evidence)?;
         let query = Query {
             evidence,
             wanted: cv::services_from_wire(&conditions.services),
@@ -268,14 +285,7 @@ impl MatchmakerService {
             "share request answered"
         );
         debug!(reason = %outcome.scene.reason, "scene decision");
-        if state.first_sight(&requester) {
-            let store = state.store().clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.upsert_device(&requester, "requester", Role::Requester, now) {
-                    warn!(error = %e, "cannot record requester");
-                }
-            });
-        }
+        record_requester(state, requester);
         Ok(Response::new(v1::ShareResponse {
             scene: cv::scene_to_wire(Some(outcome.scene.scene)),
             scene_reason: outcome.scene.reason,

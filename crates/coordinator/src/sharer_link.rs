@@ -92,33 +92,7 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let info = sharer_info(&hello)?;
         let name = hello.name.clone();
         let state = self.state.clone();
-        if let Err(denied) = state.check_device(&key) {
-            // Recorded, so an operator sees it in `bandshare admin list`.
-            let store = state.store().clone();
-            let n = name.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                store.upsert_device(&key, &n, Role::Sharer, unix_now())
-            })
-            .await;
-            info!(sharer = ?name, key = %key.short(), reason = denied.message(), "sharer refused");
-            return Err(denied);
-        }
-        // A name belongs to the first admitted device that used it.
-        let bound = {
-            let store = state.store().clone();
-            let n = name.clone();
-            tokio::task::spawn_blocking(move || store.bind_name(&n, &key, unix_now()))
-                .await
-                .map_err(|_| Status::internal("name binding task failed"))?
-                .map_err(|e| Status::internal(format!("store: {e}")))?
-        };
-        if let Err(owner) = bound {
-            info!(sharer = %name, key = %key.short(), owner = %owner.short(), "sharer refused: name taken");
-            return Err(Status::already_exists(format!(
-                "the name {name:?} belongs to another device (key {}…); choose another --name",
-                owner.short()
-            )));
-        }
+        admit(&state, key, &name).await?;
         let cfg = state.config();
         let (tx, rx) = mpsc::channel(64);
         tx.send(down(Down::Welcome(v1::Welcome {
@@ -149,50 +123,88 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             });
         }
         let span = info_span!("sharer_stream", sharer = %name);
-        tokio::spawn(
-            async move {
-                let registry = &state.registry();
-                let why = loop {
-                    let msg = match inbound.message().await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break "stream ended".to_string(),
-                        Err(e) => break format!("stream error: {}", e.message()),
-                    };
-                    let now = Instant::now();
-                    match msg.msg {
-                        Some(Up::Ping(p)) => {
-                            registry.touch(id, generation, now);
-                            let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
-                        }
-                        Some(Up::Report(mut r)) => {
-                            state.count_report();
-                            let batches = std::mem::take(&mut r.batches);
-                            apply_report(&state, id, generation, r, now);
-                            if !batches.is_empty() {
-                                tokio::spawn(record_batches(
-                                    state.clone(),
-                                    key,
-                                    batches,
-                                    tx.clone(),
-                                ));
-                            }
-                        }
-                        Some(Up::AccessResponse(a)) => {
-                            registry.touch(id, generation, now);
-                            registry.answer(id, generation, a);
-                        }
-                        Some(Up::Hello(_)) | None => {
-                            break "protocol error: unexpected message".to_string();
-                        }
-                    }
-                };
-                if registry.remove(id, generation).is_some() {
-                    info!(reason = %why, online = registry.len(), "sharer offline");
+        tokio::spawn(follow(state, inbound, id, generation, key, tx).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Lets a sharer in: not revoked, approved when approval is required
+/// (refusals are recorded so an operator sees them), and the owner of its
+/// name (a name belongs to the first admitted device that used it).
+async fn admit(state: &Arc<State>, key: DeviceKey, name: &str) -> Result<(), Status> {
+    if let Err(denied) = state.check_device(&key) {
+        // Recorded, so an operator sees it in `bandshare admin list`.
+        let store = state.store().clone();
+        let n = name.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            store.upsert_device(&key, &n, Role::Sharer, unix_now())
+        })
+        .await;
+        info!(sharer = ?name, key = %key.short(), reason = denied.message(), "sharer refused");
+        return Err(denied);
+    }
+    // A name belongs to the first admitted device that used it.
+    let bound = {
+        let store = state.store().clone();
+        let n = name.to_string();
+        tokio::task::spawn_blocking(move || store.bind_name(&n, &key, unix_now()))
+            .await
+            .map_err(|_| Status::internal("name binding task failed"))?
+            .map_err(|e| Status::internal(format!("store: {e}")))?
+    };
+    if let Err(owner) = bound {
+        info!(sharer = %name, key = %key.short(), owner = %owner.short(), "sharer refused: name taken");
+        return Err(Status::already_exists(format!(
+            "the name {name:?} belongs to another device (key {}…); choose another --name",
+            owner.short()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads one sharer's stream until it ends: pings, reports (with usage
+/// batches for the ledger) and answers to access requests; then takes the
+/// sharer offline unless a newer stream replaced it.
+async fn follow(
+    state: Arc<State>,
+    mut inbound: Streaming<v1::SharerMessage>,
+    id: bandshare_matcher::SharerId,
+    generation: u64,
+    key: DeviceKey,
+    tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
+) {
+    let registry = &state.registry();
+    let why = loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break "stream ended".to_string(),
+            Err(e) => break format!("stream error: {}", e.message()),
+        };
+        let now = Instant::now();
+        match msg.msg {
+            Some(Up::Ping(p)) => {
+                registry.touch(id, generation, now);
+                let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
+            }
+            Some(Up::Report(mut r)) => {
+                state.count_report();
+                let batches = std::mem::take(&mut r.batches);
+                apply_report(&state, id, generation, r, now);
+                if !batches.is_empty() {
+                    tokio::spawn(record_batches(state.clone(), key, batches, tx.clone()));
                 }
             }
-            .instrument(span),
-        );
-        Ok(Response::new(ReceiverStream::new(rx)))
+            Some(Up::AccessResponse(a)) => {
+                registry.touch(id, generation, now);
+                registry.answer(id, generation, a);
+            }
+            Some(Up::Hello(_)) | None => {
+                break "protocol error: unexpected message".to_string();
+            }
+        }
+    };
+    if registry.remove(id, generation).is_some() {
+        info!(reason = %why, online = registry.len(), "sharer offline");
     }
 }
 

@@ -8,6 +8,7 @@ pub mod http;
 pub mod udp;
 
 use anyhow::Context;
+use bandshare_agent::client::ServerUrl;
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_agent::requester::{Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
@@ -70,7 +71,7 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 }
 
 pub struct CoordinatorNode {
-    pub url: String,
+    pub url: ServerUrl,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub state: Arc<State>,
@@ -109,7 +110,7 @@ impl CoordinatorNode {
             }
         });
         Ok(CoordinatorNode {
-            url: format!("http://{grpc_addr}"),
+            url: ServerUrl::parse(&grpc_addr.to_string())?,
             grpc_addr,
             http_addr,
             state,
@@ -270,7 +271,10 @@ pub struct SharerNode {
 }
 
 impl SharerNode {
-    pub async fn start(coordinator_url: &str, spec: &SharerSpec) -> anyhow::Result<SharerNode> {
+    pub async fn start(
+        coordinator_url: &ServerUrl,
+        spec: &SharerSpec,
+    ) -> anyhow::Result<SharerNode> {
         let key = identity::generate()?;
         let (trigger, shutdown) = Shutdown::new();
         // With a UDP relay in front, bind the QUIC relay on a known port and
@@ -285,7 +289,7 @@ impl SharerNode {
             ("127.0.0.1:0".parse()?, None)
         };
         let opts = SharerOptions {
-            server: coordinator_url.to_string(),
+            server: coordinator_url.clone(),
             name: spec.name.clone(),
             location: spec.location(),
             sources: bandshare_agent::location::Sources {

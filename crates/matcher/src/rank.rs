@@ -4,8 +4,9 @@
 
 use crate::index::{Index, RadioKey, SharerId, Summary};
 use crate::region::{Evidence, NoLocation, Region, RegionConfig, SceneDecision, decide_scene};
-use bandshare_core::enu::{Frame, contact_time_s};
-use bandshare_core::{DistanceBand, NetworkType, Security, ServiceSet};
+use bandshare_core::enu::{Frame, OrientedBox, contact_time_s};
+use bandshare_core::{DistanceBand, Fingerprint, NetworkType, Position, Security, ServiceSet};
+use std::sync::Arc;
 
 /// Contact times are capped here: "a long time".
 pub const CONTACT_CAP_S: f64 = 600.0;
@@ -196,167 +197,29 @@ pub fn rank_in(
     };
     let mine = q.evidence.velocity();
     match &scene.region {
-        Region::Circle { center, radius_m } => {
-            let reach = radius_m + q.margin_m.max(0.0);
-            // With explain, look twice as far to say who was just outside.
-            let look = if q.explain { reach * 2.0 } else { reach };
-            index.within(center, look, |id, s, d, p| {
-                let band = DistanceBand::of_metres(d);
-                if d > reach {
-                    c.reject(id, band, format!("outside the {radius_m:.0} m circle"));
-                } else {
-                    let t = contact_time_s(p, relative_velocity(s, mine), *radius_m, CONTACT_CAP_S);
-                    c.consider(id, s, d, band, t);
-                }
-            });
-        }
+        Region::Circle { center, radius_m } => in_circle(index, &mut c, mine, center, radius_m),
         Region::Box {
             center,
             shape,
             velocity,
             max_speed_diff_mps,
-        } => {
-            let frame = Frame::new(center);
-            let reach = shape.ground_radius();
-            let look = if q.explain {
-                (reach * 2.0).max(50.0)
-            } else {
-                reach
-            };
-            index.within(center, look, |id, s, d, _| {
-                let band = DistanceBand::of_metres(d);
-                let Some(info) = index.get(id) else { return };
-                let p = frame.enu(&info.position);
-                let vertical = center.alt.is_some() && info.position.alt.is_some();
-                if let Err(miss) = shape.contains(&p, vertical) {
-                    return c.reject(id, band, format!("outside the car: {miss}"));
-                }
-                if let Some(v) = velocity {
-                    let Some((e, n)) = s.velocity else {
-                        return c.reject(
-                            id,
-                            band,
-                            "not known to move with you (no speed and heading)".into(),
-                        );
-                    };
-                    let diff = (e as f64 - v.0).hypot(n as f64 - v.1);
-                    if diff > *max_speed_diff_mps {
-                        return c.reject(
-                            id,
-                            band,
-                            format!("not moving with you (velocity differs by {diff:.1} m/s)"),
-                        );
-                    }
-                }
-                let t =
-                    contact_time_s((p.e, p.n), relative_velocity(s, mine), reach, CONTACT_CAP_S);
-                c.consider(id, s, d, band, t);
-            });
-        }
-        Region::Sphere { center, radius_m } => {
-            let frame = Frame::new(center);
-            let reach = radius_m + q.margin_m.max(0.0);
-            let look = if q.explain { reach * 2.0 } else { reach };
-            index.within(center, look, |id, s, d, _| {
-                let Some(info) = index.get(id) else { return };
-                let p = frame.enu(&info.position);
-                let (dist, dz) = match (center.alt, info.position.alt) {
-                    (Some(_), Some(_)) => (d.hypot(p.u), Some(p.u)),
-                    _ => (d, None),
-                };
-                let band = DistanceBand::of_metres(dist);
-                if dist > reach {
-                    let level = match dz {
-                        Some(u) if u.abs() > 3.0 => {
-                            format!(
-                                " ({:.0} m {})",
-                                u.abs(),
-                                if u > 0.0 { "above" } else { "below" }
-                            )
-                        }
-                        _ => String::new(),
-                    };
-                    return c.reject(
-                        id,
-                        band,
-                        format!("outside the {radius_m:.0} m sphere{level}"),
-                    );
-                }
-                let t = contact_time_s(
-                    (p.e, p.n),
-                    relative_velocity(s, mine),
-                    *radius_m,
-                    CONTACT_CAP_S,
-                );
-                c.consider(id, s, dist, band, t);
-            });
-        }
+        } => in_box(
+            index,
+            &mut c,
+            mine,
+            center,
+            shape,
+            velocity,
+            max_speed_diff_mps,
+        ),
+        Region::Sphere { center, radius_m } => in_sphere(index, &mut c, mine, center, radius_m),
         Region::Venue {
             fingerprint,
             threshold,
             router,
             near,
-        } => {
-            let keys = fingerprint.bssids().map(RadioKey::Bssid);
-            let ids = heard_by(
-                index,
-                keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
-            );
-            for id in &ids {
-                let Some(info) = index.get(*id) else { continue };
-                let sim = fingerprint.similarity(&info.fingerprint);
-                let same_router = router.is_some() && *router == info.router;
-                let (d, band) = match near {
-                    Some(n) => {
-                        let d = n.ground_distance_m(&info.position);
-                        (d, DistanceBand::of_metres(d))
-                    }
-                    None => (f64::NAN, band_from_similarity(sim)),
-                };
-                if sim < *threshold && !same_router {
-                    c.reject(
-                        *id,
-                        band,
-                        format!("other venue (Wi-Fi similarity {sim:.2} < {threshold:.2})"),
-                    );
-                    continue;
-                }
-                let s = crate::index::Summary::of(info);
-                let dist = if d.is_nan() { 25.0 * (1.0 - sim) } else { d };
-                c.consider(*id, &s, dist, band, CONTACT_CAP_S);
-            }
-            if q.explain
-                && let Some(n) = near
-            {
-                index.within(n, 100.0, |id, _, d, _| {
-                    if ids.binary_search(&id).is_err() {
-                        c.reject(
-                            id,
-                            DistanceBand::of_metres(d),
-                            "other venue (no shared access point or router)".into(),
-                        );
-                    }
-                });
-            }
-        }
-        Region::Anchor { cell, router } => {
-            let keys = cell.iter().map(|c| RadioKey::Cell(c.clone()));
-            let ids = heard_by(
-                index,
-                keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
-            );
-            for id in ids {
-                let Some(info) = index.get(id) else { continue };
-                // Same cell can mean kilometres: the band says so.
-                c.consider(
-                    id,
-                    &crate::index::Summary::of(info),
-                    200.0,
-                    DistanceBand::Over200m,
-                    CONTACT_CAP_S,
-                );
-            }
-        }
+        } => in_venue(index, &mut c, fingerprint, threshold, router, near),
+        Region::Anchor { cell, router } => in_anchor(index, &mut c, cell, router),
     }
     let (mut candidates, mut rejected) = (c.candidates, c.rejected);
     let best_first =
@@ -387,6 +250,200 @@ pub fn rank_in(
         scene,
         candidates,
         rejected,
+    }
+}
+
+/// Outdoors: ground distance from the centre, out to the radius (and the
+/// privacy margin).
+fn in_circle(
+    index: &Index,
+    c: &mut Collect<'_>,
+    mine: Option<(f64, f64)>,
+    center: &Position,
+    radius_m: &f64,
+) {
+    let reach = radius_m + c.q.margin_m.max(0.0);
+    // With explain, look twice as far to say who was just outside.
+    let look = if c.q.explain { reach * 2.0 } else { reach };
+    index.within(center, look, |id, s, d, p| {
+        let band = DistanceBand::of_metres(d);
+        if d > reach {
+            c.reject(id, band, format!("outside the {radius_m:.0} m circle"));
+        } else {
+            let t = contact_time_s(p, relative_velocity(s, mine), *radius_m, CONTACT_CAP_S);
+            c.consider(id, s, d, band, t);
+        }
+    });
+}
+
+/// In a vehicle: inside the oriented box of the car, moving with the
+/// requester when its velocity is known.
+fn in_box(
+    index: &Index,
+    c: &mut Collect<'_>,
+    mine: Option<(f64, f64)>,
+    center: &Position,
+    shape: &OrientedBox,
+    velocity: &Option<(f64, f64)>,
+    max_speed_diff_mps: &f64,
+) {
+    let frame = Frame::new(center);
+    let reach = shape.ground_radius();
+    let look = if c.q.explain {
+        (reach * 2.0).max(50.0)
+    } else {
+        reach
+    };
+    index.within(center, look, |id, s, d, _| {
+        let band = DistanceBand::of_metres(d);
+        let Some(info) = index.get(id) else { return };
+        let p = frame.enu(&info.position);
+        let vertical = center.alt.is_some() && info.position.alt.is_some();
+        if let Err(miss) = shape.contains(&p, vertical) {
+            return c.reject(id, band, format!("outside the car: {miss}"));
+        }
+        if let Some(v) = velocity {
+            let Some((e, n)) = s.velocity else {
+                return c.reject(
+                    id,
+                    band,
+                    "not known to move with you (no speed and heading)".into(),
+                );
+            };
+            let diff = (e as f64 - v.0).hypot(n as f64 - v.1);
+            if diff > *max_speed_diff_mps {
+                return c.reject(
+                    id,
+                    band,
+                    format!("not moving with you (velocity differs by {diff:.1} m/s)"),
+                );
+            }
+        }
+        let t = contact_time_s((p.e, p.n), relative_velocity(s, mine), reach, CONTACT_CAP_S);
+        c.consider(id, s, d, band, t);
+    });
+}
+
+/// In a station hall: 3-D distance, so stairs and levels count.
+fn in_sphere(
+    index: &Index,
+    c: &mut Collect<'_>,
+    mine: Option<(f64, f64)>,
+    center: &Position,
+    radius_m: &f64,
+) {
+    let frame = Frame::new(center);
+    let reach = radius_m + c.q.margin_m.max(0.0);
+    let look = if c.q.explain { reach * 2.0 } else { reach };
+    index.within(center, look, |id, s, d, _| {
+        let Some(info) = index.get(id) else { return };
+        let p = frame.enu(&info.position);
+        let (dist, dz) = match (center.alt, info.position.alt) {
+            (Some(_), Some(_)) => (d.hypot(p.u), Some(p.u)),
+            _ => (d, None),
+        };
+        let band = DistanceBand::of_metres(dist);
+        if dist > reach {
+            let level = match dz {
+                Some(u) if u.abs() > 3.0 => {
+                    format!(
+                        " ({:.0} m {})",
+                        u.abs(),
+                        if u > 0.0 { "above" } else { "below" }
+                    )
+                }
+                _ => String::new(),
+            };
+            return c.reject(
+                id,
+                band,
+                format!("outside the {radius_m:.0} m sphere{level}"),
+            );
+        }
+        let t = contact_time_s(
+            (p.e, p.n),
+            relative_velocity(s, mine),
+            *radius_m,
+            CONTACT_CAP_S,
+        );
+        c.consider(id, s, dist, band, t);
+    });
+}
+
+/// Indoors: the same venue by Wi-Fi similarity or the same router.
+fn in_venue(
+    index: &Index,
+    c: &mut Collect<'_>,
+    fingerprint: &Fingerprint,
+    threshold: &f64,
+    router: &Option<Arc<str>>,
+    near: &Option<Position>,
+) {
+    let keys = fingerprint.bssids().map(RadioKey::Bssid);
+    let ids = heard_by(
+        index,
+        keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
+    );
+    for id in &ids {
+        let Some(info) = index.get(*id) else { continue };
+        let sim = fingerprint.similarity(&info.fingerprint);
+        let same_router = router.is_some() && *router == info.router;
+        let (d, band) = match near {
+            Some(n) => {
+                let d = n.ground_distance_m(&info.position);
+                (d, DistanceBand::of_metres(d))
+            }
+            None => (f64::NAN, band_from_similarity(sim)),
+        };
+        if sim < *threshold && !same_router {
+            c.reject(
+                *id,
+                band,
+                format!("other venue (Wi-Fi similarity {sim:.2} < {threshold:.2})"),
+            );
+            continue;
+        }
+        let s = crate::index::Summary::of(info);
+        let dist = if d.is_nan() { 25.0 * (1.0 - sim) } else { d };
+        c.consider(*id, &s, dist, band, CONTACT_CAP_S);
+    }
+    if c.q.explain
+        && let Some(n) = near
+    {
+        index.within(n, 100.0, |id, _, d, _| {
+            if ids.binary_search(&id).is_err() {
+                c.reject(
+                    id,
+                    DistanceBand::of_metres(d),
+                    "other venue (no shared access point or router)".into(),
+                );
+            }
+        });
+    }
+}
+
+/// No position: the same serving cell or router.
+fn in_anchor(
+    index: &Index,
+    c: &mut Collect<'_>,
+    cell: &Option<Arc<str>>,
+    router: &Option<Arc<str>>,
+) {
+    let keys = cell.iter().map(|c| RadioKey::Cell(c.clone()));
+    let ids = heard_by(
+        index,
+        keys.chain(router.iter().map(|r| RadioKey::Router(r.clone()))),
+    );
+    for id in ids {
+        let Some(info) = index.get(id) else { continue };
+        // Same cell can mean kilometres: the band says so.
+        c.consider(
+            id,
+            &crate::index::Summary::of(info),
+            200.0,
+            DistanceBand::Over200m,
+            CONTACT_CAP_S,
+        );
     }
 }
 

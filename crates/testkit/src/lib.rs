@@ -20,7 +20,10 @@ pub struct MuteSharer {
 
 impl MuteSharer {
     /// Attaches as sharer `name` at the centre with a relay nobody can dial.
-    pub async fn attach(url: &str, name: &str) -> anyhow::Result<MuteSharer> {
+    pub async fn attach(
+        url: &bandshare_agent::client::ServerUrl,
+        name: &str,
+    ) -> anyhow::Result<MuteSharer> {
         use bandshare_proto::v1;
         let ch = bandshare_agent::client::connect(url).await?;
         let mut client = v1::sharer_link_client::SharerLinkClient::new(ch);

@@ -35,7 +35,10 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-async fn ask(url: &str, key: &ed25519_dalek::SigningKey) -> Result<usize, CoordinatorError> {
+async fn ask(
+    url: &bandshare_agent::client::ServerUrl,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<usize, CoordinatorError> {
     let ch = bandshare_agent::client::connect(url).await?;
     let r = bandshare_agent::client::share_request(
         ch,
@@ -78,7 +81,18 @@ async fn approval_mode_refuses_devices_until_an_operator_approves_them() {
     let alice = SharerNode::start(&node.url, &SharerSpec::new("alice", 5.0, 0.0))
         .await
         .expect("sharer");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Its hello was refused and recorded for the operator (no fixed wait:
+    // the record is the event).
+    let recorded = wait_until(Duration::from_secs(10), || {
+        store
+            .devices()
+            .is_ok_and(|d| d.iter().any(|d| d.key == alice.key && d.decision.is_none()))
+    })
+    .await;
+    assert!(
+        recorded,
+        "the refused sharer is not listed for the operator"
+    );
     assert_eq!(node.online(), 0, "an unapproved sharer is not online");
 
     // Approved (as `bandshare admin approve` does), both get in.

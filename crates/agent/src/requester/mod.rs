@@ -71,7 +71,7 @@ impl std::str::FromStr for Forward {
 
 #[derive(Clone, Debug)]
 pub struct RequesterOptions {
-    pub server: String,
+    pub server: crate::client::ServerUrl,
     pub location: LocationSpec,
     pub sources: crate::location::Sources,
     pub conditions: ConditionSpec,
@@ -120,7 +120,7 @@ impl Requester {
         key: SigningKey,
         shutdown: Shutdown,
     ) -> Result<Requester, AgentError> {
-        let url = client::normalize_url(&opts.server)?;
+        let url = opts.server.clone();
         let socks = match opts.socks {
             Some(a) => Some(bind(a).await?),
             None => None,

@@ -134,7 +134,7 @@ fn member(
 /// Fetches spare tickets for every known sharer; returns when to refresh
 /// next (half the shortest ticket lifetime, at least 2 s).
 async fn refresh_tickets(
-    url: &str,
+    url: &client::ServerUrl,
     pool: &Pool,
     key: &SigningKey,
 ) -> Result<Duration, client::CoordinatorError> {
@@ -225,11 +225,40 @@ async fn reconnect_known(pool: &Arc<Pool>, key: &SigningKey, room: usize) {
     }
 }
 
+/// Joins the offered sharers. After a move (`moved` says why) it makes
+/// before it breaks: it joins the new sharers first, then drops those no
+/// longer offered here; otherwise it only fills the free places.
+async fn take_offers(
+    pool: &Arc<Pool>,
+    offers: Vec<v1::Offer>,
+    moved: Option<String>,
+    key: &SigningKey,
+    size: usize,
+) {
+    let Some(why) = moved else {
+        connect_offers(pool, offers, key, size.saturating_sub(pool.serving())).await;
+        return;
+    };
+    let offered: Vec<DeviceKey> = offers
+        .iter()
+        .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok())
+        .collect();
+    info!(reason = %why, offers = offered.len(), "rotating the pool");
+    connect_offers(pool, offers, key, size).await;
+    if !offered.is_empty() {
+        for k in pool.keys() {
+            if !offered.contains(&k) {
+                pool.remove(&k, "no longer offered here after moving");
+            }
+        }
+    }
+}
+
 /// Keeps the pool at `size`: refills after a member leaves and every 10 s,
 /// with backoff while the coordinator cannot be reached.
 pub(super) async fn maintain(
     pool: Arc<Pool>,
-    url: String,
+    url: client::ServerUrl,
     opts: RequesterOptions,
     mut location: tokio::sync::watch::Receiver<LocationSpec>,
     mut asked: LocationSpec,
@@ -270,35 +299,7 @@ pub(super) async fn maintain(
                 Ok(resp) => {
                     backoff.reset();
                     asked = here;
-                    match moved {
-                        // Make before break: join the new sharers first,
-                        // then drop those no longer offered here.
-                        Some(why) => {
-                            let offered: Vec<DeviceKey> = resp
-                                .offers
-                                .iter()
-                                .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok())
-                                .collect();
-                            info!(reason = %why, offers = offered.len(), "rotating the pool");
-                            connect_offers(&pool, resp.offers, &key, size).await;
-                            if !offered.is_empty() {
-                                for k in pool.keys() {
-                                    if !offered.contains(&k) {
-                                        pool.remove(&k, "no longer offered here after moving");
-                                    }
-                                }
-                            }
-                        }
-                        None => {
-                            connect_offers(
-                                &pool,
-                                resp.offers,
-                                &key,
-                                size.saturating_sub(pool.serving()),
-                            )
-                            .await
-                        }
-                    }
+                    take_offers(&pool, resp.offers, moved, &key, size).await;
                     if pool.serving() < size {
                         Duration::from_secs(2)
                     } else {

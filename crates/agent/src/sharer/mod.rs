@@ -24,7 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 #[derive(Clone, Debug)]
 pub struct SharerOptions {
-    pub server: String,
+    pub server: crate::client::ServerUrl,
     pub name: String,
     /// The static location (`--at`, `--wifi`, `--cell`); live sources update it.
     pub location: LocationSpec,
@@ -133,7 +133,7 @@ impl Sharer {
         key: SigningKey,
         shutdown: Shutdown,
     ) -> Result<Sharer, AgentError> {
-        let url = client::normalize_url(&opts.server)?;
+        let url = opts.server.clone();
         let mut relay_opts = RelayOptions::new(
             opts.relay_listen,
             bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
@@ -203,11 +203,11 @@ impl Sharer {
 /// The address requesters should dial: the relay's own when specific, else
 /// the local address this host uses toward the coordinator (found with a
 /// connected UDP socket; nothing is sent).
-async fn advertised(relay: SocketAddr, url: &str) -> SocketAddr {
+async fn advertised(relay: SocketAddr, url: &client::ServerUrl) -> SocketAddr {
     if !relay.ip().is_unspecified() {
         return relay;
     }
-    let hostport = url.split("://").nth(1).unwrap_or(url).to_string();
+    let hostport = url.host_port().to_string();
     if let Ok(mut addrs) = tokio::net::lookup_host(hostport).await
         && let Some(server) = addrs.next()
     {

@@ -10,7 +10,7 @@ use super::{SharerOptions, Unacked, uplink};
 use crate::location::LocationSpec;
 use crate::probe::PingTracker;
 use crate::{AgentError, Shutdown, client};
-use bandshare_core::Backoff;
+use bandshare_core::{Backoff, LinkState};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1::{self, coordinator_message::Msg as Down, sharer_message::Msg as Up};
 use bandshare_relay::RelayHandle;
@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 #[derive(Clone, Copy)]
 pub(super) struct Ctx<'a> {
     pub(super) opts: &'a SharerOptions,
-    pub(super) url: &'a str,
+    pub(super) url: &'a crate::client::ServerUrl,
     pub(super) key: &'a SigningKey,
     pub(super) advertise: SocketAddr,
     pub(super) relay: &'a RelayHandle,
@@ -110,6 +110,114 @@ fn devices_of(list: &[Vec<u8>]) -> Vec<bandshare_core::DeviceKey> {
         .collect()
 }
 
+/// The first message of a session: who this sharer is and what it offers.
+fn hello(
+    ctx: Ctx<'_>,
+    link: &LinkState,
+    location: &mut watch::Receiver<LocationSpec>,
+) -> v1::Hello {
+    let Ctx {
+        opts,
+        key,
+        advertise,
+        relay,
+        ..
+    } = ctx;
+    v1::Hello {
+        version: 1,
+        name: opts.name.clone(),
+        public_key: key.verifying_key().to_bytes().to_vec(),
+        services: cv::services_to_wire(opts.services),
+        network: cv::network_to_wire(opts.network),
+        security: cv::security_to_wire(opts.security),
+        relay_endpoints: vec![advertise.to_string()],
+        relay_cert_sha256: relay.cert_pin().to_vec(),
+        consent: Some(v1::ConsentPolicy {
+            accept: opts.consent.accept,
+            max_requesters: opts.consent.max_requesters,
+        }),
+        location: Some(location.borrow_and_update().to_wire()),
+        link: Some(cv::link_to_wire(link)),
+    }
+}
+
+/// The consent policy's answer to one access request, with the link as
+/// measured now.
+fn answer(ctx: Ctx<'_>, a: &v1::AccessRequest, link: &LinkState) -> v1::AccessResponse {
+    let Ctx {
+        opts,
+        advertise,
+        relay,
+        ..
+    } = ctx;
+    let requester = bandshare_core::DeviceKey::from_slice(&a.requester_key).ok();
+    let decision = opts.consent.decide(&consent::Moment {
+        active_requesters: relay.active_requesters(),
+        minute_of_day: consent::local_minute_of_day(),
+        battery_pct: uplink::battery_pct(&opts.power_supply),
+        wanted: a
+            .conditions
+            .as_ref()
+            .map(|c| cv::services_from_wire(&c.services))
+            .unwrap_or_default(),
+        daily_left: relay.daily_left(),
+        requester_left: requester.map_or(0, |k| relay.requester_left(&k)),
+    });
+    if let Err(reason) = &decision {
+        info!(request = a.request_id, %reason, "declined an access request");
+    }
+    debug!(
+        request = a.request_id,
+        accept = decision.is_ok(),
+        "access request"
+    );
+    v1::AccessResponse {
+        request_id: a.request_id,
+        accept: decision.is_ok(),
+        reason: decision.err().map(|d| d.to_string()).unwrap_or_default(),
+        relay_endpoints: vec![advertise.to_string()],
+        services: cv::services_to_wire(opts.services),
+        link: Some(cv::link_to_wire(link)),
+    }
+}
+
+/// A state report: where the sharer is, its link, and the usage batches
+/// not yet acknowledged (today's new usage joins them first).
+fn report(
+    ctx: Ctx<'_>,
+    link: &LinkState,
+    location: &mut watch::Receiver<LocationSpec>,
+) -> v1::StateReport {
+    let Ctx {
+        opts,
+        relay,
+        unacked,
+        ..
+    } = ctx;
+    if let Some(dir) = &opts.data_dir {
+        store_daily_used(dir, relay.daily_used());
+    }
+    let usage: Vec<v1::Usage> = relay
+        .take_usage()
+        .into_iter()
+        .map(|u| v1::Usage {
+            requester_key: u.requester.0.to_vec(),
+            bytes_up: u.bytes_up,
+            bytes_down: u.bytes_down,
+            flows: u.flows,
+        })
+        .collect();
+    if !usage.is_empty() {
+        unacked.push(usage);
+    }
+    v1::StateReport {
+        location: Some(location.borrow_and_update().to_wire()),
+        link: Some(cv::link_to_wire(link)),
+        active_requesters: relay.active_requesters(),
+        batches: unacked.to_send(),
+    }
+}
+
 fn up(msg: Up) -> v1::SharerMessage {
     v1::SharerMessage { msg: Some(msg) }
 }
@@ -132,34 +240,17 @@ async fn session(
     location: &mut watch::Receiver<LocationSpec>,
 ) -> Result<(), AgentError> {
     let Ctx {
-        opts,
         url,
-        key,
-        advertise,
         relay,
         unacked,
+        ..
     } = ctx;
     let channel = client::connect(url).await?;
     let mut client = v1::sharer_link_client::SharerLinkClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     let mut probe = PingTracker::new(Duration::from_secs(2));
     let link = meter.measure(&probe, relay, Instant::now());
-    let hello = v1::Hello {
-        version: 1,
-        name: opts.name.clone(),
-        public_key: key.verifying_key().to_bytes().to_vec(),
-        services: cv::services_to_wire(opts.services),
-        network: cv::network_to_wire(opts.network),
-        security: cv::security_to_wire(opts.security),
-        relay_endpoints: vec![advertise.to_string()],
-        relay_cert_sha256: relay.cert_pin().to_vec(),
-        consent: Some(v1::ConsentPolicy {
-            accept: opts.consent.accept,
-            max_requesters: opts.consent.max_requesters,
-        }),
-        location: Some(location.borrow_and_update().to_wire()),
-        link: Some(cv::link_to_wire(&link)),
-    };
+    let hello = hello(ctx, &link, location);
     tx.send(up(Up::Hello(hello)))
         .await
         .map_err(|_| AgentError::Stream("closed".into()))?;
@@ -216,29 +307,8 @@ async fn session(
                     }
                     Some(Down::Revoked(r)) => relay.revoke(&devices_of(&r.keys)),
                     Some(Down::AccessRequest(a)) => {
-                        let requester = bandshare_core::DeviceKey::from_slice(&a.requester_key).ok();
-                        let decision = opts.consent.decide(&consent::Moment {
-                            active_requesters: relay.active_requesters(),
-                            minute_of_day: consent::local_minute_of_day(),
-                            battery_pct: uplink::battery_pct(&opts.power_supply),
-                            wanted: a.conditions.as_ref().map(|c| cv::services_from_wire(&c.services)).unwrap_or_default(),
-                            daily_left: relay.daily_left(),
-                            requester_left: requester.map_or(0, |k| relay.requester_left(&k)),
-                        });
-                        if let Err(reason) = &decision {
-                            info!(request = a.request_id, %reason, "declined an access request");
-                        }
-                        debug!(request = a.request_id, accept = decision.is_ok(), "access request");
                         let link = meter.measure(&probe, relay, Instant::now());
-                        let resp = v1::AccessResponse {
-                            request_id: a.request_id,
-                            accept: decision.is_ok(),
-                            reason: decision.err().map(|d| d.to_string()).unwrap_or_default(),
-                            relay_endpoints: vec![advertise.to_string()],
-                            services: cv::services_to_wire(opts.services),
-                            link: Some(cv::link_to_wire(&link)),
-                        };
-                        let _ = tx.try_send(up(Up::AccessResponse(resp)));
+                        let _ = tx.try_send(up(Up::AccessResponse(answer(ctx, &a, &link))));
                     }
                     _ => {}
                 }
@@ -252,25 +322,8 @@ async fn session(
             _ = moved(location, &last_report) => report_tick.reset_immediately(),
             _ = report_tick.tick() => {
                 last_report = Instant::now();
-                if let Some(dir) = &opts.data_dir {
-                    store_daily_used(dir, relay.daily_used());
-                }
                 let link = meter.measure(&probe, relay, Instant::now());
-                let usage: Vec<v1::Usage> = relay.take_usage().into_iter().map(|u| v1::Usage {
-                    requester_key: u.requester.0.to_vec(),
-                    bytes_up: u.bytes_up,
-                    bytes_down: u.bytes_down,
-                    flows: u.flows,
-                }).collect();
-                if !usage.is_empty() {
-                    unacked.push(usage);
-                }
-                let report = v1::StateReport {
-                    location: Some(location.borrow_and_update().to_wire()),
-                    link: Some(cv::link_to_wire(&link)),
-                    active_requesters: relay.active_requesters(),
-                    batches: unacked.to_send(),
-                };
+                let report = report(ctx, &link, location);
                 if tx.send(up(Up::Report(report))).await.is_err() {
                     return Err(AgentError::Stream("closed".into()));
                 }
