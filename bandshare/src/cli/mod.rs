@@ -1,6 +1,7 @@
 //! Flags of every subcommand (DESIGN.md's CLI contract), their checks,
 //! and their conversion into the crates' options; [`run`] does the work.
 
+use bandshare_agent::client;
 use bandshare_agent::location::{self, ConditionSpec, LocationSpec};
 use bandshare_agent::requester::Forward;
 use bandshare_core::{EgressRule, NetworkType, Position, Scene, Security, ServiceSet};
@@ -229,8 +230,9 @@ impl LocationArgs {
     }
 }
 
-#[derive(Args, Debug)]
-struct ShareArgs {
+/// Where the coordinator is: `--server` and, over TLS, `--server-pin`.
+#[derive(Args, Debug, Clone)]
+struct ServerAddr {
     /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
     #[arg(long)]
     server: String,
@@ -238,6 +240,20 @@ struct ShareArgs {
     /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
     #[arg(long, value_name = "HEX")]
     server_pin: Option<String>,
+}
+
+impl ServerAddr {
+    /// The address, checked once: a bad one is a clear error before
+    /// anything starts.
+    fn url(&self) -> Result<client::ServerUrl, client::CoordinatorError> {
+        client::ServerUrl::parse(&client::with_pin(&self.server, self.server_pin.as_deref()))
+    }
+}
+
+#[derive(Args, Debug)]
+struct ShareArgs {
+    #[command(flatten)]
+    server: ServerAddr,
     /// Name shown to requesters.
     #[arg(long)]
     name: String,
@@ -319,13 +335,8 @@ impl WantArgs {
 
 #[derive(Args, Debug)]
 struct ConnectArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
-    #[arg(long)]
-    server: String,
-    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
-    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
-    #[arg(long, value_name = "HEX")]
-    server_pin: Option<String>,
+    #[command(flatten)]
+    server: ServerAddr,
     #[command(flatten)]
     location: LocationArgs,
     #[command(flatten)]
@@ -357,13 +368,8 @@ struct ConnectArgs {
 
 #[derive(Args, Debug)]
 struct OffersArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
-    #[arg(long)]
-    server: String,
-    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
-    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
-    #[arg(long, value_name = "HEX")]
-    server_pin: Option<String>,
+    #[command(flatten)]
+    server: ServerAddr,
     #[command(flatten)]
     location: LocationArgs,
     #[command(flatten)]

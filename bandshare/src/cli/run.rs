@@ -7,7 +7,6 @@ use super::{
     AdminArgs, AdminCommand, Cli, Command, ConnectArgs, OffersArgs, ServerArgs, ShareArgs,
 };
 use anyhow::Context;
-use bandshare_agent::client::ServerUrl;
 use bandshare_agent::requester::{Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
@@ -201,7 +200,7 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
 async fn share(a: ShareArgs) -> anyhow::Result<()> {
     init_logs("info");
     bandshare_core::name::check_name(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
+    let server = a.server.url()?;
     let dir = a
         .data
         .clone()
@@ -251,7 +250,7 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
 
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     init_logs("info");
-    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
+    let server = a.server.url()?;
     let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
@@ -324,7 +323,7 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
         .await;
         here = rx.borrow().clone();
     }
-    let server = ServerUrl::parse(&client::with_pin(&a.server, a.server_pin.as_deref()))?;
+    let server = a.server.url()?;
     let channel = client::connect(&server).await?;
     let resp = client::share_request(
         channel,
