@@ -207,6 +207,8 @@ impl Net {
             &format!("http://{COORD}:7400"),
             "--at",
             AT,
+            "--via",
+            "pool",
             "--pool",
             &pool.to_string(),
             "--socks",

@@ -126,6 +126,8 @@ fn an_address_added_after_start_is_refused() {
             "127.0.0.1:7400",
             "--at",
             "39.9042,116.4074",
+            "--via",
+            "pool",
             "--pool",
             "1",
             "--socks",

@@ -4,6 +4,7 @@
 use bandshare_agent::client;
 use bandshare_agent::location::{self, ConditionSpec, LocationSpec};
 use bandshare_agent::requester::Forward;
+use bandshare_agent::requester::own_link::Via;
 use bandshare_core::{EgressRule, NetworkType, Position, Scene, Security, ServiceSet};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -167,6 +168,24 @@ fn parse_grace(s: &str) -> Result<f64, String> {
     let v: f64 = parsed(s)?;
     if !(1.0..=10.0).contains(&v) {
         return Err(format!("{s} is not between 1 and 10 seconds"));
+    }
+    Ok(v)
+}
+
+/// `--direct-hold`: 0–3600 s.
+fn parse_hold(s: &str) -> Result<f64, String> {
+    let v: f64 = parsed(s)?;
+    if !(0.0..=3600.0).contains(&v) {
+        return Err(format!("{s} is not between 0 and 3600 seconds"));
+    }
+    Ok(v)
+}
+
+/// A fraction 0..=1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = parsed(s)?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s} is not between 0 and 1"));
     }
     Ok(v)
 }
@@ -341,9 +360,32 @@ struct ConnectArgs {
     location: LocationArgs,
     #[command(flatten)]
     want: WantArgs,
-    /// Sharers kept connected at once.
+    /// Where new flows go: auto (the own link while it is healthy, sharers
+    /// the moment it is not, back after --direct-hold), direct (never
+    /// sharers) or pool (always sharers, e.g. when the data plan is used up).
+    #[arg(long, default_value = "auto", value_parser = parsed::<Via>)]
+    via: Via,
+    /// Sharers kept connected at once while new flows go through them.
     #[arg(long, default_value_t = 3)]
     pool: usize,
+    /// Sharers kept warm (connected, with a ticket, probed) while new flows
+    /// go direct, so the first move costs no share request.
+    #[arg(long, default_value_t = 1)]
+    standby: usize,
+    /// HOST:PORT probed out of the own link with timed TCP connects,
+    /// repeatable [default: the coordinator].
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_hostport)]
+    probe: Vec<String>,
+    /// Seconds the own link must be healthy before new flows return to it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_hold)]
+    direct_hold: f64,
+    /// Mean probe RTT above which the own link is degraded, milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    direct_max_rtt_ms: u64,
+    /// Probe loss (0 to 1, over the last 10 probes) above which the own
+    /// link is degraded; 3 lost in a row always degrade it.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.2, value_parser = parse_fraction)]
+    direct_max_loss: f64,
     /// How the active sharer is chosen: best (link state, probes, distance),
     /// lowest-rtt or nearest.
     #[arg(long, default_value = "best", value_parser = parsed::<bandshare_agent::requester::select::Strategy>)]

@@ -7,6 +7,7 @@ use super::{
     AdminArgs, AdminCommand, Cli, Command, ConnectArgs, OffersArgs, ServerArgs, ShareArgs,
 };
 use anyhow::Context;
+use bandshare_agent::requester::own_link::Thresholds;
 use bandshare_agent::requester::{Requester, RequesterOptions};
 use bandshare_agent::sharer::consent::Consent;
 use bandshare_agent::sharer::{Sharer, SharerOptions};
@@ -265,6 +266,15 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         forwards: a.forward,
         control: a.control,
         stall_grace: std::time::Duration::from_secs_f64(a.stall_grace),
+        via: a.via,
+        standby: a.standby,
+        probes: a.probe,
+        own_link: Thresholds {
+            max_loss: a.direct_max_loss,
+            max_rtt: std::time::Duration::from_millis(a.direct_max_rtt_ms),
+            hold: std::time::Duration::from_secs_f64(a.direct_hold),
+            ..Thresholds::default()
+        },
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;
     if let Some(s) = r.socks_addr {

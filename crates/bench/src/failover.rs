@@ -172,6 +172,11 @@ async fn killed(rounds: usize) -> anyhow::Result<Latencies> {
         forwards: vec![],
         control: None,
         stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
+        // The pool path: these runs measure and test sharers.
+        via: bandshare_agent::requester::own_link::Via::Pool,
+        standby: 1,
+        probes: vec![],
+        own_link: Default::default(),
     };
     opts.pool_size = 3;
     let (stop, shutdown) = bandshare_agent::Shutdown::new();

@@ -34,15 +34,15 @@ impl HttpTarget {
     fn serve(l: TcpListener) -> anyhow::Result<HttpTarget> {
         let addr = l.local_addr()?;
         let task = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(serve(s));
+            while let Ok((s, from)) = l.accept().await {
+                tokio::spawn(serve(s, from));
             }
         });
         Ok(HttpTarget { addr, task })
     }
 }
 
-async fn serve(mut s: TcpStream) {
+async fn serve(mut s: TcpStream, from: SocketAddr) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
@@ -78,7 +78,8 @@ async fn serve(mut s: TcpStream) {
         return;
     }
     let body = format!(
-        "<html><head><title>{PAGE_TITLE}</title></head><body><h1>Hello through bandshare</h1><p>path {path}</p></body></html>\n"
+        "<html><head><title>{PAGE_TITLE}</title></head><body><h1>Hello through bandshare</h1><p>path {path}</p><p>from {}</p></body></html>\n",
+        from.ip()
     );
     let resp = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -395,6 +395,11 @@ impl Cluster {
             forwards: vec![],
             control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
+            // The pool path: these runs measure and test sharers.
+            via: bandshare_agent::requester::own_link::Via::Pool,
+            standby: 1,
+            probes: vec![],
+            own_link: Default::default(),
         }
     }
 

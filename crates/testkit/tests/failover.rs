@@ -318,6 +318,11 @@ async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after(
         forwards: vec![],
         control: None,
         stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
+        // The pool path: these runs measure and test sharers.
+        via: bandshare_agent::requester::own_link::Via::Pool,
+        standby: 1,
+        probes: vec![],
+        own_link: Default::default(),
     };
     let r = Requester::start(
         opts,

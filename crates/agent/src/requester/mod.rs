@@ -4,7 +4,9 @@
 //! is decided in `failover.rs`, carried out by `pool.rs`; refilling the
 //! pool is `refill.rs`.
 
+pub mod direct;
 pub mod failover;
+pub mod own_link;
 pub mod pool;
 pub mod proxy;
 mod refill;
@@ -15,10 +17,11 @@ use crate::location::{ConditionSpec, LocationSpec};
 use crate::{AgentError, Shutdown, client};
 use bandshare_proto::v1;
 use bandshare_relay::FlowHeader;
+use direct::Direct;
 use ed25519_dalek::SigningKey;
 use pool::Pool;
 pub use refill::{MOVE_THRESHOLD_M, moved_far};
-use refill::{connect_offers, maintain, request};
+use refill::{Size, connect_offers, maintain, request};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +87,15 @@ pub struct RequesterOptions {
     /// How long flows open through a sharer that went silent wait for it
     /// (new flows move at once); [`pool::STALL_GRACE`] by default.
     pub stall_grace: Duration,
+    /// Where new flows may go: the own link first (auto), only it, or only
+    /// the pool.
+    pub via: own_link::Via,
+    /// Members kept warm while new flows go direct.
+    pub standby: usize,
+    /// `HOST:PORT`s probed out of the own link; empty: the coordinator.
+    pub probes: Vec<String>,
+    /// When the own link counts as degraded, and the hold before returning.
+    pub own_link: own_link::Thresholds,
 }
 
 /// A running requester; listeners are bound and the pool is filling.
@@ -156,12 +168,27 @@ impl Requester {
             )
             .await;
         }
-        let channel = client::connect(&url).await?;
-        let here = location.borrow_and_update().clone();
-        let first = client::share_request(channel, request(&opts, &here, &key)).await?;
         let pool = Arc::new(Pool::new(opts.strategy, opts.stall_grace));
-        let size = opts.pool_size.max(1);
-        connect_offers(&pool, first.offers.clone(), &key, size).await;
+        let direct = Arc::new(Direct::new(opts.via, opts.own_link));
+        let sizes = Size {
+            pool: opts.pool_size.max(1),
+            standby: opts.standby,
+            direct: direct.clone(),
+        };
+        let here = location.borrow_and_update().clone();
+        // Only the own link: the coordinator is never needed.
+        let first = if opts.via == own_link::Via::Direct {
+            v1::ShareResponse::default()
+        } else {
+            let channel = client::connect(&url).await?;
+            let first = client::share_request(channel, request(&opts, &here, &key)).await?;
+            connect_offers(&pool, first.offers.clone(), &key, sizes.now()).await;
+            first
+        };
+        let paths = proxy::Paths {
+            pool: pool.clone(),
+            direct: direct.clone(),
+        };
         let me = Requester {
             pool: pool.clone(),
             socks_addr: socks.as_ref().and_then(|l| l.local_addr().ok()),
@@ -175,26 +202,36 @@ impl Requester {
         };
         let mut tasks = vec![];
         if let Some(l) = socks {
-            tasks.push(tokio::spawn(proxy::serve_proxy(l, pool.clone())));
+            tasks.push(tokio::spawn(proxy::serve_proxy(l, paths.clone())));
         }
         for (l, t) in forwards {
-            tasks.push(tokio::spawn(proxy::serve_forward(l, t, pool.clone())));
+            tasks.push(tokio::spawn(proxy::serve_forward(l, t, paths.clone())));
         }
         if let Some(l) = control {
-            let app = status_router(pool.clone());
+            let app = status_router(paths.clone());
             tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(l, app).await;
             }));
         }
-        tasks.push(tokio::spawn(maintain(
-            pool.clone(),
-            url,
-            opts,
-            location,
-            here,
-            key,
-            size,
-        )));
+        let probes = if opts.probes.is_empty() {
+            vec![url.host_port().to_string()]
+        } else {
+            opts.probes.clone()
+        };
+        tasks.push(tokio::spawn(
+            direct.clone().probe_loop(probes, pool.clone()),
+        ));
+        if opts.via != own_link::Via::Direct {
+            tasks.push(tokio::spawn(maintain(
+                pool.clone(),
+                url,
+                opts,
+                location,
+                here,
+                key,
+                sizes,
+            )));
+        }
         tokio::spawn(async move {
             shutdown.wait().await;
             for t in &tasks {
@@ -209,13 +246,29 @@ impl Requester {
     }
 }
 
-fn status_router(pool: Arc<Pool>) -> axum::Router {
+/// What `GET /status` shows: the path new flows take, the own link, and
+/// the pool.
+#[derive(serde::Serialize)]
+struct Status {
+    path: &'static str,
+    own_link: direct::OwnLinkStatus,
+    #[serde(flatten)]
+    pool: pool::Status,
+}
+
+fn status_router(paths: proxy::Paths) -> axum::Router {
     use axum::routing::get;
     axum::Router::new().route(
         "/status",
         get(move || {
-            let pool = pool.clone();
-            async move { axum::Json(pool.status()) }
+            let paths = paths.clone();
+            async move {
+                axum::Json(Status {
+                    path: paths.direct.path().as_str(),
+                    own_link: paths.direct.status(),
+                    pool: paths.pool.status(),
+                })
+            }
         }),
     )
 }

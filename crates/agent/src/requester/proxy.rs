@@ -2,6 +2,8 @@
 //! (told apart by the first byte), and fixed port forwards. Each accepted
 //! connection becomes one flow through the pool's active sharer.
 
+use super::direct::{Dialed, Direct};
+use super::own_link::{Path, Via};
 use super::pool::Pool;
 use super::socks::{self, Parse, ProxyError};
 use bandshare_core::accept::AcceptFailures;
@@ -15,6 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two paths a flow can take: the own link and the pool of sharers.
+#[derive(Clone)]
+pub struct Paths {
+    pub pool: Arc<Pool>,
+    pub direct: Arc<Direct>,
+}
 
 /// Why a request head could not be read: what the client sent, or the
 /// connection.
@@ -43,6 +52,8 @@ enum Ended {
     Open { target: String, error: FlowError },
     #[error("flow via {via} ended: {error}")]
     Cut { via: String, error: std::io::Error },
+    #[error("{target} (direct): {reason}")]
+    Direct { target: String, reason: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -131,7 +142,7 @@ async fn answer(
 }
 
 /// Handles one local client of the proxy port.
-async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), Ended> {
+async fn serve_proxy_client(mut tcp: TcpStream, paths: Paths) -> Result<(), Ended> {
     let mut buf = Vec::with_capacity(512);
     let head = async {
         let first = loop {
@@ -193,18 +204,44 @@ async fn serve_proxy_client(mut tcp: TcpStream, pool: Arc<Pool>) -> Result<(), E
     let (dialect, target) = tokio::time::timeout(HEAD_TIMEOUT, head)
         .await
         .map_err(|_| Ended::Slow)??;
-    relay_to(tcp, &pool, &target, Some(dialect), buf).await
+    relay_to(tcp, &paths, &target, Some(dialect), buf).await
 }
 
-/// Opens the flow, answers the client (if it speaks a proxy dialect), and
-/// splices until both directions end.
+/// Opens the flow on the path new flows take — out of the own link, or
+/// through the pool when the own link is degraded or does not answer in
+/// time — answers the client (if it speaks a proxy dialect), and splices
+/// until both directions end.
 async fn relay_to(
     mut tcp: TcpStream,
-    pool: &Pool,
+    paths: &Paths,
     target: &FlowHeader,
     dialect: Option<Dialect>,
     early: Vec<u8>,
 ) -> Result<(), Ended> {
+    let pool = &*paths.pool;
+    let direct = &*paths.direct;
+    if direct.path() == Path::Direct {
+        let refused = match direct.connect(target, pool).await {
+            Dialed::Open(out) => return direct_flow(tcp, out, direct, dialect, early).await,
+            Dialed::Refused(e) => Some((reply::REFUSED, e.to_string())),
+            Dialed::NoPath(why) if direct.via() == Via::Direct => {
+                Some((reply::NETWORK_UNREACHABLE, format!("own link: {why}")))
+            }
+            Dialed::NoPath(why) => {
+                debug!(target_host = %target.host, port = target.port, %why, "direct path did not answer: through the pool");
+                None
+            }
+        };
+        if let Some((code, reason)) = refused {
+            if let Some(d) = &dialect {
+                let _ = answer(&mut tcp, d, code, &reason).await;
+            }
+            return Err(Ended::Direct {
+                target: format!("{}:{}", target.host, target.port),
+                reason,
+            });
+        }
+    }
     // A port forward has no proxy reply to give, so its first bytes go
     // right behind the flow header; the sharer's reply is read after.
     let wait_reply = dialect.is_some();
@@ -261,6 +298,39 @@ async fn relay_to(
     Ok(())
 }
 
+/// A flow out of the own link: answers the client, then splices, counting
+/// bytes as the own link's.
+async fn direct_flow(
+    mut tcp: TcpStream,
+    out: TcpStream,
+    direct: &Direct,
+    dialect: Option<Dialect>,
+    early: Vec<u8>,
+) -> Result<(), Ended> {
+    if let Some(d) = &dialect {
+        answer(&mut tcp, d, reply::OK, "").await?;
+    }
+    let (r, w) = tcp.into_split();
+    let (or, mut ow) = out.into_split();
+    if !early.is_empty() {
+        ow.write_all(&early).await?;
+        direct
+            .bytes_up
+            .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let none = std::sync::atomic::AtomicU64::new(0);
+    let up = copy_counted(r, ow, [&direct.bytes_up, &none]);
+    let down = copy_counted(or, w, [&direct.bytes_down, &none]);
+    let (u, d) = tokio::join!(up, down);
+    if let (Err(error), _) | (_, Err(error)) = (u, d) {
+        return Err(Ended::Cut {
+            via: "the own link".into(),
+            error,
+        });
+    }
+    Ok(())
+}
+
 /// Accepts the next connection; when accept fails for want of file
 /// descriptors it backs off (logging once) instead of spinning, and the
 /// flows already open keep going.
@@ -292,14 +362,14 @@ async fn accept(
     }
 }
 
-pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
+pub async fn serve_proxy(listener: TcpListener, paths: Paths) {
     let mut failures = AcceptFailures::default();
     loop {
         let (tcp, from) = accept(&listener, &mut failures, "proxy").await;
-        let pool = pool.clone();
+        let paths = paths.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = serve_proxy_client(tcp, pool).await {
+                if let Err(e) = serve_proxy_client(tcp, paths).await {
                     debug!(error = %e, "proxy client ended");
                 }
             }
@@ -308,14 +378,14 @@ pub async fn serve_proxy(listener: TcpListener, pool: Arc<Pool>) {
     }
 }
 
-pub async fn serve_forward(listener: TcpListener, target: FlowHeader, pool: Arc<Pool>) {
+pub async fn serve_forward(listener: TcpListener, target: FlowHeader, paths: Paths) {
     let mut failures = AcceptFailures::default();
     loop {
         let (tcp, from) = accept(&listener, &mut failures, "forward").await;
-        let (pool, target) = (pool.clone(), target.clone());
+        let (paths, target) = (paths.clone(), target.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = relay_to(tcp, &pool, &target, None, vec![]).await {
+                if let Err(e) = relay_to(tcp, &paths, &target, None, vec![]).await {
                     debug!(error = %e, "forward ended");
                 }
             }

@@ -4,6 +4,8 @@
 //! make-before-break rotation when the device moves or changes scene.
 
 use super::RequesterOptions;
+use super::direct::Direct;
+use super::own_link::Path;
 use super::pool::{KnownSharer, Member, Pool};
 use crate::client;
 use crate::location::LocationSpec;
@@ -254,8 +256,38 @@ async fn take_offers(
     }
 }
 
-/// Keeps the pool at `size`: refills after a member leaves and every 10 s,
-/// with backoff while the coordinator cannot be reached.
+/// How many members the pool keeps: `--pool` while new flows go through
+/// it, `--standby` (warm, with tickets, probed) while they go direct.
+pub(super) struct Size {
+    pub pool: usize,
+    pub standby: usize,
+    pub direct: Arc<Direct>,
+}
+
+impl Size {
+    pub fn now(&self) -> usize {
+        match self.direct.path() {
+            Path::Direct => self.standby.min(self.pool),
+            Path::Pool => self.pool,
+        }
+    }
+}
+
+/// Members beyond `size` leave, the active one last: the own link carries
+/// new flows again, so the pool shrinks back to its standby.
+fn shrink(pool: &Pool, size: usize) {
+    let active = pool.active().map(|m| m.key);
+    let mut keys = pool.keys();
+    keys.sort_by_key(|k| Some(*k) == active);
+    let extra = keys.len().saturating_sub(size);
+    for k in keys.into_iter().take(extra) {
+        pool.remove(&k, "own link healthy: back to standby");
+    }
+}
+
+/// Keeps the pool at its [`Size`]: refills after a member leaves and every
+/// 10 s, with backoff while the coordinator cannot be reached; fills at
+/// once when the own link degrades and shrinks when it recovers.
 pub(super) async fn maintain(
     pool: Arc<Pool>,
     url: client::ServerUrl,
@@ -263,7 +295,7 @@ pub(super) async fn maintain(
     mut location: tokio::sync::watch::Receiver<LocationSpec>,
     mut asked: LocationSpec,
     key: SigningKey,
-    size: usize,
+    sizes: Size,
 ) {
     let mut backoff = Backoff::new(
         Duration::from_millis(500),
@@ -285,6 +317,10 @@ pub(super) async fn maintain(
                     Ok(next) => next,
                     Err(_) => Duration::from_secs(2),
                 };
+        }
+        let size = sizes.now();
+        if pool.len() > size {
+            shrink(&pool, size);
         }
         let wait = if pool.serving() < size || rotate.is_some() {
             let here = location.borrow_and_update().clone();

@@ -1,0 +1,314 @@
+//! The own link first, across real network namespaces: a requester whose
+//! own uplink reaches the internet host, with one sharer beside it on a LAN.
+//!
+//! ```text
+//!                 internet 10.79.1.1 (HTTP :8080)
+//!               /own0 10.79.9.0/24            \up0 10.79.10.0/24
+//!   requester 10.79.9.2                  sharer s0 10.79.10.2
+//!               \lan0                         /lan0
+//!   ------------- LAN bridge 10.79.2.0/24 (coordinator 10.79.2.1) -------
+//! ```
+//!
+//! With `connect --via auto` new flows leave by the own link (the web
+//! server sees 10.79.9.2) while it is healthy; when its packets silently
+//! vanish (an nftables drop, the interface stays up) they move to the
+//! sharer (the server sees 10.79.10.2) within a second or so, and they come
+//! back after the hold time once the drop is lifted. Skips, saying why,
+//! where namespaces cannot be made or nft is missing.
+
+use bandshare_testkit::HttpTarget;
+use bandshare_testkit::netns::Lab;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bandshare");
+const INTERNET: &str = "10.79.1.1";
+const HTTP_PORT: u16 = 8080;
+const COORD: &str = "10.79.2.1";
+const OWN: &str = "10.79.9.2";
+const SHARER_UPLINK: &str = "10.79.10.2";
+const AT: &str = "39.9042,116.4074";
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+struct World {
+    lab: Lab,
+    req: String,
+    _http: HttpTarget,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    fn build() -> anyhow::Result<World> {
+        let mut lab = Lab::new().map_err(anyhow::Error::msg)?;
+        let inet = lab.host("inet")?;
+        let lan = lab.host("lan")?;
+        let coord = lab.host("coord")?;
+        let req = lab.host("req")?;
+        let s0 = lab.host("s0")?;
+        lab.ip_in(
+            &inet,
+            &["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"],
+        )?;
+        // The requester's own uplink, its default route.
+        lab.wire(
+            (&inet, "r0", "10.79.9.1/24"),
+            (&req, "own0", &format!("{OWN}/24")),
+        )?;
+        lab.ip_in(&req, &["route", "add", "default", "via", "10.79.9.1"])?;
+        // The sharer's uplink.
+        lab.wire(
+            (&inet, "u0", "10.79.10.1/24"),
+            (&s0, "up0", &format!("{SHARER_UPLINK}/24")),
+        )?;
+        lab.ip_in(&s0, &["route", "add", "default", "via", "10.79.10.1"])?;
+        lab.ip_in(&lan, &["link", "add", "br0", "type", "bridge"])?;
+        lab.ip_in(&lan, &["link", "set", "br0", "up"])?;
+        for (i, (host, addr)) in [
+            (&coord, format!("{COORD}/24")),
+            (&s0, "10.79.2.11/24".to_string()),
+            (&req, "10.79.2.100/24".to_string()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let port = format!("p{i}");
+            lab.wire((host, "lan0", &addr), (&lan, &port, ""))?;
+            lab.ip_in(&lan, &["link", "set", &port, "master", "br0"])?;
+        }
+        let listener = lab.bind_tcp(
+            &inet,
+            SocketAddr::new(INTERNET.parse().expect("ip"), HTTP_PORT),
+        )?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let http = {
+            let _in = rt.enter();
+            HttpTarget::serve_std(listener)?
+        };
+        let data = |n: &str| lab.dir.path().join(n).display().to_string();
+        let (dc, ds, dr) = (data("coord"), data("s0"), data("req"));
+        lab.spawn(
+            &coord,
+            "coordinator",
+            BIN,
+            &strings(&[
+                "server",
+                "--listen",
+                &format!("{COORD}:7400"),
+                "--http",
+                &format!("{COORD}:7480"),
+                "--data",
+                &dc,
+            ]),
+        )?;
+        lab.spawn(
+            &s0,
+            "s0",
+            BIN,
+            &strings(&[
+                "share",
+                "--server",
+                &format!("http://{COORD}:7400"),
+                "--name",
+                "s0",
+                "--at",
+                AT,
+                "--relay",
+                "10.79.2.11:7500",
+                "--allow-egress",
+                "10.79.1.0/24",
+                "--data",
+                &ds,
+            ]),
+        )?;
+        let w = World {
+            req: req.clone(),
+            _http: http,
+            _rt: rt,
+            lab,
+        };
+        // The requester starts once the sharer is online (its first share
+        // request fills the standby).
+        let online = wait(Duration::from_secs(30), || {
+            w.json(&coord, &format!("http://{COORD}:7480/status"))
+                .is_some_and(|v| v["online_sharers"] == 1)
+        });
+        anyhow::ensure!(
+            online,
+            "the sharer never came online\n{}",
+            w.lab.log_tails(20)
+        );
+        let mut w = w;
+        let req_ns = w.req.clone();
+        w.lab.spawn(
+            &req_ns,
+            "requester",
+            BIN,
+            &strings(&[
+                "connect",
+                "--server",
+                &format!("http://{COORD}:7400"),
+                "--at",
+                AT,
+                "--via",
+                "auto",
+                "--pool",
+                "2",
+                "--standby",
+                "1",
+                "--probe",
+                &format!("{INTERNET}:{HTTP_PORT}"),
+                "--direct-hold",
+                "2",
+                "--socks",
+                "127.0.0.1:1080",
+                "--control",
+                "127.0.0.1:7700",
+                "--data",
+                &dr,
+            ]),
+        )?;
+        Ok(w)
+    }
+
+    fn curl(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        self.lab
+            .command(ns, "curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+
+    fn json(&self, ns: &str, url: &str) -> Option<Value> {
+        let out = self.curl(ns, &[url]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn status(&self) -> Option<Value> {
+        self.json(&self.req, "http://127.0.0.1:7700/status")
+    }
+
+    /// Which address the web server saw for one fetch through the proxy.
+    fn seen_from(&self, path: &str) -> Result<String, String> {
+        let url = format!("http://{INTERNET}:{HTTP_PORT}{path}");
+        let out = self.curl(&self.req, &["--socks5-hostname", "127.0.0.1:1080", &url]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        body.split("<p>from ")
+            .nth(1)
+            .and_then(|r| r.split('<').next())
+            .map(String::from)
+            .ok_or(body)
+    }
+
+    fn nft(&self, rules: &str) -> Result<(), String> {
+        let o = self
+            .lab
+            .command(&self.req, "nft")
+            .arg(rules)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+}
+
+fn which(p: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {p}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
+    if let Some(why) = bandshare_testkit::netns::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    if !which("nft") {
+        eprintln!("SKIP: nft is not installed (a silent cut needs an nftables drop)");
+        return;
+    }
+    let w = World::build().expect("topology");
+    // Healthy own link: the standby is warm, new flows go direct.
+    let ready = wait(Duration::from_secs(30), || {
+        w.status().is_some_and(|s| {
+            s["path"] == "direct"
+                && s["own_link"]["state"] == "healthy"
+                && s["pool"].as_array().is_some_and(|p| p.len() == 1)
+        })
+    });
+    assert!(ready, "{:?}\n{}", w.status(), w.lab.log_tails(20));
+    assert_eq!(
+        w.seen_from("/direct").as_deref(),
+        Ok(OWN),
+        "direct while healthy"
+    );
+    let s = w.status().expect("status");
+    assert!(s["own_link"]["rtt_ms"].as_f64().is_some(), "{s}");
+    assert_eq!(s["pool"][0]["flows"], 0, "the standby carried nothing: {s}");
+
+    // Packets on the own link vanish; the interface stays up.
+    w.nft("table inet bscut { chain out { type filter hook output priority 0; oifname \"own0\" drop; }; }")
+        .expect("nft drop");
+    let cut = Instant::now();
+    let moved = wait(Duration::from_secs(5), || {
+        w.status().is_some_and(|s| s["path"] == "pool")
+    });
+    let took = cut.elapsed();
+    assert!(moved, "new flows never moved to the pool: {:?}", w.status());
+    eprintln!("own link cut: path moved to the pool after {took:?}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(
+        w.seen_from("/cut").as_deref(),
+        Ok(SHARER_UPLINK),
+        "through the sharer"
+    );
+    // Degraded: the pool fills to --pool (only one sharer exists, so it
+    // stays at one member, and the maintainer keeps asking).
+    let s = w.status().expect("status");
+    assert_eq!(s["own_link"]["state"], "degraded", "{s}");
+    assert!(s["pool"][0]["flows"].as_u64().unwrap_or(0) >= 1, "{s}");
+
+    // Restored: back to direct only after the 2 s hold.
+    w.nft("delete table inet bscut").expect("nft restore");
+    let restored = Instant::now();
+    let back = wait(Duration::from_secs(10), || {
+        w.status().is_some_and(|s| s["path"] == "direct")
+    });
+    let took = restored.elapsed();
+    assert!(back, "never returned to direct: {:?}", w.status());
+    eprintln!("own link restored: back to direct after {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "returned before the hold: {took:?}"
+    );
+    assert_eq!(w.seen_from("/back").as_deref(), Ok(OWN));
+}

@@ -1,0 +1,195 @@
+//! The direct path, the async shell around [`own_link`]: light probes out
+//! of the own link (timed TCP connects to `--probe` targets, or the
+//! coordinator when none are given), flows dialled straight from this
+//! device, and the race of a direct flow that is slow to answer against the
+//! pool.
+
+use super::own_link::{Change, OwnLink, Path, State, Thresholds, Via};
+use super::pool::Pool;
+use bandshare_relay::FlowHeader;
+use bandshare_relay::wire::Host;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+/// How often the own link is probed (one target per round, in turn).
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// A probe not answered within this is lost (at most; see
+/// [`Direct::probe_timeout`]).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// The shortest a probe is waited for.
+pub const PROBE_TIMEOUT_MIN: Duration = Duration::from_millis(250);
+/// A direct flow not connected within this is raced through the pool.
+pub const FLOW_DEADLINE: Duration = Duration::from_millis(300);
+
+/// The own link and the flows it carries.
+pub struct Direct {
+    via: Via,
+    link: Mutex<OwnLink>,
+    /// Flows carried direct, those that failed there, and their bytes.
+    pub flows: AtomicU64,
+    pub failed: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+/// What `/status` shows of the own link.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct OwnLinkStatus {
+    pub via: &'static str,
+    /// unknown, healthy or degraded.
+    pub state: &'static str,
+    pub rtt_ms: Option<f64>,
+    pub loss: f64,
+    pub flows: u64,
+    pub failed: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl Direct {
+    pub fn new(via: Via, t: Thresholds) -> Direct {
+        Direct {
+            via,
+            link: Mutex::new(OwnLink::new(t)),
+            flows: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        }
+    }
+
+    pub fn via(&self) -> Via {
+        self.via
+    }
+
+    fn link(&self) -> MutexGuard<'_, OwnLink> {
+        match self.link.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The path new flows take now.
+    pub fn path(&self) -> Path {
+        self.link().path(self.via)
+    }
+
+    pub fn state(&self) -> State {
+        self.link().state()
+    }
+
+    pub fn status(&self) -> OwnLinkStatus {
+        let l = self.link();
+        OwnLinkStatus {
+            via: self.via.as_str(),
+            state: l.state().as_str(),
+            rtt_ms: l.rtt().map(|d| (d.as_secs_f64() * 1e4).round() / 10.0),
+            loss: l.loss(),
+            flows: self.flows.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Logs a change and wakes the pool's maintainer: a degraded own link
+    /// fills the pool at once, a recovered one lets it shrink to standby.
+    fn changed(&self, c: Option<Change>, pool: &Pool) {
+        match c {
+            Some(Change::Degraded(why)) => {
+                warn!(reason = %why, "own link degraded: new flows go through the pool")
+            }
+            Some(Change::Recovered) => {
+                info!("own link healthy again: new flows go direct")
+            }
+            None => return,
+        }
+        pool.changed.notify_one();
+    }
+
+    /// How long a probe may take before it counts as lost: four mean
+    /// RTTs, within [`PROBE_TIMEOUT_MIN`]..=[`PROBE_TIMEOUT`].
+    fn probe_timeout(&self) -> Duration {
+        self.link().rtt().map_or(PROBE_TIMEOUT, |r| {
+            (r * 4).clamp(PROBE_TIMEOUT_MIN, PROBE_TIMEOUT)
+        })
+    }
+
+    /// Probes `targets` in turn out of the own link, one every
+    /// [`PROBE_EVERY`], each on its own task so a lost probe does not delay
+    /// the next; forever.
+    pub async fn probe_loop(self: Arc<Self>, targets: Vec<String>, pool: Arc<Pool>) {
+        if targets.is_empty() || self.via != Via::Auto {
+            return;
+        }
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for target in targets.iter().cycle() {
+            tick.tick().await;
+            let (me, pool, target) = (self.clone(), pool.clone(), target.clone());
+            let timeout = me.probe_timeout();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let answered =
+                    tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await;
+                let rtt = match answered {
+                    Ok(Ok(_)) => Some(started.elapsed()),
+                    // Refused is an answer: the path works, the port is shut.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Some(started.elapsed())
+                    }
+                    _ => None,
+                };
+                let c = me.link().probe(rtt, Instant::now());
+                me.changed(c, &pool);
+            });
+        }
+    }
+
+    /// Dials `target` straight from this device.
+    async fn dial(target: &FlowHeader) -> std::io::Result<TcpStream> {
+        let s = match &target.host {
+            Host::Ip(ip) => TcpStream::connect((*ip, target.port)).await?,
+            Host::Name(n) => TcpStream::connect((n.as_str(), target.port)).await?,
+        };
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+
+    /// Dials `target` out of the own link. [`Dialed::NoPath`] when the own
+    /// link did not answer within [`FLOW_DEADLINE`] or has no route (the
+    /// caller then uses the pool, and the own link counts as degraded).
+    pub async fn connect(&self, target: &FlowHeader, pool: &Pool) -> Dialed {
+        let why = match tokio::time::timeout(FLOW_DEADLINE, Direct::dial(target)).await {
+            Ok(Ok(s)) => {
+                self.flows.fetch_add(1, Ordering::Relaxed);
+                let c = self.link().flow_ok(Instant::now());
+                self.changed(c, pool);
+                return Dialed::Open(s);
+            }
+            // The destination itself answered "no": the own link works.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Dialed::Refused(e);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("not answered within {} ms", FLOW_DEADLINE.as_millis()),
+        };
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let c = self.link().flow_failed(&why);
+        self.changed(c, pool);
+        Dialed::NoPath(why)
+    }
+}
+
+/// What dialling a flow out of the own link gave.
+pub enum Dialed {
+    Open(TcpStream),
+    /// The destination refused the connection.
+    Refused(std::io::Error),
+    /// The own link could not carry it (why).
+    NoPath(String),
+}

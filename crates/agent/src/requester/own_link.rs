@@ -1,0 +1,386 @@
+//! The own link, decided without I/O: whether the device's own uplink (its
+//! Wi-Fi or cellular, the *direct* path) is good enough to carry new flows,
+//! and so which path new flows take. `direct.rs` feeds it light probes
+//! (timed TCP connects out of the own link) and the results of the flows
+//! it carries itself, with `now`.
+//!
+//! The rules:
+//! - *degraded* at once when, over the last [`Thresholds::window`] probes,
+//!   loss exceeds `max_loss` or the mean RTT exceeds `max_rtt`; when the last
+//!   [`LOST_IN_A_ROW`] probes were all lost (a silent cut is seen within
+//!   about a second at the default probe interval); or when a flow on the
+//!   direct path failed or was not answered within the deadline;
+//! - *healthy* again only after it has been good for `hold` (hysteresis: a
+//!   flapping link does not drag flows back and forth);
+//! - *unknown* before the first probe: new flows try direct, and a flow that
+//!   fails there is raced through the pool.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Probes lost in a row that degrade the own link however good the window.
+pub const LOST_IN_A_ROW: usize = 3;
+
+/// Where new flows may go (`connect --via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Via {
+    /// The own link while it is healthy, the pool when it is not.
+    #[default]
+    Auto,
+    /// Only the own link; sharers are never used.
+    Direct,
+    /// Only sharers (a device whose data plan is used up).
+    Pool,
+}
+
+impl Via {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Via::Auto => "auto",
+            Via::Direct => "direct",
+            Via::Pool => "pool",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown path {0:?}: expected auto, direct or pool")]
+pub struct UnknownVia(pub String);
+
+impl std::str::FromStr for Via {
+    type Err = UnknownVia;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Via::Auto),
+            "direct" => Ok(Via::Direct),
+            "pool" => Ok(Via::Pool),
+            _ => Err(UnknownVia(s.to_string())),
+        }
+    }
+}
+
+/// The path that carries new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Direct,
+    Pool,
+}
+
+impl Path {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Pool => "pool",
+        }
+    }
+}
+
+/// The own link's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Unknown,
+    Healthy,
+    Degraded,
+}
+
+impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Unknown => "unknown",
+            State::Healthy => "healthy",
+            State::Degraded => "degraded",
+        }
+    }
+}
+
+/// When the own link counts as degraded, and how long it must be good again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    /// Probe loss over the window above which it is degraded (0..=1).
+    pub max_loss: f64,
+    /// Mean probe RTT over the window above which it is degraded.
+    pub max_rtt: Duration,
+    /// How long it must be good before new flows return to it.
+    pub hold: Duration,
+    /// How many recent probes the loss and RTT are taken over.
+    pub window: usize,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_loss: 0.2,
+            max_rtt: Duration::from_millis(500),
+            hold: Duration::from_secs(10),
+            window: 10,
+        }
+    }
+}
+
+/// What changed after an event, for the log and the pool's size.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Degraded(String),
+    Recovered,
+}
+
+#[derive(Debug)]
+pub struct OwnLink {
+    t: Thresholds,
+    /// Recent probes, newest last: the RTT, or `None` when lost.
+    probes: VecDeque<Option<Duration>>,
+    state: State,
+    /// Since when it has been good while degraded.
+    good_since: Option<Instant>,
+}
+
+impl OwnLink {
+    pub fn new(t: Thresholds) -> OwnLink {
+        OwnLink {
+            t: Thresholds {
+                window: t.window.max(LOST_IN_A_ROW),
+                ..t
+            },
+            probes: VecDeque::new(),
+            state: State::Unknown,
+            good_since: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The path new flows take under `via`.
+    pub fn path(&self, via: Via) -> Path {
+        match (via, self.state) {
+            (Via::Direct, _) => Path::Direct,
+            (Via::Pool, _) => Path::Pool,
+            (Via::Auto, State::Degraded) => Path::Pool,
+            (Via::Auto, _) => Path::Direct,
+        }
+    }
+
+    /// Lost probes over the window, 0..=1 (0 before any probe).
+    pub fn loss(&self) -> f64 {
+        if self.probes.is_empty() {
+            return 0.0;
+        }
+        let lost = self.probes.iter().filter(|p| p.is_none()).count();
+        lost as f64 / self.probes.len() as f64
+    }
+
+    /// Mean RTT of the answered probes in the window.
+    pub fn rtt(&self) -> Option<Duration> {
+        let answered: Vec<Duration> = self.probes.iter().flatten().copied().collect();
+        let n = u32::try_from(answered.len()).ok().filter(|n| *n > 0)?;
+        Some(answered.iter().sum::<Duration>() / n)
+    }
+
+    /// A probe's result: its RTT, or `None` when it was not answered.
+    pub fn probe(&mut self, rtt: Option<Duration>, now: Instant) -> Option<Change> {
+        self.probes.push_back(rtt);
+        while self.probes.len() > self.t.window {
+            self.probes.pop_front();
+        }
+        match self.why_bad() {
+            Some(why) => self.degrade(why),
+            None => self.good(now),
+        }
+    }
+
+    /// A flow on the direct path connected and was answered.
+    pub fn flow_ok(&mut self, now: Instant) -> Option<Change> {
+        if self.state == State::Unknown {
+            return self.good(now);
+        }
+        None
+    }
+
+    /// A flow on the direct path failed or was not answered in time.
+    pub fn flow_failed(&mut self, why: &str) -> Option<Change> {
+        self.degrade(format!("a direct flow failed: {why}"))
+    }
+
+    fn why_bad(&self) -> Option<String> {
+        let tail_lost = self.probes.len() >= LOST_IN_A_ROW
+            && self
+                .probes
+                .iter()
+                .rev()
+                .take(LOST_IN_A_ROW)
+                .all(Option::is_none);
+        if tail_lost {
+            return Some(format!("the last {LOST_IN_A_ROW} probes were lost"));
+        }
+        if self.probes.len() < LOST_IN_A_ROW {
+            return None;
+        }
+        let loss = self.loss();
+        if loss > self.t.max_loss {
+            return Some(format!(
+                "probe loss {:.0} % over the last {} (at most {:.0} %)",
+                loss * 100.0,
+                self.probes.len(),
+                self.t.max_loss * 100.0
+            ));
+        }
+        match self.rtt() {
+            Some(rtt) if rtt > self.t.max_rtt => Some(format!(
+                "probe RTT {} ms (at most {} ms)",
+                rtt.as_millis(),
+                self.t.max_rtt.as_millis()
+            )),
+            _ => None,
+        }
+    }
+
+    fn degrade(&mut self, why: String) -> Option<Change> {
+        self.good_since = None;
+        if self.state == State::Degraded {
+            return None;
+        }
+        self.state = State::Degraded;
+        Some(Change::Degraded(why))
+    }
+
+    fn good(&mut self, now: Instant) -> Option<Change> {
+        match self.state {
+            State::Healthy => None,
+            State::Unknown => {
+                self.state = State::Healthy;
+                None
+            }
+            State::Degraded => {
+                let since = *self.good_since.get_or_insert(now);
+                if now.duration_since(since) >= self.t.hold {
+                    self.state = State::Healthy;
+                    self.good_since = None;
+                    Some(Change::Recovered)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn link() -> (OwnLink, Instant) {
+        (OwnLink::new(Thresholds::default()), Instant::now())
+    }
+
+    #[test]
+    fn via_parses_and_decides_the_path() {
+        assert_eq!("AUTO".parse::<Via>(), Ok(Via::Auto));
+        assert!("sideways".parse::<Via>().is_err());
+        let (mut l, t0) = link();
+        assert_eq!(l.path(Via::Auto), Path::Direct, "unknown tries direct");
+        for k in 0..3 {
+            l.probe(None, t0 + MS * (250 * k));
+        }
+        assert_eq!(l.state(), State::Degraded);
+        assert_eq!(l.path(Via::Auto), Path::Pool);
+        assert_eq!(l.path(Via::Direct), Path::Direct);
+        let mut good = OwnLink::new(Thresholds::default());
+        good.probe(Some(MS * 20), t0);
+        assert_eq!(good.path(Via::Pool), Path::Pool);
+    }
+
+    #[test]
+    fn a_silent_cut_degrades_within_three_probes() {
+        let (mut l, t0) = link();
+        for k in 0..10 {
+            assert_eq!(l.probe(Some(MS * 20), t0 + MS * (250 * k)), None);
+        }
+        assert_eq!(l.state(), State::Healthy);
+        // Packets vanish: two lost probes are not yet enough (loss 20 %).
+        assert_eq!(l.probe(None, t0 + MS * 2500), None);
+        assert_eq!(l.probe(None, t0 + MS * 2750), None);
+        assert_eq!(l.state(), State::Healthy);
+        let c = l.probe(None, t0 + MS * 3000);
+        assert!(
+            matches!(c, Some(Change::Degraded(ref why)) if why.contains("last 3")),
+            "{c:?}"
+        );
+        assert!((l.loss() - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn loss_and_rtt_over_the_window() {
+        let (mut l, t0) = link();
+        // One probe in three lost: 33 % > 20 %, never three in a row.
+        let mut changed = None;
+        for k in 0..9u32 {
+            let rtt = (k % 3 != 2).then_some(MS * 30);
+            changed = changed.or(l.probe(rtt, t0 + MS * (250 * k)));
+        }
+        assert!(
+            matches!(changed, Some(Change::Degraded(ref w)) if w.contains("loss")),
+            "{changed:?}"
+        );
+        let (mut slow, t0) = link();
+        for k in 0..3u32 {
+            slow.probe(Some(MS * 800), t0 + MS * (250 * k));
+        }
+        assert_eq!(slow.state(), State::Degraded);
+        assert_eq!(slow.rtt(), Some(MS * 800));
+    }
+
+    #[test]
+    fn back_to_direct_only_after_the_hold() {
+        let (mut l, t0) = link();
+        l.probe(Some(MS * 20), t0);
+        assert!(matches!(
+            l.flow_failed("timed out"),
+            Some(Change::Degraded(_))
+        ));
+        assert_eq!(l.flow_failed("again"), None, "one change, not one per flow");
+        let hold = Thresholds::default().hold;
+        let mut t = t0;
+        // Good probes, but a loss inside the hold restarts it.
+        for _ in 0..20 {
+            t += MS * 250;
+            assert_eq!(l.probe(Some(MS * 20), t), None);
+        }
+        // Three lost in a row degrades again; good probes start the hold anew.
+        for _ in 0..3 {
+            t += MS * 250;
+            l.probe(None, t);
+        }
+        let restart = t + MS * 250;
+        let mut recovered_at = None;
+        let mut now = t;
+        for _ in 0..100 {
+            now += MS * 250;
+            if l.probe(Some(MS * 20), now) == Some(Change::Recovered) {
+                recovered_at = Some(now);
+                break;
+            }
+        }
+        let at = recovered_at.expect("recovers");
+        assert!(
+            at.duration_since(restart) >= hold,
+            "held {:?}",
+            at.duration_since(restart)
+        );
+        assert!(at.duration_since(restart) <= hold + MS * 2500);
+        assert_eq!(l.path(Via::Auto), Path::Direct);
+    }
+
+    #[test]
+    fn a_good_direct_flow_settles_an_unknown_link() {
+        let (mut l, t0) = link();
+        assert_eq!(l.state(), State::Unknown);
+        l.flow_ok(t0);
+        assert_eq!(l.state(), State::Healthy);
+        l.flow_failed("refused");
+        assert_eq!(l.flow_ok(t0), None, "one good flow does not undo the hold");
+        assert_eq!(l.state(), State::Degraded);
+    }
+}
