@@ -2,12 +2,17 @@
 //! own uplink reaches the internet host, with one sharer beside it on a LAN.
 //!
 //! ```text
-//!                 internet 10.79.1.1 (HTTP :8080)
+//!          coordinator 10.79.3.2 (gRPC :7400, HTTP :7480)
+//!                          |
+//!                 internet 10.79.1.1 (HTTP :8080; routes between its links)
 //!               /own0 10.79.9.0/24            \up0 10.79.10.0/24
 //!   requester 10.79.9.2                  sharer s0 10.79.10.2
 //!               \lan0                         /lan0
-//!   ------------- LAN bridge 10.79.2.0/24 (coordinator 10.79.2.1) -------
+//!   ----------------- LAN bridge 10.79.2.0/24 --------------------------
 //! ```
+//!
+//! The coordinator is on the internet side: with its own link cut, the
+//! requester reaches it only through the sharer.
 //!
 //! With `connect --via auto` new flows leave by the own link (the web
 //! server sees 10.79.9.2) while it is healthy; when its packets silently
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_bandshare");
 const INTERNET: &str = "10.79.1.1";
 const HTTP_PORT: u16 = 8080;
-const COORD: &str = "10.79.2.1";
+const COORD: &str = "10.79.3.2";
 const OWN: &str = "10.79.9.2";
 const SHARER_UPLINK: &str = "10.79.10.2";
 const AT: &str = "39.9042,116.4074";
@@ -48,6 +53,7 @@ fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 struct World {
     lab: Lab,
     req: String,
+    coord: String,
     _http: HttpTarget,
     _rt: tokio::runtime::Runtime,
 }
@@ -64,6 +70,18 @@ impl World {
             &inet,
             &["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"],
         )?;
+        // The internet routes between its links (the coordinator sits
+        // behind it, like any server).
+        let fwd = lab
+            .command(&inet, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()?;
+        anyhow::ensure!(fwd.success(), "cannot enable forwarding in the internet host");
+        lab.wire(
+            (&inet, "c0", "10.79.3.1/24"),
+            (&coord, "up0", &format!("{COORD}/24")),
+        )?;
+        lab.ip_in(&coord, &["route", "add", "default", "via", "10.79.3.1"])?;
         // The requester's own uplink, its default route.
         lab.wire(
             (&inet, "r0", "10.79.9.1/24"),
@@ -79,7 +97,6 @@ impl World {
         lab.ip_in(&lan, &["link", "add", "br0", "type", "bridge"])?;
         lab.ip_in(&lan, &["link", "set", "br0", "up"])?;
         for (i, (host, addr)) in [
-            (&coord, format!("{COORD}/24")),
             (&s0, "10.79.2.11/24".to_string()),
             (&req, "10.79.2.100/24".to_string()),
         ]
@@ -140,6 +157,7 @@ impl World {
         )?;
         let w = World {
             req: req.clone(),
+            coord: coord.clone(),
             _http: http,
             _rt: rt,
             lab,
@@ -203,6 +221,12 @@ impl World {
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())
             .flatten()
+    }
+
+    fn share_requests(&self) -> u64 {
+        self.json(&self.coord, &format!("http://{COORD}:7480/status"))
+            .and_then(|v| v["share_requests"].as_u64())
+            .unwrap_or(0)
     }
 
     fn status(&self) -> Option<Value> {
@@ -296,6 +320,15 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
     let s = w.status().expect("status");
     assert_eq!(s["own_link"]["state"], "degraded", "{s}");
     assert!(s["pool"][0]["flows"].as_u64().unwrap_or(0) >= 1, "{s}");
+    // The own link is down, yet the requester still asks for sharers (it
+    // wants two and has one): its share requests go through the sharer.
+    let before = w.share_requests();
+    let asked = wait(Duration::from_secs(10), || w.share_requests() > before);
+    assert!(
+        asked,
+        "no share request reached the coordinator while cut\n{}",
+        w.lab.log_tails(15)
+    );
 
     // Restored: back to direct only after the 2 s hold.
     w.nft("delete table inet bscut").expect("nft restore");

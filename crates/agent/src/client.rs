@@ -146,7 +146,33 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A byte stream to the coordinator.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Opens a byte stream to `(host, port)` some other way than a TCP connect
+/// out of the own link: e.g. a flow through a sharer when the own link is
+/// down.
+pub type Dial = std::sync::Arc<
+    dyn Fn(
+            String,
+            u16,
+        ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A channel to the coordinator over a direct TCP connection.
 pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
+    connect_with(url, None).await
+}
+
+/// A channel to the coordinator; its bytes go through `dial` when given.
+/// Over TLS the pinned certificate is checked either way.
+pub async fn connect_with(
+    url: &ServerUrl,
+    dial: Option<Dial>,
+) -> Result<Channel, CoordinatorError> {
     let (base, pin) = match url.as_str().split_once('#') {
         Some((u, p)) => (u.to_string(), Some(parse_pin(p)?)),
         None => (url.0.clone(), None),
@@ -162,18 +188,22 @@ pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
         .keep_alive_while_idle(true);
     let unreachable =
         |e: tonic::transport::Error| CoordinatorError::Unreachable(base.clone(), chain(&e));
-    let Some(pin) = pin else {
+    if pin.is_none() && dial.is_none() {
         return ep.connect().await.map_err(unreachable);
+    }
+    let tls = match pin {
+        Some(pin) => Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            bandshare_relay::tls::pinned_client(
+                pin,
+                vec![b"h2".to_vec()],
+                "coordinator certificate does not match --server-pin",
+            )
+            .map_err(|e| CoordinatorError::Pin(e.to_string()))?,
+        ))),
+        None => None,
     };
-    let cfg = bandshare_relay::tls::pinned_client(
-        pin,
-        vec![b"h2".to_vec()],
-        "coordinator certificate does not match --server-pin",
-    )
-    .map_err(|e| CoordinatorError::Pin(e.to_string()))?;
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-    let dial = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-        let connector = connector.clone();
+    let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let (tls, dial) = (tls.clone(), dial.clone());
         async move {
             let host = uri
                 .host()
@@ -181,15 +211,28 @@ pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
                 .trim_matches(|c| c == '[' || c == ']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let name = rustls::pki_types::ServerName::try_from("bandshare-coordinator")
-                .map_err(std::io::Error::other)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            let stream: Box<dyn Io> = match dial {
+                Some(d) => d(host, port).await?,
+                None => {
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    tcp.set_nodelay(true)?;
+                    Box::new(tcp)
+                }
+            };
+            let stream: Box<dyn Io> = match tls {
+                Some(connector) => {
+                    let name = rustls::pki_types::ServerName::try_from("bandshare-coordinator")
+                        .map_err(std::io::Error::other)?;
+                    Box::new(connector.connect(name, stream).await?)
+                }
+                None => stream,
+            };
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
-    ep.connect_with_connector(dial).await.map_err(unreachable)
+    ep.connect_with_connector(connector)
+        .await
+        .map_err(unreachable)
 }
 
 /// The requester's key and its proof of holding it, signed now: the rest

@@ -5,20 +5,22 @@
 
 use super::RequesterOptions;
 use super::direct::Direct;
-use super::own_link::Path;
+use super::own_link::{Path, State};
 use super::pool::{KnownSharer, Member, Pool};
 use crate::client;
 use crate::location::LocationSpec;
 use bandshare_core::{Backoff, DeviceKey, DistanceBand};
 use bandshare_proto::convert as cv;
 use bandshare_proto::v1;
+use bandshare_relay::FlowHeader;
 use bandshare_relay::Tunnel;
+use bandshare_relay::wire::Host;
 use ed25519_dalek::SigningKey;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A move this far (or a change of scene) asks for fresh offers.
 pub const MOVE_THRESHOLD_M: f64 = 50.0;
@@ -136,7 +138,7 @@ fn member(
 /// Fetches spare tickets for every known sharer; returns when to refresh
 /// next (half the shortest ticket lifetime, at least 2 s).
 async fn refresh_tickets(
-    url: &client::ServerUrl,
+    control: &Control,
     pool: &Pool,
     key: &SigningKey,
 ) -> Result<Duration, client::CoordinatorError> {
@@ -148,7 +150,7 @@ async fn refresh_tickets(
     if keys.is_empty() {
         return Ok(Duration::from_secs(30));
     }
-    let ch = client::connect(url).await?;
+    let ch = control.channel().await?;
     let mut client = v1::matchmaker_client::MatchmakerClient::new(ch);
     let resp = client
         .refresh_tickets({
@@ -256,6 +258,41 @@ async fn take_offers(
     }
 }
 
+/// How the requester reaches the coordinator: out of the own link, or —
+/// while the own link is degraded — as a flow through the active sharer,
+/// so a requester whose own link is down can still refill its pool and
+/// refresh its tickets.
+pub(super) struct Control {
+    pub url: client::ServerUrl,
+    pub pool: Arc<Pool>,
+    pub direct: Arc<Direct>,
+}
+
+impl Control {
+    pub async fn channel(&self) -> Result<tonic::transport::Channel, client::CoordinatorError> {
+        if self.direct.state() != State::Degraded || self.pool.active().is_none() {
+            return client::connect(&self.url).await;
+        }
+        let pool = self.pool.clone();
+        let dial: client::Dial = Arc::new(move |host: String, port: u16| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let host = match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Host::Ip(ip),
+                    Err(_) => Host::Name(host),
+                };
+                let (send, recv, via) = pool
+                    .open_flow(&FlowHeader { host, port }, true)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                debug!(via = %via.name, "coordinator reached through a sharer");
+                Ok(Box::new(tokio::io::join(recv, send)) as Box<dyn client::Io>)
+            })
+        });
+        client::connect_with(&self.url, Some(dial)).await
+    }
+}
+
 /// How many members the pool keeps: `--pool` while new flows go through
 /// it, `--standby` (warm, with tickets, probed) while they go direct.
 pub(super) struct Size {
@@ -297,6 +334,11 @@ pub(super) async fn maintain(
     key: SigningKey,
     sizes: Size,
 ) {
+    let control = Control {
+        url,
+        pool: pool.clone(),
+        direct: sizes.direct.clone(),
+    };
     let mut backoff = Backoff::new(
         Duration::from_millis(500),
         bandshare_core::backoff::RECONNECT_CAP,
@@ -313,7 +355,7 @@ pub(super) async fn maintain(
         if (needs_ticket && now >= retry_at) || now >= refresh_at {
             retry_at = now + Duration::from_secs(2);
             refresh_at = now
-                + match refresh_tickets(&url, &pool, &key).await {
+                + match refresh_tickets(&control, &pool, &key).await {
                     Ok(next) => next,
                     Err(_) => Duration::from_secs(2),
                 };
@@ -327,7 +369,7 @@ pub(super) async fn maintain(
             // Whichever path led here, asking from elsewhere rotates.
             let moved = rotate.take().or_else(|| moved_far(&asked, &here));
             let result = async {
-                let ch = client::connect(&url).await?;
+                let ch = control.channel().await?;
                 client::share_request(ch, request(&opts, &here, &key)).await
             }
             .await;
