@@ -76,7 +76,10 @@ impl World {
             .command(&inet, "sysctl")
             .args(["-qw", "net.ipv4.ip_forward=1"])
             .status()?;
-        anyhow::ensure!(fwd.success(), "cannot enable forwarding in the internet host");
+        anyhow::ensure!(
+            fwd.success(),
+            "cannot enable forwarding in the internet host"
+        );
         lab.wire(
             (&inet, "c0", "10.79.3.1/24"),
             (&coord, "up0", &format!("{COORD}/24")),

@@ -4,6 +4,7 @@
 //! part is the real component; nothing here is a mock. `bandshare demo` and
 //! the benchmarks run on it, and the tests (through `bandshare-testkit`).
 
+pub mod gateway;
 pub mod http;
 pub mod udp;
 

@@ -101,6 +101,8 @@ pub struct RequesterOptions {
 /// A running requester; listeners are bound and the pool is filling.
 pub struct Requester {
     pub pool: Arc<Pool>,
+    /// The own link and the flows it carries.
+    pub direct: Arc<Direct>,
     pub socks_addr: Option<SocketAddr>,
     pub control_addr: Option<SocketAddr>,
     pub forward_addrs: Vec<SocketAddr>,
@@ -191,6 +193,7 @@ impl Requester {
         };
         let me = Requester {
             pool: pool.clone(),
+            direct: direct.clone(),
             socks_addr: socks.as_ref().and_then(|l| l.local_addr().ok()),
             control_addr: control.as_ref().and_then(|l| l.local_addr().ok()),
             forward_addrs: forwards
