@@ -5,8 +5,10 @@
 //! sharer, kills that sharer and fetches again through the next one.
 
 use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use bandshare_agent::requester::own_link::{Path, Thresholds, Via};
 use bandshare_coordinator::Config;
 use bandshare_core::{NetworkType, Service};
+use bandshare_local::gateway::Gateway;
 use bandshare_local::http::{PAGE_TITLE, socks_get};
 use bandshare_local::{Cluster, SharerSpec, center, wait_until};
 use std::time::{Duration, Instant};
@@ -93,20 +95,68 @@ pub async fn run() -> anyhow::Result<()> {
         "   (distance bands are measured from a point 15-25 m from the requester, fixed per device,\n    so faked positions cannot trilaterate a sharer; alice at 8 m may show as 10-50m)"
     );
 
-    println!("\n2. It connects to a pool of 3 and serves SOCKS5 locally");
+    // The own link's probe target, on loopback: it can go silent the way a
+    // dead link does (its accept queue full, SYNs dropped).
+    let gateway = Gateway::start().await?;
+    println!(
+        "\n2. It connects: its own link first (probed at {}), one sharer kept warm, SOCKS5 locally",
+        gateway.addr
+    );
     let mut opts = cluster.requester_options();
     opts.conditions = conditions;
+    opts.via = Via::Auto;
+    opts.standby = 1;
+    opts.pool_size = 3;
+    opts.probes = vec![gateway.addr.to_string()];
+    opts.own_link = Thresholds {
+        hold: Duration::from_secs(2),
+        ..Thresholds::default()
+    };
     let r = cluster.requester(opts).await?;
-    print_pool(&r);
+    wait_until(Duration::from_secs(5), || {
+        r.requester.direct.status().state == "healthy"
+    })
+    .await;
+    print_paths(&r);
 
     println!(
-        "\n3. GET http://localhost:{port}/hello through SOCKS5 {} (as curl --socks5-hostname would; the sharer resolves the name)",
+        "\n3. GET http://localhost:{port}/hello through SOCKS5 {} (as curl --socks5-hostname would)",
         r.socks()
     );
-    let first = fetch(&r, port, "/hello").await?;
+    fetch(&r, port, "/hello").await?;
+
+    println!("\n4. The own link goes silent (packets vanish, the interface stays up)");
+    gateway.cut().await?;
+    let t = Instant::now();
+    let moved = wait_until(Duration::from_secs(5), || {
+        r.requester.direct.path() == Path::Pool
+    })
+    .await;
+    anyhow::ensure!(moved, "new flows never moved to the pool");
+    println!(
+        "   after {:.0} ms new flows go through sharers; the pool fills to 3",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    wait_until(Duration::from_secs(5), || r.requester.pool.len() == 3).await;
+    let first = fetch(&r, port, "/weak").await?;
+    print_paths(&r);
 
     fail_over(&cluster, &r, &first, port).await?;
-    print_pool(&r);
+    print_paths(&r);
+
+    println!("\n6. The own link answers again: new flows return after a 2 s hold");
+    gateway.restore();
+    let t = Instant::now();
+    let back = wait_until(Duration::from_secs(10), || {
+        r.requester.direct.path() == Path::Direct
+    })
+    .await;
+    anyhow::ensure!(back, "new flows never returned to the own link");
+    println!(
+        "   back to the own link after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    fetch(&r, port, "/back").await?;
 
     let ledger = cluster.coordinator.state.store().clone();
     wait_until(Duration::from_secs(3), || {
@@ -156,7 +206,7 @@ async fn fail_over(
     first: &str,
     port: u16,
 ) -> anyhow::Result<()> {
-    println!("\n4. Kill the active sharer {first}: its stream ends and its relay closes");
+    println!("\n5. Kill the active sharer {first}: its stream ends and its relay closes");
     cluster
         .sharer(first)
         .ok_or_else(|| anyhow::anyhow!("no sharer {first}"))?
@@ -194,7 +244,17 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
-fn print_pool(r: &bandshare_local::RequesterNode) {
+/// Which path carries new flows, the own link, and the pool.
+fn print_paths(r: &bandshare_local::RequesterNode) {
+    let own = r.requester.direct.status();
+    println!(
+        "   new flows: {}   own link {} (rtt {}, loss {:.0} %, {} flows)",
+        r.requester.direct.path().as_str(),
+        own.state,
+        own.rtt_ms.map_or("-".into(), |v| format!("{v:.2} ms")),
+        own.loss * 100.0,
+        own.flows
+    );
     for m in r.requester.pool.status().pool {
         println!(
             "   {} {:<6} {:<7} rtt {:>5.2} ms  score {:.3}  flows {}  bytes {}/{}",
@@ -217,8 +277,13 @@ async fn fetch(
     path: &str,
 ) -> anyhow::Result<String> {
     let t = Instant::now();
+    let direct_before = r.requester.direct.status().flows;
     let (status, body) = socks_get(r.socks(), "localhost", port, path).await?;
-    let via = r.active().unwrap_or_else(|| "?".into());
+    let via = if r.requester.direct.status().flows > direct_before {
+        "the own link".to_string()
+    } else {
+        r.active().unwrap_or_else(|| "?".into())
+    };
     anyhow::ensure!(body.contains(PAGE_TITLE), "unexpected page: {body}");
     println!(
         "   {status} in {:.1} ms via {via}",

@@ -192,6 +192,13 @@ fn demo_runs_and_exits_zero() {
     assert!(text.contains("service missing: hotspot"), "{text}");
     assert!(text.contains("outside the 200 m circle"), "{text}");
     assert!(text.contains("new flows moved from"), "{text}");
+    // The own link first, the pool when it goes silent, and back.
+    assert!(
+        text.contains("/hello</p>") && text.contains("via the own link"),
+        "{text}"
+    );
+    assert!(text.contains("new flows go through sharers"), "{text}");
+    assert!(text.contains("back to the own link after"), "{text}");
 }
 
 #[test]
