@@ -154,6 +154,10 @@ impl World {
                 "10.79.2.11:7500",
                 "--allow-egress",
                 "10.79.1.0/24",
+                // The coordinator, on the "internet" (a private range here;
+                // a public coordinator needs no rule).
+                "--allow-egress",
+                "10.79.3.2/32:7400",
                 "--data",
                 &ds,
             ]),

@@ -44,16 +44,17 @@ fn io_reply(e: &std::io::Error) -> u8 {
     }
 }
 
-/// Dials the first allowed address; `Err` is the reply code to send.
-pub(crate) async fn dial(
+/// The addresses of `header` the egress policy allows as of now (the
+/// machine's own addresses read right before the decision); `Err` is the
+/// reply code and the reason.
+pub(crate) async fn allowed(
     header: &FlowHeader,
     egress: &EgressPolicy,
     own: &OwnAddresses,
-) -> Result<TcpStream, (u8, String)> {
+) -> Result<Vec<SocketAddr>, (u8, String)> {
     let addrs = resolve(&header.host, header.port)
         .await
         .map_err(|code| (code, format!("cannot resolve {}", header.host)))?;
-    // Read after resolving, right before the decision: as of this dial.
     let own_now = own.current();
     let mut denied = None;
     let allowed: Vec<SocketAddr> = addrs
@@ -79,6 +80,16 @@ pub(crate) async fn dial(
             ),
         });
     }
+    Ok(allowed)
+}
+
+/// Dials the first allowed address; `Err` is the reply code to send.
+pub(crate) async fn dial(
+    header: &FlowHeader,
+    egress: &EgressPolicy,
+    own: &OwnAddresses,
+) -> Result<TcpStream, (u8, String)> {
+    let allowed = allowed(header, egress, own).await?;
     let mut failed = (reply::HOST_UNREACHABLE, String::new());
     for a in allowed {
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(a)).await {

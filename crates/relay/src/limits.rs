@@ -185,6 +185,38 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// Takes `n` bytes from the rate and every allowance at once, or none
+    /// (a datagram is sent whole or dropped, never queued or cut).
+    pub fn admit_whole(&self, n: u64) -> bool {
+        if let Some(b) = &self.bucket {
+            let Ok(mut b) = b.lock() else { return false };
+            match b.take(n, Instant::now()) {
+                Ok(g) if g == n => {}
+                Ok(g) => {
+                    b.refund(g);
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        for (i, a) in self.allowances.iter().enumerate() {
+            let g = a.reserve(n);
+            if g < n {
+                a.refund(g);
+                for earlier in &self.allowances[..i] {
+                    earlier.refund(n);
+                }
+                if let Some(b) = &self.bucket
+                    && let Ok(mut b) = b.lock()
+                {
+                    b.refund(n);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
     /// The reason of the first allowance that is used up, if any.
     pub fn exhausted(&self) -> Option<&str> {
         self.allowances

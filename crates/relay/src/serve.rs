@@ -115,6 +115,7 @@ impl Relay {
             ),
             requesters: Mutex::default(),
             conns: Mutex::default(),
+            udp: Default::default(),
         });
         Ok(Relay { endpoint, shared })
     }
@@ -331,6 +332,13 @@ async fn serve_connection(
             shared.daily.clone(),
         ],
     };
+    tokio::spawn(crate::udp::serve(
+        conn.clone(),
+        shared.clone(),
+        counters.clone(),
+        meter.clone(),
+        per.udp_flows.clone(),
+    ));
     loop {
         let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let (shared, counters, meter, admitted) = (

@@ -50,11 +50,15 @@ pub(crate) struct RelayState {
     pub(crate) requesters: Mutex<HashMap<DeviceKey, Arc<PerRequester>>>,
     /// Open connections by requester, so a revocation can close them.
     pub(crate) conns: Mutex<HashMap<DeviceKey, Vec<quinn::Connection>>>,
+    /// What happened to UDP datagrams.
+    pub(crate) udp: crate::udp::UdpStats,
 }
 
 pub(crate) struct PerRequester {
     pub(crate) bucket: Option<Arc<Mutex<Bucket>>>,
     pub(crate) quota: Arc<Allowance>,
+    /// UDP flows open, over all its connections.
+    pub(crate) udp_flows: Arc<AtomicU64>,
 }
 
 impl RelayState {
@@ -89,6 +93,7 @@ impl RelayState {
                             limits.requester_daily_bytes
                         ),
                     )),
+                    udp_flows: Arc::default(),
                 })
             })
             .clone())
@@ -170,6 +175,11 @@ impl RelayHandle {
     /// Connections refused so far because their source had too many open.
     pub fn refused_sources(&self) -> u64 {
         self.0.refused_sources.load(Ordering::Relaxed)
+    }
+
+    /// What happened to UDP datagrams here.
+    pub fn udp_counts(&self) -> crate::udp::UdpCounts {
+        self.0.udp.counts()
     }
 
     pub fn cert_pin(&self) -> [u8; 32] {

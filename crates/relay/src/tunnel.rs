@@ -154,6 +154,34 @@ impl Tunnel {
         self.probe.lock().ok()?.take()
     }
 
+    /// Sends one UDP datagram through the sharer (see [`crate::datagram`]):
+    /// `Err` when it does not fit the path's QUIC datagram size or the
+    /// connection is gone; never cut short.
+    pub fn send_udp(&self, d: &crate::datagram::Udp<'_>) -> Result<(), FlowError> {
+        let bytes = d.encode()?;
+        match self.conn.max_datagram_size() {
+            Some(max) if bytes.len() <= max => self
+                .conn
+                .send_datagram(bytes.into())
+                .map_err(|e| FlowError::Lost(e.to_string())),
+            Some(max) => Err(FlowError::Lost(format!(
+                "a {}-byte UDP datagram does not fit this path's {max}",
+                bytes.len()
+            ))),
+            None => Err(FlowError::Lost("the sharer does not take datagrams".into())),
+        }
+    }
+
+    /// The next datagram frame from the sharer (decode it with
+    /// [`crate::datagram::Udp::decode`]).
+    pub async fn read_datagram(&self) -> Result<Vec<u8>, FlowError> {
+        self.conn
+            .read_datagram()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| lost(&e))
+    }
+
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
     }

@@ -241,7 +241,7 @@ pub async fn read_flow_reason<R: AsyncRead + Unpin>(
 }
 
 /// Where a flow goes: an address or a name the sharer resolves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Host {
     Ip(IpAddr),
     Name(String),
@@ -257,7 +257,7 @@ impl std::fmt::Display for Host {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FlowHeader {
     pub host: Host,
     pub port: u16,
@@ -298,7 +298,7 @@ impl FlowHeader {
     }
 
     /// Total length of the header whose first bytes are `prefix`, when known.
-    fn total_len(prefix: &[u8]) -> Result<Option<usize>, WireError> {
+    pub(crate) fn total_len(prefix: &[u8]) -> Result<Option<usize>, WireError> {
         let (Some(&v), Some(&atyp)) = (prefix.first(), prefix.get(1)) else {
             return Ok(None);
         };

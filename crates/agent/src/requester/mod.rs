@@ -12,6 +12,7 @@ pub mod proxy;
 mod refill;
 pub mod select;
 pub mod socks;
+pub mod udp;
 
 use crate::location::{ConditionSpec, LocationSpec};
 use crate::{AgentError, Shutdown, client};

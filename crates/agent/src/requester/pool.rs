@@ -168,6 +168,8 @@ pub struct Pool {
     pub total_bytes: AtomicU64,
     /// Sharers used successfully, by key.
     pub known: std::sync::Mutex<std::collections::HashMap<DeviceKey, KnownSharer>>,
+    /// Replies to UDP datagrams, to their associations.
+    pub udp: Arc<super::udp::Router>,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -267,6 +269,7 @@ impl Pool {
             changed: Notify::new(),
             total_bytes: AtomicU64::new(0),
             known: Default::default(),
+            udp: Default::default(),
         }
     }
 
@@ -352,6 +355,7 @@ impl Pool {
         self.apply(d);
         tokio::spawn(probe(self.clone(), member.clone()));
         tokio::spawn(keep_ticket(self.clone(), member.clone()));
+        tokio::spawn(self.udp.clone().follow(member.clone()));
         let pool = self.clone();
         tokio::spawn(async move {
             let why = member.tunnel.closed().await;

@@ -164,8 +164,9 @@ async fn serve_proxy_client(mut tcp: TcpStream, paths: Paths) -> Result<(), Ende
         if first == 5 {
             read_until(&mut tcp, &mut buf, socks::parse_greeting).await?;
             tcp.write_all(&[5, 0]).await?;
-            let target = match read_until(&mut tcp, &mut buf, socks::parse_request).await {
-                Ok(t) => t,
+            let target = match read_until(&mut tcp, &mut buf, socks::parse_command).await {
+                Ok((socks::UDP_ASSOCIATE, _)) => return Ok(None),
+                Ok((_, t)) => t,
                 Err(e) => {
                     let code = match &e {
                         HeadError::Parse(p) => socks::request_error_code(p),
@@ -175,7 +176,7 @@ async fn serve_proxy_client(mut tcp: TcpStream, paths: Paths) -> Result<(), Ende
                     return Err(e.into());
                 }
             };
-            Ok((Dialect::Socks, target))
+            Ok(Some((Dialect::Socks, target)))
         } else if !first.is_ascii_uppercase() {
             // Neither SOCKS nor an HTTP method (a TLS hello, a stray
             // protocol): say so now instead of waiting for a blank line.
@@ -188,7 +189,7 @@ async fn serve_proxy_client(mut tcp: TcpStream, paths: Paths) -> Result<(), Ende
             Err(Ended::UnknownProtocol(first))
         } else {
             match read_until(&mut tcp, &mut buf, socks::parse_http_connect).await {
-                Ok(t) => Ok((Dialect::Http, t)),
+                Ok(t) => Ok(Some((Dialect::Http, t))),
                 Err(e) => {
                     let why = e.to_string();
                     let msg = format!(
@@ -201,9 +202,13 @@ async fn serve_proxy_client(mut tcp: TcpStream, paths: Paths) -> Result<(), Ende
             }
         }
     };
-    let (dialect, target) = tokio::time::timeout(HEAD_TIMEOUT, head)
+    let Some((dialect, target)) = tokio::time::timeout(HEAD_TIMEOUT, head)
         .await
-        .map_err(|_| Ended::Slow)??;
+        .map_err(|_| Ended::Slow)??
+    else {
+        // SOCKS5 UDP ASSOCIATE: the TCP connection holds the association.
+        return Ok(super::udp::associate(tcp, paths.pool.clone(), paths.direct.clone()).await?);
+    };
     relay_to(tcp, &paths, &target, Some(dialect), buf).await
 }
 

@@ -259,9 +259,9 @@ async fn take_offers(
 }
 
 /// How the requester reaches the coordinator: out of the own link, or —
-/// while the own link is degraded — as a flow through the active sharer,
-/// so a requester whose own link is down can still refill its pool and
-/// refresh its tickets.
+/// while the own link is degraded — as a flow through the active sharer
+/// (falling back to the own link if the sharer refuses), so a requester
+/// whose own link is down can still refill its pool and refresh tickets.
 pub(super) struct Control {
     pub url: client::ServerUrl,
     pub pool: Arc<Pool>,
@@ -289,7 +289,16 @@ impl Control {
                 Ok(Box::new(tokio::io::join(recv, send)) as Box<dyn client::Io>)
             })
         });
-        client::connect_with(&self.url, Some(dial)).await
+        match client::connect_with(&self.url, Some(dial)).await {
+            Ok(ch) => Ok(ch),
+            // The sharer may not let us through (a coordinator on a private
+            // address is off limits by default): the own link may still
+            // reach it (e.g. over a LAN).
+            Err(e) => {
+                debug!(error = %e, "coordinator not reached through the sharer: trying the own link");
+                client::connect(&self.url).await
+            }
+        }
     }
 }
 

@@ -18,8 +18,10 @@ pub enum ProxyError {
     Version(u8),
     #[error("client offers no 'no authentication' method")]
     NoAcceptableMethod,
-    #[error("unsupported SOCKS command {0} (only CONNECT)")]
+    #[error("unsupported SOCKS command {0} (CONNECT and UDP ASSOCIATE only)")]
     Command(u8),
+    #[error("bad SOCKS UDP datagram: {0}")]
+    Udp(&'static str),
     #[error("unsupported address type {0}")]
     AddressType(u8),
     #[error("bad host name")]
@@ -51,28 +53,58 @@ pub fn parse_greeting(b: &[u8]) -> Result<Parse<()>, ProxyError> {
 
 /// Request: `VER CMD RSV ATYP DST.ADDR DST.PORT`. Only CONNECT (1).
 pub fn parse_request(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
+    match parse_command(b)? {
+        Parse::Done((CONNECT, h), used) => Ok(Parse::Done(h, used)),
+        Parse::Done((cmd, _), _) => Err(ProxyError::Command(cmd)),
+        Parse::Incomplete => Ok(Parse::Incomplete),
+    }
+}
+
+/// The SOCKS5 command CONNECT.
+pub const CONNECT: u8 = 1;
+/// The SOCKS5 command UDP ASSOCIATE (RFC 1928 §7).
+pub const UDP_ASSOCIATE: u8 = 3;
+
+/// A request `VER CMD RSV ATYP ADDR PORT` for CONNECT or UDP ASSOCIATE:
+/// the command and the address.
+pub fn parse_command(b: &[u8]) -> Result<Parse<(u8, FlowHeader)>, ProxyError> {
     if b.len() < 5 {
         return Ok(Parse::Incomplete);
     }
     if b[0] != 5 {
         return Err(ProxyError::Version(b[0]));
     }
-    if b[1] != 1 {
+    if b[1] != CONNECT && b[1] != UDP_ASSOCIATE {
         return Err(ProxyError::Command(b[1]));
     }
-    let (addr_len, start) = match b[3] {
-        1 => (4, 4),
-        4 => (16, 4),
-        3 => (b[4] as usize, 5),
+    match parse_address(&b[3..])? {
+        Some((h, used)) => Ok(Parse::Done((b[1], h), 3 + used)),
+        None => Ok(Parse::Incomplete),
+    }
+}
+
+/// `ATYP ADDR PORT` at the start of `b`: the address and the bytes it took;
+/// `None` when more bytes are needed.
+fn parse_address(b: &[u8]) -> Result<Option<(FlowHeader, usize)>, ProxyError> {
+    let Some(&atyp) = b.first() else {
+        return Ok(None);
+    };
+    let (addr_len, start) = match atyp {
+        1 => (4, 1),
+        4 => (16, 1),
+        3 => match b.get(1) {
+            Some(&n) => (n as usize, 2),
+            None => return Ok(None),
+        },
         t => return Err(ProxyError::AddressType(t)),
     };
     let end = start + addr_len;
     let Some(port) = b.get(end..end + 2) else {
-        return Ok(Parse::Incomplete);
+        return Ok(None);
     };
     let port = u16::from_be_bytes([port[0], port[1]]);
     let a = &b[start..end];
-    let host = match b[3] {
+    let host = match atyp {
         1 => Host::Ip(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
         4 => {
             let mut o = [0u8; 16];
@@ -81,7 +113,52 @@ pub fn parse_request(b: &[u8]) -> Result<Parse<FlowHeader>, ProxyError> {
         }
         _ => Host::Name(check_name(a).map_err(|_| ProxyError::Name)?.to_string()),
     };
-    Ok(Parse::Done(FlowHeader { host, port }, end + 2))
+    Ok(Some((FlowHeader { host, port }, end + 2)))
+}
+
+/// A SOCKS5 UDP request datagram `RSV(2) FRAG ATYP ADDR PORT DATA`: the
+/// destination and the data. Fragments are not supported (RFC 1928 lets a
+/// relay drop them).
+pub fn parse_udp(b: &[u8]) -> Result<(FlowHeader, &[u8]), ProxyError> {
+    if b.len() < 4 {
+        return Err(ProxyError::Udp("shorter than its header"));
+    }
+    if b[0] != 0 || b[1] != 0 {
+        return Err(ProxyError::Udp("reserved bytes are not zero"));
+    }
+    if b[2] != 0 {
+        return Err(ProxyError::Udp("fragments are not supported"));
+    }
+    match parse_address(&b[3..])? {
+        Some((h, used)) => Ok((h, &b[3 + used..])),
+        None => Err(ProxyError::Udp("address cut short")),
+    }
+}
+
+/// A SOCKS5 UDP reply datagram from `from` carrying `data`.
+pub fn encode_udp(from: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 0];
+    match from.ip().to_canonical() {
+        IpAddr::V4(a) => {
+            b.push(1);
+            b.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            b.push(4);
+            b.extend_from_slice(&a.octets());
+        }
+    }
+    b.extend_from_slice(&from.port().to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// A SOCKS5 success reply naming the bound address (UDP ASSOCIATE tells
+/// the client where to send its datagrams).
+pub fn reply_bound(bound: std::net::SocketAddr) -> Vec<u8> {
+    let mut b = vec![5, 0, 0];
+    b.extend_from_slice(&encode_udp(bound, &[])[3..]);
+    b
 }
 
 /// A SOCKS5 reply with `code` and an all-zero bound address.
@@ -325,5 +402,48 @@ mod tests {
             let _ = parse_request(&b);
             let _ = parse_http_connect(&b);
         }
+    }
+
+    #[test]
+    fn udp_associate_and_datagrams() {
+        let req = [5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            parse_command(&req),
+            Ok(Parse::Done(
+                (
+                    UDP_ASSOCIATE,
+                    FlowHeader {
+                        host: Host::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                        port: 0
+                    }
+                ),
+                10
+            ))
+        );
+        assert_eq!(parse_request(&req), Err(ProxyError::Command(3)));
+        let mut d = vec![0, 0, 0, 3, 7];
+        d.extend_from_slice(b"example");
+        d.extend_from_slice(&53u16.to_be_bytes());
+        d.extend_from_slice(b"query");
+        let (h, data) = parse_udp(&d).expect("parses");
+        assert_eq!(
+            (h.host, h.port, data),
+            (Host::Name("example".into()), 53, &b"query"[..])
+        );
+        let mut frag = d.clone();
+        frag[2] = 1;
+        assert!(parse_udp(&frag).is_err());
+        for cut in 0..12 {
+            assert!(parse_udp(&d[..cut]).is_err(), "cut at {cut}");
+        }
+        let from: std::net::SocketAddr = "[::ffff:10.0.0.1]:53".parse().expect("addr");
+        let back = encode_udp(from, b"answer");
+        let (h, data) = parse_udp(&back).expect("round trip");
+        assert_eq!(h.host, Host::Ip("10.0.0.1".parse().expect("ip")));
+        assert_eq!(data, b"answer");
+        assert_eq!(
+            reply_bound("127.0.0.1:9".parse().expect("a")),
+            vec![5, 0, 0, 1, 127, 0, 0, 1, 0, 9]
+        );
     }
 }

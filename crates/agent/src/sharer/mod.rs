@@ -134,12 +134,10 @@ impl Sharer {
         shutdown: Shutdown,
     ) -> Result<Sharer, AgentError> {
         let url = opts.server.clone();
-        let mut egress = opts.egress.clone();
-        egress.allow.extend(coordinator_rules(&url).await);
         let mut relay_opts = RelayOptions::new(
             opts.relay_listen,
             bandshare_core::DeviceKey(key.verifying_key().to_bytes()),
-            egress,
+            opts.egress.clone(),
             opts.consent.max_requesters,
         );
         relay_opts.limits = opts.consent.limits;
@@ -200,25 +198,6 @@ impl Sharer {
     pub async fn join(self) -> Result<(), AgentError> {
         self.task.await?
     }
-}
-
-/// Egress rules that let requesters reach this sharer's coordinator
-/// through it (its gRPC port only), so a requester whose own link is down
-/// can still ask for sharers and refresh tickets; the coordinator is
-/// reachable from anywhere anyway.
-async fn coordinator_rules(url: &client::ServerUrl) -> Vec<bandshare_core::EgressRule> {
-    let Ok(addrs) = tokio::net::lookup_host(url.host_port()).await else {
-        return vec![];
-    };
-    addrs
-        .map(|a| bandshare_core::EgressRule {
-            cidr: bandshare_core::Cidr {
-                addr: a.ip(),
-                prefix: if a.is_ipv4() { 32 } else { 128 },
-            },
-            port: Some(a.port()),
-        })
-        .collect()
 }
 
 /// The address requesters should dial: the relay's own when specific, else
