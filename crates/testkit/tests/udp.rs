@@ -118,6 +118,12 @@ async fn socks5_udp_associate_through_a_sharer_and_direct() {
     let alice = c.sharer("alice").expect("alice");
     let counts = alice.sharer.relay.udp_counts();
     assert_eq!((counts.sent, counts.received), (2, 2), "{counts:?}");
+    let mine = r.requester.pool.udp.status();
+    assert_eq!(
+        (mine.sent, mine.received, mine.associations),
+        (2, 2, 0),
+        "{mine:?}"
+    );
 
     // The sharer's egress policy decides each datagram: loopback ports it
     // was not told to allow are dropped there, counted, never sent.

@@ -256,6 +256,7 @@ impl Requester {
 struct Status {
     path: &'static str,
     own_link: direct::OwnLinkStatus,
+    udp: udp::UdpStatus,
     #[serde(flatten)]
     pool: pool::Status,
 }
@@ -270,6 +271,7 @@ fn status_router(paths: proxy::Paths) -> axum::Router {
                 axum::Json(Status {
                     path: paths.direct.path().as_str(),
                     own_link: paths.direct.status(),
+                    udp: paths.pool.udp.status(),
                     pool: paths.pool.status(),
                 })
             }

@@ -40,7 +40,26 @@ pub struct Router {
     pub received: AtomicU64,
 }
 
+/// What `/status` shows of UDP.
+#[derive(serde::Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpStatus {
+    /// Associations open now.
+    pub associations: usize,
+    pub sent: u64,
+    pub received: u64,
+    pub dropped: u64,
+}
+
 impl Router {
+    pub fn status(&self) -> UdpStatus {
+        UdpStatus {
+            associations: self.routes.lock().map_or(0, |r| r.len()),
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
     fn open(&self) -> (u32, mpsc::Receiver<Reply>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(QUEUE);
