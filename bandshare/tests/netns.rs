@@ -21,7 +21,6 @@ use bandshare_testkit::HttpTarget;
 use bandshare_testkit::netns::{Lab, run};
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bandshare");
@@ -177,21 +176,12 @@ impl Net {
         f()
     }
 
-    fn curl(&self, ns: &str, args: &[&str]) -> Output {
-        self.lab
-            .command(ns, "curl")
-            .args(["-sS", "--max-time", "5"])
-            .args(args)
-            .output()
-            .expect("run curl")
+    fn curl(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        self.lab.curl(ns, args)
     }
 
     fn json(&self, ns: &str, url: &str) -> Option<Value> {
-        let out = self.curl(ns, &[url]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        self.lab.json(ns, url)
     }
 
     fn coordinator_online(&self) -> Option<usize> {

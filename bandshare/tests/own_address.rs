@@ -10,11 +10,11 @@
 //! ```
 
 use bandshare_testkit::HttpTarget;
-use bandshare_testkit::netns::Lab;
+use bandshare_testkit::netns::{Lab, wait};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bandshare");
 /// Not in any special range: refused only because it is the sharer's own.
@@ -25,17 +25,6 @@ fn curl(lab: &Lab, ns: &str, url: &str) -> Output {
         .args(["-sS", "--max-time", "5", "--socks5", "127.0.0.1:1080", url])
         .output()
         .expect("run curl")
-}
-
-fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -22,7 +22,7 @@
 //! where namespaces cannot be made or nft is missing.
 
 use bandshare_testkit::HttpTarget;
-use bandshare_testkit::netns::Lab;
+use bandshare_testkit::netns::{Lab, wait};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,17 +37,6 @@ const AT: &str = "39.9042,116.4074";
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
-}
-
-fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 struct World {
@@ -214,20 +203,11 @@ impl World {
     }
 
     fn curl(&self, ns: &str, args: &[&str]) -> std::process::Output {
-        self.lab
-            .command(ns, "curl")
-            .args(["-sS", "--max-time", "5"])
-            .args(args)
-            .output()
-            .expect("run curl")
+        self.lab.curl(ns, args)
     }
 
     fn json(&self, ns: &str, url: &str) -> Option<Value> {
-        let out = self.curl(ns, &[url]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        self.lab.json(ns, url)
     }
 
     fn share_requests(&self) -> u64 {

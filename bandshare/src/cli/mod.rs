@@ -162,32 +162,29 @@ fn parse_wifi_one(s: &str) -> Result<(String, i32), String> {
         .ok_or_else(|| format!("expected BSSID=RSSI, got {s:?}"))
 }
 
+/// A number within `lo..=hi` (`unit` names it in the error).
+fn bounded(s: &str, lo: f64, hi: f64, unit: &str) -> Result<f64, String> {
+    let v: f64 = parsed(s)?;
+    if !(lo..=hi).contains(&v) {
+        return Err(format!("{s} is not between {lo} and {hi}{unit}"));
+    }
+    Ok(v)
+}
+
 /// `--stall-grace`: 1–10 s (the QUIC connection itself ends after 10 s of
 /// silence).
 fn parse_grace(s: &str) -> Result<f64, String> {
-    let v: f64 = parsed(s)?;
-    if !(1.0..=10.0).contains(&v) {
-        return Err(format!("{s} is not between 1 and 10 seconds"));
-    }
-    Ok(v)
+    bounded(s, 1.0, 10.0, " seconds")
 }
 
 /// `--direct-hold`: 0–3600 s.
 fn parse_hold(s: &str) -> Result<f64, String> {
-    let v: f64 = parsed(s)?;
-    if !(0.0..=3600.0).contains(&v) {
-        return Err(format!("{s} is not between 0 and 3600 seconds"));
-    }
-    Ok(v)
+    bounded(s, 0.0, 3600.0, " seconds")
 }
 
 /// A fraction 0..=1.
 fn parse_fraction(s: &str) -> Result<f64, String> {
-    let v: f64 = parsed(s)?;
-    if !(0.0..=1.0).contains(&v) {
-        return Err(format!("{s} is not between 0 and 1"));
-    }
-    Ok(v)
+    bounded(s, 0.0, 1.0, "")
 }
 
 /// A service list that names at least one service.

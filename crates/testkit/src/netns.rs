@@ -98,6 +98,19 @@ impl Proc {
     }
 }
 
+/// Polls `f` every 100 ms until it holds or `timeout` passes (for tests
+/// that drive other processes from a plain thread).
+pub fn wait(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    f()
+}
+
 /// A set of namespaces and the processes in them, removed on drop.
 pub struct Lab {
     tag: String,
@@ -156,6 +169,24 @@ impl Lab {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    /// `curl -sS --max-time 5 ARGS` inside `ns`.
+    pub fn curl(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        self.command(ns, "curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
+    }
+
+    /// GET `url` inside `ns` as JSON, if it answers with some.
+    pub fn json(&self, ns: &str, url: &str) -> Option<serde_json::Value> {
+        let out = self.curl(ns, &[url]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     /// A command that will run inside `ns`.
