@@ -41,14 +41,17 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 struct World {
     lab: Lab,
+    /// The requester's process, for [`Lab::proc`].
+    requester: usize,
     req: String,
     coord: String,
+    inet: String,
     _http: HttpTarget,
     _rt: tokio::runtime::Runtime,
 }
 
 impl World {
-    fn build() -> anyhow::Result<World> {
+    fn build(extra: &[&str]) -> anyhow::Result<World> {
         let mut lab = Lab::new().map_err(anyhow::Error::msg)?;
         let inet = lab.host("inet")?;
         let lan = lab.host("lan")?;
@@ -152,8 +155,10 @@ impl World {
             ]),
         )?;
         let w = World {
+            requester: 0,
             req: req.clone(),
             coord: coord.clone(),
+            inet: inet.clone(),
             _http: http,
             _rt: rt,
             lab,
@@ -171,34 +176,31 @@ impl World {
         );
         let mut w = w;
         let req_ns = w.req.clone();
-        w.lab.spawn(
-            &req_ns,
-            "requester",
-            BIN,
-            &strings(&[
-                "connect",
-                "--server",
-                &format!("http://{COORD}:7400"),
-                "--at",
-                AT,
-                "--via",
-                "auto",
-                "--pool",
-                "2",
-                "--standby",
-                "1",
-                "--probe",
-                &format!("{INTERNET}:{HTTP_PORT}"),
-                "--direct-hold",
-                "2",
-                "--socks",
-                "127.0.0.1:1080",
-                "--control",
-                "127.0.0.1:7700",
-                "--data",
-                &dr,
-            ]),
-        )?;
+        let mut args = strings(&[
+            "connect",
+            "--server",
+            &format!("http://{COORD}:7400"),
+            "--at",
+            AT,
+            "--via",
+            "auto",
+            "--pool",
+            "2",
+            "--standby",
+            "1",
+            "--probe",
+            &format!("{INTERNET}:{HTTP_PORT}"),
+            "--direct-hold",
+            "2",
+            "--socks",
+            "127.0.0.1:1080",
+            "--control",
+            "127.0.0.1:7700",
+            "--data",
+            &dr,
+        ]);
+        args.extend(strings(extra));
+        w.requester = w.lab.spawn(&req_ns, "requester", BIN, &args)?;
         Ok(w)
     }
 
@@ -267,7 +269,7 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
         eprintln!("SKIP: nft is not installed (a silent cut needs an nftables drop)");
         return;
     }
-    let w = World::build().expect("topology");
+    let w = World::build(&[]).expect("topology");
     // Healthy own link: the standby is warm, new flows go direct.
     let ready = wait(Duration::from_secs(30), || {
         w.status().is_some_and(|s| {
@@ -331,4 +333,172 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
         "returned before the hold: {took:?}"
     );
     assert_eq!(w.seen_from("/back").as_deref(), Ok(OWN));
+}
+
+/// `ip rule` and every route table, IPv4 and IPv6, inside `ns`.
+fn routing(lab: &Lab, ns: &str) -> String {
+    let mut out = String::new();
+    for args in [
+        ["-4", "rule", "show"],
+        ["-6", "rule", "show"],
+        ["-4", "route", "show"],
+        ["-6", "route", "show"],
+    ] {
+        let o = lab.command(ns, "ip").args(args).output().expect("ip");
+        out.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    let t = lab
+        .command(ns, "ip")
+        .args(["route", "show", "table", "181"])
+        .output()
+        .expect("ip");
+    out.push_str(&String::from_utf8_lossy(&t.stdout));
+    out
+}
+
+/// A UDP exchange from `ns` with no proxy setting: sends TEXT to HOST:PORT,
+/// prints the reply or "timeout".
+fn udp_once(lab: &Lab, ns: &str, to: &str, text: &str) -> String {
+    let (host, port) = to.rsplit_once(':').expect("HOST:PORT");
+    let script = format!(
+        "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\nu.sendto(b'{text}',('{host}',{port}))\ntry:\n print(u.recvfrom(65535)[0].decode())\nexcept socket.timeout:\n print('timeout')\n"
+    );
+    let o = lab
+        .command(ns, "python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+const UDP_ECHO: &str = "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.bind(('10.79.1.1',9999))\nwhile True:\n d,a=u.recvfrom(65535)\n u.sendto(b'echo:'+d+b' from '+a[0].encode(),a)\n";
+
+#[test]
+fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
+    if let Some(why) = bandshare_testkit::netns::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    for tool in ["nft", "python3"] {
+        if !which(tool) {
+            eprintln!("SKIP: {tool} is not installed");
+            return;
+        }
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: no /dev/net/tun on this machine");
+        return;
+    }
+    let mut w = World::build(&["--tun", "bst0"]).expect("topology");
+    let inet = w.inet.clone();
+    w.lab
+        .spawn(&inet, "udp-echo", "python3", &strings(&["-c", UDP_ECHO]))
+        .expect("UDP echo");
+    let ready = wait(Duration::from_secs(30), || {
+        w.status()
+            .is_some_and(|s| s["path"] == "direct" && s["own_link"]["state"] == "healthy")
+            && routing(&w.lab, &w.req).contains("bst0")
+    });
+    assert!(ready, "{:?}\n{}", w.status(), w.lab.log_tails(20));
+    let before_cut = routing(&w.lab, &w.req);
+    assert!(before_cut.contains("lookup 181"), "{before_cut}");
+
+    // No proxy setting: curl and a UDP client just work, over the own link.
+    let page = w.curl(&w.req, &[&format!("http://{INTERNET}:{HTTP_PORT}/tun")]);
+    let body = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(
+        body.contains(&format!("from {OWN}")),
+        "{body}\n{}",
+        w.lab.log_tails(20)
+    );
+    assert_eq!(
+        udp_once(&w.lab, &w.req, "10.79.1.1:9999", "hello"),
+        format!("echo:hello from {OWN}")
+    );
+
+    // The own link silently cut: the same apps go through the sharer.
+    w.nft("table inet bscut { chain out { type filter hook output priority 0; oifname \"own0\" drop; }; }")
+        .expect("nft drop");
+    let moved = wait(Duration::from_secs(5), || {
+        w.status().is_some_and(|s| s["path"] == "pool")
+    });
+    assert!(moved, "{:?}", w.status());
+    let page = w.curl(&w.req, &[&format!("http://{INTERNET}:{HTTP_PORT}/tun-cut")]);
+    let body = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(
+        body.contains(&format!("from {SHARER_UPLINK}")),
+        "{body}\n{}",
+        w.lab.log_tails(20)
+    );
+    assert_eq!(
+        udp_once(&w.lab, &w.req, "10.79.1.1:9999", "again"),
+        format!("echo:again from {SHARER_UPLINK}")
+    );
+    w.nft("delete table inet bscut").expect("nft restore");
+
+    // SIGTERM: rules, routes and the device are gone, as before the run.
+    let pid = w.lab.proc(w.requester).pid();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let exited = wait(Duration::from_secs(10), || {
+        w.lab.proc(w.requester).exited().is_some()
+    });
+    assert!(exited, "the requester did not stop on SIGTERM");
+    let after = routing(&w.lab, &w.req);
+    assert!(
+        !after.contains("bst0") && !after.contains("lookup 181"),
+        "{after}"
+    );
+
+    // After a crash (kill -9), --cleanup removes what was left.
+    let req_ns = w.req.clone();
+    let dr = w.lab.dir.path().join("req").display().to_string();
+    let again = w
+        .lab
+        .spawn(
+            &req_ns,
+            "requester2",
+            BIN,
+            &strings(&[
+                "connect",
+                "--server",
+                &format!("http://{COORD}:7400"),
+                "--at",
+                AT,
+                "--tun",
+                "bst0",
+                "--socks",
+                "127.0.0.1:1081",
+                "--data",
+                &dr,
+            ]),
+        )
+        .expect("requester");
+    assert!(wait(Duration::from_secs(20), || routing(&w.lab, &w.req)
+        .contains("bst0")));
+    w.lab.proc(again).kill();
+    assert!(
+        routing(&w.lab, &w.req).contains("lookup 181"),
+        "a crash leaves the rules"
+    );
+    let out = w
+        .lab
+        .command(&req_ns, BIN)
+        .args(["connect", "--tun", "bst0", "--cleanup"])
+        .output()
+        .expect("cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // (A TUN device goes with the process that held it; the rules stay.)
+    assert!(text.contains("removed ip -4 rule"), "{text}");
+    assert_eq!(
+        routing(&w.lab, &w.req),
+        after,
+        "--cleanup restores the routing"
+    );
 }

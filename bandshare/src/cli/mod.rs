@@ -266,6 +266,33 @@ impl ServerAddr {
     }
 }
 
+/// `connect`'s coordinator: as [`ServerAddr`], but not needed for
+/// `--tun NAME --cleanup`.
+#[derive(Args, Debug, Clone)]
+struct ConnectServer {
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
+    #[arg(long, required_unless_present = "cleanup")]
+    server: Option<String>,
+    /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
+    /// https:// server (printed by `bandshare server --tls` and `bandshare admin pin`).
+    #[arg(long, value_name = "HEX")]
+    server_pin: Option<String>,
+}
+
+impl ConnectServer {
+    fn url(&self) -> anyhow::Result<client::ServerUrl> {
+        let server = self
+            .server
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--server is required"))?;
+        Ok(ServerAddr {
+            server: server.to_string(),
+            server_pin: self.server_pin.clone(),
+        }
+        .url()?)
+    }
+}
+
 #[derive(Args, Debug)]
 struct ShareArgs {
     #[command(flatten)]
@@ -352,7 +379,7 @@ impl WantArgs {
 #[derive(Args, Debug)]
 struct ConnectArgs {
     #[command(flatten)]
-    server: ServerAddr,
+    server: ConnectServer,
     #[command(flatten)]
     location: LocationArgs,
     #[command(flatten)]
@@ -403,6 +430,15 @@ struct ConnectArgs {
     /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/requester].
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Whole-device mode (Linux, CAP_NET_ADMIN): create the TUN device NAME
+    /// and route the default IPv4 and IPv6 routes through it, so every app
+    /// is carried without a proxy setting; removed again on exit.
+    #[arg(long, value_name = "NAME")]
+    tun: Option<String>,
+    /// With --tun NAME: remove what an earlier run left (rules, routes, the
+    /// device) and exit.
+    #[arg(long, requires = "tun")]
+    cleanup: bool,
 }
 
 #[derive(Args, Debug)]

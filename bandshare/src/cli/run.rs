@@ -249,9 +249,49 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(all(feature = "tun", target_os = "linux"))]
+fn setup_tun(
+    name: &str,
+) -> anyhow::Result<(
+    bandshare_agent::requester::tun::Routes,
+    bandshare_agent::requester::tun::Device,
+)> {
+    Ok(bandshare_agent::requester::tun::setup(name)?)
+}
+
+#[cfg(not(all(feature = "tun", target_os = "linux")))]
+fn setup_tun(_name: &str) -> anyhow::Result<()> {
+    anyhow::bail!("--tun needs Linux and a build with the `tun` feature")
+}
+
+#[cfg(all(feature = "tun", target_os = "linux"))]
+fn cleanup_tun(name: &str) -> anyhow::Result<()> {
+    let removed = bandshare_agent::requester::tun::cleanup(name);
+    if removed.is_empty() {
+        println!("nothing to remove for {name}");
+    }
+    for r in removed {
+        println!("removed {r}");
+    }
+    Ok(())
+}
+
+#[cfg(not(all(feature = "tun", target_os = "linux")))]
+fn cleanup_tun(_name: &str) -> anyhow::Result<()> {
+    anyhow::bail!("--tun needs Linux and a build with the `tun` feature")
+}
+
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     init_logs("info");
+    if a.cleanup {
+        return cleanup_tun(a.tun.as_deref().unwrap_or_default());
+    }
     let server = a.server.url()?;
+    // Before any socket is made: from here on bandshare's own are marked.
+    let tun = match &a.tun {
+        Some(name) => Some(setup_tun(name)?),
+        None => None,
+    };
     let dir = a.data.clone().unwrap_or_else(|| default_data("requester"));
     let key = identity::load_or_create(&dir.join("device.key"))?;
     let shutdown = shutdown_on_signal();
@@ -277,6 +317,17 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         },
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;
+    #[cfg(all(feature = "tun", target_os = "linux"))]
+    let _routes = tun.map(|(routes, device)| {
+        tokio::spawn(bandshare_agent::requester::tun::serve(
+            device,
+            r.pool.clone(),
+            r.direct.clone(),
+        ));
+        routes
+    });
+    #[cfg(not(all(feature = "tun", target_os = "linux")))]
+    let _ = tun;
     if let Some(s) = r.socks_addr {
         listening("socks", s);
     }

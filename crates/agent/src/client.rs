@@ -188,7 +188,7 @@ pub async fn connect_with(
         .keep_alive_while_idle(true);
     let unreachable =
         |e: tonic::transport::Error| CoordinatorError::Unreachable(base.clone(), chain(&e));
-    if pin.is_none() && dial.is_none() {
+    if pin.is_none() && dial.is_none() && bandshare_relay::mark::get().is_none() {
         return ep.connect().await.map_err(unreachable);
     }
     let tls = match pin {
@@ -213,11 +213,8 @@ pub async fn connect_with(
             let port = uri.port_u16().unwrap_or(443);
             let stream: Box<dyn Io> = match dial {
                 Some(d) => d(host, port).await?,
-                None => {
-                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                    tcp.set_nodelay(true)?;
-                    Box::new(tcp)
-                }
+                // Marked in whole-device mode: the original routes.
+                None => Box::new(bandshare_relay::mark::tcp_connect_host(&host, port).await?),
             };
             let stream: Box<dyn Io> = match tls {
                 Some(connector) => {

@@ -11,6 +11,7 @@
 //!   destination the egress policy allows, with half-close, and counts;
 //!   [`udp`]: the same for UDP datagrams, with per-requester caps.
 //! - [`tls`]: self-signed relay certificates and pin verification.
+//! - [`mark`]: the `SO_MARK` on bandshare's own outgoing sockets.
 //! - [`tunnel`]: the requester's client: connect with a ticket, open flows,
 //!   renew the ticket.
 //!
@@ -21,6 +22,7 @@ pub mod admit;
 pub mod datagram;
 mod dial;
 pub mod limits;
+pub mod mark;
 pub mod own;
 pub mod serve;
 pub mod splice;

@@ -62,7 +62,15 @@ impl Tunnel {
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(TunnelError::Bind)?;
+        // Marked in whole-device mode, so it keeps the original routes.
+        let socket = crate::mark::udp_bind(bind).map_err(TunnelError::Bind)?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            std::sync::Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(TunnelError::Bind)?;
         endpoint.set_default_client_config(tls::client_config(pin)?);
         let attempt = async {
             let connecting = endpoint

@@ -7,6 +7,7 @@
 use super::own_link::{Change, OwnLink, Path, State, Thresholds, Via};
 use super::pool::Pool;
 use bandshare_relay::FlowHeader;
+use bandshare_relay::mark;
 use bandshare_relay::wire::Host;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,8 +135,7 @@ impl Direct {
             let timeout = me.probe_timeout();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let answered =
-                    tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await;
+                let answered = tokio::time::timeout(timeout, probe(&target)).await;
                 let rtt = match answered {
                     Ok(Ok(_)) => Some(started.elapsed()),
                     // Refused is an answer: the path works, the port is shut.
@@ -150,14 +150,13 @@ impl Direct {
         }
     }
 
-    /// Dials `target` straight from this device.
+    /// Dials `target` straight from this device (a marked socket: in
+    /// whole-device mode it keeps the original routes).
     async fn dial(target: &FlowHeader) -> std::io::Result<TcpStream> {
-        let s = match &target.host {
-            Host::Ip(ip) => TcpStream::connect((*ip, target.port)).await?,
-            Host::Name(n) => TcpStream::connect((n.as_str(), target.port)).await?,
-        };
-        let _ = s.set_nodelay(true);
-        Ok(s)
+        match &target.host {
+            Host::Ip(ip) => mark::tcp_connect(std::net::SocketAddr::new(*ip, target.port)).await,
+            Host::Name(n) => mark::tcp_connect_host(n, target.port).await,
+        }
     }
 
     /// Dials `target` out of the own link. [`Dialed::NoPath`] when the own
@@ -183,6 +182,15 @@ impl Direct {
         self.changed(c, pool);
         Dialed::NoPath(why)
     }
+}
+
+/// One probe: a timed, marked TCP connect to `HOST:PORT`.
+async fn probe(target: &str) -> std::io::Result<TcpStream> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(|c| c == '[' || c == ']'), p.parse().ok()?)))
+        .ok_or_else(|| std::io::Error::other(format!("{target} is not HOST:PORT")))?;
+    mark::tcp_connect_host(host, port).await
 }
 
 /// What dialling a flow out of the own link gave.

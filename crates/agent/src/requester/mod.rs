@@ -12,6 +12,8 @@ pub mod proxy;
 mod refill;
 pub mod select;
 pub mod socks;
+#[cfg(all(feature = "tun", target_os = "linux"))]
+pub mod tun;
 pub mod udp;
 
 use crate::location::{ConditionSpec, LocationSpec};

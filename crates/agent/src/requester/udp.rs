@@ -60,7 +60,7 @@ impl Router {
         }
     }
 
-    fn open(&self) -> (u32, mpsc::Receiver<Reply>) {
+    pub(super) fn open(&self) -> (u32, mpsc::Receiver<Reply>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(QUEUE);
         if let Ok(mut r) = self.routes.lock() {
@@ -69,7 +69,7 @@ impl Router {
         (id, rx)
     }
 
-    fn close(&self, id: u32) {
+    pub(super) fn close(&self, id: u32) {
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&id);
         }
@@ -114,10 +114,13 @@ pub async fn associate(
     let local = tcp.local_addr()?;
     let client_ip = tcp.peer_addr()?.ip();
     let socket = Arc::new(UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await?);
-    // Out of the own link: a socket of its own, any address family.
-    let out = match UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).await {
-        Ok(s) => s,
-        Err(_) => UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await?,
+    // Out of the own link: a socket of its own, any address family, marked
+    // (in whole-device mode it keeps the original routes).
+    let out = match bandshare_relay::mark::udp_bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into()) {
+        Ok(s) => UdpSocket::from_std(s)?,
+        Err(_) => UdpSocket::from_std(bandshare_relay::mark::udp_bind(
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        )?)?,
     };
     let bound = socket.local_addr()?;
     tokio::io::AsyncWriteExt::write_all(&mut tcp, &socks::reply_bound(bound)).await?;
@@ -178,7 +181,7 @@ pub async fn associate(
 }
 
 /// Sends one datagram on the path new flows take.
-async fn send(
+pub(super) async fn send(
     pool: &Pool,
     direct: &Direct,
     out: &UdpSocket,
