@@ -371,6 +371,9 @@ fn udp_once(lab: &Lab, ns: &str, to: &str, text: &str) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// A DNS server answering every A question with the internet host.
+const DNS: &str = "import socket,struct\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.79.1.1',53))\nwhile True:\n q,a=s.recvfrom(512)\n i=12\n while q[i]:\n  i+=q[i]+1\n qt=struct.unpack('!H',q[i+1:i+3])[0]\n ans=b'\\xc0\\x0c'+struct.pack('!HHIH',1,1,60,4)+socket.inet_aton('10.79.1.1') if qt==1 else b''\n s.sendto(q[:2]+b'\\x81\\x80'+q[4:6]+struct.pack('!HHH',1 if ans else 0,0,0)+q[12:i+5]+ans,a)\n";
+
 const UDP_ECHO: &str = "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.bind(('10.79.1.1',9999))\nwhile True:\n d,a=u.recvfrom(65535)\n u.sendto(b'echo:'+d+b' from '+a[0].encode(),a)\n";
 
 #[test]
@@ -394,6 +397,15 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
     w.lab
         .spawn(&inet, "udp-echo", "python3", &strings(&["-c", UDP_ECHO]))
         .expect("UDP echo");
+    w.lab
+        .spawn(&inet, "dns", "python3", &strings(&["-c", DNS]))
+        .expect("DNS server");
+    w.lab
+        .resolv_conf(
+            &w.req,
+            "nameserver 10.79.1.1\noptions timeout:2 attempts:2\n",
+        )
+        .expect("resolv.conf");
     let ready = wait(Duration::from_secs(30), || {
         w.status()
             .is_some_and(|s| s["path"] == "direct" && s["own_link"]["state"] == "healthy")
@@ -415,6 +427,14 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
         udp_once(&w.lab, &w.req, "10.79.1.1:9999", "hello"),
         format!("echo:hello from {OWN}")
     );
+    // DNS is ordinary UDP: a name resolves and curl fetches by it.
+    let by_name = w.curl(&w.req, &[&format!("http://web.test:{HTTP_PORT}/by-name")]);
+    let body = String::from_utf8_lossy(&by_name.stdout).into_owned();
+    assert!(
+        body.contains("path /by-name") && body.contains(&format!("from {OWN}")),
+        "{body}{}",
+        String::from_utf8_lossy(&by_name.stderr)
+    );
 
     // The own link silently cut: the same apps go through the sharer.
     w.nft("table inet bscut { chain out { type filter hook output priority 0; oifname \"own0\" drop; }; }")
@@ -433,6 +453,16 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
     assert_eq!(
         udp_once(&w.lab, &w.req, "10.79.1.1:9999", "again"),
         format!("echo:again from {SHARER_UPLINK}")
+    );
+    let by_name = w.curl(
+        &w.req,
+        &[&format!("http://web.test:{HTTP_PORT}/by-name-cut")],
+    );
+    let body = String::from_utf8_lossy(&by_name.stdout).into_owned();
+    assert!(
+        body.contains(&format!("from {SHARER_UPLINK}")),
+        "{body}{}",
+        String::from_utf8_lossy(&by_name.stderr)
     );
     w.nft("delete table inet bscut").expect("nft restore");
 

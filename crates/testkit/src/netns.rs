@@ -70,6 +70,7 @@ fn remove_stale() {
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !alive(p)) {
             let _ = ip(&["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
     }
 }
@@ -169,6 +170,16 @@ impl Lab {
         let mut all = vec!["-n", ns];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    /// The resolver configuration processes started in `ns` see
+    /// (`ip netns exec` bind-mounts `/etc/netns/NS/resolv.conf`); removed
+    /// with the namespace.
+    pub fn resolv_conf(&self, ns: &str, text: &str) -> anyhow::Result<()> {
+        let dir = Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("resolv.conf"), text)?;
+        Ok(())
     }
 
     /// `curl -sS --max-time 5 ARGS` inside `ns`.
@@ -279,6 +290,7 @@ impl Drop for Lab {
             if let Err(e) = ip(&["netns", "del", ns]) {
                 eprintln!("cannot delete namespace {ns}: {e:#}");
             }
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
 }
