@@ -1,11 +1,13 @@
 //! bandshare on loopback in one process: a coordinator on port 0 with a
 //! temporary data directory, sharers at chosen offsets from a centre, a
-//! requester, a local HTTP target and a UDP relay that can cut a link. Every
+//! requester, a local HTTP target and a UDP relay that can cut a link; and
+//! real network namespaces ([`netns`]) for what loopback cannot show. Every
 //! part is the real component; nothing here is a mock. `bandshare demo` and
 //! the benchmarks run on it, and the tests (through `bandshare-testkit`).
 
 pub mod gateway;
 pub mod http;
+pub mod netns;
 pub mod udp;
 
 use anyhow::Context;

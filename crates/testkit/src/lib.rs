@@ -3,7 +3,6 @@
 //! addresses they bound, network namespaces, a mute sharer stream, and
 //! logging for tests. A dev-dependency only; nothing here ships.
 
-pub mod netns;
 pub mod process;
 
 pub use bandshare_local::*;
