@@ -14,6 +14,22 @@ pub enum BenchCommand {
     Scale(BenchScaleArgs),
     /// Failover: a sharer killed (SIGKILL) or its link cut, to the first new flow that works.
     Failover(BenchFailoverArgs),
+    /// Whole-device mode: TCP and UDP through the TUN device vs the SOCKS
+    /// proxy vs no bandshare, across network namespaces (needs root).
+    Tun(BenchTunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTunArgs {
+    /// Megabytes per download.
+    #[arg(long, default_value_t = 200)]
+    mbytes: u64,
+    /// UDP echo round trips per path.
+    #[arg(long, default_value_t = 2000)]
+    udp_rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +112,19 @@ fn init_logs() {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Match(a) => bench_match(a).await,
+        BenchCommand::Tun(a) => {
+            init_logs();
+            anyhow::ensure!(
+                a.mbytes > 0 && a.udp_rounds > 0,
+                "--mbytes and --udp-rounds must be positive"
+            );
+            let v = bandshare_bench::tun::run(&bandshare_bench::tun::TunOptions {
+                mbytes: a.mbytes,
+                udp_rounds: a.udp_rounds,
+            })
+            .await?;
+            print_report(&v, a.json)
+        }
         BenchCommand::Failover(a) => {
             init_logs();
             anyhow::ensure!(a.rounds > 0, "--rounds must be positive");

@@ -902,7 +902,7 @@ fn every_bench_runs_with_every_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
     let svg = dir.path().join("plot.svg");
     let svg = svg.to_str().expect("utf-8");
-    let runs: [&[&str]; 4] = [
+    let runs: [&[&str]; 5] = [
         &[
             "bench",
             "match",
@@ -944,6 +944,15 @@ fn every_bench_runs_with_every_flag() {
             "--json",
         ],
         &["bench", "failover", "--rounds", "1", "--json"],
+        &[
+            "bench",
+            "tun",
+            "--mbytes",
+            "2",
+            "--udp-rounds",
+            "20",
+            "--json",
+        ],
     ];
     for args in runs {
         let out = bandshare(args);

@@ -6,6 +6,8 @@
 //!   shadowsocks-rust.
 //! - [`scale`]: many sharer streams on one coordinator process.
 //! - [`failover`]: a sharer killed or its link cut, to the first new flow.
+//! - [`tun`]: whole-device mode vs the proxy vs no bandshare, across
+//!   network namespaces.
 //!
 //! Benchmarks are not tests: nothing here asserts a speed. Every run prints
 //! a readable report to stderr and, with `--json`, one JSON object as the
@@ -18,3 +20,4 @@ pub mod redis;
 pub mod relay;
 pub mod scale;
 pub mod stats;
+pub mod tun;

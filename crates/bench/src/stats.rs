@@ -91,6 +91,12 @@ pub fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// Whether `program` is on the PATH.
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

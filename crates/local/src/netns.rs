@@ -256,25 +256,46 @@ impl Lab {
         out
     }
 
-    /// A TCP listener bound to `addr` inside `ns`: a thread enters the
-    /// namespace, binds, and ends; the socket stays in that namespace.
-    pub fn bind_tcp(&self, ns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    /// Runs `f` in a thread that entered `ns` (a socket it makes stays in
+    /// that namespace).
+    fn in_ns<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
         let path = PathBuf::from("/run/netns").join(ns);
-        std::thread::spawn(move || -> anyhow::Result<std::net::TcpListener> {
-            let f = std::fs::File::open(&path)
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            let file = std::fs::File::open(&path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&f),
+                std::os::fd::AsFd::as_fd(&file),
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .with_context(|| format!("cannot enter {}", path.display()))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+
+    /// A TCP listener bound to `addr` inside `ns`.
+    pub fn bind_tcp(&self, ns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+        self.in_ns(ns, move || {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot bind {addr} in the namespace"))?;
             l.set_nonblocking(true)?;
             Ok(l)
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+
+    /// A UDP socket bound to `addr` inside `ns`.
+    pub fn bind_udp(&self, ns: &str, addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+        self.in_ns(ns, move || {
+            let s = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot bind {addr} in the namespace"))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
     }
 }
 
