@@ -6,6 +6,7 @@
 
 pub mod direct;
 pub mod failover;
+mod member;
 pub mod own_link;
 pub mod pool;
 pub mod proxy;

@@ -1,15 +1,15 @@
 //! The pool: tunnels to several sharers at once, one of them active for
-//! new flows. The async shell of failover: it probes each member, races a
-//! slow flow on the next member, and carries out what the failover state
-//! machine (`failover.rs`) decides from probe answers, silence and flow
-//! results; the maintainer refills the pool in the background.
+//! new flows. The async shell of failover: it races a slow flow on the next
+//! member and carries out what the failover state machine (`failover.rs`)
+//! decides from probe answers, silence and flow results (each member's
+//! probes and ticket renewal run in `member.rs`); the maintainer refills
+//! the pool in the background (`refill.rs`).
 
 pub use super::failover::{DEAD_AFTER, PROBE_EVERY, STALL_GRACE, UNREACHABLE_AVOID};
 use super::failover::{Decision, Failover, FlowFailure};
 use super::select;
-use crate::probe::PingTracker;
 use bandshare_core::{DeviceKey, DistanceBand, LinkState, NetworkType};
-use bandshare_relay::wire::{HelloReply, reply};
+use bandshare_relay::wire::reply;
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,12 +41,12 @@ pub struct Member {
 }
 
 impl Member {
-    fn bytes(&self) -> u64 {
+    pub(super) fn bytes(&self) -> u64 {
         self.bytes_up.load(Ordering::Relaxed) + self.bytes_down.load(Ordering::Relaxed)
     }
 
     /// Whether half the current ticket's quota is spent: time to renew.
-    fn ticket_half_spent(&self) -> bool {
+    pub(super) fn ticket_half_spent(&self) -> bool {
         let quota = self.ticket_quota.load(Ordering::Relaxed);
         quota > 0
             && self
@@ -55,94 +55,6 @@ impl Member {
                 >= quota / 2
     }
 }
-
-/// Pings the member over its probe channel and feeds failover its answers
-/// and its silences (a silently cut link, a stopped or killed process).
-async fn probe(pool: Arc<Pool>, m: Arc<Member>) {
-    let Some((mut send, mut recv)) = m.tunnel.take_probe() else {
-        return;
-    };
-    let tracker = Arc::new(std::sync::Mutex::new(PingTracker::new(DEAD_AFTER)));
-    let reader = {
-        let (tracker, m, pool) = (tracker.clone(), m.clone(), pool.clone());
-        tokio::spawn(async move {
-            let mut frame = [0u8; bandshare_relay::wire::PROBE_REPLY_LEN];
-            while recv.read_exact(&mut frame).await.is_ok() {
-                let now = Instant::now();
-                let (seq, uplink) = bandshare_relay::wire::decode_probe_reply(&frame);
-                let (rtt, loss) = {
-                    let Ok(mut t) = tracker.lock() else { break };
-                    t.pong(seq, now);
-                    (t.rtt().unwrap_or_default(), t.loss_permille(now))
-                };
-                let was_down = pool.failover().health(&m.key).map(|h| h.uplink.down);
-                if was_down.is_some_and(|d| d != uplink.down) {
-                    info!(sharer = %m.name, down = uplink.down, "sharer's uplink changed");
-                }
-                let d =
-                    pool.failover()
-                        .probe_answer(&m.key, rtt, loss.min(1000) as u16, uplink, now);
-                pool.apply(d);
-            }
-        })
-    };
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = Instant::now();
-        let Ok(seq) = tracker.lock().map(|mut t| t.ping(now)) else {
-            break;
-        };
-        let d = pool.failover().tick(&m.key, now);
-        let leaving = d.iter().any(|x| matches!(x, Decision::Drop { .. }));
-        pool.apply(d);
-        if leaving || send.write_all(&seq.to_be_bytes()).await.is_err() {
-            break;
-        }
-    }
-    reader.abort();
-}
-
-/// Keeps a member's ticket ahead of its traffic: once half the quota is
-/// spent, a spare ticket (kept fresh by the maintainer) goes to the sharer
-/// over the open connection and the quota starts over, so a long transfer
-/// never meets "the ticket's byte quota is used up".
-async fn keep_ticket(pool: Arc<Pool>, m: Arc<Member>) {
-    let mut tick = tokio::time::interval(RENEW_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if m.tunnel.close_reason().is_some() || !pool.contains(&m.key) {
-            return;
-        }
-        if !m.ticket_half_spent() {
-            continue;
-        }
-        let Some(ticket) = pool.take_spare(&m.key) else {
-            // The maintainer fetches one (throttled); ask again soon.
-            pool.changed.notify_one();
-            continue;
-        };
-        let quota = bandshare_core::Ticket::decode(&ticket).map_or(0, |(t, _)| t.quota_bytes);
-        let at = m.bytes();
-        match m.tunnel.renew(&ticket).await {
-            Ok(HelloReply::Accepted) => {
-                m.renewed_at_bytes.store(at, Ordering::Relaxed);
-                m.ticket_quota.store(quota, Ordering::Relaxed);
-                info!(sharer = %m.name, moved = at, quota, "ticket renewed on the open connection");
-            }
-            Ok(HelloReply::Refused(reason)) => {
-                warn!(sharer = %m.name, %reason, "sharer refused the renewed ticket")
-            }
-            Err(e) => warn!(sharer = %m.name, error = %e, "cannot renew the ticket"),
-        }
-        pool.changed.notify_one();
-    }
-}
-
-/// How often each member's ticket use is checked.
-const RENEW_CHECK: Duration = Duration::from_millis(250);
 
 /// A sharer this requester used successfully: enough to dial it again
 /// without the coordinator, given a ticket refreshed while it was reachable.
@@ -236,7 +148,7 @@ impl Pool {
     }
 
     /// Takes the spare ticket held for `key` if it is good for a while yet.
-    fn take_spare(&self, key: &DeviceKey) -> Option<Vec<u8>> {
+    pub(super) fn take_spare(&self, key: &DeviceKey) -> Option<Vec<u8>> {
         let now = bandshare_core::clock::unix_now();
         let mut t = self.known.lock().ok()?;
         let entry = t.get_mut(key)?;
@@ -275,7 +187,7 @@ impl Pool {
 
     /// Failover's state, for one decision (never held across an await or
     /// while [`Pool::apply`] runs).
-    fn failover(&self) -> MutexGuard<'_, Failover> {
+    pub(super) fn failover(&self) -> MutexGuard<'_, Failover> {
         match self.failover.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -296,7 +208,7 @@ impl Pool {
     }
 
     /// Carries out what failover decided.
-    fn apply(&self, decisions: Vec<Decision>) {
+    pub(super) fn apply(&self, decisions: Vec<Decision>) {
         for d in decisions {
             match d {
                 Decision::Stalled { key, silent } => {
@@ -353,8 +265,8 @@ impl Pool {
             Instant::now(),
         );
         self.apply(d);
-        tokio::spawn(probe(self.clone(), member.clone()));
-        tokio::spawn(keep_ticket(self.clone(), member.clone()));
+        tokio::spawn(super::member::probe(self.clone(), member.clone()));
+        tokio::spawn(super::member::keep_ticket(self.clone(), member.clone()));
         tokio::spawn(self.udp.clone().follow(member.clone()));
         let pool = self.clone();
         tokio::spawn(async move {
