@@ -125,37 +125,14 @@ pub async fn run() -> anyhow::Result<()> {
     );
     fetch(&r, port, "/hello").await?;
 
-    println!("\n4. The own link goes silent (packets vanish, the interface stays up)");
-    gateway.cut().await?;
-    let t = Instant::now();
-    let moved = wait_until(Duration::from_secs(5), || {
-        r.requester.direct.path() == Path::Pool
-    })
-    .await;
-    anyhow::ensure!(moved, "new flows never moved to the pool");
-    println!(
-        "   after {:.0} ms new flows go through sharers; the pool fills to 3",
-        t.elapsed().as_secs_f64() * 1000.0
-    );
-    wait_until(Duration::from_secs(5), || r.requester.pool.len() == 3).await;
+    own_link_goes_silent(&r, &gateway).await?;
     let first = fetch(&r, port, "/weak").await?;
     print_paths(&r);
 
     fail_over(&cluster, &r, &first, port).await?;
     print_paths(&r);
 
-    println!("\n6. The own link answers again: new flows return after a 2 s hold");
-    gateway.restore();
-    let t = Instant::now();
-    let back = wait_until(Duration::from_secs(10), || {
-        r.requester.direct.path() == Path::Direct
-    })
-    .await;
-    anyhow::ensure!(back, "new flows never returned to the own link");
-    println!(
-        "   back to the own link after {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    own_link_answers_again(&r, &gateway).await?;
     fetch(&r, port, "/back").await?;
 
     let ledger = cluster.coordinator.state.store().clone();
@@ -173,6 +150,48 @@ pub async fn run() -> anyhow::Result<()> {
     for s in &cluster.sharers {
         s.kill();
     }
+    Ok(())
+}
+
+/// Step 4: the own link's probe target goes silent; new flows move to the
+/// pool, which fills.
+async fn own_link_goes_silent(
+    r: &bandshare_local::RequesterNode,
+    gateway: &Gateway,
+) -> anyhow::Result<()> {
+    println!("\n4. The own link goes silent (packets vanish, the interface stays up)");
+    gateway.cut().await?;
+    let t = Instant::now();
+    let moved = wait_until(Duration::from_secs(5), || {
+        r.requester.direct.path() == Path::Pool
+    })
+    .await;
+    anyhow::ensure!(moved, "new flows never moved to the pool");
+    println!(
+        "   after {:.0} ms new flows go through sharers; the pool fills to 3",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    wait_until(Duration::from_secs(5), || r.requester.pool.len() == 3).await;
+    Ok(())
+}
+
+/// Step 6: the own link answers again; new flows return after the hold.
+async fn own_link_answers_again(
+    r: &bandshare_local::RequesterNode,
+    gateway: &Gateway,
+) -> anyhow::Result<()> {
+    println!("\n6. The own link answers again: new flows return after a 2 s hold");
+    gateway.restore();
+    let t = Instant::now();
+    let back = wait_until(Duration::from_secs(10), || {
+        r.requester.direct.path() == Path::Direct
+    })
+    .await;
+    anyhow::ensure!(back, "new flows never returned to the own link");
+    println!(
+        "   back to the own link after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

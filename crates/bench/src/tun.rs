@@ -203,40 +203,9 @@ impl Net {
     }
 }
 
-pub async fn run(o: &TunOptions) -> anyhow::Result<serde_json::Value> {
-    if let Some(why) = unavailable() {
-        eprintln!("bench tun: skipped: {why}");
-        return Ok(json!({ "bench": "tun", "skipped": why, "machine": crate::stats::machine() }));
-    }
-    for tool in ["curl", "python3"] {
-        if !crate::stats::have(tool) {
-            eprintln!("bench tun: skipped: {tool} is not installed");
-            return Ok(json!({
-                "bench": "tun",
-                "skipped": format!("{tool} missing"),
-                "machine": crate::stats::machine(),
-            }));
-        }
-    }
-    eprintln!(
-        "bench tun: {} MB downloads and {} UDP round trips per path, across namespaces",
-        o.mbytes, o.udp_rounds
-    );
-    let mut net = build()?;
-    let http = HttpTarget::serve_std(
-        net.lab
-            .bind_tcp(&net.inet, format!("{INET}:{HTTP_PORT}").parse()?)?,
-    )?;
-    let echo = tokio::net::UdpSocket::from_std(
-        net.lab
-            .bind_udp(&net.inet, format!("{INET}:{UDP_PORT}").parse()?)?,
-    )?;
-    let echo_task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-            let _ = echo.send_to(&buf[..n], from).await;
-        }
-    });
+/// The coordinator and one sharer in the sharers' host; waits until the
+/// sharer is online.
+fn start_sharer(net: &mut Net) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.display().to_string();
     let dir = |n: &str| net.lab.dir.path().join(n).display().to_string();
     let (dc, ds) = (dir("coord"), dir("sharer"));
@@ -285,6 +254,45 @@ pub async fn run(o: &TunOptions) -> anyhow::Result<serde_json::Value> {
         "the sharer never came online\n{}",
         net.lab.log_tails(20)
     );
+
+    Ok(())
+}
+
+pub async fn run(o: &TunOptions) -> anyhow::Result<serde_json::Value> {
+    if let Some(why) = unavailable() {
+        eprintln!("bench tun: skipped: {why}");
+        return Ok(json!({ "bench": "tun", "skipped": why, "machine": crate::stats::machine() }));
+    }
+    for tool in ["curl", "python3"] {
+        if !crate::stats::have(tool) {
+            eprintln!("bench tun: skipped: {tool} is not installed");
+            return Ok(json!({
+                "bench": "tun",
+                "skipped": format!("{tool} missing"),
+                "machine": crate::stats::machine(),
+            }));
+        }
+    }
+    eprintln!(
+        "bench tun: {} MB downloads and {} UDP round trips per path, across namespaces",
+        o.mbytes, o.udp_rounds
+    );
+    let mut net = build()?;
+    let http = HttpTarget::serve_std(
+        net.lab
+            .bind_tcp(&net.inet, format!("{INET}:{HTTP_PORT}").parse()?)?,
+    )?;
+    let echo = tokio::net::UdpSocket::from_std(
+        net.lab
+            .bind_udp(&net.inet, format!("{INET}:{UDP_PORT}").parse()?)?,
+    )?;
+    let echo_task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    start_sharer(&mut net)?;
 
     // Without bandshare: the own link.
     let direct = net.download(o.mbytes, false)?;
