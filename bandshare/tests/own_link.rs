@@ -532,3 +532,40 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
         "--cleanup restores the routing"
     );
 }
+
+#[test]
+fn whole_device_mode_without_cap_net_admin_is_one_clear_line() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || !which("setpriv") {
+        eprintln!("SKIP: needs root and setpriv to drop to an unprivileged user");
+        return;
+    }
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            BIN,
+            "connect",
+            "--server",
+            "127.0.0.1:1",
+            "--at",
+            AT,
+            "--tun",
+            "bsnocap0",
+            "--data",
+        ])
+        .arg(data.path())
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("needs CAP_NET_ADMIN"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
