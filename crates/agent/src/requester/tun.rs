@@ -132,41 +132,10 @@ pub fn setup(name: &str) -> Result<(Routes, tun::AsyncDevice), TunError> {
     let routes = Routes { name: name.into() };
     bandshare_relay::mark::set(MARK);
     let mark = format!("{MARK:#x}");
-    ip(&["route", "add", "default", "dev", name, "table", TABLE])?;
-    ip(&[
-        "rule", "add", "not", "fwmark", &mark, "table", TABLE, "pref", PREF_TUN,
-    ])?;
-    ip(&[
-        "rule",
-        "add",
-        "table",
-        "main",
-        "suppress_prefixlength",
-        "0",
-        "pref",
-        PREF_SUPPRESS,
-    ])?;
+    take_default_routes("-4", name, &mark)?;
     // IPv6 where the machine has it.
     let v6 = ip(&["-6", "addr", "add", "fdb5:a1::1/126", "dev", name])
-        .and_then(|_| ip(&["-6", "route", "add", "default", "dev", name, "table", TABLE]))
-        .and_then(|_| {
-            ip(&[
-                "-6", "rule", "add", "not", "fwmark", &mark, "table", TABLE, "pref", PREF_TUN,
-            ])
-        })
-        .and_then(|_| {
-            ip(&[
-                "-6",
-                "rule",
-                "add",
-                "table",
-                "main",
-                "suppress_prefixlength",
-                "0",
-                "pref",
-                PREF_SUPPRESS,
-            ])
-        });
+        .and_then(|_| take_default_routes("-6", name, &mark));
     if let Err(e) = v6 {
         warn!(error = %e, "no IPv6 default route through the device");
     }
@@ -175,6 +144,28 @@ pub fn setup(name: &str) -> Result<(Routes, tun::AsyncDevice), TunError> {
         "whole-device mode: default routes through {name}"
     );
     Ok((routes, device))
+}
+
+/// The default route of `family` (`-4`, `-6`) into the device for every
+/// unmarked packet, after the main table's more specific routes.
+fn take_default_routes(family: &str, name: &str, mark: &str) -> Result<(), TunError> {
+    ip(&[
+        family, "route", "add", "default", "dev", name, "table", TABLE,
+    ])?;
+    ip(&[
+        family, "rule", "add", "not", "fwmark", mark, "table", TABLE, "pref", PREF_TUN,
+    ])?;
+    ip(&[
+        family,
+        "rule",
+        "add",
+        "table",
+        "main",
+        "suppress_prefixlength",
+        "0",
+        "pref",
+        PREF_SUPPRESS,
+    ])
 }
 
 /// Carries the device's TCP connections and UDP flows until it closes.
