@@ -32,6 +32,8 @@ const INTERNET: &str = "10.79.1.1";
 const HTTP_PORT: u16 = 8080;
 const COORD: &str = "10.79.3.2";
 const OWN: &str = "10.79.9.2";
+const INTERNET6: &str = "fd79:1::1";
+const OWN6: &str = "fd79:9::2";
 const SHARER_UPLINK: &str = "10.79.10.2";
 const AT: &str = "39.9042,116.4074";
 
@@ -47,6 +49,8 @@ struct World {
     coord: String,
     inet: String,
     _http: HttpTarget,
+    /// The same page on IPv6, when the kernel has it.
+    _http6: Option<HttpTarget>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -102,6 +106,48 @@ impl World {
             lab.wire((host, "lan0", &addr), (&lan, &port, ""))?;
             lab.ip_in(&lan, &["link", "set", &port, "master", "br0"])?;
         }
+        // IPv6 on the own link too, where the kernel has it.
+        let v6 = [
+            lab.ip_in(
+                &inet,
+                &["-6", "addr", "add", "fd79:9::1/64", "dev", "r0", "nodad"],
+            ),
+            lab.ip_in(
+                &inet,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{INTERNET6}/128"),
+                    "dev",
+                    "lo",
+                ],
+            ),
+            lab.ip_in(
+                &req,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{OWN6}/64"),
+                    "dev",
+                    "own0",
+                    "nodad",
+                ],
+            ),
+            lab.ip_in(&req, &["-6", "route", "add", "default", "via", "fd79:9::1"]),
+        ]
+        .iter()
+        .all(Result::is_ok);
+        let listener6 = v6
+            .then(|| {
+                lab.bind_tcp(
+                    &inet,
+                    SocketAddr::new(INTERNET6.parse().expect("ip"), HTTP_PORT),
+                )
+                .ok()
+            })
+            .flatten();
         let listener = lab.bind_tcp(
             &inet,
             SocketAddr::new(INTERNET.parse().expect("ip"), HTTP_PORT),
@@ -110,9 +156,12 @@ impl World {
             .worker_threads(1)
             .enable_all()
             .build()?;
-        let http = {
+        let (http, http6) = {
             let _in = rt.enter();
-            HttpTarget::serve_std(listener)?
+            (
+                HttpTarget::serve_std(listener)?,
+                listener6.map(HttpTarget::serve_std).transpose()?,
+            )
         };
         let data = |n: &str| lab.dir.path().join(n).display().to_string();
         let (dc, ds, dr) = (data("coord"), data("s0"), data("req"));
@@ -160,6 +209,7 @@ impl World {
             coord: coord.clone(),
             inet: inet.clone(),
             _http: http,
+            _http6: http6,
             _rt: rt,
             lab,
         };
@@ -427,6 +477,41 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
         udp_once(&w.lab, &w.req, "10.79.1.1:9999", "hello"),
         format!("echo:hello from {OWN}")
     );
+    // IPv6 takes the device too.
+    if w._http6.is_some() {
+        let rules = w
+            .lab
+            .command(&w.req, "ip")
+            .args(["-6", "rule", "show"])
+            .output()
+            .expect("ip");
+        assert!(
+            String::from_utf8_lossy(&rules.stdout).contains("lookup 181"),
+            "no IPv6 rule into the device"
+        );
+        let flows = |w: &World| {
+            w.status()
+                .and_then(|s| s["own_link"]["flows"].as_u64())
+                .unwrap_or(0)
+        };
+        let before = flows(&w);
+        let page = w.curl(
+            &w.req,
+            &["-g", &format!("http://[{INTERNET6}]:{HTTP_PORT}/v6")],
+        );
+        let body = String::from_utf8_lossy(&page.stdout).into_owned();
+        assert!(
+            body.contains(&format!("from {OWN6}")),
+            "{body}{}",
+            String::from_utf8_lossy(&page.stderr)
+        );
+        assert!(
+            flows(&w) > before,
+            "the IPv6 fetch did not go through the device"
+        );
+    } else {
+        eprintln!("SKIP the IPv6 part: no IPv6 in this kernel");
+    }
     // DNS is ordinary UDP: a name resolves and curl fetches by it.
     let by_name = w.curl(&w.req, &[&format!("http://web.test:{HTTP_PORT}/by-name")]);
     let body = String::from_utf8_lossy(&by_name.stdout).into_owned();
