@@ -277,12 +277,27 @@ impl Pool {
 
     /// Drops a member (its tunnel closed or failed) and picks again.
     pub fn remove(&self, key: &DeviceKey, why: &str) {
+        self.take_out(key, why, false)
+    }
+
+    /// Lets a member go because it is not needed (the own link carries new
+    /// flows again, the requester moved): as [`Pool::remove`], logged as
+    /// routine.
+    pub fn retire(&self, key: &DeviceKey, why: &str) {
+        self.take_out(key, why, true)
+    }
+
+    fn take_out(&self, key: &DeviceKey, why: &str, routine: bool) {
         let gone = self.members.write().ok().and_then(|mut m| {
             let i = m.iter().position(|x| x.key == *key)?;
             Some(m.remove(i))
         });
         if let Some(g) = gone {
-            warn!(sharer = %g.name, reason = %why, "left the pool");
+            if routine {
+                info!(sharer = %g.name, reason = %why, "left the pool");
+            } else {
+                warn!(sharer = %g.name, reason = %why, "left the pool");
+            }
             g.tunnel.close();
             let d = self.failover().leave(key, Instant::now());
             self.apply(d);

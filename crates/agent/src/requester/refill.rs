@@ -252,7 +252,7 @@ async fn take_offers(
     if !offered.is_empty() {
         for k in pool.keys() {
             if !offered.contains(&k) {
-                pool.remove(&k, "no longer offered here after moving");
+                pool.retire(&k, "no longer offered here after moving");
             }
         }
     }
@@ -327,7 +327,7 @@ fn shrink(pool: &Pool, size: usize) {
     keys.sort_by_key(|k| Some(*k) == active);
     let extra = keys.len().saturating_sub(size);
     for k in keys.into_iter().take(extra) {
-        pool.remove(&k, "own link healthy: back to standby");
+        pool.retire(&k, "own link healthy: back to standby");
     }
 }
 
