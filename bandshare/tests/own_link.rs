@@ -35,6 +35,11 @@ const OWN: &str = "10.79.9.2";
 const INTERNET6: &str = "fd79:1::1";
 const OWN6: &str = "fd79:9::2";
 const SHARER_UPLINK: &str = "10.79.10.2";
+
+/// The uplink address of sharer `k`.
+fn uplink(k: usize) -> String {
+    format!("10.79.{}.2", 10 + k)
+}
 const AT: &str = "39.9042,116.4074";
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -45,6 +50,8 @@ struct World {
     lab: Lab,
     /// The requester's process, for [`Lab::proc`].
     requester: usize,
+    /// Each sharer's process.
+    sharer_procs: Vec<usize>,
     req: String,
     coord: String,
     inet: String,
@@ -55,13 +62,15 @@ struct World {
 }
 
 impl World {
-    fn build(extra: &[&str]) -> anyhow::Result<World> {
+    fn build(sharers: usize, extra: &[&str]) -> anyhow::Result<World> {
         let mut lab = Lab::new().map_err(anyhow::Error::msg)?;
         let inet = lab.host("inet")?;
         let lan = lab.host("lan")?;
         let coord = lab.host("coord")?;
         let req = lab.host("req")?;
-        let s0 = lab.host("s0")?;
+        let hosts: Vec<String> = (0..sharers)
+            .map(|k| lab.host(&format!("s{k}")))
+            .collect::<anyhow::Result<_>>()?;
         lab.ip_in(
             &inet,
             &["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"],
@@ -87,21 +96,31 @@ impl World {
             (&req, "own0", &format!("{OWN}/24")),
         )?;
         lab.ip_in(&req, &["route", "add", "default", "via", "10.79.9.1"])?;
-        // The sharer's uplink.
-        lab.wire(
-            (&inet, "u0", "10.79.10.1/24"),
-            (&s0, "up0", &format!("{SHARER_UPLINK}/24")),
-        )?;
-        lab.ip_in(&s0, &["route", "add", "default", "via", "10.79.10.1"])?;
+        // Each sharer's uplink: 10.79.1{k}.0/24.
+        for (k, s) in hosts.iter().enumerate() {
+            lab.wire(
+                (&inet, &format!("u{k}"), &format!("10.79.{}.1/24", 10 + k)),
+                (s, "up0", &format!("{}/24", uplink(k))),
+            )?;
+            lab.ip_in(
+                s,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.79.{}.1", 10 + k),
+                ],
+            )?;
+        }
         lab.ip_in(&lan, &["link", "add", "br0", "type", "bridge"])?;
         lab.ip_in(&lan, &["link", "set", "br0", "up"])?;
-        for (i, (host, addr)) in [
-            (&s0, "10.79.2.11/24".to_string()),
-            (&req, "10.79.2.100/24".to_string()),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let on_lan = hosts
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s, format!("10.79.2.{}/24", 11 + k)))
+            .chain([(&req, "10.79.2.100/24".to_string())]);
+        for (i, (host, addr)) in on_lan.enumerate() {
             let port = format!("p{i}");
             lab.wire((host, "lan0", &addr), (&lan, &port, ""))?;
             lab.ip_in(&lan, &["link", "set", &port, "master", "br0"])?;
@@ -163,8 +182,9 @@ impl World {
                 listener6.map(HttpTarget::serve_std).transpose()?,
             )
         };
-        let data = |n: &str| lab.dir.path().join(n).display().to_string();
-        let (dc, ds, dr) = (data("coord"), data("s0"), data("req"));
+        let root = lab.dir.path().to_path_buf();
+        let data = |n: &str| root.join(n).display().to_string();
+        let (dc, dr) = (data("coord"), data("req"));
         lab.spawn(
             &coord,
             "coordinator",
@@ -179,32 +199,38 @@ impl World {
                 &dc,
             ]),
         )?;
-        lab.spawn(
-            &s0,
-            "s0",
-            BIN,
-            &strings(&[
-                "share",
-                "--server",
-                &format!("http://{COORD}:7400"),
-                "--name",
-                "s0",
-                "--at",
-                AT,
-                "--relay",
-                "10.79.2.11:7500",
-                "--allow-egress",
-                "10.79.1.0/24",
-                // The coordinator, on the "internet" (a private range here;
-                // a public coordinator needs no rule).
-                "--allow-egress",
-                "10.79.3.2/32:7400",
-                "--data",
-                &ds,
-            ]),
-        )?;
+        let mut sharer_procs = vec![];
+        for (k, host) in hosts.iter().enumerate() {
+            let name = format!("s{k}");
+            let ds = data(&name);
+            sharer_procs.push(lab.spawn(
+                host,
+                &name,
+                BIN,
+                &strings(&[
+                    "share",
+                    "--server",
+                    &format!("http://{COORD}:7400"),
+                    "--name",
+                    &name,
+                    "--at",
+                    AT,
+                    "--relay",
+                    &format!("10.79.2.{}:7500", 11 + k),
+                    "--allow-egress",
+                    "10.79.1.0/24",
+                    // The coordinator, on the "internet" (a private range
+                    // here; a public coordinator needs no rule).
+                    "--allow-egress",
+                    "10.79.3.2/32:7400",
+                    "--data",
+                    &ds,
+                ]),
+            )?);
+        }
         let w = World {
             requester: 0,
+            sharer_procs,
             req: req.clone(),
             coord: coord.clone(),
             inet: inet.clone(),
@@ -217,7 +243,7 @@ impl World {
         // request fills the standby).
         let online = wait(Duration::from_secs(30), || {
             w.json(&coord, &format!("http://{COORD}:7480/status"))
-                .is_some_and(|v| v["online_sharers"] == 1)
+                .is_some_and(|v| v["online_sharers"] == sharers)
         });
         anyhow::ensure!(
             online,
@@ -319,7 +345,7 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
         eprintln!("SKIP: nft is not installed (a silent cut needs an nftables drop)");
         return;
     }
-    let w = World::build(&[]).expect("topology");
+    let w = World::build(1, &[]).expect("topology");
     // Healthy own link: the standby is warm, new flows go direct.
     let ready = wait(Duration::from_secs(30), || {
         w.status().is_some_and(|s| {
@@ -424,6 +450,47 @@ fn udp_once(lab: &Lab, ns: &str, to: &str, text: &str) -> String {
 /// A DNS server answering every A question with the internet host.
 const DNS: &str = "import socket,struct\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.79.1.1',53))\nwhile True:\n q,a=s.recvfrom(512)\n i=12\n while q[i]:\n  i+=q[i]+1\n qt=struct.unpack('!H',q[i+1:i+3])[0]\n ans=b'\\xc0\\x0c'+struct.pack('!HHIH',1,1,60,4)+socket.inet_aton('10.79.1.1') if qt==1 else b''\n s.sendto(q[:2]+b'\\x81\\x80'+q[4:6]+struct.pack('!HHH',1 if ans else 0,0,0)+q[12:i+5]+ans,a)\n";
 
+/// One UDP socket kept open in `ns` (a python process): each `ask` sends a
+/// datagram from the same 5-tuple and returns the reply or "timeout".
+struct UdpFlow {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl UdpFlow {
+    fn open(lab: &Lab, ns: &str, to: &str) -> UdpFlow {
+        let (host, port) = to.rsplit_once(':').expect("HOST:PORT");
+        let script = format!(
+            "import socket,sys\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout(3)\nfor line in sys.stdin:\n u.sendto(line.strip().encode(),('{host}',{port}))\n try:\n  print(u.recvfrom(65535)[0].decode(),flush=True)\n except socket.timeout:\n  print('timeout',flush=True)\n"
+        );
+        let mut child = lab
+            .command(ns, "python3")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        UdpFlow { child, out }
+    }
+
+    fn ask(&mut self, text: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{text}").expect("write");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 const UDP_ECHO: &str = "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.bind(('10.79.1.1',9999))\nwhile True:\n d,a=u.recvfrom(65535)\n u.sendto(b'echo:'+d+b' from '+a[0].encode(),a)\n";
 
 #[test]
@@ -442,7 +509,7 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
         eprintln!("SKIP: no /dev/net/tun on this machine");
         return;
     }
-    let mut w = World::build(&["--tun", "bst0"]).expect("topology");
+    let mut w = World::build(2, &["--tun", "bst0"]).expect("topology");
     let inet = w.inet.clone();
     w.lab
         .spawn(&inet, "udp-echo", "python3", &strings(&["-c", UDP_ECHO]))
@@ -528,24 +595,62 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
         w.status().is_some_and(|s| s["path"] == "pool")
     });
     assert!(moved, "{:?}", w.status());
+    // Degraded: the pool fills to both sharers; apps go through the active.
+    let both = wait(Duration::from_secs(10), || {
+        w.status()
+            .is_some_and(|s| s["pool"].as_array().is_some_and(|p| p.len() == 2))
+    });
+    assert!(both, "{:?}", w.status());
+    let active = |w: &World| -> usize {
+        w.status()
+            .and_then(|s| {
+                s["active"]
+                    .as_str()
+                    .and_then(|a| a.strip_prefix('s')?.parse().ok())
+            })
+            .expect("an active sharer")
+    };
+    let first = active(&w);
     let page = w.curl(&w.req, &[&format!("http://{INTERNET}:{HTTP_PORT}/tun-cut")]);
     let body = String::from_utf8_lossy(&page.stdout).into_owned();
     assert!(
-        body.contains(&format!("from {SHARER_UPLINK}")),
+        body.contains(&format!("from {}", uplink(first))),
         "{body}\n{}",
         w.lab.log_tails(20)
     );
+    // An open UDP flow (the same 5-tuple) and new TCP flows survive a kill
+    // of the active sharer.
+    let mut flow = UdpFlow::open(&w.lab, &w.req, "10.79.1.1:9999");
     assert_eq!(
-        udp_once(&w.lab, &w.req, "10.79.1.1:9999", "again"),
-        format!("echo:again from {SHARER_UPLINK}")
+        flow.ask("again"),
+        format!("echo:again from {}", uplink(first))
     );
+    w.lab.proc(w.sharer_procs[first]).kill();
+    let next = wait(Duration::from_secs(5), || {
+        w.status()
+            .and_then(|s| s["active"].as_str().map(String::from))
+            .is_some_and(|a| a != format!("s{first}"))
+    });
+    assert!(next, "the pool did not move off s{first}: {:?}", w.status());
+    let second = active(&w);
+    let page = w.curl(
+        &w.req,
+        &[&format!("http://{INTERNET}:{HTTP_PORT}/tun-killed")],
+    );
+    let body = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(body.contains(&format!("from {}", uplink(second))), "{body}");
+    assert_eq!(
+        flow.ask("still"),
+        format!("echo:still from {}", uplink(second))
+    );
+    drop(flow);
     let by_name = w.curl(
         &w.req,
         &[&format!("http://web.test:{HTTP_PORT}/by-name-cut")],
     );
     let body = String::from_utf8_lossy(&by_name.stdout).into_owned();
     assert!(
-        body.contains(&format!("from {SHARER_UPLINK}")),
+        body.contains(&format!("from {}", uplink(second))),
         "{body}{}",
         String::from_utf8_lossy(&by_name.stderr)
     );
