@@ -657,13 +657,7 @@ fn whole_device_mode_carries_every_app_and_leaves_no_trace() {
     w.nft("delete table inet bscut").expect("nft restore");
 
     // SIGTERM: rules, routes and the device are gone, as before the run.
-    let pid = w.lab.proc(w.requester).pid();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let exited = wait(Duration::from_secs(10), || {
-        w.lab.proc(w.requester).exited().is_some()
-    });
+    let exited = w.lab.proc(w.requester).terminate(Duration::from_secs(10));
     assert!(exited, "the requester did not stop on SIGTERM");
     let after = routing(&w.lab, &w.req);
     assert!(

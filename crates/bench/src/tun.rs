@@ -193,13 +193,7 @@ impl Net {
 
     /// SIGTERM, so a TUN requester removes its routes, then waits.
     fn stop(&mut self, i: usize) {
-        let pid = self.lab.proc(i).pid();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        wait(Duration::from_secs(10), || {
-            self.lab.proc(i).exited().is_some()
-        });
+        self.lab.proc(i).terminate(Duration::from_secs(10));
     }
 }
 

@@ -93,6 +93,15 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM (so it can clean up), then waits up to `timeout` for it to
+    /// exit; whether it did.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        wait(timeout, || self.exited().is_some())
+    }
+
     /// Whether it has exited (and how), without waiting.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -49,6 +49,13 @@ pub fn udp_bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// A UDP socket on an ephemeral port for either address family (dual stack
+/// where the machine has IPv6, else IPv4 only), marked.
+pub fn udp_bind_any() -> io::Result<std::net::UdpSocket> {
+    udp_bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+        .or_else(|_| udp_bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+}
+
 /// A TCP connection to `addr`, marked.
 pub async fn tcp_connect(addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
     let s = if addr.is_ipv4() {

@@ -195,10 +195,7 @@ fn flow_for(
         return None;
     }
     // Dual stack where the machine has IPv6, so one socket reaches both.
-    let std = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
-        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)))
-        .ok()?;
-    std.set_nonblocking(true).ok()?;
+    let std = crate::mark::udp_bind_any().ok()?;
     let flow = Arc::new(Flow {
         socket: Arc::new(UdpSocket::from_std(std).ok()?),
         last: Mutex::new(Instant::now()),

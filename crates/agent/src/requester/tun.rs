@@ -247,9 +247,7 @@ async fn carry_tcp(
 /// timeout): each datagram on the path new flows take, replies back.
 async fn carry_udp(mut u: ipstack::IpStackUdpStream, pool: Arc<Pool>, direct: Arc<Direct>) {
     let target = header(u.peer_addr());
-    let out = match bandshare_relay::mark::udp_bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-        .or_else(|_| bandshare_relay::mark::udp_bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
-        .and_then(tokio::net::UdpSocket::from_std)
+    let out = match bandshare_relay::mark::udp_bind_any().and_then(tokio::net::UdpSocket::from_std)
     {
         Ok(s) => s,
         Err(e) => {

@@ -116,12 +116,7 @@ pub async fn associate(
     let socket = Arc::new(UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await?);
     // Out of the own link: a socket of its own, any address family, marked
     // (in whole-device mode it keeps the original routes).
-    let out = match bandshare_relay::mark::udp_bind((std::net::Ipv6Addr::UNSPECIFIED, 0).into()) {
-        Ok(s) => UdpSocket::from_std(s)?,
-        Err(_) => UdpSocket::from_std(bandshare_relay::mark::udp_bind(
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        )?)?,
-    };
+    let out = UdpSocket::from_std(bandshare_relay::mark::udp_bind_any()?)?;
     let bound = socket.local_addr()?;
     tokio::io::AsyncWriteExt::write_all(&mut tcp, &socks::reply_bound(bound)).await?;
     let router = pool.udp.clone();
