@@ -266,6 +266,8 @@ impl World {
             "1",
             "--probe",
             &format!("{INTERNET}:{HTTP_PORT}"),
+            "--probe",
+            "gateway",
             "--direct-hold",
             "2",
             "--socks",
@@ -362,6 +364,17 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
     );
     let s = w.status().expect("status");
     assert!(s["own_link"]["rtt_ms"].as_f64().is_some(), "{s}");
+    // `--probe gateway` found the own link's gateway (it refuses TCP 53:
+    // an answer), and the coordinator is probed, being reached that way.
+    assert_eq!(
+        s["own_link"]["probes"],
+        serde_json::json!([
+            format!("{INTERNET}:{HTTP_PORT}"),
+            "10.79.9.1:53",
+            format!("{COORD}:7400")
+        ]),
+        "{s}"
+    );
     assert_eq!(s["pool"][0]["flows"], 0, "the standby carried nothing: {s}");
 
     // Packets on the own link vanish; the interface stays up.

@@ -154,6 +154,14 @@ fn parse_hostport(s: &str) -> Result<String, String> {
     }
 }
 
+/// A `--probe`: `HOST:PORT` or the word `gateway`.
+fn parse_probe(s: &str) -> Result<String, String> {
+    if s == bandshare_agent::requester::direct::GATEWAY {
+        return Ok(s.to_string());
+    }
+    parse_hostport(s).map_err(|e| format!("{e}, or `gateway`"))
+}
+
 /// One `BSSID=RSSI` of `--wifi` (clap splits the list at commas).
 fn parse_wifi_one(s: &str) -> Result<(String, i32), String> {
     location::parse_wifi(s)
@@ -397,8 +405,10 @@ struct ConnectArgs {
     #[arg(long, default_value_t = 1)]
     standby: usize,
     /// HOST:PORT probed out of the own link with timed TCP connects,
-    /// repeatable [default: the coordinator].
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_hostport)]
+    /// repeatable; `gateway` is the own link's default gateway (on TCP 53
+    /// or 80, if it answers). The coordinator is probed too when it is
+    /// reached over the own link.
+    #[arg(long, value_name = "HOST:PORT|gateway", value_parser = parse_probe)]
     probe: Vec<String>,
     /// Seconds the own link must be healthy before new flows return to it.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_hold)]

@@ -30,6 +30,8 @@ pub const FLOW_DEADLINE: Duration = Duration::from_millis(300);
 pub struct Direct {
     via: Via,
     link: Mutex<OwnLink>,
+    /// What the own link is probed with (set when probing starts).
+    targets: Mutex<Vec<String>>,
     /// Flows carried direct, those that failed there, and their bytes.
     pub flows: AtomicU64,
     pub failed: AtomicU64,
@@ -45,6 +47,8 @@ pub struct OwnLinkStatus {
     pub state: &'static str,
     pub rtt_ms: Option<f64>,
     pub loss: f64,
+    /// The `HOST:PORT`s probed.
+    pub probes: Vec<String>,
     pub flows: u64,
     pub failed: u64,
     pub bytes_up: u64,
@@ -56,6 +60,7 @@ impl Direct {
         Direct {
             via,
             link: Mutex::new(OwnLink::new(t)),
+            targets: Mutex::new(vec![]),
             flows: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -90,6 +95,7 @@ impl Direct {
             state: l.state().as_str(),
             rtt_ms: l.rtt().map(|d| (d.as_secs_f64() * 1e4).round() / 10.0),
             loss: l.loss(),
+            probes: self.targets.lock().map(|t| t.clone()).unwrap_or_default(),
             flows: self.flows.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             bytes_up: self.bytes_up.load(Ordering::Relaxed),
@@ -123,9 +129,26 @@ impl Direct {
     /// Probes `targets` in turn out of the own link, one every
     /// [`PROBE_EVERY`], each on its own task so a lost probe does not delay
     /// the next; forever.
-    pub async fn probe_loop(self: Arc<Self>, targets: Vec<String>, pool: Arc<Pool>) {
-        if targets.is_empty() || self.via != Via::Auto {
+    pub async fn probe_loop(
+        self: Arc<Self>,
+        asked: Vec<String>,
+        coordinator: String,
+        pool: Arc<Pool>,
+    ) {
+        if self.via != Via::Auto {
             return;
+        }
+        let targets = probe_targets(&asked, &coordinator).await;
+        if targets.is_empty() {
+            warn!(
+                "nothing to probe the own link with (the coordinator is reached over another link): \
+                 pass --probe HOST:PORT; until then only failed direct flows move new ones to the pool"
+            );
+            return;
+        }
+        info!(?targets, "probing the own link");
+        if let Ok(mut t) = self.targets.lock() {
+            t.clone_from(&targets);
         }
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,6 +205,60 @@ impl Direct {
         self.changed(c, pool);
         Dialed::NoPath(why)
     }
+}
+
+/// The word for the own link's gateway in `--probe`.
+pub const GATEWAY: &str = "gateway";
+/// Ports tried on the gateway; it is probed on the first that answers.
+const GATEWAY_PORTS: [u16; 2] = [53, 80];
+
+/// What the own link is probed with: the `--probe` targets (`gateway`
+/// stands for the own link's default gateway, if it answers a TCP connect
+/// on [`GATEWAY_PORTS`], accepted or refused), and the coordinator when it
+/// is reached over the own link (over another link, a LAN to a sharer,
+/// its answers would say nothing about the own link).
+pub async fn probe_targets(asked: &[String], coordinator: &str) -> Vec<String> {
+    let table = super::routes::read();
+    let mut targets: Vec<String> = vec![];
+    for a in asked {
+        if a != GATEWAY {
+            targets.push(a.clone());
+            continue;
+        }
+        let Some(gw) = super::routes::default_route(&table).and_then(|r| r.gateway) else {
+            warn!("--probe gateway: the own link has no default gateway");
+            continue;
+        };
+        match gateway_port(gw).await {
+            Some(port) => targets.push(format!("{gw}:{port}")),
+            None => {
+                warn!(%gw, "--probe gateway: the gateway answers no TCP probe (ports 53, 80); not probed")
+            }
+        }
+    }
+    let own = match tokio::net::lookup_host(coordinator).await {
+        Ok(mut addrs) => addrs.any(|a| super::routes::over_own_link(&table, a.ip())),
+        // Not resolvable now: it may be once the link is up.
+        Err(_) => true,
+    };
+    if own && !targets.iter().any(|t| t == coordinator) {
+        targets.push(coordinator.to_string());
+    }
+    targets
+}
+
+/// The first of [`GATEWAY_PORTS`] on which `gw` answers within a second.
+async fn gateway_port(gw: std::net::Ipv4Addr) -> Option<u16> {
+    for port in GATEWAY_PORTS {
+        let answered =
+            tokio::time::timeout(PROBE_TIMEOUT, mark::tcp_connect((gw, port).into())).await;
+        match answered {
+            Ok(Ok(_)) => return Some(port),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Some(port),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// One probe: a timed, marked TCP connect to `HOST:PORT`.

@@ -11,6 +11,7 @@ pub mod own_link;
 pub mod pool;
 pub mod proxy;
 mod refill;
+pub mod routes;
 pub mod select;
 pub mod socks;
 #[cfg(all(feature = "tun", target_os = "linux"))]
@@ -96,7 +97,9 @@ pub struct RequesterOptions {
     pub via: own_link::Via,
     /// Members kept warm while new flows go direct.
     pub standby: usize,
-    /// `HOST:PORT`s probed out of the own link; empty: the coordinator.
+    /// `HOST:PORT`s probed out of the own link (`gateway`: the own link's
+    /// default gateway), besides the coordinator when it is reached over
+    /// the own link.
     pub probes: Vec<String>,
     /// When the own link counts as degraded, and the hold before returning.
     pub own_link: own_link::Thresholds,
@@ -220,14 +223,11 @@ impl Requester {
                 let _ = axum::serve(l, app).await;
             }));
         }
-        let probes = if opts.probes.is_empty() {
-            vec![url.host_port().to_string()]
-        } else {
-            opts.probes.clone()
-        };
-        tasks.push(tokio::spawn(
-            direct.clone().probe_loop(probes, pool.clone()),
-        ));
+        tasks.push(tokio::spawn(direct.clone().probe_loop(
+            opts.probes.clone(),
+            url.host_port().to_string(),
+            pool.clone(),
+        )));
         if opts.via != own_link::Via::Direct {
             tasks.push(tokio::spawn(maintain(
                 pool.clone(),
