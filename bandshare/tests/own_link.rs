@@ -316,9 +316,13 @@ impl World {
     }
 
     fn nft(&self, rules: &str) -> Result<(), String> {
+        self.nft_in(&self.req, rules)
+    }
+
+    fn nft_in(&self, ns: &str, rules: &str) -> Result<(), String> {
         let o = self
             .lab
-            .command(&self.req, "nft")
+            .command(ns, "nft")
             .arg(rules)
             .output()
             .map_err(|e| e.to_string())?;
@@ -422,6 +426,104 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
         "returned before the hold: {took:?}"
     );
     assert_eq!(w.seen_from("/back").as_deref(), Ok(OWN));
+}
+
+/// Sends 16 KiB every 50 ms for at most 8 s through the SOCKS5 proxy
+/// (argv: proxy port, target address, target port).
+const SLOW_SENDER: &str = r#"
+import socket, struct, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"\x05\x01\x00"); s.recv(2)
+ip = socket.inet_aton(sys.argv[2])
+s.sendall(b"\x05\x01\x00\x01" + ip + struct.pack(">H", int(sys.argv[3])))
+r = s.recv(10)
+assert r[1] == 0, r
+s.setblocking(False)
+end = time.time() + 8
+while time.time() < end:
+    try:
+        s.send(b"x" * 16384)
+    except BlockingIOError:
+        pass
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn a_stalled_direct_flow_moves_new_flows_to_the_pool() {
+    if let Some(why) = bandshare_testkit::netns::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    for tool in ["nft", "python3"] {
+        if !which(tool) {
+            eprintln!("SKIP: {tool} is not installed");
+            return;
+        }
+    }
+    let w = World::build(1, &[]).expect("topology");
+    let ready = wait(Duration::from_secs(30), || {
+        w.status()
+            .is_some_and(|s| s["path"] == "direct" && s["own_link"]["state"] == "healthy")
+    });
+    assert!(ready, "{:?}\n{}", w.status(), w.lab.log_tails(20));
+    // A sink on the internet that counts what arrives.
+    let sink_at: SocketAddr = format!("{INTERNET}:9000").parse().expect("addr");
+    let sink = w.lab.bind_tcp(&w.inet, sink_at).expect("sink");
+    sink.set_nonblocking(false).expect("blocking sink");
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = got.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        if let Ok((mut c, _)) = sink.accept() {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                counted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let mut sender = w
+        .lab
+        .command(&w.req, "python3")
+        .args(["-c", SLOW_SENDER, "1080", INTERNET, "9000"])
+        .spawn()
+        .expect("sender");
+    let flowing = wait(Duration::from_secs(5), || {
+        got.load(std::sync::atomic::Ordering::Relaxed) >= 32 * 1024
+    });
+    assert!(flowing, "the upload never started: {:?}", w.status());
+    let before = w.status().expect("status");
+    assert_eq!(before["own_link"]["state"], "healthy", "{before}");
+    // Only this flow's packets vanish, on the far side (the requester's
+    // kernel retransmits); every probe target still answers.
+    w.nft_in(&w.inet, "table inet bsstall { chain input { type filter hook input priority 0; tcp dport 9000 drop; }; }")
+        .expect("nft drop");
+    let stalled = Instant::now();
+    let moved = wait(Duration::from_secs(3), || {
+        w.status().is_some_and(|s| s["path"] == "pool")
+    });
+    let took = stalled.elapsed();
+    let _ = sender.kill();
+    let _ = sender.wait();
+    assert!(
+        moved,
+        "a stalled flow did not move new flows: {:?}\n{}",
+        w.status(),
+        w.lab.log_tails(10)
+    );
+    eprintln!("direct flow stalled: new flows moved to the pool after {took:?}");
+    assert_eq!(w.seen_from("/stall").as_deref(), Ok(SHARER_UPLINK));
+    let s = w.status().expect("status");
+    assert!(s["own_link"]["failed"].as_u64().unwrap_or(0) >= 1, "{s}");
+    w.nft_in(&w.inet, "delete table inet bsstall")
+        .expect("nft restore");
+    // The probes stayed good: back to direct after the 2 s hold.
+    let back = wait(Duration::from_secs(10), || {
+        w.status().is_some_and(|s| s["path"] == "direct")
+    });
+    assert!(back, "never returned to direct: {:?}", w.status());
 }
 
 /// `ip rule` and every route table, IPv4 and IPv6, inside `ns`.

@@ -1,11 +1,12 @@
 //! The direct path, the async shell around [`own_link`]: light probes out
-//! of the own link (timed TCP connects to `--probe` targets, or the
-//! coordinator when none are given), flows dialled straight from this
-//! device, and the race of a direct flow that is slow to answer against the
-//! pool.
+//! of the own link (timed TCP connects to `--probe` targets, the gateway,
+//! the coordinator when it is reached that way), flows dialled straight
+//! from this device and watched for stalls ([`stalls`]), and the race of a
+//! direct flow that is slow to answer against the pool.
 
 use super::own_link::{Change, OwnLink, Path, State, Thresholds, Via};
 use super::pool::Pool;
+use super::stalls::{self, Watched};
 use bandshare_relay::FlowHeader;
 use bandshare_relay::mark;
 use bandshare_relay::wire::Host;
@@ -32,6 +33,8 @@ pub struct Direct {
     link: Mutex<OwnLink>,
     /// What the own link is probed with (set when probing starts).
     targets: Mutex<Vec<String>>,
+    /// The direct flows open now, watched for stalls.
+    watched: Watched,
     /// Flows carried direct, those that failed there, and their bytes.
     pub flows: AtomicU64,
     pub failed: AtomicU64,
@@ -61,6 +64,7 @@ impl Direct {
             via,
             link: Mutex::new(OwnLink::new(t)),
             targets: Mutex::new(vec![]),
+            watched: Watched::default(),
             flows: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -173,6 +177,30 @@ impl Direct {
         }
     }
 
+    /// Checks the direct flows for stalls every [`PROBE_EVERY`], forever: a
+    /// flow whose data goes unacknowledged through
+    /// [`stalls::STALL_RETRANSMITS`] retransmissions degrades the own link,
+    /// as a failed flow does.
+    pub async fn stall_loop(self: Arc<Self>, pool: Arc<Pool>) {
+        if self.via != Via::Auto {
+            return;
+        }
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.watched.is_empty() {
+                continue;
+            }
+            for (to, n) in self.watched.newly_stalled(&stalls::read()) {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let why = format!("stalled, sent {n} more times to {to}, unanswered");
+                let c = self.link().flow_failed(&why);
+                self.changed(c, &pool);
+            }
+        }
+    }
+
     /// Dials `target` straight from this device (a marked socket: in
     /// whole-device mode it keeps the original routes).
     async fn dial(target: &FlowHeader) -> std::io::Result<TcpStream> {
@@ -185,13 +213,14 @@ impl Direct {
     /// Dials `target` out of the own link. [`Dialed::NoPath`] when the own
     /// link did not answer within [`FLOW_DEADLINE`] or has no route (the
     /// caller then uses the pool, and the own link counts as degraded).
-    pub async fn connect(&self, target: &FlowHeader, pool: &Pool) -> Dialed {
+    pub async fn connect(&self, target: &FlowHeader, pool: &Pool) -> Dialed<'_> {
         let why = match tokio::time::timeout(FLOW_DEADLINE, Direct::dial(target)).await {
             Ok(Ok(s)) => {
                 self.flows.fetch_add(1, Ordering::Relaxed);
                 let c = self.link().flow_ok(Instant::now());
                 self.changed(c, pool);
-                return Dialed::Open(s);
+                let watch = Watch::new(&self.watched, &s);
+                return Dialed::Open(s, watch);
             }
             // The destination itself answered "no": the own link works.
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -270,9 +299,34 @@ async fn probe(target: &str) -> std::io::Result<TcpStream> {
     mark::tcp_connect_host(host, port).await
 }
 
+/// A direct flow watched for stalls while this lives.
+pub struct Watch<'a> {
+    watched: &'a Watched,
+    ends: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(watched: &'a Watched, s: &TcpStream) -> Watch<'a> {
+        let ends = s.local_addr().ok().zip(s.peer_addr().ok());
+        if let Some((l, r)) = ends {
+            watched.add(l, r);
+        }
+        Watch { watched, ends }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if let Some((l, r)) = self.ends {
+            self.watched.remove(l, r);
+        }
+    }
+}
+
 /// What dialling a flow out of the own link gave.
-pub enum Dialed {
-    Open(TcpStream),
+pub enum Dialed<'a> {
+    /// Connected; watched for stalls while the [`Watch`] lives.
+    Open(TcpStream, Watch<'a>),
     /// The destination refused the connection.
     Refused(std::io::Error),
     /// The own link could not carry it (why).

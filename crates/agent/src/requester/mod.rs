@@ -14,6 +14,7 @@ mod refill;
 pub mod routes;
 pub mod select;
 pub mod socks;
+pub mod stalls;
 #[cfg(all(feature = "tun", target_os = "linux"))]
 pub mod tun;
 pub mod udp;
@@ -223,6 +224,7 @@ impl Requester {
                 let _ = axum::serve(l, app).await;
             }));
         }
+        tasks.push(tokio::spawn(direct.clone().stall_loop(pool.clone())));
         tasks.push(tokio::spawn(direct.clone().probe_loop(
             opts.probes.clone(),
             url.host_port().to_string(),

@@ -227,7 +227,9 @@ async fn relay_to(
     let direct = &*paths.direct;
     if direct.path() == Path::Direct {
         let refused = match direct.connect(target, pool).await {
-            Dialed::Open(out) => return direct_flow(tcp, out, direct, dialect, early).await,
+            Dialed::Open(out, _watch) => {
+                return direct_flow(tcp, out, direct, dialect, early).await;
+            }
             Dialed::Refused(e) => Some((reply::REFUSED, e.to_string())),
             Dialed::NoPath(why) if direct.via() == Via::Direct => {
                 Some((reply::NETWORK_UNREACHABLE, format!("own link: {why}")))

@@ -231,7 +231,7 @@ async fn carry_tcp(
     let target = header(to);
     if direct.path() == Path::Direct {
         match direct.connect(&target, pool).await {
-            Dialed::Open(mut out) => {
+            Dialed::Open(mut out, _watch) => {
                 let (up, down) =
                     tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut out, COPY_UP, SEGMENT)
                         .await?;
