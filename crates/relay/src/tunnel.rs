@@ -163,28 +163,22 @@ impl Tunnel {
     }
 
     /// Sends one UDP datagram through the sharer (see [`crate::datagram`]):
-    /// `Err` when it does not fit the path's QUIC datagram size or the
-    /// connection is gone; never cut short.
-    pub fn send_udp(&self, d: &crate::datagram::Udp<'_>) -> Result<(), FlowError> {
+    /// in a DATAGRAM frame, or on a stream of its own when it does not fit
+    /// one; never cut short. `Err` when the connection is gone.
+    pub async fn send_udp(
+        &self,
+        d: &crate::datagram::Udp<'_>,
+    ) -> Result<crate::udp::Sent, FlowError> {
         let bytes = d.encode()?;
-        match self.conn.max_datagram_size() {
-            Some(max) if bytes.len() <= max => self
-                .conn
-                .send_datagram(bytes.into())
-                .map_err(|e| FlowError::Lost(e.to_string())),
-            Some(max) => Err(FlowError::Lost(format!(
-                "a {}-byte UDP datagram does not fit this path's {max}",
-                bytes.len()
-            ))),
-            None => Err(FlowError::Lost("the sharer does not take datagrams".into())),
-        }
+        crate::udp::send_frame(&self.conn, bytes)
+            .await
+            .map_err(FlowError::Lost)
     }
 
     /// The next datagram frame from the sharer (decode it with
     /// [`crate::datagram::Udp::decode`]).
     pub async fn read_datagram(&self) -> Result<Vec<u8>, FlowError> {
-        self.conn
-            .read_datagram()
+        crate::udp::next_frame(&self.conn)
             .await
             .map(|b| b.to_vec())
             .map_err(|e| lost(&e))

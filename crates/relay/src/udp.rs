@@ -1,5 +1,7 @@
 //! The sharer's side of UDP: datagrams that arrive in QUIC DATAGRAM frames
-//! (see [`crate::datagram`]) under the connection's ticket. Each datagram's
+//! (see [`crate::datagram`]) under the connection's ticket — or, when one
+//! is too large for the path's DATAGRAM frames, alone on a unidirectional
+//! stream ([`send_frame`], [`next_frame`]; never cut short). Each datagram's
 //! destination is resolved and decided by the same egress policy as a TCP
 //! flow; its bytes count against the same rate, quotas and daily cap. Each
 //! flow id gets its own UDP socket on the sharer (its replies come back
@@ -41,8 +43,8 @@ pub struct UdpStats {
     pub too_many_flows: AtomicU64,
     /// Dropped: not a valid datagram frame.
     pub malformed: AtomicU64,
-    /// Dropped: a reply too large for the QUIC path.
-    pub oversize: AtomicU64,
+    /// Replies too large for a DATAGRAM frame, sent on a stream instead.
+    pub streamed: AtomicU64,
 }
 
 /// The same, as numbers.
@@ -54,7 +56,7 @@ pub struct UdpCounts {
     pub over_limit: u64,
     pub too_many_flows: u64,
     pub malformed: u64,
-    pub oversize: u64,
+    pub streamed: u64,
 }
 
 impl UdpStats {
@@ -67,7 +69,7 @@ impl UdpStats {
             over_limit: l(&self.over_limit),
             too_many_flows: l(&self.too_many_flows),
             malformed: l(&self.malformed),
-            oversize: l(&self.oversize),
+            streamed: l(&self.streamed),
         }
     }
 }
@@ -100,6 +102,54 @@ impl Flow {
     }
 }
 
+/// The largest frame read from a stream: a whole UDP datagram and its
+/// header.
+const MAX_STREAMED: usize = 65_535 + 300;
+/// How long a frame on a stream may take to arrive whole.
+const STREAM_WAIT: Duration = Duration::from_secs(1);
+
+/// How [`send_frame`] sent a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    Datagram,
+    Stream,
+}
+
+/// Sends one encoded frame: in a DATAGRAM frame where it fits the path,
+/// otherwise alone on a unidirectional stream. `Err` when the connection
+/// is gone or takes no datagrams.
+pub async fn send_frame(conn: &quinn::Connection, frame: Vec<u8>) -> Result<Sent, String> {
+    let Some(max) = conn.max_datagram_size() else {
+        return Err("the peer takes no datagrams".into());
+    };
+    if frame.len() <= max {
+        return conn
+            .send_datagram(Bytes::from(frame))
+            .map(|_| Sent::Datagram)
+            .map_err(|e| e.to_string());
+    }
+    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())?;
+    Ok(Sent::Stream)
+}
+
+/// The next frame from the peer: a DATAGRAM frame, or a unidirectional
+/// stream read to its end. A stream cut short, too long or too slow gives
+/// an empty frame (which does not decode: the caller counts it).
+pub async fn next_frame(conn: &quinn::Connection) -> Result<Bytes, quinn::ConnectionError> {
+    tokio::select! {
+        d = conn.read_datagram() => d,
+        s = conn.accept_uni() => {
+            let mut s = s?;
+            match tokio::time::timeout(STREAM_WAIT, s.read_to_end(MAX_STREAMED)).await {
+                Ok(Ok(b)) => Ok(Bytes::from(b)),
+                _ => Ok(Bytes::new()),
+            }
+        }
+    }
+}
+
 /// Destinations already decided on this connection (a name is resolved
 /// once), at most this many.
 const DECIDED: usize = 1024;
@@ -118,7 +168,7 @@ pub(crate) async fn serve(
     });
     let mut decided: HashMap<FlowHeader, Option<SocketAddr>> = HashMap::new();
     let mut pps = Bucket::new(MAX_PPS, MAX_PPS);
-    while let Ok(d) = conn.read_datagram().await {
+    while let Ok(d) = next_frame(&conn).await {
         let stats = &shared.udp;
         let Ok(udp) = Udp::decode(&d) else {
             bump(&stats.malformed);
@@ -245,16 +295,14 @@ async fn replies(
             payload: &buf[..n],
         };
         let Ok(bytes) = frame.encode() else { continue };
-        if conn.max_datagram_size().is_none_or(|max| bytes.len() > max) {
-            bump(&shared.udp.oversize);
-            continue;
-        }
         if !meter.admit_whole(n as u64) {
             bump(&shared.udp.over_limit);
             continue;
         }
-        if conn.send_datagram(Bytes::from(bytes)).is_err() {
-            break;
+        match send_frame(&conn, bytes).await {
+            Ok(Sent::Datagram) => {}
+            Ok(Sent::Stream) => bump(&shared.udp.streamed),
+            Err(_) => break,
         }
         bump(&shared.udp.received);
         counters.down.fetch_add(n as u64, Ordering::Relaxed);

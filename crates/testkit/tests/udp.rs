@@ -109,19 +109,34 @@ async fn socks5_udp_associate_through_a_sharer_and_direct() {
 
     // Through the sharer.
     let r = c.requester(c.requester_options()).await.expect("requester");
-    let lines = exchange(r.socks(), &[format!("{e}=one"), format!("{e}=two")]).await;
+    // The third is larger than any QUIC DATAGRAM frame (the path MTU is
+    // at most 16 KiB): it and its echo go whole, each on a stream.
+    let big = "x".repeat(20_000);
+    let lines = exchange(
+        r.socks(),
+        &[format!("{e}=one"), format!("{e}=two"), format!("{e}={big}")],
+    )
+    .await;
     let port = echo_addr.port().to_string();
     assert_eq!(
         lines,
-        vec![format!("{port} echo:one"), format!("{port} echo:two")]
+        vec![
+            format!("{port} echo:one"),
+            format!("{port} echo:two"),
+            format!("{port} echo:{big}")
+        ]
     );
     let alice = c.sharer("alice").expect("alice");
     let counts = alice.sharer.relay.udp_counts();
-    assert_eq!((counts.sent, counts.received), (2, 2), "{counts:?}");
+    assert_eq!((counts.sent, counts.received), (3, 3), "{counts:?}");
+    assert_eq!(
+        counts.streamed, 1,
+        "the large echo went on a stream: {counts:?}"
+    );
     let mine = r.requester.pool.udp.status();
     assert_eq!(
         (mine.sent, mine.received, mine.associations),
-        (2, 2, 0),
+        (3, 3, 0),
         "{mine:?}"
     );
 
@@ -146,7 +161,7 @@ async fn socks5_udp_associate_through_a_sharer_and_direct() {
     let lines = exchange(d.socks(), &[format!("{e}=direct")]).await;
     assert_eq!(lines, vec![format!("{port} echo:direct")]);
     assert_eq!(seen.load(Ordering::Relaxed), before + 1);
-    assert_eq!(alice.sharer.relay.udp_counts().sent, 2);
+    assert_eq!(alice.sharer.relay.udp_counts().sent, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

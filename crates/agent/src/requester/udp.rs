@@ -34,7 +34,7 @@ type Reply = (SocketAddr, Vec<u8>);
 pub struct Router {
     next: AtomicU32,
     routes: Mutex<HashMap<u32, mpsc::Sender<Reply>>>,
-    /// Datagrams dropped: no association, a full queue, or too large.
+    /// Datagrams dropped: no association, a full queue, or the tunnel gone.
     pub dropped: AtomicU64,
     pub sent: AtomicU64,
     pub received: AtomicU64,
@@ -218,8 +218,8 @@ pub(super) async fn send(
         peer: dest.clone(),
         payload: data,
     };
-    match m.tunnel.send_udp(&frame) {
-        Ok(()) => {
+    match m.tunnel.send_udp(&frame).await {
+        Ok(_) => {
             router.sent.fetch_add(1, Ordering::Relaxed);
             m.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
