@@ -12,9 +12,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 
 fn sharer(i: usize, rng: &mut fastrand::Rng) -> SharerInfo {
+    let position = random_point(rng);
     SharerInfo {
         name: format!("s{i}").into(),
-        position: random_point(rng),
+        position,
+        exact: position,
         heading_deg: None,
         speed_mps: None,
         services: [Service::Hotspot].into_iter().collect(),

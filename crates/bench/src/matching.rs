@@ -71,6 +71,7 @@ fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
     SharerInfo {
         name: format!("s{i}").into(),
         position: p,
+        exact: p,
         heading_deg: None,
         speed_mps: None,
         services,
@@ -270,9 +271,10 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
         for _ in 0..1000 {
             let (id, generation) = ids[rng.usize(..ids.len())];
             let p = random_point(&mut rng);
-            state
-                .registry()
-                .update(id, generation, now, |i| i.position = p);
+            state.registry().update(id, generation, now, |i| {
+                i.position = p;
+                i.exact = p;
+            });
             u += 1;
         }
     }

@@ -30,6 +30,8 @@ struct RawPrivacy {
     slack_m: Option<f64>,
     fuzz_min_m: Option<f64>,
     fuzz_max_m: Option<f64>,
+    period_days: Option<f64>,
+    move_m: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +309,16 @@ fn privacy(raw: &RawPrivacy) -> Result<crate::privacy::PrivacyConfig, ConfigErro
             0.0,
             1000.0,
         )?,
+        period: Duration::from_secs_f64(
+            check(
+                "privacy.period_days",
+                raw.period_days,
+                d.period.as_secs_f64() / 86_400.0,
+                0.01,
+                3650.0,
+            )? * 86_400.0,
+        ),
+        move_m: check("privacy.move_m", raw.move_m, d.move_m, 1.0, 1e6)?,
     };
     if p.fuzz_max_m < p.fuzz_min_m {
         return Err(ConfigError::Invalid {
@@ -442,6 +454,8 @@ mod tests {
             ("privacy", "slack_m"),
             ("privacy", "fuzz_min_m"),
             ("privacy", "fuzz_max_m"),
+            ("privacy", "period_days"),
+            ("privacy", "move_m"),
         ] {
             for v in ["nan", "-nan", "inf", "-inf"] {
                 let e = Config::parse(&format!("[{table}]\n{key} = {v}\n"))

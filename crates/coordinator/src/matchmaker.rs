@@ -68,9 +68,9 @@ fn random_nonce() -> [u8; 16] {
 }
 
 /// Admits a request by its rate and plausibility, then decides its scene
-/// once. Where the scene compares positions as points, the search is
-/// centred on this requester's secret offset point and reaches the offset's
-/// maximum further (the margin), so no sharer inside the region is missed.
+/// once. Sharers are shown (and indexed) at their secret offset points: a
+/// search from a position reaches the offset's maximum further (the
+/// margin), so no sharer really inside the region is missed.
 fn place(
     state: &State,
     requester: &DeviceKey,
@@ -90,13 +90,11 @@ fn place(
             })?;
         let scene = bandshare_matcher::decide_scene(evidence, &state.config().region)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(match evidence.fix {
-            Some(fix) if bandshare_matcher::measured_from_an_offset(scene.scene) => (
-                scene.centred_on(guard.measuring_point(requester, &fix)),
-                state.config().privacy.fuzz_max_m,
-            ),
-            _ => (scene, 0.0),
-        })
+        let margin = match evidence.fix {
+            Some(_) => state.config().privacy.fuzz_max_m,
+            None => 0.0,
+        };
+        Ok((scene, margin))
     })?
 }
 

@@ -196,6 +196,7 @@ mod tests {
             info: SharerInfo {
                 name: format!("s{n}").as_str().into(),
                 position,
+                exact: position,
                 heading_deg: None,
                 speed_mps: None,
                 services: Default::default(),

@@ -1,8 +1,12 @@
-//! What keeps a requester from locating a sharer: per-key rate limits,
-//! physically plausible movement between requests, and a fixed, secret
-//! offset of 15–25 m per requester key applied to where distances are
-//! measured from, so repeated queries converge on a point that is not the
-//! sharer. Pure: callers pass `now`. Live positions stay in memory only.
+//! What keeps a requester from locating a sharer: each sharer is *shown*
+//! at its position moved by a secret offset of 15–25 m, the same for every
+//! requester, drawn per sharer, per period and per place ([`Offsets`],
+//! [`Placement`]); every distance band and every circle or sphere is
+//! measured to the shown point. Queries from any number of keys converge on
+//! that point, not on the sharer: averaging over keys gains nothing, only
+//! a new period or a new place gives a new sample. Rate limits and
+//! physically plausible movement per key add cost on top. Pure: callers
+//! pass `now`. Live positions stay in memory only.
 
 use bandshare_core::{DeviceKey, Position};
 use std::collections::HashMap;
@@ -16,9 +20,13 @@ pub struct PrivacyConfig {
     pub max_speed_mps: f64,
     /// Allowance for GNSS error on top of `max_speed_mps`.
     pub slack_m: f64,
-    /// The measuring point is offset by a distance in this range.
+    /// A sharer is shown moved by a distance in this range.
     pub fuzz_min_m: f64,
     pub fuzz_max_m: f64,
+    /// A sharer's offset is drawn again after this long...
+    pub period: Duration,
+    /// ...or when it has moved this far from where it was drawn.
+    pub move_m: f64,
 }
 
 impl Default for PrivacyConfig {
@@ -33,6 +41,10 @@ impl Default for PrivacyConfig {
             // it sampled) at least a band width away.
             fuzz_min_m: 15.0,
             fuzz_max_m: 25.0,
+            // Each period gives an attacker one new sample of a sharer that
+            // stays put (SECURITY.md: how fast they add up).
+            period: Duration::from_secs(30 * 86_400),
+            move_m: 100.0,
         }
     }
 }
@@ -69,17 +81,15 @@ struct State {
 /// Per-requester state, in memory, forgotten after 10 minutes of silence.
 pub struct Guard {
     cfg: PrivacyConfig,
-    secret: ring::hmac::Key,
     seen: HashMap<DeviceKey, State>,
 }
 
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 impl Guard {
-    pub fn new(cfg: PrivacyConfig, secret: &[u8]) -> Guard {
+    pub fn new(cfg: PrivacyConfig) -> Guard {
         Guard {
             cfg,
-            secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
             seen: HashMap::new(),
         }
     }
@@ -125,21 +135,86 @@ impl Guard {
         }
         Ok(())
     }
+}
 
-    /// Where to measure from for `key`: `at` moved by its fixed secret offset.
-    pub fn measuring_point(&self, key: &DeviceKey, at: &Position) -> Position {
-        let tag = ring::hmac::sign(&self.secret, &key.0);
+/// The grid a sharer's offset is keyed on, in degrees (about 280 m north
+/// to south): a sharer back at the same place in the same period is shown
+/// at the same point, so coming and going gives no new samples.
+const PLACE_DEG: f64 = 0.0025;
+
+/// Draws sharers' offsets: a secret (surviving restarts) and the ranges.
+pub struct Offsets {
+    secret: ring::hmac::Key,
+    min_m: f64,
+    max_m: f64,
+    period_s: u64,
+    move_m: f64,
+}
+
+impl Offsets {
+    pub fn new(cfg: &PrivacyConfig, secret: &[u8]) -> Offsets {
+        Offsets {
+            secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            min_m: cfg.fuzz_min_m,
+            max_m: cfg.fuzz_max_m.max(cfg.fuzz_min_m),
+            period_s: cfg.period.as_secs().max(1),
+            move_m: cfg.move_m,
+        }
+    }
+
+    /// The offset (metres east, north) of `sharer` at `anchor` in `period`.
+    fn draw(&self, sharer: &DeviceKey, anchor: &Position, period: u64) -> (f64, f64) {
+        if self.max_m <= 0.0 {
+            return (0.0, 0.0);
+        }
+        let mut msg = Vec::with_capacity(64);
+        msg.extend_from_slice(b"sharer offset v2\0");
+        msg.extend_from_slice(&sharer.0);
+        msg.extend_from_slice(&period.to_be_bytes());
+        msg.extend_from_slice(&((anchor.lat / PLACE_DEG).floor() as i64).to_be_bytes());
+        msg.extend_from_slice(&((anchor.lon / PLACE_DEG).floor() as i64).to_be_bytes());
+        let tag = ring::hmac::sign(&self.secret, &msg);
         let b = tag.as_ref();
         let unit = |i: usize| {
             u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as f64 / u32::MAX as f64
         };
         let angle = unit(0) * std::f64::consts::TAU;
-        let dist =
-            self.cfg.fuzz_min_m + unit(4) * (self.cfg.fuzz_max_m - self.cfg.fuzz_min_m).max(0.0);
-        if dist <= 0.0 {
-            return *at;
-        }
-        at.offset_m(dist * angle.sin(), dist * angle.cos())
+        let dist = self.min_m + unit(4) * (self.max_m - self.min_m);
+        (dist * angle.sin(), dist * angle.cos())
+    }
+}
+
+/// Where one sharer is shown, kept by its stream: the offset stays while it
+/// stays within [`PrivacyConfig::move_m`] of where it was drawn and in the
+/// same period (so GNSS jitter and a cell border crossed to and fro give
+/// no new samples).
+#[derive(Default)]
+pub struct Placement {
+    drawn: Option<(Position, u64, (f64, f64))>,
+}
+
+impl Placement {
+    /// Where `sharer`, really at `at`, is shown at `now_unix` (seconds).
+    pub fn shown(
+        &mut self,
+        o: &Offsets,
+        sharer: &DeviceKey,
+        at: Position,
+        now_unix: u64,
+    ) -> Position {
+        let period = now_unix / o.period_s;
+        let keep = self
+            .drawn
+            .filter(|(anchor, p, _)| *p == period && anchor.ground_distance_m(&at) <= o.move_m);
+        let (_, _, (e, n)) = match keep {
+            Some(d) => d,
+            None => {
+                let d = (at, period, o.draw(sharer, &at, period));
+                self.drawn = Some(d);
+                d
+            }
+        };
+        at.offset_m(e, n)
     }
 }
 
@@ -160,7 +235,7 @@ mod tests {
             burst: 3.0,
             ..Default::default()
         };
-        let mut g = Guard::new(cfg, b"secret");
+        let mut g = Guard::new(cfg);
         let (k, t0) = (DeviceKey([1; 32]), Instant::now());
         for _ in 0..3 {
             assert_eq!(g.admit(&k, None, t0), Ok(()));
@@ -176,7 +251,7 @@ mod tests {
 
     #[test]
     fn jumps_are_refused() {
-        let mut g = Guard::new(PrivacyConfig::default(), b"secret");
+        let mut g = Guard::new(PrivacyConfig::default());
         let (k, t0) = (DeviceKey([1; 32]), Instant::now());
         assert_eq!(g.admit(&k, Some(pos(0.0, 0.0)), t0), Ok(()));
         // 2 km in 10 s is 200 m/s: refused; in 30 s it is fine.
@@ -189,20 +264,47 @@ mod tests {
     }
 
     #[test]
-    fn offsets_are_fixed_per_key_and_in_range() {
-        let g = Guard::new(PrivacyConfig::default(), b"secret");
+    fn a_sharer_is_shown_at_one_point_per_place_and_period() {
+        let o = Offsets::new(&PrivacyConfig::default(), b"secret");
+        let day = 86_400;
         let at = pos(0.0, 0.0);
         for i in 0..50u8 {
             let k = DeviceKey([i; 32]);
-            let (a, b) = (g.measuring_point(&k, &at), g.measuring_point(&k, &at));
-            assert_eq!(a, b);
+            let mut p = Placement::default();
+            let a = p.shown(&o, &k, at, 1_000 * day);
             let d = at.ground_distance_m(&a);
             assert!((14.99..=25.01).contains(&d), "{d}");
+            // Jitter of a few metres: the same offset, moved with it.
+            let b = p.shown(&o, &k, pos(3.0, -2.0), 1_000 * day + 60);
+            let moved = a.offset_m(3.0, -2.0);
+            assert!(b.ground_distance_m(&moved) < 0.01);
+            // Back at the same place later in the period, on a new stream.
+            let c = Placement::default().shown(&o, &k, at, 1_001 * day);
+            assert!(c.ground_distance_m(&a) < 0.01);
         }
-        let other = Guard::new(PrivacyConfig::default(), b"another secret");
-        assert_ne!(
-            other.measuring_point(&DeviceKey([1; 32]), &at),
-            g.measuring_point(&DeviceKey([1; 32]), &at)
+        let k = DeviceKey([1; 32]);
+        let mut p = Placement::default();
+        let a = p.shown(&o, &k, at, 1_000 * day);
+        // The next period, or another place: a new draw.
+        let next = p.shown(&o, &k, at, 1_030 * day);
+        assert!(next.ground_distance_m(&a) > 0.01);
+        let far = pos(2_000.0, 0.0);
+        let there = p.shown(&o, &k, far, 1_030 * day);
+        assert!((14.99..=25.01).contains(&far.ground_distance_m(&there)));
+        let other = Offsets::new(&PrivacyConfig::default(), b"another secret");
+        assert!(
+            Placement::default()
+                .shown(&other, &k, at, 1_000 * day)
+                .ground_distance_m(&a)
+                > 0.01
         );
+        // No offset configured: shown where it is.
+        let exact = PrivacyConfig {
+            fuzz_min_m: 0.0,
+            fuzz_max_m: 0.0,
+            ..Default::default()
+        };
+        let none = Offsets::new(&exact, b"secret");
+        assert_eq!(Placement::default().shown(&none, &k, at, 0), at);
     }
 }

@@ -188,7 +188,7 @@ impl Registry {
         g.index.remove(id);
     }
 
-    /// The live position of the sharer called `name`, for tests; never
+    /// The live (exact) position of the sharer called `name`, for tests; never
     /// persisted (feature `introspect`).
     #[cfg(feature = "introspect")]
     pub fn position_of(&self, name: &str) -> Option<bandshare_core::Position> {
@@ -201,7 +201,7 @@ impl Registry {
                 g.index
                     .get(id as SharerId)
                     .filter(|i| &*i.name == name)
-                    .map(|i| i.position)
+                    .map(|i| i.exact)
             })
     }
 

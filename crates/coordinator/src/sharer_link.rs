@@ -47,6 +47,7 @@ fn sharer_info(h: &v1::Hello) -> Result<SharerInfo, Status> {
     Ok(SharerInfo {
         name: h.name.as_str().into(),
         position,
+        exact: position,
         heading_deg: ev.heading_deg,
         speed_mps: ev.speed_mps,
         services: cv::services_from_wire(&h.services),
@@ -89,10 +90,13 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
                 "relay_cert_sha256 must be 32 bytes",
             ));
         }
-        let info = sharer_info(&hello)?;
+        let mut info = sharer_info(&hello)?;
         let name = hello.name.clone();
         let state = self.state.clone();
         admit(&state, key, &name).await?;
+        // Shown at its secret offset point, for every requester alike.
+        let mut placement = crate::privacy::Placement::default();
+        info.position = placement.shown(state.offsets(), &key, info.exact, unix_now());
         let cfg = state.config();
         let (tx, rx) = mpsc::channel(64);
         tx.send(down(Down::Welcome(v1::Welcome {
@@ -123,7 +127,13 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             });
         }
         let span = info_span!("sharer_stream", sharer = %name);
-        tokio::spawn(follow(state, inbound, id, generation, key, tx).instrument(span));
+        let stream = Stream {
+            id,
+            generation,
+            key,
+            placement,
+        };
+        tokio::spawn(follow(state, inbound, stream, tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -168,11 +178,10 @@ async fn admit(state: &Arc<State>, key: DeviceKey, name: &str) -> Result<(), Sta
 async fn follow(
     state: Arc<State>,
     mut inbound: Streaming<v1::SharerMessage>,
-    id: bandshare_matcher::SharerId,
-    generation: u64,
-    key: DeviceKey,
+    mut stream: Stream,
     tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
 ) {
+    let (id, generation, key) = (stream.id, stream.generation, stream.key);
     let registry = &state.registry();
     let why = loop {
         let msg = match inbound.message().await {
@@ -189,7 +198,7 @@ async fn follow(
             Some(Up::Report(mut r)) => {
                 state.count_report();
                 let batches = std::mem::take(&mut r.batches);
-                apply_report(&state, id, generation, r, now);
+                apply_report(&state, &mut stream, r, now);
                 if !batches.is_empty() {
                     tokio::spawn(record_batches(state.clone(), key, batches, tx.clone()));
                 }
@@ -258,23 +267,31 @@ fn usage_rows(sharer: DeviceKey, usage: &[v1::Usage]) -> Vec<UsageRecord> {
         .collect()
 }
 
-fn apply_report(
-    state: &Arc<State>,
+/// One sharer's stream, as [`follow`] keeps it.
+struct Stream {
     id: bandshare_matcher::SharerId,
     generation: u64,
-    r: v1::StateReport,
-    now: Instant,
-) {
+    key: DeviceKey,
+    /// Where it is shown (its secret offset, kept while it stays put).
+    placement: crate::privacy::Placement,
+}
+
+fn apply_report(state: &Arc<State>, s: &mut Stream, r: v1::StateReport, now: Instant) {
     // A report with a bad location keeps the last good one.
     let ev = r
         .location
         .as_ref()
         .and_then(|l| crate::evidence::evidence(l).ok());
-    state.registry().update(id, generation, now, |info| {
+    let shown = ev
+        .as_ref()
+        .and_then(|e| e.fix)
+        .map(|p| (p, s.placement.shown(state.offsets(), &s.key, p, unix_now())));
+    state.registry().update(s.id, s.generation, now, |info| {
+        if let Some((exact, shown)) = shown {
+            info.exact = exact;
+            info.position = shown;
+        }
         if let Some(ev) = ev {
-            if let Some(p) = ev.fix {
-                info.position = p;
-            }
             // Velocity and radio evidence describe now: absent means unknown.
             info.heading_deg = ev.heading_deg;
             info.speed_mps = ev.speed_mps;

@@ -39,8 +39,10 @@ pub struct State {
     share_requests: AtomicU64,
     /// Requesters seen since start (recorded in the store once each).
     known_requesters: Mutex<HashSet<DeviceKey>>,
-    /// Rate limits, plausibility and measuring offsets per requester.
+    /// Rate limits and plausibility per requester.
     privacy: Mutex<privacy::Guard>,
+    /// The secret offsets sharers are shown at.
+    offsets: privacy::Offsets,
     /// Sharers offered to each requester: the only ones whose tickets it
     /// may refresh.
     offered: Mutex<HashMap<DeviceKey, HashSet<DeviceKey>>>,
@@ -109,10 +111,8 @@ impl State {
         });
         let (approved, revoked) = store.decisions()?;
         Ok(Arc::new(State {
-            privacy: Mutex::new(privacy::Guard::new(
-                config.privacy.clone(),
-                privacy_secret.as_ref(),
-            )),
+            privacy: Mutex::new(privacy::Guard::new(config.privacy.clone())),
+            offsets: privacy::Offsets::new(&config.privacy, privacy_secret.as_ref()),
             keys: RwLock::new(Keys {
                 signer: Arc::new(TicketSigner::from_seed(&seed.0, *key_id)),
                 previous,
@@ -166,7 +166,12 @@ impl State {
         })
     }
 
-    /// Runs `f` with the privacy guard (rate limits, plausibility, offsets).
+    /// The secret offsets sharers are shown at.
+    pub fn offsets(&self) -> &privacy::Offsets {
+        &self.offsets
+    }
+
+    /// Runs `f` with the privacy guard (rate limits, plausibility).
     pub fn privacy<R>(&self, f: impl FnOnce(&mut privacy::Guard) -> R) -> Result<R, Status> {
         let mut g = self
             .privacy

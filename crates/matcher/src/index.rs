@@ -23,7 +23,13 @@ pub type SharerId = u32;
 #[derive(Clone, Debug)]
 pub struct SharerInfo {
     pub name: Arc<str>,
+    /// Where the sharer is shown: its position moved by its published
+    /// offset (the coordinator's privacy), what every distance, band and
+    /// circle or sphere is measured to.
     pub position: Position,
+    /// Where it really is: only the car's box uses it (co-movement guards
+    /// it); the same as `position` where no offset is applied.
+    pub exact: Position,
     pub heading_deg: Option<f64>,
     pub speed_mps: Option<f64>,
     pub services: ServiceSet,
@@ -387,6 +393,7 @@ pub(crate) mod tests {
         SharerInfo {
             name: name.into(),
             position,
+            exact: position,
             heading_deg: None,
             speed_mps: None,
             services: ServiceSet::default(),

@@ -12,6 +12,4 @@ pub mod region;
 
 pub use index::{Index, RadioKey, SharerId, SharerInfo, Summary};
 pub use rank::{Candidate, MatchConfig, Outcome, Query, Verdict, rank, rank_in};
-pub use region::{
-    Evidence, Region, RegionConfig, SceneDecision, decide_scene, measured_from_an_offset,
-};
+pub use region::{Evidence, Region, RegionConfig, SceneDecision, decide_scene};

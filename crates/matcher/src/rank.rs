@@ -289,16 +289,19 @@ fn in_box(
 ) {
     let frame = Frame::new(center);
     let reach = shape.ground_radius();
+    // The index holds where sharers are shown; the box is tested on where
+    // they are, at most the margin (the largest published offset) away.
+    let wide = reach + c.q.margin_m.max(0.0);
     let look = if c.q.explain {
-        (reach * 2.0).max(50.0)
+        (wide * 2.0).max(50.0)
     } else {
-        reach
+        wide
     };
     index.within(center, look, |id, s, d, _| {
         let band = DistanceBand::of_metres(d);
         let Some(info) = index.get(id) else { return };
-        let p = frame.enu(&info.position);
-        let vertical = center.alt.is_some() && info.position.alt.is_some();
+        let p = frame.enu(&info.exact);
+        let vertical = center.alt.is_some() && info.exact.alt.is_some();
         if let Err(miss) = shape.contains(&p, vertical) {
             return c.reject(id, band, format!("outside the car: {miss}"));
         }

@@ -203,26 +203,6 @@ fn region_for(
 }
 
 /// The scene and region for `ev`: the hint wins, then the evidence.
-/// Whether a scene's region compares positions as points (the outdoor
-/// circle, the station sphere), so repeated queries could trilaterate a
-/// sharer: the coordinator then measures from a point moved by a secret
-/// offset and searches past the edge by as much. The car's box needs the
-/// true point (co-movement guards it); venues and anchors use no position.
-pub fn measured_from_an_offset(scene: Scene) -> bool {
-    matches!(scene, Scene::Outdoor | Scene::Station)
-}
-
-impl SceneDecision {
-    /// The same decision with its circle or sphere centred on `p`.
-    pub fn centred_on(mut self, p: Position) -> SceneDecision {
-        match &mut self.region {
-            Region::Circle { center, .. } | Region::Sphere { center, .. } => *center = p,
-            _ => {}
-        }
-        self
-    }
-}
-
 pub fn decide_scene(ev: &Evidence, cfg: &RegionConfig) -> Result<SceneDecision, NoLocation> {
     let (scene, mut reason) = match ev.scene_hint {
         Some(s) => (s, "scene hint from the request".to_string()),

@@ -69,13 +69,97 @@ async fn trilateration_misses_by_at_least_the_band_width() {
         naive < 10.0,
         "the attack should work without the offset, error {naive:.1} m"
     );
-    // With the coordinator's per-requester offset it cannot get closer than
+    // With the sharer shown at its secret offset point it cannot get closer than
     // the <10m band's width.
     let defended = attack(unlimited(Config::default())).await;
     eprintln!("best position error: {naive:.1} m without the offset, {defended:.1} m with it");
     assert!(
         defended >= 10.0,
         "attacker located the sharer within {defended:.1} m"
+    );
+}
+
+/// One key's sweep: a 5 m grid of claimed positions over 90 m x 90 m around
+/// the target, started at its own corner (each key walks its own path);
+/// the estimate is the centroid of the innermost band it saw.
+async fn sweep(c: &Cluster, k: usize) -> Option<(f64, f64)> {
+    let me = identity::generate().expect("key");
+    let (e0, n0) = (
+        TARGET.0 - 45.0 + (k % 5) as f64,
+        TARGET.1 - 45.0 + (k / 5 % 5) as f64,
+    );
+    let mut by_band: Vec<(String, f64, f64)> = vec![];
+    for i in 0..19 {
+        for j in 0..19 {
+            // A walk: up one column, down the next.
+            let j = if i % 2 == 0 { j } else { 18 - j };
+            let (e, n) = (e0 + i as f64 * 5.0, n0 + j as f64 * 5.0);
+            let loc = LocationSpec {
+                at: Some(center().offset_m(e, n)),
+                ..Default::default()
+            };
+            let r = c
+                .ask_as(&me, loc, ConditionSpec::default())
+                .await
+                .expect("share request");
+            if let Some(o) = r.offers.iter().find(|o| o.sharer == "target") {
+                by_band.push((o.distance_band.clone(), e, n));
+            }
+        }
+    }
+    let inner = ["<10m", "10-50m", "50-200m"]
+        .into_iter()
+        .find(|b| by_band.iter().any(|x| x.0 == *b))?;
+    let pts: Vec<&(String, f64, f64)> = by_band.iter().filter(|x| x.0 == inner).collect();
+    let (e, n) = pts.iter().fold((0.0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2));
+    Some((e / pts.len() as f64, n / pts.len() as f64))
+}
+
+/// Many keys, one machine: 32 fresh keys sweep the target at once (11,552
+/// share requests) and average their estimates. Per-key noise would
+/// average away; the target is shown at one point for every key, so the
+/// average lands on that point, not on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_keys_averaged_still_miss_by_at_least_the_band_width() {
+    const KEYS: usize = 32;
+    let run = |config: Config, keys: usize| async move {
+        let c = Cluster::start_with(config, vec![SharerSpec::new("target", TARGET.0, TARGET.1)])
+            .await
+            .expect("cluster");
+        let guesses: Vec<(f64, f64)> = futures::future::join_all((0..KEYS).map(|k| sweep(&c, k)))
+            .await
+            .into_iter()
+            .map(|g| g.expect("the target was offered"))
+            .collect();
+        let per_key: Vec<f64> = guesses
+            .iter()
+            .map(|g| (g.0 - TARGET.0).hypot(g.1 - TARGET.1))
+            .collect();
+        let (e, n) = guesses
+            .iter()
+            .fold((0.0, 0.0), |a, g| (a.0 + g.0, a.1 + g.1));
+        let avg = (e / keys as f64, n / keys as f64);
+        let averaged = (avg.0 - TARGET.0).hypot(avg.1 - TARGET.1);
+        let lo = per_key.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = per_key.iter().cloned().fold(0.0, f64::max);
+        (averaged, lo, hi)
+    };
+    // Without offsets the same attack finds the target within metres (four
+    // keys are plenty).
+    let (naive, _, _) = run(unlimited(exact_config()), 4).await;
+    let (averaged, lo, hi) = run(unlimited(Config::default()), KEYS).await;
+    eprintln!(
+        "{KEYS} keys x 361 queries = {} share requests: each key {lo:.1}-{hi:.1} m off, \
+         their average {averaged:.1} m off (without offsets: {naive:.1} m)",
+        KEYS * 361
+    );
+    assert!(
+        naive < 10.0,
+        "the attack should work without offsets: {naive:.1} m"
+    );
+    assert!(
+        averaged >= 10.0,
+        "{KEYS} keys together located the sharer within {averaged:.1} m"
     );
 }
 
