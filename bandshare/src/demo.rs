@@ -92,7 +92,7 @@ pub async fn run() -> anyhow::Result<()> {
     .await?;
     println!("{}", indent(&crate::render::offers_table(&resp, true)));
     println!(
-        "   (distance bands are measured from a point 15-25 m from the requester, fixed per device,\n    so faked positions cannot trilaterate a sharer; alice at 8 m may show as 10-50m)"
+        "   (each sharer is shown at a secret point 15-25 m from where it is, the same for every\n    requester, so faked positions from any number of keys cannot trilaterate it;\n    alice at 8 m may show as 10-50m)"
     );
 
     // The own link's probe target, on loopback: it can go silent the way a

@@ -151,7 +151,8 @@ pub struct Config {
     pub max_connections_per_source: u32,
     /// Enrollment: open (trust on first use) or approve.
     pub enroll: Enroll,
-    /// Rate limits, plausibility and the measuring offset per requester.
+    /// Rate limits and plausibility per requester; the offsets sharers are
+    /// shown at.
     pub privacy: crate::privacy::PrivacyConfig,
 }
 

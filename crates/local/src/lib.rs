@@ -39,8 +39,8 @@ pub fn center() -> Position {
 }
 
 /// The default configuration without the privacy offset, for tests that
-/// check geometry to the metre (the offset moves the measuring point by
-/// 15–25 m on purpose; `tests/privacy.rs` tests it).
+/// check geometry to the metre (the offset shows each sharer 15–25 m from
+/// where it is on purpose; `tests/privacy.rs` tests it).
 pub fn exact_config() -> Config {
     let mut c = Config::default();
     c.privacy.fuzz_min_m = 0.0;
