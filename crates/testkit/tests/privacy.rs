@@ -11,6 +11,38 @@ use bandshare_testkit::{Cluster, SharerSpec, center, exact_config};
 /// Where the target really is, metres east and north of the centre.
 const TARGET: (f64, f64) = (37.0, 21.0);
 
+/// The target's band for one share request of `me` claiming to be `e`, `n`
+/// metres from the centre, if it was offered.
+async fn band_at(c: &Cluster, me: &ed25519_dalek::SigningKey, e: f64, n: f64) -> Option<String> {
+    let loc = LocationSpec {
+        at: Some(center().offset_m(e, n)),
+        ..Default::default()
+    };
+    let r = c
+        .ask_as(me, loc, ConditionSpec::default())
+        .await
+        .expect("share request");
+    r.offers
+        .iter()
+        .find(|o| o.sharer == "target")
+        .map(|o| o.distance_band.clone())
+}
+
+/// The centroid of the points where the innermost band was seen, that
+/// band, and how many points.
+fn innermost_centroid(by_band: &[(String, f64, f64)]) -> Option<((f64, f64), &'static str, usize)> {
+    let inner = ["<10m", "10-50m", "50-200m"]
+        .into_iter()
+        .find(|b| by_band.iter().any(|x| x.0 == *b))?;
+    let pts: Vec<&(String, f64, f64)> = by_band.iter().filter(|x| x.0 == inner).collect();
+    let (e, n) = pts.iter().fold((0.0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2));
+    Some((
+        (e / pts.len() as f64, n / pts.len() as f64),
+        inner,
+        pts.len(),
+    ))
+}
+
 /// Sweeps a grid of claimed positions with one key, notes the target's band
 /// at each, and estimates the target as the centroid of the innermost band
 /// seen. Returns the estimate's error in metres.
@@ -23,31 +55,18 @@ async fn attack(config: Config) -> f64 {
     for i in -10..=30 {
         for j in -10..=25 {
             let (e, n) = (i as f64 * 4.0, j as f64 * 4.0);
-            let loc = LocationSpec {
-                at: Some(center().offset_m(e, n)),
-                ..Default::default()
-            };
-            let r = c
-                .ask_as(&me, loc, ConditionSpec::default())
-                .await
-                .expect("share request");
-            if let Some(o) = r.offers.iter().find(|o| o.sharer == "target") {
-                by_band.push((o.distance_band.clone(), e, n));
+            if let Some(band) = band_at(&c, &me, e, n).await {
+                by_band.push((band, e, n));
             }
         }
     }
-    let inner = ["<10m", "10-50m", "50-200m"]
-        .into_iter()
-        .find(|b| by_band.iter().any(|x| x.0 == *b))
-        .expect("the target was offered somewhere");
-    let pts: Vec<&(String, f64, f64)> = by_band.iter().filter(|x| x.0 == inner).collect();
-    let (e, n) = pts.iter().fold((0.0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2));
-    let guess = (e / pts.len() as f64, n / pts.len() as f64);
+    let (guess, inner, points) =
+        innermost_centroid(&by_band).expect("the target was offered somewhere");
     let error = (guess.0 - TARGET.0).hypot(guess.1 - TARGET.1);
     eprintln!(
         "attacker: {} queries, innermost band {inner} at {} points, error {error:.1} m",
         41 * 36,
-        pts.len()
+        points
     );
     error
 }
@@ -94,25 +113,12 @@ async fn sweep(c: &Cluster, k: usize) -> Option<(f64, f64)> {
             // A walk: up one column, down the next.
             let j = if i % 2 == 0 { j } else { 18 - j };
             let (e, n) = (e0 + i as f64 * 5.0, n0 + j as f64 * 5.0);
-            let loc = LocationSpec {
-                at: Some(center().offset_m(e, n)),
-                ..Default::default()
-            };
-            let r = c
-                .ask_as(&me, loc, ConditionSpec::default())
-                .await
-                .expect("share request");
-            if let Some(o) = r.offers.iter().find(|o| o.sharer == "target") {
-                by_band.push((o.distance_band.clone(), e, n));
+            if let Some(band) = band_at(c, &me, e, n).await {
+                by_band.push((band, e, n));
             }
         }
     }
-    let inner = ["<10m", "10-50m", "50-200m"]
-        .into_iter()
-        .find(|b| by_band.iter().any(|x| x.0 == *b))?;
-    let pts: Vec<&(String, f64, f64)> = by_band.iter().filter(|x| x.0 == inner).collect();
-    let (e, n) = pts.iter().fold((0.0, 0.0), |a, x| (a.0 + x.1, a.1 + x.2));
-    Some((e / pts.len() as f64, n / pts.len() as f64))
+    innermost_centroid(&by_band).map(|(g, _, _)| g)
 }
 
 /// Many keys, one machine: 32 fresh keys sweep the target at once (11,552
