@@ -24,11 +24,15 @@ where
         if n == 0 {
             break;
         }
-        w.write_all(&buf[..n]).await?;
+        // Counted when read, before the writer can pass them on: whoever
+        // sees the bytes arrive (a user, a test, a status poll) sees them
+        // counted, and bytes fetched over the link count even if the
+        // other side has gone.
         total += n as u64;
         for c in counters {
             c.fetch_add(n as u64, Ordering::Relaxed);
         }
+        w.write_all(&buf[..n]).await?;
     }
     w.shutdown().await?;
     Ok(total)
