@@ -1,0 +1,214 @@
+//! Leave-one-run-out evaluation on recorded runs of one route: train a map
+//! on every other run (each run as its own device, gaps filled between
+//! fixes), then replay the held-out run through a [`Tracker`] from its raw
+//! fixes only (causal, no filling) and score every reading by its duration.
+//! The reference baseline runs on the same split: a 100 m square grid, a
+//! square weak when at least half its training time was weak, the last fix
+//! held through gaps.
+
+use crate::track::{Reading, fill_gaps};
+use crate::{Config, Horizon, Map, Sample, Tracker};
+use std::collections::HashMap;
+
+/// Time-weighted confusion counts of "weak".
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Score {
+    pub tp: f64,
+    pub fp: f64,
+    pub fn_: f64,
+    pub tn: f64,
+}
+
+impl Score {
+    pub fn add(&mut self, predicted: bool, truth: bool, w: f64) {
+        match (predicted, truth) {
+            (true, true) => self.tp += w,
+            (true, false) => self.fp += w,
+            (false, true) => self.fn_ += w,
+            (false, false) => self.tn += w,
+        }
+    }
+
+    pub fn precision(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fp)
+    }
+
+    pub fn recall(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fn_)
+    }
+
+    pub fn f1(&self) -> f64 {
+        ratio(2.0 * self.tp, 2.0 * self.tp + self.fp + self.fn_)
+    }
+
+    /// Predicted-weak time over true weak time.
+    pub fn weak_ratio(&self) -> f64 {
+        ratio(self.tp + self.fp, self.tp + self.fn_)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 { 1.0 } else { a / b }
+}
+
+/// One route's result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteReport {
+    pub runs: usize,
+    pub seconds: f64,
+    pub weak_seconds: f64,
+    pub map: Score,
+    pub baseline: Score,
+    /// Share of the time the map answered at all.
+    pub answered: f64,
+    /// Share of weak time (in episodes ≥ 3 s) whose episode was warned
+    /// 5–30 s before it began (`weak_in_s` not null at some point then).
+    pub warned: f64,
+    pub baseline_warned: f64,
+}
+
+/// Weak below this, kbit/s.
+pub const WEAK_KBPS: f64 = 250.0;
+/// Gaps between fixes filled for training up to this long.
+pub const FILL_GAP_S: f64 = 600.0;
+
+fn grid_key(lat: f64, lon: f64) -> (i64, i64) {
+    let y = lat * 111_320.0;
+    let x = lon * 111_320.0 * lat.to_radians().cos();
+    ((y / 100.0).floor() as i64, (x / 100.0).floor() as i64)
+}
+
+/// Weak episodes of a run: (start, end, weak seconds), ≥ 3 s long.
+fn episodes(run: &[Reading]) -> Vec<(f64, f64, f64)> {
+    let mut out = vec![];
+    let mut open: Option<(f64, f64, f64)> = None;
+    for r in run {
+        if r.down_kbps < WEAK_KBPS {
+            let e = open.get_or_insert((r.t - r.duration_s, r.t, 0.0));
+            e.1 = r.t;
+            e.2 += r.duration_s;
+        } else if let Some(e) = open.take() {
+            out.push(e);
+        }
+    }
+    out.extend(open);
+    out.retain(|e| e.2 >= 3.0);
+    out
+}
+
+/// Share of weak episode time warned 5–30 s ahead, given the times at
+/// which a warning was given.
+fn warned_share(eps: &[(f64, f64, f64)], warnings: &[f64]) -> (f64, f64) {
+    let (mut warned, mut total) = (0.0, 0.0);
+    for &(start, _, secs) in eps {
+        total += secs;
+        if warnings
+            .iter()
+            .any(|w| *w >= start - 30.0 && *w <= start - 5.0)
+        {
+            warned += secs;
+        }
+    }
+    (warned, total)
+}
+
+/// Evaluates one route's runs (at least 4 for k = 3 to answer at all).
+pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -> RouteReport {
+    let mut rep = RouteReport {
+        runs: runs.len(),
+        ..RouteReport::default()
+    };
+    let (mut answered, mut warned, mut base_warned, mut ep_total) = (0.0, 0.0, 0.0, 0.0);
+    for held in 0..runs.len() {
+        let Ok(mut map) = Map::new(cfg) else {
+            return rep;
+        };
+        let mut grid: HashMap<(i64, i64), (f64, f64)> = HashMap::new();
+        for (i, run) in runs.iter().enumerate().filter(|(i, _)| *i != held) {
+            let mut filled = run.clone();
+            fill_gaps(&mut filled, FILL_GAP_S);
+            let mut trail = None;
+            for r in &filled {
+                let Some((lat, lon)) = r.pos else { continue };
+                let s = Sample {
+                    t: r.t,
+                    lat,
+                    lon,
+                    duration_s: r.duration_s,
+                    down_kbps: r.down_kbps,
+                    device: i as u64 + 1,
+                };
+                if map.observe(&s, &mut trail).is_err() {
+                    continue;
+                }
+                if !r.filled {
+                    let g = grid.entry(grid_key(lat, lon)).or_default();
+                    g.0 += r.duration_s;
+                    if r.down_kbps < WEAK_KBPS {
+                        g.1 += r.duration_s;
+                    }
+                }
+            }
+        }
+        let mut tracker = Tracker::new();
+        let mut last = None;
+        let (mut warnings, mut base_warnings) = (vec![], vec![]);
+        for r in &runs[held] {
+            let truth = r.down_kbps < WEAK_KBPS;
+            rep.seconds += r.duration_s;
+            if truth {
+                rep.weak_seconds += r.duration_s;
+            }
+            let p = tracker.step(&map, r.t, r.pos, &horizon).ok();
+            if p.is_some_and(|p| p.expected_kbps.is_some()) {
+                answered += r.duration_s;
+            }
+            rep.map.add(p.is_some_and(|p| p.weak), truth, r.duration_s);
+            if p.is_some_and(|p| p.weak_in_s.is_some_and(|w| w <= horizon.ahead_s)) {
+                warnings.push(r.t);
+            }
+            last = r.pos.or(last);
+            let b = last.is_some_and(|(lat, lon)| {
+                grid.get(&grid_key(lat, lon))
+                    .is_some_and(|(all, weak)| *weak >= 0.5 * all)
+            });
+            rep.baseline.add(b, truth, r.duration_s);
+            if b {
+                base_warnings.push(r.t);
+            }
+        }
+        let eps = episodes(&runs[held]);
+        let (w, total) = warned_share(&eps, &warnings);
+        let (bw, _) = warned_share(&eps, &base_warnings);
+        warned += w;
+        base_warned += bw;
+        ep_total += total;
+    }
+    rep.answered = ratio(answered, rep.seconds);
+    rep.warned = ratio(warned, ep_total);
+    rep.baseline_warned = ratio(base_warned, ep_total);
+    rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn episodes_and_warnings() {
+        let r = |t: f64, kbps: f64| Reading {
+            t,
+            duration_s: 1.0,
+            down_kbps: kbps,
+            ..Reading::default()
+        };
+        let run: Vec<Reading> = (1..=100)
+            .map(|t| r(t as f64, if (50..55).contains(&t) { 0.0 } else { 1000.0 }))
+            .collect();
+        let eps = episodes(&run);
+        assert_eq!(eps, vec![(49.0, 54.0, 5.0)]);
+        assert_eq!(warned_share(&eps, &[30.0]), (5.0, 5.0));
+        assert_eq!(warned_share(&eps, &[46.0]), (0.0, 5.0), "too late");
+        assert_eq!(warned_share(&eps, &[10.0]), (0.0, 5.0), "too early");
+    }
+}

@@ -1,0 +1,251 @@
+//! Prediction along a track, causal: each point is answered from that point
+//! and the ones before it. A [`Tracker`] follows one device: the cell it is
+//! in, the one it came from, and when it entered; without a fix it moves on
+//! along the learned route after the time devices usually spend in a cell
+//! (dead reckoning), and it looks ahead along the route for the next weak
+//! cell within the horizon.
+
+use crate::routes::NONE;
+use crate::{Map, QosError};
+
+/// What is expected at one point of a track.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub t: f64,
+    /// This place at this time is predicted weak.
+    pub weak: bool,
+    /// Seconds until the next predicted weak cell along the route within
+    /// the horizon (0 when inside one), `None` when none is predicted.
+    pub weak_in_s: Option<f64>,
+    pub expected_kbps: Option<f64>,
+    /// 0..=1.
+    pub confidence: f64,
+    /// The cell the device is taken to be in, if any.
+    pub cell: Option<u64>,
+    /// Seconds since the last fix when the cell comes from dead reckoning.
+    pub reckoned_s: Option<f64>,
+}
+
+/// How far a tracker looks and carries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Horizon {
+    /// Look this many seconds ahead along the route.
+    pub ahead_s: f64,
+    /// Carry a device without a fix along the route at most this long.
+    pub max_gap_s: f64,
+    /// Below this a cell is weak (the map's own threshold answers by its
+    /// weak share; any other threshold by the cell's mean throughput).
+    pub weak_kbps: f64,
+}
+
+impl Default for Horizon {
+    fn default() -> Self {
+        Horizon {
+            ahead_s: 60.0,
+            max_gap_s: 900.0,
+            weak_kbps: 250.0,
+        }
+    }
+}
+
+/// Steps walked at most, ahead or reckoning (bounds the work per point).
+const MAX_STEPS: usize = 256;
+
+/// One device's position on the learned routes.
+#[derive(Clone, Debug, Default)]
+pub struct Tracker {
+    from: u64,
+    here: u64,
+    entered: f64,
+    last_fix: Option<f64>,
+    last_t: Option<f64>,
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker {
+            from: NONE,
+            here: NONE,
+            ..Tracker::default()
+        }
+    }
+
+    /// The prediction for time `t` at `pos` (`None`: no fix at this point).
+    /// Points must come in time order; an earlier one is an error.
+    pub fn step(
+        &mut self,
+        map: &Map,
+        t: f64,
+        pos: Option<(f64, f64)>,
+        h: &Horizon,
+    ) -> Result<Prediction, QosError> {
+        if !t.is_finite() || self.last_t.is_some_and(|last| t < last) {
+            return Err(QosError::Value {
+                what: "t (points must be in time order)",
+                value: t,
+            });
+        }
+        self.last_t = Some(t);
+        let now = map.newest().unwrap_or(t);
+        let cfg = *map.config();
+        let mut reckoned_s = None;
+        match pos {
+            Some((lat, lon)) => {
+                let cell = u64::from(map.cell_of(lat, lon)?);
+                if cell != self.here {
+                    self.from = self.here;
+                    self.here = cell;
+                    self.entered = t;
+                }
+                self.last_fix = Some(t);
+            }
+            None => match self.last_fix {
+                Some(fix) if t - fix <= h.max_gap_s && self.here != NONE => {
+                    for _ in 0..MAX_STEPS {
+                        let Some(step) = map.routes().next(self.from, self.here, now, &cfg) else {
+                            break;
+                        };
+                        if t - self.entered <= step.dwell_s {
+                            break;
+                        }
+                        self.entered += step.dwell_s.max(1.0);
+                        self.from = self.here;
+                        self.here = step.next;
+                    }
+                    reckoned_s = Some(t - fix);
+                }
+                _ => {
+                    // Lost: nothing to answer from until the next fix.
+                    self.from = NONE;
+                    self.here = NONE;
+                    return Ok(Prediction {
+                        t,
+                        weak: false,
+                        weak_in_s: None,
+                        expected_kbps: None,
+                        confidence: 0.0,
+                        cell: None,
+                        reckoned_s: self.last_fix.map(|f| t - f),
+                    });
+                }
+            },
+        }
+        let is_weak = |cell: u64, at: f64| -> bool {
+            let Ok(c) = h3o::CellIndex::try_from(cell) else {
+                return false;
+            };
+            map.estimate_cell(c, at).is_some_and(|e| {
+                if h.weak_kbps == cfg.weak_kbps {
+                    e.weak()
+                } else {
+                    e.kbps < h.weak_kbps
+                }
+            })
+        };
+        let here = h3o::CellIndex::try_from(self.here).ok();
+        let est = here.and_then(|c| map.estimate_cell(c, t));
+        let weak = is_weak(self.here, t);
+        let weak_in_s = if weak {
+            Some(0.0)
+        } else {
+            self.ahead(map, t, now, h, &is_weak)
+        };
+        let fade = reckoned_s.map_or(1.0, |s| 0.5f64.powf(s / 60.0));
+        Ok(Prediction {
+            t,
+            weak,
+            weak_in_s,
+            expected_kbps: est.map(|e| e.kbps),
+            confidence: est.map_or(0.0, |e| e.confidence * fade),
+            cell: Some(self.here),
+            reckoned_s,
+        })
+    }
+
+    /// Walks the learned route ahead: seconds to the first weak cell.
+    fn ahead(
+        &self,
+        map: &Map,
+        t: f64,
+        now: f64,
+        h: &Horizon,
+        is_weak: &dyn Fn(u64, f64) -> bool,
+    ) -> Option<f64> {
+        let cfg = map.config();
+        let (mut from, mut here) = (self.from, self.here);
+        let mut spent = t - self.entered;
+        let mut ahead = 0.0;
+        for _ in 0..MAX_STEPS {
+            let step = map.routes().next(from, here, now, cfg)?;
+            ahead += (step.dwell_s - spent).max(0.0);
+            spent = 0.0;
+            if ahead > h.ahead_s {
+                return None;
+            }
+            if is_weak(step.next, t + ahead) {
+                return Some(ahead);
+            }
+            from = here;
+            here = step.next;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Sample};
+
+    /// Three devices ride east along a line at 10 m/s, 1 Hz; the last
+    /// stretch (from 1,500 m) is weak.
+    fn learned() -> Map {
+        let mut m = Map::new(Config::default()).expect("map");
+        for d in 1..=3u64 {
+            let mut trail = None;
+            for i in 0..200 {
+                let x = i as f64 * 10.0;
+                let s = Sample {
+                    t: 1000.0 + d as f64 * 1000.0 + i as f64,
+                    lat: 59.9,
+                    lon: 10.7 + x / 55_800.0,
+                    duration_s: 1.0,
+                    down_kbps: if x >= 1500.0 { 50.0 } else { 3000.0 },
+                    device: d,
+                };
+                m.observe(&s, &mut trail).expect("observe");
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn warns_ahead_and_reckons_through_a_gap() {
+        let m = learned();
+        assert!(!m.routes().is_empty());
+        let mut tr = Tracker::new();
+        let h = Horizon::default();
+        // Fixes up to 1,000 m, then none (a tunnel).
+        let mut first_warning = None;
+        let mut weak_without_fix = None;
+        for i in 0..190 {
+            let x = i as f64 * 10.0;
+            let t = 10_000.0 + i as f64;
+            let pos = (x <= 1000.0).then_some((59.9, 10.7 + x / 55_800.0));
+            let p = tr.step(&m, t, pos, &h).expect("step");
+            if first_warning.is_none() && p.weak_in_s.is_some() {
+                first_warning = Some((x, p.weak_in_s));
+            }
+            if weak_without_fix.is_none() && p.weak && pos.is_none() {
+                weak_without_fix = Some(x);
+            }
+        }
+        let (at, ahead) = first_warning.expect("a warning");
+        assert!(at < 1500.0, "warned at {at} m, {ahead:?} s ahead");
+        assert!(ahead.is_some_and(|s| s > 5.0), "{ahead:?}");
+        let x = weak_without_fix.expect("reckoned into the weak stretch");
+        assert!((1400.0..1700.0).contains(&x), "weak from {x} m");
+        // Out of order is an error.
+        assert!(tr.step(&m, 0.0, None, &h).is_err());
+    }
+}
