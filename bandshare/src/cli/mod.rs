@@ -36,6 +36,10 @@ enum Command {
     Connect(ConnectArgs),
     /// Ask once for offers near a place and print them.
     Offers(OffersArgs),
+    /// The QoS map: import recorded traces, predict weak zones along a
+    /// track, export the published cells.
+    #[command(subcommand)]
+    Qos(qos::QosCommand),
     /// Run a coordinator, five sharers, a web target and a requester in one process.
     Demo,
     /// Operate a coordinator's store: list, approve and revoke devices, rotate
@@ -481,6 +485,7 @@ where
     s.parse().map_err(|e: T::Err| e.to_string())
 }
 
+mod qos;
 mod run;
 pub use run::run;
 

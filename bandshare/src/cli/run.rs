@@ -84,6 +84,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Share(a) => share(a).await,
         Command::Connect(a) => connect(a).await,
         Command::Offers(a) => offers(a).await,
+        Command::Qos(q) => {
+            init_logs("warn");
+            super::qos::run(q).await
+        }
         Command::Demo => crate::demo::run().await,
         Command::Admin(a) => admin(a),
         #[cfg(feature = "bench")]

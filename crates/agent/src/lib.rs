@@ -16,6 +16,7 @@ pub mod client;
 pub mod identity;
 pub mod location;
 pub mod probe;
+pub mod qos;
 pub mod requester;
 pub mod sharer;
 pub mod shutdown;

@@ -19,6 +19,73 @@ struct RawConfig {
     scenes: RawScenes,
     #[serde(default)]
     privacy: RawPrivacy,
+    #[serde(default)]
+    qos: RawQos,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQos {
+    resolution: Option<u8>,
+    k: Option<u32>,
+    half_life_days: Option<f64>,
+    weak_kbps: Option<f64>,
+    samples_per_minute: Option<f64>,
+    max_speed_mps: Option<f64>,
+}
+
+/// The QoS map's settings (see `bandshare_qos::Config`) and the limits on
+/// observations.
+#[derive(Clone, Debug)]
+pub struct QosConfig {
+    pub map: bandshare_qos::Config,
+    /// Samples one device may report per minute (a burst of a minute's worth).
+    pub samples_per_minute: f64,
+    /// Faster than this between two of a device's samples is implausible.
+    pub max_speed_mps: f64,
+}
+
+impl Default for QosConfig {
+    fn default() -> Self {
+        QosConfig {
+            map: bandshare_qos::Config::default(),
+            samples_per_minute: 6000.0,
+            max_speed_mps: 300.0,
+        }
+    }
+}
+
+fn qos(raw: &RawQos) -> Result<QosConfig, ConfigError> {
+    let d = QosConfig::default();
+    Ok(QosConfig {
+        map: bandshare_qos::Config {
+            resolution: check("qos.resolution", raw.resolution, d.map.resolution, 0, 15)?,
+            k: check("qos.k", raw.k, d.map.k as u32, 1, 1000)? as usize,
+            half_life_s: check(
+                "qos.half_life_days",
+                raw.half_life_days,
+                d.map.half_life_s / 86_400.0,
+                0.01,
+                36_500.0,
+            )? * 86_400.0,
+            weak_kbps: check("qos.weak_kbps", raw.weak_kbps, d.map.weak_kbps, 1.0, 1e7)?,
+            ..d.map
+        },
+        samples_per_minute: check(
+            "qos.samples_per_minute",
+            raw.samples_per_minute,
+            d.samples_per_minute,
+            1.0,
+            1e9,
+        )?,
+        max_speed_mps: check(
+            "qos.max_speed_mps",
+            raw.max_speed_mps,
+            d.max_speed_mps,
+            1.0,
+            1e6,
+        )?,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +221,8 @@ pub struct Config {
     /// Rate limits and plausibility per requester; the offsets sharers are
     /// shown at.
     pub privacy: crate::privacy::PrivacyConfig,
+    /// The QoS map.
+    pub qos: QosConfig,
 }
 
 impl Default for Config {
@@ -173,6 +242,7 @@ impl Default for Config {
             max_connections_per_source: 256,
             enroll: Enroll::Open,
             privacy: crate::privacy::PrivacyConfig::default(),
+            qos: QosConfig::default(),
         }
     }
 }
@@ -423,6 +493,7 @@ impl Config {
                 })?,
             },
             privacy: privacy(&raw.privacy)?,
+            qos: qos(&raw.qos)?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {

@@ -24,6 +24,7 @@ async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde
         "tls_pin": state.tls_pin(),
         "enroll": format!("{:?}", state.config().enroll).to_lowercase(),
         "version": env!("CARGO_PKG_VERSION"),
+        "qos": state.qos_book(|b| b.status()).ok(),
     });
     if let (Some(o), Ok(serde_json::Value::Object(c))) =
         (body.as_object_mut(), serde_json::to_value(state.counters()))

@@ -14,6 +14,7 @@ pub mod listen;
 pub mod matchmaker;
 pub mod offer;
 pub mod privacy;
+pub mod qos;
 pub mod registry;
 pub mod sharer_link;
 pub mod state;
@@ -45,6 +46,8 @@ pub enum ServerError {
     Http(std::io::Error),
     #[error("cannot generate a signing key")]
     Rng,
+    #[error("QoS map: {0}")]
+    Qos(String),
 }
 
 /// 32 random bytes from the system.
@@ -123,6 +126,7 @@ pub async fn run_with(
     let sweeper = tokio::spawn(expire_silent(state.clone(), stop_rx.clone()));
     // Operators' decisions and key rotations, read from the store.
     let trust_task = tokio::spawn(trust::watch(state.clone(), stop_rx.clone()));
+    let qos_saver = tokio::spawn(qos::saver(state.clone(), stop_rx.clone()));
     let cap = state.config().max_connections_per_source;
     let http_task = match http {
         Some(l) => {
@@ -155,6 +159,9 @@ pub async fn run_with(
                 state: state.clone(),
             },
         ))
+        .add_service(v1::qos_server::QosServer::new(qos::QosService {
+            state: state.clone(),
+        }))
         .add_service(v1::health_server::HealthServer::new(HealthService {
             state: state.clone(),
         }));
@@ -183,6 +190,8 @@ pub async fn run_with(
     };
     sweeper.abort();
     trust_task.abort();
+    // The map's last changes reach the store before `run` returns.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), qos_saver).await;
     if let Some(h) = http_task {
         h.abort();
     }

@@ -121,9 +121,13 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         let _permit = self.state.admit_request()?;
         let req = req.into_inner();
         let state = &self.state;
-        let requester = self
-            .proven(&req.requester_key, &req.proof, req.signed_at_unix)
-            .await?;
+        let requester = proven(
+            &self.state,
+            &req.requester_key,
+            &req.proof,
+            req.signed_at_unix,
+        )
+        .await?;
         if req.sharer_keys.len() > 16 {
             return Err(Status::invalid_argument(
                 "at most 16 sharer keys per refresh",
@@ -159,48 +163,47 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
     ) -> Result<Response<v1::ShareResponse>, Status> {
         let _permit = self.state.admit_request()?;
         let req = req.into_inner();
-        let requester = self
-            .proven(&req.requester_key, &req.proof, req.signed_at_unix)
-            .await?;
+        let requester = proven(
+            &self.state,
+            &req.requester_key,
+            &req.proof,
+            req.signed_at_unix,
+        )
+        .await?;
         let span = info_span!("share_request", requester = %requester.short());
         self.handle(req, requester).instrument(span).await
     }
 }
 
-impl MatchmakerService {
-    /// The requester a request names, once it has proven holding the key
-    /// and is allowed in (enrolled, not revoked).
-    async fn proven(
-        &self,
-        key: &[u8],
-        proof: &[u8],
-        signed_at_unix: u64,
-    ) -> Result<DeviceKey, Status> {
-        let requester = DeviceKey::from_slice(key)
-            .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
-        bandshare_core::ticket::verify_request(
-            &requester,
-            proof,
-            signed_at_unix,
-            crate::unix_now(),
-        )
+/// The requester a request names, once it has proven holding the key
+/// and is allowed in (enrolled, not revoked).
+pub(crate) async fn proven(
+    state: &Arc<State>,
+    key: &[u8],
+    proof: &[u8],
+    signed_at_unix: u64,
+) -> Result<DeviceKey, Status> {
+    let requester = DeviceKey::from_slice(key)
+        .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
+    bandshare_core::ticket::verify_request(&requester, proof, signed_at_unix, crate::unix_now())
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        self.enrolled(&requester).await?;
-        Ok(requester)
-    }
+    enrolled(state, &requester).await?;
+    Ok(requester)
+}
 
-    /// Refuses a revoked or (in approval mode) unapproved requester; the
-    /// latter is recorded so the operator can approve it.
-    async fn enrolled(&self, requester: &DeviceKey) -> Result<(), Status> {
-        let Err(denied) = self.state.check_device(requester) else {
-            return Ok(());
-        };
-        if let Some(recorded) = record_requester(&self.state, *requester) {
-            let _ = recorded.await;
-        }
-        Err(denied)
+/// Refuses a revoked or (in approval mode) unapproved requester; the
+/// latter is recorded so the operator can approve it.
+async fn enrolled(state: &Arc<State>, requester: &DeviceKey) -> Result<(), Status> {
+    let Err(denied) = state.check_device(requester) else {
+        return Ok(());
+    };
+    if let Some(recorded) = record_requester(state, *requester) {
+        let _ = recorded.await;
     }
+    Err(denied)
+}
 
+impl MatchmakerService {
     async fn handle(
         &self,
         req: v1::ShareRequest,

@@ -43,6 +43,10 @@ pub struct State {
     privacy: Mutex<privacy::Guard>,
     /// The secret offsets sharers are shown at.
     offsets: privacy::Offsets,
+    /// The QoS map and what checking observations needs.
+    qos: Mutex<crate::qos::Book>,
+    /// Keys the map's device numbers (never a device key in the map).
+    qos_secret: [u8; 32],
     /// Sharers offered to each requester: the only ones whose tickets it
     /// may refresh.
     offered: Mutex<HashMap<DeviceKey, HashSet<DeviceKey>>>,
@@ -100,6 +104,17 @@ impl State {
         ctx.update(b"bandshare privacy offsets v1\0");
         ctx.update(&first.0);
         let privacy_secret = ctx.finish();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"bandshare qos devices v1\0");
+        ctx.update(&first.0);
+        let mut qos_secret = [0u8; 32];
+        qos_secret.copy_from_slice(ctx.finish().as_ref());
+        let mut map =
+            bandshare_qos::Map::new(config.qos.map).map_err(|e| ServerError::Qos(e.to_string()))?;
+        let (cells, routes) = store.load_qos(&mut map)?;
+        if cells > 0 {
+            info!(cells, routes, "QoS map loaded");
+        }
         // After a restart, the key before the newest still verifies for one
         // ticket lifetime: tickets it signed may still be in use.
         let previous = (seeds.len() >= 2).then(|| {
@@ -113,6 +128,8 @@ impl State {
         Ok(Arc::new(State {
             privacy: Mutex::new(privacy::Guard::new(config.privacy.clone())),
             offsets: privacy::Offsets::new(&config.privacy, privacy_secret.as_ref()),
+            qos: Mutex::new(crate::qos::Book::new(map)),
+            qos_secret,
             keys: RwLock::new(Keys {
                 signer: Arc::new(TicketSigner::from_seed(&seed.0, *key_id)),
                 previous,
@@ -169,6 +186,26 @@ impl State {
     /// The secret offsets sharers are shown at.
     pub fn offsets(&self) -> &privacy::Offsets {
         &self.offsets
+    }
+
+    /// Runs `f` with the QoS map.
+    pub fn qos_book<R>(&self, f: impl FnOnce(&mut crate::qos::Book) -> R) -> Result<R, Status> {
+        let mut g = self
+            .qos
+            .lock()
+            .map_err(|_| Status::internal("QoS map poisoned"))?;
+        Ok(f(&mut g))
+    }
+
+    /// The number the QoS map knows a device by: a keyed hash of its key.
+    pub fn qos_device(&self, key: &DeviceKey) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&self.qos_secret);
+        ctx.update(&key.0);
+        let d = ctx.finish();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_le_bytes(b)
     }
 
     /// Runs `f` with the privacy guard (rate limits, plausibility).

@@ -238,6 +238,13 @@ pub struct Published {
     pub estimate: Estimate,
 }
 
+/// A cell's corners as (lat, lon), for drawing it; `None` for a number
+/// that is not an H3 cell.
+pub fn cell_boundary(cell: u64) -> Option<Vec<(f64, f64)>> {
+    let c = CellIndex::try_from(cell).ok()?;
+    Some(c.boundary().iter().map(|ll| (ll.lat(), ll.lng())).collect())
+}
+
 /// Hour of the week (0 = Thursday 00:00 UTC, the unix epoch's weekday).
 pub fn hour_of_week(t: f64) -> u8 {
     ((t.floor() as i64).rem_euclid(WEEK_S) / HOUR_S) as u8

@@ -1,5 +1,6 @@
 //! The coordinator's durable state in one SQLite file (WAL): devices and
-//! their keys, the coordinator's ticket-signing key, and the usage ledger.
+//! their keys, the coordinator's ticket-signing key, the usage ledger, and
+//! the QoS map's aggregates (never raw samples).
 //! Live state (positions, streams) never comes here.
 //!
 //! Synchronous on purpose: callers on an async runtime wrap calls in
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 mod devices;
 mod keys;
 mod ledger;
+mod qos;
 
 pub mod private;
 
@@ -138,6 +140,26 @@ CREATE TABLE IF NOT EXISTS names (
     folded TEXT PRIMARY KEY,
     key BLOB NOT NULL,
     bound INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS qos_cells (
+    cell INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    kbps_s REAL NOT NULL,
+    weak_s REAL NOT NULL,
+    at REAL NOT NULL,
+    tags BLOB NOT NULL,
+    PRIMARY KEY (cell, hour)
+);
+CREATE TABLE IF NOT EXISTS qos_routes (
+    came_from INTEGER NOT NULL,
+    here INTEGER NOT NULL,
+    next INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    dwell_w_s REAL NOT NULL,
+    at REAL NOT NULL,
+    tags BLOB NOT NULL,
+    PRIMARY KEY (came_from, here, next)
 );
 CREATE TABLE IF NOT EXISTS usage_batches (
     sharer BLOB NOT NULL,
