@@ -92,6 +92,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
                 standby: 1,
                 probes: vec![],
                 own_link: Default::default(),
+                predict: None,
             },
             key,
             shutdown,

@@ -424,6 +424,14 @@ struct ConnectArgs {
     /// link is degraded; 3 lost in a row always degrade it.
     #[arg(long, value_name = "FRACTION", default_value_t = 0.2, value_parser = parse_fraction)]
     direct_max_loss: f64,
+    /// Pre-connect: with --via auto, new flows move to the pool this many
+    /// seconds before a weak zone the coordinator's QoS map predicts along
+    /// this device's track (and the own link's quality is reported to it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 20.0, value_parser = parse_hold)]
+    predict_lead: f64,
+    /// Never ask for predictions and never report the own link.
+    #[arg(long)]
+    no_predict: bool,
     /// How the active sharer is chosen: best (link state, probes, distance),
     /// lowest-rtt or nearest.
     #[arg(long, default_value = "best", value_parser = parsed::<bandshare_agent::requester::select::Strategy>)]

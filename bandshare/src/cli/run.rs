@@ -319,6 +319,10 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
             hold: std::time::Duration::from_secs_f64(a.direct_hold),
             ..Thresholds::default()
         },
+        predict: (!a.no_predict).then_some(bandshare_agent::requester::forecast::Options {
+            lead_s: a.predict_lead,
+            report: true,
+        }),
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;
     #[cfg(all(feature = "tun", target_os = "linux"))]

@@ -177,6 +177,7 @@ async fn killed(rounds: usize) -> anyhow::Result<Latencies> {
         standby: 1,
         probes: vec![],
         own_link: Default::default(),
+        predict: None,
     };
     opts.pool_size = 3;
     let (stop, shutdown) = bandshare_agent::Shutdown::new();

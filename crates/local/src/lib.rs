@@ -403,6 +403,7 @@ impl Cluster {
             standby: 1,
             probes: vec![],
             own_link: Default::default(),
+            predict: None,
         }
     }
 

@@ -323,6 +323,7 @@ async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after(
         standby: 1,
         probes: vec![],
         own_link: Default::default(),
+        predict: None,
     };
     let r = Requester::start(
         opts,

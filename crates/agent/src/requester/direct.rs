@@ -117,9 +117,28 @@ impl Direct {
             Some(Change::Recovered) => {
                 info!("own link healthy again: new flows go direct")
             }
+            Some(Change::Forecast(why)) => {
+                info!(forecast = %why, "weak zone predicted: new flows go through the pool before the own link drops")
+            }
+            Some(Change::ForecastOver) => {
+                info!(
+                    "predicted weak zone behind: new flows go direct while the own link is healthy"
+                )
+            }
             None => return,
         }
         pool.changed.notify_one();
+    }
+
+    /// The forecast new flows are moved for, if any.
+    pub fn forecasting(&self) -> Option<String> {
+        self.link().forecasting().map(str::to_string)
+    }
+
+    /// Acts on a forecast (or its end): see [`OwnLink::forecast`].
+    pub fn forecast(&self, why: Option<String>, pool: &Pool) {
+        let c = self.link().forecast(why);
+        self.changed(c, pool);
     }
 
     /// How long a probe may take before it counts as lost: four mean

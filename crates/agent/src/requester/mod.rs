@@ -6,6 +6,7 @@
 
 pub mod direct;
 pub mod failover;
+pub mod forecast;
 mod member;
 pub mod own_link;
 pub mod pool;
@@ -104,6 +105,9 @@ pub struct RequesterOptions {
     pub probes: Vec<String>,
     /// When the own link counts as degraded, and the hold before returning.
     pub own_link: own_link::Thresholds,
+    /// Pre-connect on the QoS map's predictions along the track (and
+    /// report the own link); `None`: never ask.
+    pub predict: Option<forecast::Options>,
 }
 
 /// A running requester; listeners are bound and the pool is filling.
@@ -116,6 +120,8 @@ pub struct Requester {
     pub forward_addrs: Vec<SocketAddr>,
     /// The coordinator's answer to the first share request.
     pub first_response: v1::ShareResponse,
+    /// The prediction acted on (pre-connect).
+    pub forecasts: Arc<forecast::Forecasts>,
     location: Arc<tokio::sync::watch::Sender<LocationSpec>>,
 }
 
@@ -199,6 +205,7 @@ impl Requester {
             pool: pool.clone(),
             direct: direct.clone(),
         };
+        let forecasts = Arc::new(forecast::Forecasts::default());
         let me = Requester {
             pool: pool.clone(),
             direct: direct.clone(),
@@ -209,6 +216,7 @@ impl Requester {
                 .filter_map(|(l, _)| l.local_addr().ok())
                 .collect(),
             first_response: first,
+            forecasts: forecasts.clone(),
             location: location_tx,
         };
         let mut tasks = vec![];
@@ -218,8 +226,10 @@ impl Requester {
         for (l, t) in forwards {
             tasks.push(tokio::spawn(proxy::serve_forward(l, t, paths.clone())));
         }
+        let predicting = opts.predict.filter(|_| opts.via == own_link::Via::Auto);
         if let Some(l) = control {
-            let app = status_router(paths.clone());
+            let shown = predicting.map(|_| forecasts.clone());
+            let app = status_router(paths.clone(), shown);
             tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(l, app).await;
             }));
@@ -230,6 +240,19 @@ impl Requester {
             url.host_port().to_string(),
             pool.clone(),
         )));
+        if let Some(p) = predicting {
+            let f = forecast::Forecaster {
+                direct: direct.clone(),
+                pool: pool.clone(),
+                url: url.clone(),
+                key: key.clone(),
+                location: location.clone(),
+                live: opts.sources.is_live(),
+                opts: p,
+                shown: forecasts,
+            };
+            tasks.push(tokio::spawn(f.run()));
+        }
         if opts.via != own_link::Via::Direct {
             tasks.push(tokio::spawn(maintain(
                 pool.clone(),
@@ -262,21 +285,25 @@ struct Status {
     path: &'static str,
     own_link: direct::OwnLinkStatus,
     udp: udp::UdpStatus,
+    /// The prediction acted on, when pre-connect is on.
+    forecast: Option<forecast::ForecastStatus>,
     #[serde(flatten)]
     pool: pool::Status,
 }
 
-fn status_router(paths: proxy::Paths) -> axum::Router {
+fn status_router(paths: proxy::Paths, forecasts: Option<Arc<forecast::Forecasts>>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new().route(
         "/status",
         get(move || {
             let paths = paths.clone();
+            let forecast = forecasts.as_ref().map(|f| f.status());
             async move {
                 axum::Json(Status {
                     path: paths.direct.path().as_str(),
                     own_link: paths.direct.status(),
                     udp: paths.pool.udp.status(),
+                    forecast,
                     pool: paths.pool.status(),
                 })
             }

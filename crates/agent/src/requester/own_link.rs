@@ -122,6 +122,11 @@ impl Default for Thresholds {
 pub enum Change {
     Degraded(String),
     Recovered,
+    /// A weak zone is predicted here or just ahead: new flows go through
+    /// the pool before the own link drops (pre-connect).
+    Forecast(String),
+    /// The predicted zone is behind.
+    ForecastOver,
 }
 
 #[derive(Debug)]
@@ -132,6 +137,8 @@ pub struct OwnLink {
     state: State,
     /// Since when it has been good while degraded.
     good_since: Option<Instant>,
+    /// Why a weak zone is expected now or just ahead (pre-connect).
+    forecast: Option<String>,
 }
 
 impl OwnLink {
@@ -144,7 +151,25 @@ impl OwnLink {
             probes: VecDeque::new(),
             state: State::Unknown,
             good_since: None,
+            forecast: None,
         }
+    }
+
+    /// Sets or clears the forecast of a weak zone; under `auto` a forecast
+    /// sends new flows through the pool while the own link still works.
+    pub fn forecast(&mut self, why: Option<String>) -> Option<Change> {
+        let change = match (&self.forecast, &why) {
+            (None, Some(w)) => Some(Change::Forecast(w.clone())),
+            (Some(_), None) => Some(Change::ForecastOver),
+            _ => None,
+        };
+        self.forecast = why;
+        change
+    }
+
+    /// The forecast acted on, if any.
+    pub fn forecasting(&self) -> Option<&str> {
+        self.forecast.as_deref()
     }
 
     pub fn state(&self) -> State {
@@ -157,6 +182,7 @@ impl OwnLink {
             (Via::Direct, _) => Path::Direct,
             (Via::Pool, _) => Path::Pool,
             (Via::Auto, State::Degraded) => Path::Pool,
+            (Via::Auto, _) if self.forecast.is_some() => Path::Pool,
             (Via::Auto, _) => Path::Direct,
         }
     }
@@ -370,6 +396,24 @@ mod tests {
             at.duration_since(restart)
         );
         assert!(at.duration_since(restart) <= hold + MS * 2500);
+        assert_eq!(l.path(Via::Auto), Path::Direct);
+    }
+
+    #[test]
+    fn a_forecast_moves_new_flows_to_the_pool_and_back() {
+        let (mut l, t0) = link();
+        for i in 0..3 {
+            l.probe(Some(10 * MS), t0 + i * MS);
+        }
+        assert_eq!(l.path(Via::Auto), Path::Direct);
+        let c = l.forecast(Some("weak zone in 12 s".into()));
+        assert_eq!(c, Some(Change::Forecast("weak zone in 12 s".into())));
+        assert_eq!(l.path(Via::Auto), Path::Pool);
+        assert_eq!(l.path(Via::Direct), Path::Direct, "direct never moves");
+        assert_eq!(l.state(), State::Healthy, "the link itself is fine");
+        assert_eq!(l.forecast(Some("weak here".into())), None);
+        assert_eq!(l.forecasting(), Some("weak here"));
+        assert_eq!(l.forecast(None), Some(Change::ForecastOver));
         assert_eq!(l.path(Via::Auto), Path::Direct);
     }
 

@@ -1,0 +1,224 @@
+//! Pre-connect: the requester keeps its recent track (one point a second:
+//! its fix, or none when the live source has gone quiet, as in a tunnel),
+//! asks the coordinator's QoS map for predictions along it every
+//! [`ASK_EVERY`], and acts on the newest point's answer. A weak zone here
+//! or within the lead sends new flows through the pool (filled to its full
+//! size at once) while the own link still works; two clear answers in a
+//! row send them back (while the own link is healthy).
+//!
+//! It also reports its own link where that says something: a degraded own
+//! link as 0 kbit/s, a direct transfer faster than the weak threshold as
+//! its rate. A slow transfer on a healthy link says only that the app
+//! asked for little, so it is not reported.
+
+use super::direct::Direct;
+use super::own_link::State;
+use super::pool::Pool;
+use crate::client::ServerUrl;
+use crate::location::LocationSpec;
+use bandshare_proto::v1;
+use ed25519_dalek::SigningKey;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::debug;
+
+/// A point a second; predictions asked this often.
+pub const POINT_EVERY: Duration = Duration::from_secs(1);
+pub const ASK_EVERY: Duration = Duration::from_secs(2);
+/// Track points kept (and sent) at most.
+pub const TRACK_POINTS: usize = 300;
+/// A live source silent this long means no fix.
+pub const FIX_STALE: Duration = Duration::from_secs(3);
+/// The own link is reported this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Below this a link is weak (the map's default).
+const WEAK_KBPS: f64 = 250.0;
+
+/// How pre-connect acts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options {
+    /// Move new flows to the pool this many seconds before a predicted
+    /// weak zone.
+    pub lead_s: f64,
+    /// Report the own link's quality as observations.
+    pub report: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            lead_s: 20.0,
+            report: true,
+        }
+    }
+}
+
+/// What `/status` shows: the prediction acted on.
+#[derive(Serialize, Debug, Clone, Default, PartialEq)]
+pub struct ForecastStatus {
+    /// New flows go through the pool because of it.
+    pub acting: bool,
+    pub weak: bool,
+    pub weak_in_s: Option<f64>,
+    pub expected_kbps: Option<f64>,
+    pub confidence: f64,
+    /// When the coordinator answered (unix seconds), and for how many points.
+    pub asked_unix: Option<u64>,
+    pub points: usize,
+    pub lead_s: f64,
+    pub error: Option<String>,
+    /// Own-link samples accepted by the coordinator.
+    pub reported: u64,
+}
+
+/// The newest forecast, shared with `/status`.
+#[derive(Default)]
+pub struct Forecasts(Mutex<ForecastStatus>);
+
+impl Forecasts {
+    pub fn status(&self) -> ForecastStatus {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ForecastStatus)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+fn unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Whether this answer calls for the pool: weak here, or within the lead.
+pub fn calls_for_pool(p: &v1::PointPrediction, lead_s: f64) -> Option<String> {
+    if p.weak {
+        return Some("weak zone predicted here".into());
+    }
+    match p.weak_in_s {
+        Some(s) if s <= lead_s => Some(format!("weak zone predicted in {s:.0} s")),
+        _ => None,
+    }
+}
+
+pub(super) struct Forecaster {
+    pub direct: Arc<Direct>,
+    pub pool: Arc<Pool>,
+    pub url: ServerUrl,
+    pub key: SigningKey,
+    pub location: watch::Receiver<LocationSpec>,
+    /// The location comes from live sources (a quiet source: no fix).
+    pub live: bool,
+    pub opts: Options,
+    pub shown: Arc<Forecasts>,
+}
+
+impl Forecaster {
+    pub async fn run(mut self) {
+        let mut track: VecDeque<bandshare_qos::track::Point> = VecDeque::new();
+        let mut tick = tokio::time::interval(POINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_fix = Instant::now();
+        let mut last_ask = Instant::now() - ASK_EVERY;
+        let mut last_report = Instant::now();
+        let mut reported_bytes = self.direct.bytes_down.load(Ordering::Relaxed);
+        let (mut clear_in_a_row, mut failed_in_a_row) = (0, 0);
+        let mut channel = None;
+        self.shown.update(|s| s.lead_s = self.opts.lead_s);
+        loop {
+            tick.tick().await;
+            if self.location.has_changed().unwrap_or(false) {
+                last_fix = Instant::now();
+            }
+            let here = self.location.borrow_and_update().clone();
+            let fresh = !self.live || last_fix.elapsed() < FIX_STALE;
+            let pos = here.at.filter(|_| fresh).map(|p| (p.lat, p.lon));
+            track.push_back(bandshare_qos::track::Point { t: unix_f64(), pos });
+            while track.len() > TRACK_POINTS {
+                track.pop_front();
+            }
+            if track.iter().all(|p| p.pos.is_none()) {
+                continue;
+            }
+            if channel.is_none() {
+                channel = crate::client::connect(&self.url).await.ok();
+            }
+            let Some(ch) = channel.clone() else { continue };
+            if self.opts.report && last_report.elapsed() >= REPORT_EVERY {
+                let secs = last_report.elapsed().as_secs_f64();
+                last_report = Instant::now();
+                let now_bytes = self.direct.bytes_down.load(Ordering::Relaxed);
+                let kbps = (now_bytes.saturating_sub(reported_bytes)) as f64 * 8.0 / secs / 1000.0;
+                reported_bytes = now_bytes;
+                let down = if self.direct.state() == State::Degraded {
+                    Some(0.0)
+                } else {
+                    (kbps >= WEAK_KBPS).then_some(kbps)
+                };
+                if let (Some(down), Some((lat, lon))) = (down, pos) {
+                    let sample = v1::QosSample {
+                        t_unix_ms: (unix_f64() * 1000.0) as u64,
+                        lat,
+                        lon,
+                        accuracy_m: here.accuracy_m,
+                        duration_ms: (secs * 1000.0) as u32,
+                        down_kbps: down,
+                        ..Default::default()
+                    };
+                    match crate::qos::observe(ch.clone(), &self.key, vec![sample], |_| {}).await {
+                        Ok((r, _)) => self.shown.update(|s| s.reported += r.accepted),
+                        Err(e) => debug!(error = %e, "own-link report not taken"),
+                    }
+                }
+            }
+            if last_ask.elapsed() < ASK_EVERY {
+                continue;
+            }
+            last_ask = Instant::now();
+            let points: Vec<_> = track.iter().copied().collect();
+            match crate::qos::predict(ch, &self.key, &points, 0.0, 60).await {
+                Ok(answers) => {
+                    let Some(newest) = answers.last() else {
+                        continue;
+                    };
+                    let why = calls_for_pool(newest, self.opts.lead_s);
+                    clear_in_a_row = if why.is_some() { 0 } else { clear_in_a_row + 1 };
+                    // One clear answer may be a gap in the map: two in a row.
+                    if why.is_some() || clear_in_a_row >= 2 {
+                        self.direct.forecast(why.clone(), &self.pool);
+                    }
+                    failed_in_a_row = 0;
+                    let acting = self.direct.forecasting().is_some();
+                    self.shown.update(|s| {
+                        s.acting = acting;
+                        s.weak = newest.weak;
+                        s.weak_in_s = newest.weak_in_s;
+                        s.expected_kbps = newest.expected_kbps;
+                        s.confidence = newest.confidence;
+                        s.asked_unix = Some(unix_f64() as u64);
+                        s.points = points.len();
+                        s.error = None;
+                    });
+                }
+                Err(e) => {
+                    debug!(error = %e, "no prediction");
+                    channel = None;
+                    // A forecast nobody renews ends (the probes still
+                    // guard the own link).
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= 3 {
+                        self.direct.forecast(None, &self.pool);
+                    }
+                    self.shown.update(|s| s.error = Some(e.to_string()));
+                }
+            }
+        }
+    }
+}

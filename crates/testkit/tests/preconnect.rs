@@ -1,0 +1,142 @@
+//! Pre-connect through a real coordinator: three devices report a line
+//! whose middle stretch is weak (Observe), then a requester with `--via
+//! auto` moves along it. Before it reaches the weak stretch its prediction
+//! (Predict along its own track) moves new flows to the pool while its own
+//! link is still fine; after the stretch they go direct again. `/status`
+//! shows the prediction acted on.
+
+use bandshare_agent::requester::forecast::Options;
+use bandshare_agent::requester::own_link::{Path, State, Via};
+use bandshare_agent::{client, identity, location::LocationSpec, qos};
+use bandshare_proto::v1;
+use bandshare_testkit::{Cluster, SharerSpec, center, exact_config};
+use std::time::{Duration, Instant};
+
+/// Metres per second along the line (east of the centre): a fast train,
+/// below the coordinator's plausible 120 m/s.
+const SPEED: f64 = 100.0;
+/// The weak stretch.
+const WEAK: std::ops::Range<f64> = 1200.0..2000.0;
+const LENGTH: f64 = 3300.0;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predicted_weak_zone_moves_new_flows_to_the_pool_before_it_and_back_after() {
+    // Three sharers every 500 m up to the weak stretch's end, so a full
+    // pool is possible anywhere before and in it.
+    let specs = (0..15)
+        .map(|i| {
+            SharerSpec::new(
+                &format!("s{i}"),
+                (i / 3) as f64 * 500.0,
+                10.0 * (i % 3) as f64,
+            )
+        })
+        .collect();
+    let c = Cluster::start_with(exact_config(), specs)
+        .await
+        .expect("cluster");
+    let ch = client::connect(&c.coordinator.url).await.expect("channel");
+    // Three devices rode the line in the last hour (1 Hz samples).
+    let start = unix_now() - 3000.0;
+    for d in 0..3 {
+        let key = identity::generate().expect("key");
+        let t0 = start + d as f64 * 600.0;
+        let samples: Vec<v1::QosSample> = (0..=(LENGTH / SPEED) as usize)
+            .map(|i| {
+                let x = i as f64 * SPEED;
+                let p = center().offset_m(x, 0.0);
+                v1::QosSample {
+                    t_unix_ms: ((t0 + i as f64) * 1000.0) as u64,
+                    lat: p.lat,
+                    lon: p.lon,
+                    duration_ms: 1000,
+                    down_kbps: if WEAK.contains(&x) { 40.0 } else { 8000.0 },
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let (got, why) = qos::observe(ch.clone(), &key, samples, |_| {})
+            .await
+            .expect("observe");
+        assert_eq!(got.rejected, 0, "{why:?}");
+    }
+
+    let mut opts = c.requester_options();
+    opts.via = Via::Auto;
+    opts.predict = Some(Options {
+        lead_s: 5.0,
+        report: true,
+    });
+    let r = c.requester(opts).await.expect("requester");
+    let req = &r.requester;
+    assert_eq!(req.direct.path(), Path::Direct, "own link first");
+
+    // Ride, moved every 100 ms.
+    let began = Instant::now();
+    let mut acted_at = None;
+    let mut back_at = None;
+    let mut seen_pool_members = 0;
+    let mut state_when_acting = None;
+    while began.elapsed() < Duration::from_secs_f64(LENGTH / SPEED) {
+        let x = began.elapsed().as_secs_f64() * SPEED;
+        // Position only (with its speed the scene would be a vehicle,
+        // served by co-moving sharers alone).
+        req.relocate(LocationSpec {
+            at: Some(center().offset_m(x, 0.0)),
+            ..Default::default()
+        });
+        let f = req.forecasts.status();
+        if acted_at.is_none() && f.acting {
+            acted_at = Some((x, f.clone()));
+            state_when_acting = Some(req.direct.state());
+            assert_eq!(req.direct.path(), Path::Pool, "{f:?}");
+        }
+        if acted_at.is_some() && req.direct.path() == Path::Pool {
+            seen_pool_members = seen_pool_members.max(req.pool.status().pool.len());
+        }
+        if acted_at.is_some() && back_at.is_none() && !f.acting && x > WEAK.end {
+            back_at = Some(x);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (x, f) = acted_at.expect("the prediction acted");
+    eprintln!(
+        "acted at {x:.0} m ({:.1} s before the weak stretch): {f:?}; back direct at {back_at:?} m; {seen_pool_members} members",
+        (WEAK.start - x) / SPEED
+    );
+    assert!(x < WEAK.start, "acted only at {x:.0} m");
+    assert!(
+        f.weak_in_s.is_some_and(|s| s > 0.0) || f.weak,
+        "acting on a weak zone ahead: {f:?}"
+    );
+    assert_ne!(
+        state_when_acting,
+        Some(State::Degraded),
+        "the own link was still fine"
+    );
+    assert!(
+        seen_pool_members >= 2,
+        "the pool filled past its standby of 1: {seen_pool_members}"
+    );
+    let back = back_at.expect("back to direct after the stretch");
+    assert!(back > WEAK.end && back < LENGTH, "{back}");
+
+    // /status carries the prediction.
+    let ctl = req.control_addr.expect("control");
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", &format!("http://{ctl}/status")])
+        .output()
+        .await
+        .expect("curl");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(v["forecast"]["asked_unix"].as_u64().is_some(), "{v}");
+    assert_eq!(v["forecast"]["lead_s"], 5.0, "{v}");
+    r.stop();
+    c.coordinator.stop().await;
+}
