@@ -17,6 +17,19 @@ pub enum BenchCommand {
     /// Whole-device mode: TCP and UDP through the TUN device vs the SOCKS
     /// proxy vs no bandshare, across network namespaces (needs root).
     Tun(BenchTunArgs),
+    /// QoS map: leave-one-run-out on the real commute traces vs a 100 m grid baseline.
+    Qos(BenchQosArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchQosArgs {
+    /// The qos-data directory (norway-hsdpa/, ucc-5g/) [default:
+    /// $BANDSHARE_QOS_DATA, else ../shared/qos-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +136,16 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 udp_rounds: a.udp_rounds,
             })
             .await?;
+            print_report(&v, a.json)
+        }
+        BenchCommand::Qos(a) => {
+            init_logs();
+            let data = a
+                .data
+                .or_else(|| std::env::var_os("BANDSHARE_QOS_DATA").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("../shared/qos-data"));
+            let mut v = bandshare_bench::qos::run(&bandshare_bench::qos::QosOptions { data })?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
             print_report(&v, a.json)
         }
         BenchCommand::Failover(a) => {

@@ -629,6 +629,8 @@ fn every_flag_of_every_subcommand_is_accepted() {
         "500",
         "--direct-max-loss",
         "0.2",
+        "--predict-lead",
+        "15",
         "--strategy",
         "lowest-rtt",
         "--socks",
@@ -656,6 +658,7 @@ fn every_flag_of_every_subcommand_is_accepted() {
         .expect("curl");
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("every-flag"), "{status}");
+    assert!(status.contains(r#""lead_s":15.0"#), "{status}");
     drop(target);
 }
 

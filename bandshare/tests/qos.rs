@@ -99,7 +99,7 @@ fn metro_runs_train_a_map_that_predicts_the_held_out_run_and_survives_a_restart(
         "--format",
         "norway-hsdpa",
     ];
-    args.extend(["--device-per-file", "--json"]);
+    args.extend(["--device-per-file", "--fill-gaps", "600", "--json"]);
     let files: Vec<String> = runs.iter().map(|p| p.display().to_string()).collect();
     args.extend(files.iter().map(String::as_str));
     let imported = json(&args);
@@ -233,4 +233,46 @@ fn implausible_samples_one_device_and_bad_tracks_get_clear_answers() {
         "no column",
     );
     stop(srv);
+}
+
+#[test]
+fn bench_qos_reports_every_route_against_the_baseline() {
+    let data = data_dir();
+    if !data.join("norway-hsdpa").is_dir() {
+        eprintln!("SKIP: no traces under {}", data.display());
+        bandshare_testkit::process::fails_with_one_line(
+            EXE,
+            &["bench", "qos", "--data", "/nonexistent", "--json"],
+            "no traces under /nonexistent",
+        );
+        return;
+    }
+    let d = data.to_str().expect("utf-8");
+    let out = bandshare_testkit::process::run_once(
+        EXE,
+        &["bench", "qos", "--data", d, "--json"],
+        &[],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.lines().last().expect("a line")).expect("JSON");
+    let routes = v["norway"].as_array().expect("routes");
+    assert_eq!(routes.len(), 5, "{v}");
+    let metro = &routes[0];
+    assert_eq!(metro["route"], "metro.kalbakken-jernbanetorget");
+    assert_eq!(metro["targets"]["f1_above_baseline"], true, "{metro}");
+    assert!(
+        metro["map"]["warned_5_30s"].as_f64() >= Some(0.85),
+        "{metro}"
+    );
+    bandshare_testkit::process::fails_with_one_line(
+        EXE,
+        &["bench", "qos", "--data", "/nonexistent"],
+        "no traces under /nonexistent",
+    );
 }

@@ -6,6 +6,7 @@
 //!   shadowsocks-rust.
 //! - [`scale`]: many sharer streams on one coordinator process.
 //! - [`failover`]: a sharer killed or its link cut, to the first new flow.
+//! - [`qos`]: the QoS map on real commute traces vs a grid baseline.
 //! - [`tun`]: whole-device mode vs the proxy vs no bandshare, across
 //!   network namespaces.
 //!
@@ -16,6 +17,7 @@
 pub mod failover;
 pub mod matching;
 pub mod plot;
+pub mod qos;
 pub mod redis;
 pub mod relay;
 pub mod scale;

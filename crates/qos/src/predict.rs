@@ -50,6 +50,14 @@ impl Default for Horizon {
 
 /// Steps walked at most, ahead or reckoning (bounds the work per point).
 const MAX_STEPS: usize = 256;
+/// Velocity is taken over the fixes of this many seconds.
+const VELOCITY_OVER_S: f64 = 10.0;
+/// Where no learned route goes on, the track is extended along its
+/// velocity at most this far ahead, in steps of this.
+const EXTRAPOLATE_S: f64 = 30.0;
+const EXTRAPOLATE_STEP_S: f64 = 2.0;
+/// Slower than this is standing still (no extrapolation).
+const MOVING_MPS: f64 = 1.0;
 
 /// One device's position on the learned routes.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +67,9 @@ pub struct Tracker {
     entered: f64,
     last_fix: Option<f64>,
     last_t: Option<f64>,
+    /// Recent fixes (t, lat, lon), for the velocity when no learned route
+    /// goes on.
+    fixes: std::collections::VecDeque<(f64, f64, f64)>,
 }
 
 impl Tracker {
@@ -98,6 +109,14 @@ impl Tracker {
                     self.entered = t;
                 }
                 self.last_fix = Some(t);
+                self.fixes.push_back((t, lat, lon));
+                while self
+                    .fixes
+                    .front()
+                    .is_some_and(|f| t - f.0 > VELOCITY_OVER_S)
+                {
+                    self.fixes.pop_front();
+                }
             }
             None => match self.last_fix {
                 Some(fix) if t - fix <= h.max_gap_s && self.here != NONE => {
@@ -176,7 +195,10 @@ impl Tracker {
         let mut spent = t - self.entered;
         let mut ahead = 0.0;
         for _ in 0..MAX_STEPS {
-            let step = map.routes().next(from, here, now, cfg)?;
+            let Some(step) = map.routes().next(from, here, now, cfg) else {
+                // No learned way on: straight along the recent velocity.
+                return self.extrapolate(map, t, h, is_weak);
+            };
             ahead += (step.dwell_s - spent).max(0.0);
             spent = 0.0;
             if ahead > h.ahead_s {
@@ -187,6 +209,38 @@ impl Tracker {
             }
             from = here;
             here = step.next;
+        }
+        None
+    }
+
+    /// The first weak cell straight ahead along the velocity of the recent
+    /// fixes (only while fixes are current, up to [`EXTRAPOLATE_S`]).
+    fn extrapolate(
+        &self,
+        map: &Map,
+        t: f64,
+        h: &Horizon,
+        is_weak: &dyn Fn(u64, f64) -> bool,
+    ) -> Option<f64> {
+        let (&(t0, lat0, lon0), &(t1, lat1, lon1)) = (self.fixes.front()?, self.fixes.back()?);
+        if t1 - t0 < 2.0 || t - t1 > 2.0 {
+            return None;
+        }
+        let (vlat, vlon) = ((lat1 - lat0) / (t1 - t0), (lon1 - lon0) / (t1 - t0));
+        let mps = ((vlat * 111_320.0).powi(2)
+            + (vlon * 111_320.0 * lat1.to_radians().cos()).powi(2))
+        .sqrt();
+        if mps < MOVING_MPS {
+            return None;
+        }
+        let mut s = EXTRAPOLATE_STEP_S;
+        while s <= EXTRAPOLATE_S.min(h.ahead_s) {
+            let dt = t + s - t1;
+            let cell = map.cell_of(lat1 + vlat * dt, lon1 + vlon * dt).ok()?;
+            if u64::from(cell) != self.here && is_weak(u64::from(cell), t + s) {
+                return Some(s);
+            }
+            s += EXTRAPOLATE_STEP_S;
         }
         None
     }

@@ -281,7 +281,9 @@ pub fn parse_norway(text: &str) -> Result<Vec<Reading>, TrackError> {
 
 /// A UCC 5G trace (`Timestamp,Longitude,Latitude,…,DL_bitrate,UL_bitrate,…`;
 /// timestamps `yyyy.mm.dd_hh.mm.ss`, read as UTC). Rows sharing a second
-/// are merged into one reading of that second (their mean).
+/// are merged into one reading of that second (their mean). Rows whose
+/// `State` is `I` (idle: nothing was being downloaded, so the bitrate says
+/// nothing about the link) are left out.
 pub fn parse_ucc(text: &str) -> Result<Vec<Reading>, TrackError> {
     let mut lines = text.lines().enumerate();
     let (_, header) = lines.next().ok_or_else(|| err(1, "empty file"))?;
@@ -295,6 +297,7 @@ pub fn parse_ucc(text: &str) -> Result<Vec<Reading>, TrackError> {
     let (cdl, cul, cmode) = (col("DL_bitrate")?, col("UL_bitrate")?, col("NetworkMode")?);
     let (crsrp, crsrq, csnr) = (col("RSRP")?, col("RSRQ")?, col("SNR")?);
     let (cping, closs) = (col("PINGAVG")?, col("PINGLOSS")?);
+    let cstate = cols.iter().position(|c| *c == "State");
     let width = cols.len();
     let opt = |s: &str| s.trim().parse::<f64>().ok().filter(|v| v.is_finite());
     let mut out: Vec<(Reading, u32)> = vec![];
@@ -306,6 +309,9 @@ pub fn parse_ucc(text: &str) -> Result<Vec<Reading>, TrackError> {
         let f: Vec<&str> = l.split(',').collect();
         if f.len() != width {
             return Err(err(n, format!("expected {width} fields, got {}", f.len())));
+        }
+        if cstate.is_some_and(|c| f[c].trim() == "I") {
+            continue;
         }
         let ts = f[ct].trim();
         let int = |r: std::ops::Range<usize>| ts.get(r).and_then(|x| x.parse::<i64>().ok());

@@ -1,0 +1,122 @@
+//! `bench qos`: the QoS map on the real commute traces in
+//! `../shared/qos-data` — leave-one-run-out per Norway HSDPA route and on
+//! the UCC 5G driving traces, against the reference baseline (100 m grid,
+//! weak when ≥ 50 % of its training time was) in the same run, with the
+//! issue's targets checked per route.
+
+use bandshare_qos::eval::{RouteReport, leave_one_run_out};
+use bandshare_qos::track::{Reading, parse_norway, parse_ucc};
+use bandshare_qos::{Config, Horizon};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+pub struct QosOptions {
+    pub data: PathBuf,
+}
+
+/// The routes evaluated, with (F1 target, warned-ahead target) where the
+/// issue sets one.
+const NORWAY: [(&str, Option<f64>, Option<f64>); 5] = [
+    ("metro.kalbakken-jernbanetorget", Some(0.85), Some(0.85)),
+    ("ferry.nesoddtangen-oslo", None, Some(0.85)),
+    ("tram.ljabru-jernbanetorget", None, None),
+    ("bus.ljansbakken-oslo", None, None),
+    ("car.snaroya-smestad", Some(0.85), Some(0.85)),
+];
+
+fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn runs(
+    dir: &Path,
+    parse: fn(&str) -> Result<Vec<Reading>, bandshare_qos::track::TrackError>,
+) -> anyhow::Result<Vec<Vec<Reading>>> {
+    files(dir)?
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f)?;
+            parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))
+        })
+        .collect()
+}
+
+fn r3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Option<f64>) -> Value {
+    let f1 = r.map.f1();
+    let base = r.baseline.f1();
+    eprintln!(
+        "{name:<32} runs {:>2}  weak {:>4.1} %  F1 {:.3} (P {:.2} R {:.2})  baseline {:.3}  warned {:>3.0} % (baseline {:>3.0} %)  predicted/true weak {:.2}",
+        r.runs,
+        100.0 * r.weak_seconds / r.seconds.max(1e-9),
+        f1,
+        r.map.precision(),
+        r.map.recall(),
+        base,
+        r.warned * 100.0,
+        r.baseline_warned * 100.0,
+        r.map.weak_ratio()
+    );
+    json!({
+        "route": name,
+        "runs": r.runs,
+        "hours": r3(r.seconds / 3600.0),
+        "weak_share": r3(r.weak_seconds / r.seconds.max(1e-9)),
+        "map": {"f1": r3(f1), "precision": r3(r.map.precision()), "recall": r3(r.map.recall()),
+                "warned_5_30s": r3(r.warned), "predicted_over_true_weak": r3(r.map.weak_ratio()),
+                "answered": r3(r.answered)},
+        "baseline": {"f1": r3(base), "precision": r3(r.baseline.precision()),
+                     "recall": r3(r.baseline.recall()), "warned_5_30s": r3(r.baseline_warned)},
+        "targets": {
+            "f1_above_baseline": f1 > base,
+            "f1": f1_target.map(|t| json!({"target": t, "met": f1 >= t})),
+            "warned": warn_target.map(|t| json!({"target": t, "met": r.warned >= t})),
+            "predicted_weak_at_most_1_5x": r.map.weak_ratio() <= 1.5,
+        },
+    })
+}
+
+pub fn run(o: &QosOptions) -> anyhow::Result<Value> {
+    let norway = o.data.join("norway-hsdpa/derived-logs");
+    anyhow::ensure!(
+        norway.is_dir(),
+        "no traces under {}: pass --data DIR (the qos-data directory; see its README.md)",
+        o.data.display()
+    );
+    let cfg = Config::default();
+    let horizon = Horizon::default();
+    let bar = crate::stats::bar(NORWAY.len() as u64 + 1, "leave-one-run-out");
+    let mut routes = vec![];
+    for (route, f1, warned) in NORWAY {
+        let rs = runs(&norway.join(route), parse_norway)?;
+        let r = leave_one_run_out(&rs, cfg, horizon);
+        bar.inc(1);
+        routes.push(report(route, &r, f1, warned));
+    }
+    let ucc = o.data.join("ucc-5g/5G-production-dataset/Download/Driving");
+    let ucc_report = if ucc.is_dir() {
+        let rs = runs(&ucc, parse_ucc)?;
+        let r = leave_one_run_out(&rs, cfg, horizon);
+        Some(report("ucc-5g driving (16 traces)", &r, None, None))
+    } else {
+        eprintln!("ucc-5g: missing under {}", o.data.display());
+        None
+    };
+    bar.finish_and_clear();
+    Ok(json!({
+        "bench": "qos",
+        "weak_kbps": cfg.weak_kbps,
+        "config": {"resolution": cfg.resolution, "k": cfg.k, "weak_share": cfg.weak_share,
+                   "half_life_days": cfg.half_life_s / 86400.0, "horizon_s": horizon.ahead_s},
+        "norway": routes,
+        "ucc_5g": ucc_report,
+    }))
+}
