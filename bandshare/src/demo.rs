@@ -135,6 +135,8 @@ pub async fn run() -> anyhow::Result<()> {
     own_link_answers_again(&r, &gateway).await?;
     fetch(&r, port, "/back").await?;
 
+    learn_and_predict(&cluster).await?;
+
     let ledger = cluster.coordinator.state.store().clone();
     wait_until(Duration::from_secs(3), || {
         ledger.usage_rows().unwrap_or(0) > 0
@@ -150,6 +152,72 @@ pub async fn run() -> anyhow::Result<()> {
     for s in &cluster.sharers {
         s.kill();
     }
+    Ok(())
+}
+
+/// Step 7: devices report their links along a street (Observe); the QoS
+/// map predicts, along a new rider's track, the weak stretch before it.
+async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
+    use bandshare_agent::qos;
+    const SPEED: f64 = 8.0;
+    let weak = 240.0..400.0;
+    println!(
+        "
+7. Learn and predict: 3 cyclists reported their own link along a street east \
+         ({:.0}-{:.0} m is weak)",
+        weak.start, weak.end
+    );
+    let ch = bandshare_agent::client::connect(&cluster.coordinator.url).await?;
+    let now = bandshare_core::clock::unix_now() as f64;
+    for d in 0..3 {
+        let key = bandshare_agent::identity::generate()?;
+        let samples = (0..70)
+            .map(|i| {
+                let x = i as f64 * SPEED;
+                let p = center().offset_m(x, 0.0);
+                bandshare_proto::v1::QosSample {
+                    t_unix_ms: ((now - 3000.0 + d as f64 * 600.0 + i as f64) * 1000.0) as u64,
+                    lat: p.lat,
+                    lon: p.lon,
+                    duration_ms: 1000,
+                    down_kbps: if weak.contains(&x) { 60.0 } else { 9000.0 },
+                    ..Default::default()
+                }
+            })
+            .collect();
+        qos::observe(ch.clone(), &key, samples, |_| {}).await?;
+    }
+    let track: Vec<bandshare_qos::track::Point> = (0..40)
+        .map(|i| {
+            let p = center().offset_m(i as f64 * SPEED, 0.0);
+            bandshare_qos::track::Point {
+                t: now + i as f64,
+                pos: Some((p.lat, p.lon)),
+            }
+        })
+        .collect();
+    let key = bandshare_agent::identity::generate()?;
+    let got = qos::predict(ch, &key, &track, 0.0, 60).await?;
+    println!("   a new rider's track, each point answered from the points before it:");
+    for (i, p) in got
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 8 == 0 || *i == 30)
+    {
+        let what = match (p.weak, p.weak_in_s) {
+            (true, _) => "predicted weak here: new flows go through a sharer".to_string(),
+            (false, Some(s)) => format!("weak zone ahead in {s:.0} s"),
+            (false, None) => "no weak zone ahead".to_string(),
+        };
+        println!(
+            "   {:>3.0} m: expected {:>5} kbit/s, {what}",
+            i as f64 * SPEED,
+            p.expected_kbps.map_or("-".into(), |k| format!("{k:.0}"))
+        );
+    }
+    println!(
+        "   (connect --via auto moves new flows to a full pool --predict-lead 20 s before such a zone)"
+    );
     Ok(())
 }
 
