@@ -311,6 +311,38 @@ fn observe(
     ack
 }
 
+/// A sharer's state report as an observation of its uplink at its true
+/// position: a link that is down as 0 kbit/s over the report interval, an
+/// uplink carrying more than the weak threshold as that rate. A quieter
+/// uplink says only that little was asked of it, so it is not counted.
+pub(crate) fn sharer_uplink(
+    state: &State,
+    key: &DeviceKey,
+    at: bandshare_core::Position,
+    link: &v1::LinkState,
+) {
+    let weak = state.config().qos.map.weak_kbps;
+    let rx_kbps = link.uplink_rx_bps as f64 / 1000.0;
+    let down = if !link.up {
+        0.0
+    } else if rx_kbps >= weak {
+        rx_kbps
+    } else {
+        return;
+    };
+    let sample = v1::QosSample {
+        t_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        lat: at.lat,
+        lon: at.lon,
+        duration_ms: state.config().report_interval.as_millis().clamp(1, 600_000) as u32,
+        down_kbps: down,
+        ..Default::default()
+    };
+    let _ = state.qos_book(|b| observe(b, state, key, &[sample], Instant::now()));
+}
+
 /// Writes the map's aggregates to the store when they changed.
 pub(crate) async fn save(state: &Arc<State>) {
     let Ok(Some((cells, routes))) = state.qos_book(|book| {

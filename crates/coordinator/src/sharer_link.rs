@@ -306,4 +306,8 @@ fn apply_report(state: &Arc<State>, s: &mut Stream, r: v1::StateReport, now: Ins
         }
         info.active_requesters = r.active_requesters;
     });
+    // Its uplink as it measured it, where it truly is, into the QoS map.
+    if let (Some((exact, _)), Some(l)) = (shown, &r.link) {
+        crate::qos::sharer_uplink(state, &s.key, exact, l);
+    }
 }

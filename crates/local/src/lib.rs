@@ -167,9 +167,16 @@ pub struct SharerSpec {
     pub data_dir: Option<PathBuf>,
     /// Put a [`udp::UdpRelay`] between requesters and this sharer's relay.
     pub behind_udp_relay: bool,
+    /// `share --uplink-check HOST:PORT`.
+    pub uplink_check: Option<String>,
 }
 
 impl SharerSpec {
+    pub fn uplink_check(mut self, addr: &str) -> Self {
+        self.uplink_check = Some(addr.into());
+        self
+    }
+
     pub fn gpsd(mut self, addr: &str) -> Self {
         self.gpsd = Some(addr.into());
         self
@@ -234,6 +241,7 @@ impl SharerSpec {
             power_supply: None,
             data_dir: None,
             behind_udp_relay: false,
+            uplink_check: None,
         }
     }
 
@@ -311,7 +319,7 @@ impl SharerNode {
             bandwidth_bps: 0,
             consent: spec.consent.clone(),
             uplink: Some("lo".into()),
-            uplink_check: None,
+            uplink_check: spec.uplink_check.clone(),
             power_supply: spec
                 .power_supply
                 .clone()

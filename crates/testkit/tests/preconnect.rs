@@ -140,3 +140,40 @@ async fn a_predicted_weak_zone_moves_new_flows_to_the_pool_before_it_and_back_af
     r.stop();
     c.coordinator.stop().await;
 }
+
+/// Sharers' state reports feed the map too: three sharers whose uplink is
+/// down (their uplink check gets no answer) make their cell weak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharers_whose_uplink_is_down_mark_their_cell_weak() {
+    let mut config = exact_config();
+    config.report_interval = Duration::from_millis(500);
+    // Nothing listens on port 1: every uplink check fails.
+    let specs = (0..3)
+        .map(|i| {
+            SharerSpec::new(&format!("down{i}"), i as f64 * 5.0, 0.0).uplink_check("127.0.0.1:1")
+        })
+        .collect();
+    let c = Cluster::start_with(config, specs).await.expect("cluster");
+    let ch = client::connect(&c.coordinator.url).await.expect("channel");
+    let began = Instant::now();
+    let mut cells = v1::CellsResponse::default();
+    while began.elapsed() < Duration::from_secs(30) {
+        cells = qos::published(ch.clone()).await.expect("cells");
+        if cells.cells.iter().any(|c| c.weak) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "after {:.1} s: {:?}",
+        began.elapsed().as_secs_f64(),
+        cells.cells
+    );
+    // (The first reports, before the checks failed, count the loopback
+    // interface's real traffic as the uplink's rate.)
+    assert!(
+        cells.cells.iter().any(|c| c.weak && c.weak_share >= 0.5),
+        "a weak cell where the sharers are: {cells:?}"
+    );
+    c.coordinator.stop().await;
+}
