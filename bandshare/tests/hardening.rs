@@ -24,21 +24,7 @@ fn fails_with(args: &[&str], needle: &str) {
 }
 
 fn server(data: &Path, extra: &[&str]) -> (Process, String) {
-    let d = data.to_str().expect("utf-8");
-    let mut args = vec![
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data",
-        d,
-    ];
-    args.extend_from_slice(extra);
-    let p = Process::bandshare(EXE, &args).expect("spawn server");
-    let grpc = p
-        .addr("grpc", Duration::from_secs(20))
-        .expect("server listening");
+    let (p, grpc) = Process::server(EXE, "127.0.0.1:0", data, extra);
     (p, grpc.to_string())
 }
 

@@ -17,23 +17,7 @@ use std::time::Duration;
 /// `bandshare server` with gRPC on `listen` (port 0 the first time; the
 /// port it printed when it comes back) and the real process's address.
 fn start_server(listen: &str, data: &Path) -> (Process, SocketAddr) {
-    let p = Process::bandshare(
-        env!("CARGO_BIN_EXE_bandshare"),
-        &[
-            "server",
-            "--listen",
-            listen,
-            "--http",
-            "127.0.0.1:0",
-            "--data",
-            data.to_str().expect("utf-8"),
-        ],
-    )
-    .expect("spawn server");
-    let addr = p
-        .addr("grpc", Duration::from_secs(15))
-        .expect("server listening");
-    (p, addr)
+    Process::server(env!("CARGO_BIN_EXE_bandshare"), listen, data, &[])
 }
 
 /// SIGKILL: no shutdown code runs.

@@ -12,20 +12,7 @@ use std::time::Duration;
 const EXE: &str = env!("CARGO_BIN_EXE_bandshare");
 
 fn server(data: &Path) -> (Process, String) {
-    let d = data.to_str().expect("utf-8");
-    let args = [
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--data",
-        d,
-    ];
-    let p = Process::bandshare(EXE, &args).expect("spawn server");
-    let grpc = p
-        .addr("grpc", Duration::from_secs(20))
-        .expect("server listening");
+    let (p, grpc) = Process::server(EXE, "127.0.0.1:0", data, &[]);
     (p, format!("http://{grpc}"))
 }
 

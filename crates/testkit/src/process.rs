@@ -81,6 +81,32 @@ impl Process {
         Process::spawn(cmd)
     }
 
+    /// `bandshare server` with its store in `data`, gRPC on `listen`, HTTP on
+    /// a free port and `extra` flags, once it listens: (process, gRPC address).
+    pub fn server(
+        exe: &str,
+        listen: &str,
+        data: &std::path::Path,
+        extra: &[&str],
+    ) -> (Process, SocketAddr) {
+        let d = data.to_str().expect("a UTF-8 data path");
+        let mut args = vec![
+            "server",
+            "--listen",
+            listen,
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+            d,
+        ];
+        args.extend_from_slice(extra);
+        let p = Process::bandshare(exe, &args).expect("spawn server");
+        let grpc = p
+            .addr("grpc", Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("server not listening: {e}"));
+        (p, grpc)
+    }
+
     /// The address the process printed as `listening KEY=ADDR`, waited for
     /// at most `timeout`; the error carries what it wrote so far.
     pub fn addr(&self, key: &str, timeout: Duration) -> Result<SocketAddr, String> {
