@@ -248,7 +248,10 @@ async fn take_offers(
         .filter_map(|o| DeviceKey::from_slice(&o.sharer_key).ok())
         .collect();
     info!(reason = %why, offers = offered.len(), "rotating the pool");
-    connect_offers(pool, offers, key, size).await;
+    // Members still offered here stay and count towards the size, so a
+    // move does not dial sharers only to let them go again.
+    let staying = pool.keys().iter().filter(|k| offered.contains(k)).count();
+    connect_offers(pool, offers, key, size.saturating_sub(staying)).await;
     if !offered.is_empty() {
         for k in pool.keys() {
             if !offered.contains(&k) {
