@@ -484,9 +484,22 @@ fn every_flag_of_every_subcommand_is_accepted() {
         .port();
     let relay = format!("127.0.0.1:{relay_port}");
     let allow = format!("127.0.0.1/32:{}", &target_addr[10..]);
+    std::fs::write(
+        p("track.csv"),
+        "time,lat,lon\n1000,39.9042,116.4074\n1001,,\n1002,39.9042,116.4074\n",
+    )
+    .expect("track");
+    let (track, track_start) = (
+        p("track.csv"),
+        bandshare_core::clock::unix_now().to_string(),
+    );
     let location = [
         "--at",
         "39.9042,116.4074,44",
+        "--replay-track",
+        track.as_str(),
+        "--replay-start",
+        track_start.as_str(),
         "--gpsd",
         "127.0.0.1:1",
         "--wifi-scan",

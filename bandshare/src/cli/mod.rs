@@ -1,6 +1,7 @@
 //! Flags of every subcommand (DESIGN.md's CLI contract), their checks,
 //! and their conversion into the crates' options; [`run`] does the work.
 
+use anyhow::Context;
 use bandshare_agent::client;
 use bandshare_agent::location::{self, ConditionSpec, LocationSpec};
 use bandshare_agent::requester::Forward;
@@ -126,6 +127,16 @@ struct LocationArgs {
     /// Scan for Wi-Fi access points on this interface (nmcli, else iw).
     #[arg(long, value_name = "IFACE")]
     wifi_scan: Option<String>,
+    /// Play a recorded track as the live position: GPX 1.1, or CSV with the
+    /// header time,lat,lon (unix seconds; empty lat/lon: no fix, as in a
+    /// tunnel). Each fix plays at its own time, shifted so the first one is
+    /// now (or at --replay-start).
+    #[arg(long, value_name = "FILE")]
+    replay_track: Option<PathBuf>,
+    /// Unix time at which the first point of --replay-track plays (to play
+    /// several devices in step).
+    #[arg(long, value_name = "UNIX_S", requires = "replay_track", value_parser = parse_unix_s)]
+    replay_start: Option<f64>,
     /// Scene hint: outdoor, indoor, vehicle (subway-car), station (subway-hall).
     #[arg(long, value_parser = parsed::<Scene>)]
     scene: Option<Scene>,
@@ -189,6 +200,11 @@ fn parse_grace(s: &str) -> Result<f64, String> {
     bounded(s, 1.0, 10.0, " seconds")
 }
 
+/// A unix time in seconds (after 2001, before 2100).
+fn parse_unix_s(s: &str) -> Result<f64, String> {
+    bounded(s, 1e9, 4.1e9, " (unix seconds)")
+}
+
 /// `--direct-hold`: 0–3600 s.
 fn parse_hold(s: &str) -> Result<f64, String> {
     bounded(s, 0.0, 3600.0, " seconds")
@@ -230,17 +246,39 @@ impl LocationArgs {
     fn sources(&self) -> anyhow::Result<bandshare_agent::location::Sources> {
         let any = self.at.is_some()
             || self.gpsd.is_some()
+            || self.replay_track.is_some()
             || !self.wifi.is_empty()
             || self.wifi_scan.is_some()
             || self.cell.is_some()
             || self.router.is_some();
         anyhow::ensure!(
             any,
-            "no location: give --at LAT,LON, --gpsd HOST:PORT, --wifi, --wifi-scan IFACE, --cell or --router"
+            "no location: give --at LAT,LON, --gpsd HOST:PORT, --replay-track FILE, --wifi, --wifi-scan IFACE, --cell or --router"
         );
+        let replay = match &self.replay_track {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --replay-track {}", path.display()))?;
+                let points = bandshare_qos::track::parse_track(&text)
+                    .with_context(|| format!("--replay-track {}", path.display()))?;
+                anyhow::ensure!(
+                    points.iter().any(|p| p.pos.is_some()),
+                    "--replay-track {} has no point with a position",
+                    path.display()
+                );
+                Some(bandshare_agent::location::replay::Replay {
+                    points,
+                    start: self
+                        .replay_start
+                        .unwrap_or_else(|| bandshare_core::clock::unix_now() as f64),
+                })
+            }
+            None => None,
+        };
         Ok(bandshare_agent::location::Sources {
             gpsd: self.gpsd.clone(),
             wifi_scan: self.wifi_scan.clone(),
+            replay,
         })
     }
 

@@ -305,7 +305,7 @@ impl SharerNode {
             location: spec.location(),
             sources: bandshare_agent::location::Sources {
                 gpsd: spec.gpsd.clone(),
-                wifi_scan: None,
+                ..Default::default()
             },
             services: spec.services,
             network: spec.network,

@@ -7,6 +7,7 @@
 //! one `watch` of the location; agents read it when they report or ask.
 
 pub mod gpsd;
+pub mod replay;
 pub mod wifi_scan;
 
 use bandshare_core::{NetworkType, Position, Scene, Security, ServiceSet};
@@ -128,11 +129,13 @@ pub struct Sources {
     pub gpsd: Option<String>,
     /// Interface to scan for Wi-Fi access points.
     pub wifi_scan: Option<String>,
+    /// A recorded track to play as the position.
+    pub replay: Option<replay::Replay>,
 }
 
 impl Sources {
     pub fn is_live(&self) -> bool {
-        self.gpsd.is_some() || self.wifi_scan.is_some()
+        self.gpsd.is_some() || self.wifi_scan.is_some() || self.replay.is_some()
     }
 }
 
@@ -149,6 +152,15 @@ pub fn start(
         tokio::spawn(async move {
             tokio::select! {
                 _ = gpsd::follow(addr, tx) => {}
+                _ = stop.wait() => {}
+            }
+        });
+    }
+    if let Some(r) = &sources.replay {
+        let (tx, r, stop) = (tx.clone(), r.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = replay::follow(r, tx) => {}
                 _ = stop.wait() => {}
             }
         });
