@@ -452,7 +452,9 @@ struct ConnectArgs {
     /// reached over the own link.
     #[arg(long, value_name = "HOST:PORT|gateway", value_parser = parse_probe)]
     probe: Vec<String>,
-    /// Seconds the own link must be healthy before new flows return to it.
+    /// Seconds the own link must be healthy before new flows return to it
+    /// (doubled, up to 300, each time it relapses within a minute of
+    /// recovering; back to this after a healthy minute).
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_hold)]
     direct_hold: f64,
     /// Mean probe RTT above which the own link is degraded, milliseconds.

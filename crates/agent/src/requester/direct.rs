@@ -56,6 +56,9 @@ pub struct OwnLinkStatus {
     pub failed: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Seconds it must be good before new flows return to it (grows when
+    /// it relapses soon after recovering).
+    pub hold_s: f64,
 }
 
 impl Direct {
@@ -104,6 +107,7 @@ impl Direct {
             failed: self.failed.load(Ordering::Relaxed),
             bytes_up: self.bytes_up.load(Ordering::Relaxed),
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            hold_s: l.hold().as_secs_f64(),
         }
     }
 
@@ -214,7 +218,7 @@ impl Direct {
             for (to, n) in self.watched.newly_stalled(&stalls::read()) {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let why = format!("stalled, sent {n} more times to {to}, unanswered");
-                let c = self.link().flow_failed(&why);
+                let c = self.link().flow_failed(&why, Instant::now());
                 self.changed(c, &pool);
             }
         }
@@ -249,7 +253,7 @@ impl Direct {
             Err(_) => format!("not answered within {} ms", FLOW_DEADLINE.as_millis()),
         };
         self.failed.fetch_add(1, Ordering::Relaxed);
-        let c = self.link().flow_failed(&why);
+        let c = self.link().flow_failed(&why, Instant::now());
         self.changed(c, pool);
         Dialed::NoPath(why)
     }

@@ -139,7 +139,19 @@ pub struct OwnLink {
     good_since: Option<Instant>,
     /// Why a weak zone is expected now or just ahead (pre-connect).
     forecast: Option<String>,
+    /// The hold in force: [`Thresholds::hold`], doubled each time the link
+    /// degrades again soon after it recovered (flap damping).
+    hold: Duration,
+    /// When it last recovered.
+    recovered_at: Option<Instant>,
 }
+
+/// A degradation this soon after a recovery is a flap: the next hold is
+/// twice as long. A link that stays healthy this long earns the base hold
+/// back.
+const FLAP_WITHIN: Duration = Duration::from_secs(60);
+/// The longest hold damping grows to.
+const MAX_HOLD: Duration = Duration::from_secs(300);
 
 impl OwnLink {
     pub fn new(t: Thresholds) -> OwnLink {
@@ -152,7 +164,14 @@ impl OwnLink {
             state: State::Unknown,
             good_since: None,
             forecast: None,
+            hold: t.hold,
+            recovered_at: None,
         }
+    }
+
+    /// The hold in force now (grown by flaps).
+    pub fn hold(&self) -> Duration {
+        self.hold
     }
 
     /// Sets or clears the forecast of a weak zone; under `auto` a forecast
@@ -210,7 +229,7 @@ impl OwnLink {
             self.probes.pop_front();
         }
         match self.why_bad() {
-            Some(why) => self.degrade(why),
+            Some(why) => self.degrade(why, now),
             None => self.good(now),
         }
     }
@@ -224,8 +243,8 @@ impl OwnLink {
     }
 
     /// A flow on the direct path failed or was not answered in time.
-    pub fn flow_failed(&mut self, why: &str) -> Option<Change> {
-        self.degrade(format!("a direct flow failed: {why}"))
+    pub fn flow_failed(&mut self, why: &str, now: Instant) -> Option<Change> {
+        self.degrade(format!("a direct flow failed: {why}"), now)
     }
 
     fn why_bad(&self) -> Option<String> {
@@ -261,10 +280,18 @@ impl OwnLink {
         }
     }
 
-    fn degrade(&mut self, why: String) -> Option<Change> {
+    fn degrade(&mut self, why: String, now: Instant) -> Option<Change> {
         self.good_since = None;
         if self.state == State::Degraded {
             return None;
+        }
+        // Probes see an idle link; a weak one often answers them and then
+        // fails the first real flow. Each quick relapse doubles the hold.
+        if self
+            .recovered_at
+            .is_some_and(|r| now.saturating_duration_since(r) < FLAP_WITHIN)
+        {
+            self.hold = (self.hold * 2).min(MAX_HOLD.max(self.t.hold));
         }
         self.state = State::Degraded;
         Some(Change::Degraded(why))
@@ -272,16 +299,26 @@ impl OwnLink {
 
     fn good(&mut self, now: Instant) -> Option<Change> {
         match self.state {
-            State::Healthy => None,
+            State::Healthy => {
+                if self
+                    .recovered_at
+                    .is_some_and(|r| now.saturating_duration_since(r) >= FLAP_WITHIN)
+                {
+                    self.hold = self.t.hold;
+                    self.recovered_at = None;
+                }
+                None
+            }
             State::Unknown => {
                 self.state = State::Healthy;
                 None
             }
             State::Degraded => {
                 let since = *self.good_since.get_or_insert(now);
-                if now.duration_since(since) >= self.t.hold {
+                if now.duration_since(since) >= self.hold {
                     self.state = State::Healthy;
                     self.good_since = None;
+                    self.recovered_at = Some(now);
                     Some(Change::Recovered)
                 } else {
                     None
@@ -363,10 +400,14 @@ mod tests {
         let (mut l, t0) = link();
         l.probe(Some(MS * 20), t0);
         assert!(matches!(
-            l.flow_failed("timed out"),
+            l.flow_failed("timed out", t0),
             Some(Change::Degraded(_))
         ));
-        assert_eq!(l.flow_failed("again"), None, "one change, not one per flow");
+        assert_eq!(
+            l.flow_failed("again", t0),
+            None,
+            "one change, not one per flow"
+        );
         let hold = Thresholds::default().hold;
         let mut t = t0;
         // Good probes, but a loss inside the hold restarts it.
@@ -423,8 +464,55 @@ mod tests {
         assert_eq!(l.state(), State::Unknown);
         l.flow_ok(t0);
         assert_eq!(l.state(), State::Healthy);
-        l.flow_failed("refused");
+        l.flow_failed("refused", t0);
         assert_eq!(l.flow_ok(t0), None, "one good flow does not undo the hold");
         assert_eq!(l.state(), State::Degraded);
+    }
+
+    /// Good probes for `secs` from `t`, 250 ms apart; the time after.
+    fn good_for(l: &mut OwnLink, t: Instant, secs: u64) -> Instant {
+        let mut t = t;
+        for _ in 0..secs * 4 {
+            t += MS * 250;
+            l.probe(Some(MS * 20), t);
+        }
+        t
+    }
+
+    #[test]
+    fn a_link_that_relapses_soon_after_recovering_is_held_longer() {
+        let (mut l, t0) = link();
+        let base = Thresholds::default().hold;
+        l.probe(Some(MS * 20), t0);
+        l.flow_failed("stalled", t0);
+        let t = good_for(&mut l, t0, base.as_secs() + 1);
+        assert_eq!(l.state(), State::Healthy, "recovered after the base hold");
+        // The first real flow fails again 3 s later: a flap.
+        let t = good_for(&mut l, t, 3);
+        l.flow_failed("stalled", t);
+        assert_eq!(l.hold(), base * 2);
+        let t = good_for(&mut l, t, base.as_secs() + 1);
+        assert_eq!(l.state(), State::Degraded, "the doubled hold is not over");
+        let t = good_for(&mut l, t, base.as_secs());
+        assert_eq!(l.state(), State::Healthy);
+        // Flaps keep doubling, up to the cap.
+        let mut t = t;
+        for _ in 0..8 {
+            l.flow_failed("stalled", t);
+            let hold = l.hold().as_secs();
+            t = good_for(&mut l, t, hold + 1);
+        }
+        assert_eq!(l.hold(), MAX_HOLD);
+        // Healthy for a minute: the base hold again.
+        good_for(&mut l, t, FLAP_WITHIN.as_secs() + 1);
+        assert_eq!(l.hold(), base);
+        // A relapse long after a recovery is no flap.
+        let (mut l, t0) = link();
+        l.probe(Some(MS * 20), t0);
+        l.flow_failed("stalled", t0);
+        let t = good_for(&mut l, t0, base.as_secs() + 1);
+        let t = good_for(&mut l, t, FLAP_WITHIN.as_secs() + 5);
+        l.flow_failed("stalled", t);
+        assert_eq!(l.hold(), base);
     }
 }
