@@ -1,7 +1,8 @@
-//! The coordinator's HTTP side: `GET /healthz` and `GET /status` (JSON) for
-//! operators and scripts.
+//! The coordinator's HTTP side: `GET /healthz`, `GET /status` (JSON) for
+//! operators and scripts, and `GET /metrics` for Prometheus.
 
 use crate::State;
+use axum::response::IntoResponse;
 use axum::{Json, Router, extract, routing::get};
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ pub fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -32,4 +34,14 @@ async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde
         o.extend(c);
     }
     Json(body)
+}
+
+async fn metrics(extract::State(state): extract::State<Arc<State>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.render_metrics(),
+    )
 }

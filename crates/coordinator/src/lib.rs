@@ -12,6 +12,7 @@ pub mod evidence;
 pub mod http;
 pub mod listen;
 pub mod matchmaker;
+pub mod metrics;
 pub mod offer;
 pub mod privacy;
 pub mod qos;

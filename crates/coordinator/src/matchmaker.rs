@@ -44,16 +44,23 @@ async fn ask(
         .is_ok();
     if !sent {
         state.registry().forget_answer(request_id);
+        state.metrics().access_answer("silent");
         return offer::Answer::Silent;
     }
-    match tokio::time::timeout(deadline, rx).await {
+    let answer = match tokio::time::timeout(deadline, rx).await {
         Ok(Ok(resp)) if resp.accept => offer::Answer::Accepted(resp),
         Ok(Ok(resp)) => offer::Answer::Declined(resp.reason),
         _ => {
             state.registry().forget_answer(request_id);
             offer::Answer::Silent
         }
-    }
+    };
+    state.metrics().access_answer(match answer {
+        offer::Answer::Accepted(_) => "accepted",
+        offer::Answer::Declined(_) => "declined",
+        offer::Answer::Silent => "silent",
+    });
+    answer
 }
 
 fn random_nonce() -> [u8; 16] {
@@ -146,6 +153,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
             .collect();
         let terms = offer::Terms::new(state.config(), &v1::Conditions::default(), unix_now());
         let offers = offer::refreshed(&contacts, &terms, &state.signer(), requester, random_nonce);
+        state.metrics().tickets_refreshed(offers.len());
         debug!(
             asked = req.sharer_keys.len(),
             refreshed = offers.len(),
@@ -161,17 +169,29 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         &self,
         req: Request<v1::ShareRequest>,
     ) -> Result<Response<v1::ShareResponse>, Status> {
-        let _permit = self.state.admit_request()?;
-        let req = req.into_inner();
-        let requester = proven(
-            &self.state,
-            &req.requester_key,
-            &req.proof,
-            req.signed_at_unix,
-        )
-        .await?;
-        let span = info_span!("share_request", requester = %requester.short());
-        self.handle(req, requester).instrument(span).await
+        let started = std::time::Instant::now();
+        let answer = async {
+            let _permit = self.state.admit_request()?;
+            let req = req.into_inner();
+            let requester = proven(
+                &self.state,
+                &req.requester_key,
+                &req.proof,
+                req.signed_at_unix,
+            )
+            .await?;
+            let span = info_span!("share_request", requester = %requester.short());
+            self.handle(req, requester).instrument(span).await
+        }
+        .await;
+        self.state.metrics().share_request(
+            answer
+                .as_ref()
+                .map(|r| r.get_ref().offers.len())
+                .map_err(|s| s.code()),
+            started.elapsed(),
+        );
+        answer
     }
 }
 

@@ -226,12 +226,20 @@ async fn record_batches(
     tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
 ) {
     let store = state.store().clone();
+    let metrics = state.metrics().clone();
     let acked = tokio::task::spawn_blocking(move || {
         let mut acked = vec![];
         for b in batches.into_iter().take(MAX_BATCHES_PER_REPORT) {
             let rows = usage_rows(sharer, &b.usage);
             match store.record_usage_batch(&sharer, b.id, &rows, unix_now()) {
-                Ok(_) => acked.push(b.id),
+                Ok(fresh) => {
+                    if fresh {
+                        metrics.usage_acknowledged(
+                            rows.iter().map(|r| r.bytes_up + r.bytes_down).sum(),
+                        );
+                    }
+                    acked.push(b.id)
+                }
                 Err(e) => {
                     warn!(error = %e, "cannot record usage");
                     break;

@@ -59,6 +59,8 @@ pub struct State {
     /// Connections per source address on each listener (see [`listen`]).
     grpc_sources: Arc<listen::Sources>,
     http_sources: Arc<listen::Sources>,
+    /// What `/metrics` counts as it happens.
+    metrics: crate::metrics::Metrics,
 }
 
 /// What `/status` and `Health.Check` report.
@@ -151,8 +153,29 @@ impl State {
             tls_pin: Default::default(),
             grpc_sources: Default::default(),
             http_sources: Default::default(),
+            metrics: Default::default(),
             config,
         }))
+    }
+
+    /// The event metrics `/metrics` shows.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// `/metrics`: the event metrics and what is read now.
+    pub fn render_metrics(&self) -> String {
+        let c = self.counters();
+        let snapshot = crate::metrics::Snapshot {
+            online_sharers: c.online_sharers,
+            revocations: self.trust.read().map_or(0, |t| t.revoked.len()),
+            requests_shed: c.requests_shed,
+            state_reports: c.reports_received,
+            connections_refused: c.connections_refused,
+            qos: self.qos.lock().ok().map(|b| b.status()),
+            uptime_s: c.uptime_s,
+        };
+        crate::metrics::render(&self.metrics, &snapshot)
     }
 
     pub fn config(&self) -> &Config {
