@@ -186,4 +186,52 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
     let end = scrape(http).await;
     assert!(at(&end, "bandshare_usage_acknowledged_bytes_total{}") >= 200_000.0);
     assert!(at(&end, "bandshare_state_reports_total{}") > 0.0);
+
+    // The requester's own /metrics on --control.
+    let control = r.requester.control_addr.expect("control");
+    let m = scrape(control).await;
+    assert_eq!(at(&m, "bandshare_path{path=\"pool\"}"), 1.0, "{m:?}");
+    assert!(at(&m, "bandshare_relayed_bytes_total{direction=\"down\"}") >= 200_000.0);
+    assert!(at(&m, "bandshare_relayed_bytes_total{direction=\"up\"}") > 0.0);
+    assert_eq!(at(&m, "bandshare_pool_flows_total{}"), 1.0);
+    let members = at(&m, "bandshare_pool_members{state=\"ready\"}");
+    assert!(members >= 1.0, "{m:?}");
+    let active: Vec<&String> = m
+        .iter()
+        .filter(|(k, v)| k.starts_with("bandshare_member_active{") && **v == 1.0)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(active.len(), 1, "{m:?}");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("bandshare_member_rtt_seconds{")),
+        "{m:?}"
+    );
+    // The active sharer dies: a failover, counted by its cause.
+    let name = active[0]
+        .split("sharer=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("sharer label")
+        .to_string();
+    c.sharer(&name).expect("sharer").kill();
+    let mut seen = HashMap::new();
+    for _ in 0..50 {
+        seen = scrape(control).await;
+        let failovers: f64 = seen
+            .iter()
+            .filter(|(k, _)| k.starts_with("bandshare_failovers_total{"))
+            .map(|(_, v)| v)
+            .sum();
+        if failovers >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let by_cause: Vec<(&String, &f64)> = seen
+        .iter()
+        .filter(|(k, v)| k.starts_with("bandshare_failovers_total{") && **v > 0.0)
+        .collect();
+    assert!(!by_cause.is_empty(), "no failover counted: {seen:?}");
+    eprintln!("failover after killing {name}: {by_cause:?}");
 }

@@ -8,6 +8,7 @@ pub mod direct;
 pub mod failover;
 pub mod forecast;
 mod member;
+pub mod metrics;
 pub mod own_link;
 pub mod pool;
 pub mod proxy;
@@ -293,20 +294,44 @@ struct Status {
 
 fn status_router(paths: proxy::Paths, forecasts: Option<Arc<forecast::Forecasts>>) -> axum::Router {
     use axum::routing::get;
-    axum::Router::new().route(
-        "/status",
-        get(move || {
-            let paths = paths.clone();
-            let forecast = forecasts.as_ref().map(|f| f.status());
-            async move {
-                axum::Json(Status {
-                    path: paths.direct.path().as_str(),
-                    own_link: paths.direct.status(),
-                    udp: paths.pool.udp.status(),
-                    forecast,
-                    pool: paths.pool.status(),
-                })
-            }
-        }),
-    )
+    let (mpaths, mforecasts) = (paths.clone(), forecasts.clone());
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics::render(&metrics::View {
+                    path: mpaths.direct.path().as_str(),
+                    own: &mpaths.direct.status(),
+                    pool: &mpaths.pool.status(),
+                    udp: &mpaths.pool.udp.status(),
+                    forecast: mforecasts.as_ref().map(|f| f.status()).as_ref(),
+                    counters: &mpaths.pool.counters,
+                });
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let paths = paths.clone();
+                let forecast = forecasts.as_ref().map(|f| f.status());
+                async move {
+                    axum::Json(Status {
+                        path: paths.direct.path().as_str(),
+                        own_link: paths.direct.status(),
+                        udp: paths.pool.udp.status(),
+                        forecast,
+                        pool: paths.pool.status(),
+                    })
+                }
+            }),
+        )
 }

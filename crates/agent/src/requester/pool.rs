@@ -76,8 +76,8 @@ pub struct Pool {
     failover: Mutex<Failover>,
     /// Wakes the maintainer when a member leaves or stalls.
     pub changed: Notify,
-    /// Total bytes through the pool, both directions.
-    pub total_bytes: AtomicU64,
+    /// What `/metrics` counts: bytes, flows, failovers, refusals.
+    pub counters: super::metrics::Counters,
     /// Sharers used successfully, by key.
     pub known: std::sync::Mutex<std::collections::HashMap<DeviceKey, KnownSharer>>,
     /// Replies to UDP datagrams, to their associations.
@@ -179,7 +179,7 @@ impl Pool {
             members: RwLock::default(),
             failover: Mutex::new(Failover::new(strategy, stall_grace)),
             changed: Notify::new(),
-            total_bytes: AtomicU64::new(0),
+            counters: Default::default(),
             known: Default::default(),
             udp: Default::default(),
         }
@@ -209,7 +209,26 @@ impl Pool {
 
     /// Carries out what failover decided.
     pub(super) fn apply(&self, decisions: Vec<Decision>) {
+        self.apply_because(decisions, None)
+    }
+
+    /// The same, with the cause of a change of the active member known
+    /// (a routine retirement is not a failure).
+    fn apply_because(&self, decisions: Vec<Decision>, known: Option<&'static str>) {
+        // A change of the active member is a failover when it moves away
+        // from one that served; its cause is what came before it, or the
+        // state the member it left is in.
+        let mut cause = known;
         for d in decisions {
+            match &d {
+                Decision::Stalled { .. } => cause = Some("stall"),
+                Decision::Drop { .. } => cause = Some("drop"),
+                Decision::Switched { from: Some(k), .. } => {
+                    let c = cause.unwrap_or_else(|| self.failover_cause(k));
+                    self.counters.failover(c);
+                }
+                _ => {}
+            }
             match d {
                 Decision::Stalled { key, silent } => {
                     warn!(
@@ -229,6 +248,26 @@ impl Pool {
                     info!(from = ?self.name_of(from), to = ?self.name_of(to), "active sharer changed");
                 }
             }
+        }
+    }
+
+    /// Why new flows left `key` when nothing in the same decisions says:
+    /// its tunnel closed, it stalled, its uplink fails, it lost probes, or
+    /// another member simply scores better.
+    fn failover_cause(&self, key: &DeviceKey) -> &'static str {
+        if self
+            .member(key)
+            .is_none_or(|m| m.tunnel.close_reason().is_some())
+        {
+            return "closed";
+        }
+        let f = self.failover();
+        match f.health(key) {
+            None => "drop",
+            Some(h) if h.stalled => "stall",
+            Some(h) if h.uplink_failing(Instant::now()) => "uplink",
+            Some(h) if h.loss() > 0.0 => "loss",
+            Some(_) => "better",
         }
     }
 
@@ -300,7 +339,7 @@ impl Pool {
             }
             g.tunnel.close();
             let d = self.failover().leave(key, Instant::now());
-            self.apply(d);
+            self.apply_because(d, routine.then_some("retired"));
             self.changed.notify_one();
         }
     }

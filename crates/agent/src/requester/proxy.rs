@@ -58,6 +58,39 @@ enum Ended {
     Io(#[from] std::io::Error),
 }
 
+impl Ended {
+    /// How `/metrics` counts it: a refusal's reason, `cut`, or `None` for
+    /// an ordinary end.
+    fn counted(&self) -> Option<&'static str> {
+        match self {
+            Ended::Head(_) | Ended::Socks4 | Ended::UnknownProtocol(_) | Ended::Slow => {
+                Some("bad_request")
+            }
+            Ended::Open { error, .. } => Some(match error {
+                FlowError::Refused(..) => "sharer_refused",
+                FlowError::Lost(_) => "no_path",
+                FlowError::Target(_) => "bad_target",
+            }),
+            Ended::Direct { .. } => Some("direct_refused"),
+            Ended::Cut { .. } => Some("cut"),
+            Ended::Closed | Ended::Io(_) => None,
+        }
+    }
+
+    /// Counts it on `pool`'s counters.
+    fn count(&self, pool: &Pool) {
+        match self.counted() {
+            Some("cut") => {
+                pool.counters
+                    .cut
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(reason) => pool.counters.refused(reason),
+            None => {}
+        }
+    }
+}
+
 /// Reads until `parse` has a value; returns it and the bytes after it.
 async fn read_until<T>(
     tcp: &mut TcpStream,
@@ -272,6 +305,9 @@ async fn relay_to(
         }
     };
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
+    pool.counters
+        .pool_flows
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(d) = &dialect {
         answer(&mut tcp, d, reply::OK, "").await?;
     }
@@ -283,7 +319,7 @@ async fn relay_to(
     }
     let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.into_split();
-    let up = copy_counted(r, send, [&member.bytes_up, &pool.total_bytes]);
+    let up = copy_counted(r, send, [&member.bytes_up, &pool.counters.pool_up]);
     let down = async {
         if !wait_reply {
             // On refusal the flow ends; the client sees its connection close.
@@ -291,7 +327,7 @@ async fn relay_to(
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        copy_counted(recv, w, [&member.bytes_down, &pool.total_bytes]).await
+        copy_counted(recv, w, [&member.bytes_down, &pool.counters.pool_down]).await
     };
     let (u, d) = tokio::join!(up, down);
     // A flow cut by a dying sharer ends here with an error the app sees as
@@ -376,7 +412,9 @@ pub async fn serve_proxy(listener: TcpListener, paths: Paths) {
         let paths = paths.clone();
         tokio::spawn(
             async move {
+                let pool = paths.pool.clone();
                 if let Err(e) = serve_proxy_client(tcp, paths).await {
+                    e.count(&pool);
                     debug!(error = %e, "proxy client ended");
                 }
             }
@@ -393,6 +431,7 @@ pub async fn serve_forward(listener: TcpListener, target: FlowHeader, paths: Pat
         tokio::spawn(
             async move {
                 if let Err(e) = relay_to(tcp, &paths, &target, None, vec![]).await {
+                    e.count(&paths.pool);
                     debug!(error = %e, "forward ended");
                 }
             }
