@@ -555,6 +555,8 @@ fn every_flag_of_every_subcommand_is_accepted() {
         "lo",
         "--uplink-check",
         target_addr.as_str(),
+        "--control",
+        "127.0.0.1:0",
         "--data",
         sdata.as_str(),
     ]);
@@ -568,6 +570,11 @@ fn every_flag_of_every_subcommand_is_accepted() {
     assert!(
         sharer.wait_stderr("online at coordinator", Duration::from_secs(15)),
         "{}",
+        sharer.stderr()
+    );
+    assert!(
+        sharer.addr("control", Duration::from_secs(5)).is_ok(),
+        "share --control: {}",
         sharer.stderr()
     );
     let rdata = p("requester");

@@ -396,6 +396,11 @@ struct ShareArgs {
     /// in their probe answers so they move to another sharer.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_hostport)]
     uplink_check: Option<String>,
+    /// Serve GET /status (JSON) and GET /metrics (Prometheus) here, e.g.
+    /// 127.0.0.1:7701: what is relayed, to how many requesters, what was
+    /// refused and why, the uplink.
+    #[arg(long, value_name = "ADDR")]
+    control: Option<SocketAddr>,
     /// Directory of this device's key [default: $XDG_DATA_HOME/bandshare/share-NAME].
     #[arg(long)]
     data: Option<PathBuf>,
@@ -482,7 +487,8 @@ struct ConnectArgs {
     /// Fixed port forward LOCAL=HOST:PORT, repeatable.
     #[arg(long, value_name = "LOCAL=HOST:PORT")]
     forward: Vec<Forward>,
-    /// Serve GET /status (pool as JSON) on this address.
+    /// Serve GET /status (path, own link and pool as JSON) and GET /metrics
+    /// (Prometheus) on this address.
     #[arg(long)]
     control: Option<SocketAddr>,
     /// Seconds that flows already open through a sharer that went silent

@@ -246,9 +246,14 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
         uplink_check: a.uplink_check,
         power_supply: a.power_supply,
         data_dir: Some(dir),
+        control: a.control,
     };
     let sharer = Sharer::start(opts, key, shutdown_on_signal()).await?;
     listening("relay", sharer.relay_addr);
+    if let Some(c) = sharer.control_addr {
+        listening("control", c);
+        println!("status: curl http://{c}/status   metrics: curl http://{c}/metrics");
+    }
     sharer.join().await?;
     Ok(())
 }

@@ -169,6 +169,8 @@ pub struct SharerSpec {
     pub behind_udp_relay: bool,
     /// `share --uplink-check HOST:PORT`.
     pub uplink_check: Option<String>,
+    /// Serve `/status` and `/metrics` on a loopback port (`share --control`).
+    pub control: bool,
 }
 
 impl SharerSpec {
@@ -242,7 +244,14 @@ impl SharerSpec {
             data_dir: None,
             behind_udp_relay: false,
             uplink_check: None,
+            control: false,
         }
+    }
+
+    /// With `/status` and `/metrics` on a loopback port.
+    pub fn control(mut self) -> Self {
+        self.control = true;
+        self
     }
 
     /// Requesters reach this sharer through a UDP relay the test can cut.
@@ -325,6 +334,7 @@ impl SharerNode {
                 .clone()
                 .unwrap_or_else(|| bandshare_agent::sharer::uplink::POWER_SUPPLY.into()),
             data_dir: spec.data_dir.clone(),
+            control: spec.control.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         };
         let dkey = DeviceKey(key.verifying_key().to_bytes());
         let sharer = Sharer::start(opts, key, shutdown).await?;

@@ -98,6 +98,9 @@ impl Relay {
             own: crate::own::OwnAddresses::new(),
             usage: Mutex::default(),
             total: AtomicU64::new(0),
+            total_up: AtomicU64::new(0),
+            total_down: AtomicU64::new(0),
+            flows_refused: Default::default(),
             hello_timeout: opts.hello_timeout,
             refused_sources: AtomicU64::new(0),
             uplink: AtomicU32::new(0),
@@ -399,14 +402,29 @@ async fn relay_flow(
         StreamOpen::Renew(ticket) => return renew(send, &ticket, shared, admitted).await,
     };
     counters.flows.fetch_add(1, Ordering::Relaxed);
-    let dialed = match meter.exhausted() {
-        Some(reason) => Err((reply::NOT_ALLOWED, reason.to_string())),
-        None => crate::dial::dial(&header, &shared.egress, &shared.own).await,
+    let (dialed, over_quota) = match meter.exhausted() {
+        Some(reason) => (Err((reply::NOT_ALLOWED, reason.to_string())), true),
+        None => (
+            crate::dial::dial(&header, &shared.egress, &shared.own).await,
+            false,
+        ),
     };
     let tcp = match dialed {
         Ok(s) => s,
         Err((code, reason)) => {
             debug!(target_host = %header.host, port = header.port, code, %reason, "flow refused");
+            let why = match code {
+                _ if over_quota => "quota",
+                reply::NOT_ALLOWED => "egress_denied",
+                reply::NETWORK_UNREACHABLE | reply::HOST_UNREACHABLE => "unreachable",
+                reply::REFUSED => "target_refused",
+                reply::TTL_EXPIRED => "timeout",
+                reply::ADDRESS_TYPE => "bad_target",
+                _ => "failure",
+            };
+            if let Ok(mut m) = shared.flows_refused.lock() {
+                *m.entry(why).or_default() += 1;
+            }
             let _ = send
                 .write_all(&wire::encode_flow_refusal(code, &reason))
                 .await;
@@ -421,12 +439,12 @@ async fn relay_flow(
     let up = copy_counted(
         Metered::new(recv, meter.clone()),
         tw,
-        [&counters.up, &shared.total],
+        [&counters.up, &shared.total, &shared.total_up],
     );
     let down = copy_counted(
         Metered::new(tr, meter.clone()),
         send,
-        [&counters.down, &shared.total],
+        [&counters.down, &shared.total, &shared.total_down],
     );
     let (u, d) = tokio::join!(up, down);
     debug!(target_host = %header.host, port = header.port, up = ?u, down = ?d, "flow done");

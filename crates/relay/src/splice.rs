@@ -6,12 +6,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const CHUNK: usize = 64 * 1024;
 
-/// Copies until EOF, adding every chunk to both `counters` (per requester and total); then shuts the writer
-/// down so the other side sees the half-close. Returns bytes copied.
-pub async fn copy_counted<R, W>(
+/// Copies until EOF, adding every chunk to each of `counters` (e.g. per
+/// requester and total); then shuts the writer down so the other side sees
+/// the half-close. Returns bytes copied.
+pub async fn copy_counted<R, W, const N: usize>(
     mut r: R,
     mut w: W,
-    counters: [&AtomicU64; 2],
+    counters: [&AtomicU64; N],
 ) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,

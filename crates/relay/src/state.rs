@@ -38,6 +38,12 @@ pub(crate) struct RelayState {
     pub(crate) own: crate::own::OwnAddresses,
     pub(crate) usage: Mutex<HashMap<DeviceKey, Arc<Counters>>>,
     pub(crate) total: AtomicU64,
+    /// TCP bytes relayed since start: towards the destination (up) and
+    /// back to requesters (down).
+    pub(crate) total_up: AtomicU64,
+    pub(crate) total_down: AtomicU64,
+    /// Flows refused since start, by reason.
+    pub(crate) flows_refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub(crate) hello_timeout: Duration,
     /// Connections refused because their source had too many.
     pub(crate) refused_sources: AtomicU64,
@@ -187,6 +193,24 @@ impl RelayHandle {
     }
 
     /// All bytes relayed so far, both directions.
+    /// TCP bytes relayed since start, (up, down).
+    pub fn bytes_by_direction(&self) -> (u64, u64) {
+        (
+            self.0.total_up.load(Ordering::Relaxed),
+            self.0.total_down.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Flows refused since start, by reason (egress_denied, quota,
+    /// unreachable, target_refused, timeout, bad_target, failure).
+    pub fn flows_refused(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.0
+            .flows_refused
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.0.total.load(Ordering::Relaxed)
     }

@@ -106,8 +106,8 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
         return;
     }
     let c = Cluster::start(vec![
-        SharerSpec::new("alice", 5.0, 0.0),
-        SharerSpec::new("bob", 10.0, 0.0),
+        SharerSpec::new("alice", 5.0, 0.0).control(),
+        SharerSpec::new("bob", 10.0, 0.0).control(),
     ])
     .await
     .expect("cluster");
@@ -207,6 +207,28 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
             .any(|k| k.starts_with("bandshare_member_rtt_seconds{")),
         "{m:?}"
     );
+    // The sharers' own /metrics: what they relayed, and an egress denial
+    // (a port the sharers' policy does not allow).
+    let refused = socks_get(r.socks(), "127.0.0.1", port.wrapping_add(1), "/")
+        .await
+        .map(|(s, _)| s);
+    assert!(refused.is_err() || !refused.as_deref().unwrap_or("").contains("200"));
+    let (mut relayed_down, mut denied) = (0.0, 0.0);
+    for s in &c.sharers {
+        let m = scrape(s.sharer.control_addr.expect("control")).await;
+        relayed_down += at(
+            &m,
+            "bandshare_sharer_relayed_bytes_total{direction=\"down\"}",
+        );
+        denied += at(
+            &m,
+            "bandshare_sharer_flows_refused_total{reason=\"egress_denied\"}",
+        );
+        assert!(m.contains_key("bandshare_sharer_uplink_up{}"), "{m:?}");
+    }
+    assert!(relayed_down >= 200_000.0, "{relayed_down}");
+    assert_eq!(denied, 1.0);
+
     // The active sharer dies: a failover, counted by its cause.
     let name = active[0]
         .split("sharer=\"")

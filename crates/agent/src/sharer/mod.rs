@@ -3,6 +3,7 @@
 //! by its consent policy, and runs the QUIC relay that serves requesters.
 
 pub mod consent;
+pub mod control;
 mod daily;
 mod meter;
 mod session;
@@ -51,12 +52,16 @@ pub struct SharerOptions {
     /// Where today's relayed bytes are kept so the daily cap survives a
     /// restart; `None` keeps them in memory only.
     pub data_dir: Option<PathBuf>,
+    /// Where `/status` and `/metrics` are served, if anywhere.
+    pub control: Option<SocketAddr>,
 }
 
 /// A started sharer: its relay is bound and serving.
 pub struct Sharer {
     pub relay_addr: SocketAddr,
     pub relay: RelayHandle,
+    /// Where `/status` and `/metrics` answer, when `control` was given.
+    pub control_addr: Option<SocketAddr>,
     /// Usage the coordinator has not yet acknowledged as durable.
     pub unacked: Unacked,
     task: tokio::task::JoinHandle<Result<(), AgentError>>,
@@ -151,6 +156,23 @@ impl Sharer {
             None => advertised(relay_addr, &url).await,
         };
         let handle = relay.handle();
+        let control_addr = match opts.control {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| AgentError::Listen(a, e))?;
+                let at = l.local_addr().map_err(|e| AgentError::Listen(a, e))?;
+                tokio::spawn(control::serve(
+                    l,
+                    opts.name.clone(),
+                    advertise,
+                    handle.clone(),
+                    shutdown.clone(),
+                ));
+                Some(at)
+            }
+            None => None,
+        };
         let location =
             crate::location::start(opts.location.clone(), &opts.sources, shutdown.clone());
         let relay_task = tokio::spawn(relay.run(shutdown.clone().wait()));
@@ -188,6 +210,7 @@ impl Sharer {
         Ok(Sharer {
             relay_addr: advertise,
             relay: handle,
+            control_addr,
             unacked,
             task,
         })
