@@ -250,6 +250,54 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every series the Grafana dashboard in the repo queries is served by
+    // one of the three (histograms by their _bucket/_sum/_count).
+    let mut served: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for m in [&end, &seen] {
+        served.extend(
+            m.keys()
+                .map(|k| k.split('{').next().unwrap_or("").to_string()),
+        );
+    }
+    for s in &c.sharers {
+        if let Some(a) = s.sharer.control_addr
+            && s.name != name
+        {
+            let m = scrape(a).await;
+            served.extend(
+                m.keys()
+                    .map(|k| k.split('{').next().unwrap_or("").to_string()),
+            );
+        }
+    }
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/grafana/bandshare.json"
+    ))
+    .expect("dashboard");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut used = vec![];
+    for p in json["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(i) = rest.find("bandshare_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                used.push(name);
+            }
+        }
+    }
+    assert!(used.len() >= 20, "{used:?}");
+    let missing: Vec<&String> = used.iter().filter(|n| !served.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries series nobody serves: {missing:?}"
+    );
+
     let by_cause: Vec<(&String, &f64)> = seen
         .iter()
         .filter(|(k, v)| k.starts_with("bandshare_failovers_total{") && **v > 0.0)
