@@ -308,3 +308,44 @@ fn admin_lists_approves_revokes_and_rotates() {
     );
     fails_with(&["server", "--enroll", "maybe"], "unknown enrollment mode");
 }
+
+/// The HTTP side (dashboard, /status, /metrics) on anything but loopback
+/// needs a token: without one the server refuses to start, in one line.
+#[test]
+fn http_off_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = bandshare(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "0.0.0.0:0",
+        "--data",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("--http-token-file"),
+        "{err}"
+    );
+    let short = dir.path().join("short");
+    std::fs::write(&short, "abc\n").expect("write");
+    let out = bandshare(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "0.0.0.0:0",
+        "--http-token-file",
+        short.to_str().expect("utf-8"),
+        "--data",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at least 16 characters"),
+        "{out:?}"
+    );
+}

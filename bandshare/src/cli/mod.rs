@@ -88,12 +88,18 @@ struct ServerArgs {
     /// gRPC address for sharers and requesters.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// HTTP address for GET /healthz and GET /status.
+    /// HTTP address for the dashboard (GET /), GET /status, GET /metrics
+    /// and GET /healthz; anything but loopback needs --http-token-file.
     #[arg(long, default_value = "127.0.0.1:7480")]
     http: SocketAddr,
     /// Directory of the SQLite store [default: $XDG_DATA_HOME/bandshare/server].
     #[arg(long)]
     data: Option<PathBuf>,
+    /// File holding the bearer token the HTTP side (dashboard, /status,
+    /// /metrics) requires (as [http] token; at least 16 characters).
+    /// Needed when --http is not a loopback address.
+    #[arg(long, value_name = "FILE")]
+    http_token_file: Option<PathBuf>,
     /// TOML configuration (match radius, fan-out, deadlines, tickets).
     #[arg(long)]
     config: Option<PathBuf>,

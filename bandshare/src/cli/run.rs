@@ -104,10 +104,27 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     if let Some(e) = a.enroll {
         config.enroll = e;
     }
+    if let Some(f) = &a.http_token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --http-token-file {}", f.display()))?;
+        let t = t.trim();
+        anyhow::ensure!(
+            t.len() >= 16,
+            "--http-token-file {}: the token must be at least 16 characters",
+            f.display()
+        );
+        config.http_token = Some(t.to_string());
+    }
+    anyhow::ensure!(
+        a.http.ip().is_loopback() || config.http_token.is_some(),
+        "--http {} is not a loopback address: give --http-token-file FILE (or [http] token in the config) so the dashboard, /status and /metrics need a bearer token",
+        a.http
+    );
     info!(enroll = ?config.enroll, "enrollment");
     let dir = a.data.unwrap_or_else(|| default_data("server"));
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
+    let config_has_token = config.http_token.is_some();
     let state = bandshare_coordinator::State::new(config, store)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),
@@ -124,6 +141,10 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let http_addr = http.local_addr().context("HTTP listener")?;
     listening("grpc", grpc_addr);
     listening("http", http_addr);
+    println!(
+        "dashboard: http://{http_addr}/{}   metrics: http://{http_addr}/metrics",
+        if config_has_token { "?token=…" } else { "" }
+    );
     match &tls {
         Some(t) => info!(
             grpc = %grpc_addr,

@@ -21,6 +21,14 @@ struct RawConfig {
     privacy: RawPrivacy,
     #[serde(default)]
     qos: RawQos,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +231,9 @@ pub struct Config {
     pub privacy: crate::privacy::PrivacyConfig,
     /// The QoS map.
     pub qos: QosConfig,
+    /// Bearer token the HTTP side (dashboard, `/status`, `/metrics`)
+    /// requires; needed to serve it on anything but loopback.
+    pub http_token: Option<String>,
 }
 
 impl Default for Config {
@@ -243,6 +254,7 @@ impl Default for Config {
             enroll: Enroll::Open,
             privacy: crate::privacy::PrivacyConfig::default(),
             qos: QosConfig::default(),
+            http_token: None,
         }
     }
 }
@@ -494,6 +506,15 @@ impl Config {
             },
             privacy: privacy(&raw.privacy)?,
             qos: qos(&raw.qos)?,
+            http_token: match &raw.http.token {
+                Some(t) if t.trim().len() < 16 => {
+                    return Err(ConfigError::Invalid {
+                        key: "http.token",
+                        problem: "must be at least 16 characters".into(),
+                    });
+                }
+                t => t.as_ref().map(|t| t.trim().to_string()),
+            },
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {

@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -37,6 +37,24 @@ pub struct Metrics {
     tickets_issued: Counter,
     tickets_refreshed: Counter,
     usage_bytes: Counter,
+    /// The last [`LIVE_WINDOW`] of share requests (when, how long, whether
+    /// they got offers), for the dashboard's live figures.
+    recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(Instant, f64, bool)>>>,
+}
+
+/// The dashboard's live figures are over this window.
+pub const LIVE_WINDOW: Duration = Duration::from_secs(10);
+/// Requests remembered for them at most.
+const LIVE_MAX: usize = 50_000;
+
+/// Share requests over the last [`LIVE_WINDOW`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Live {
+    pub per_s: f64,
+    /// Share that got offers, 0..=1 (`None`: no requests).
+    pub success: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
 }
 
 impl Default for Metrics {
@@ -50,6 +68,7 @@ impl Default for Metrics {
             tickets_issued: Counter::default(),
             tickets_refreshed: Counter::default(),
             usage_bytes: Counter::default(),
+            recent: Default::default(),
         }
     }
 }
@@ -87,6 +106,43 @@ impl Metrics {
             .get_or_create(&ResultLabel { result })
             .inc();
         self.share_request_seconds.observe(took.as_secs_f64());
+        if let Ok(mut r) = self.recent.lock() {
+            let now = Instant::now();
+            r.push_back((now, took.as_secs_f64(), result == "offered"));
+            while r.len() > LIVE_MAX
+                || r.front()
+                    .is_some_and(|(t, _, _)| now.duration_since(*t) > LIVE_WINDOW)
+            {
+                r.pop_front();
+            }
+        }
+    }
+
+    /// Share requests over the last [`LIVE_WINDOW`], as of `now`.
+    pub fn live(&self, now: Instant) -> Live {
+        let Ok(r) = self.recent.lock() else {
+            return Live::default();
+        };
+        let mut took: Vec<f64> = vec![];
+        let mut ok = 0usize;
+        for (t, secs, offered) in r.iter() {
+            if now.saturating_duration_since(*t) <= LIVE_WINDOW {
+                took.push(*secs);
+                ok += usize::from(*offered);
+            }
+        }
+        drop(r);
+        if took.is_empty() {
+            return Live::default();
+        }
+        took.sort_by(f64::total_cmp);
+        let q = |p: f64| took[((took.len() - 1) as f64 * p).round() as usize] * 1000.0;
+        Live {
+            per_s: took.len() as f64 / LIVE_WINDOW.as_secs_f64(),
+            success: Some(ok as f64 / took.len() as f64),
+            p50_ms: Some(q(0.5)),
+            p99_ms: Some(q(0.99)),
+        }
     }
 
     /// A sharer's answer to an access request: accepted, declined or silent.
@@ -245,5 +301,14 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        let live = m.live(Instant::now());
+        assert_eq!(live.per_s, 0.3);
+        assert_eq!(live.success, Some(1.0 / 3.0));
+        assert_eq!(live.p99_ms, Some(2.0));
+        assert_eq!(
+            m.live(Instant::now() + LIVE_WINDOW * 2),
+            Live::default(),
+            "old requests leave the window"
+        );
     }
 }

@@ -209,6 +209,27 @@ impl Registry {
         self.inner.read().map(|g| g.index.len()).unwrap_or(0)
     }
 
+    /// Online sharers per H3 cell at `res`: counts only, for the
+    /// dashboard (no position leaves the registry).
+    pub fn cell_counts(&self, res: h3o::Resolution) -> HashMap<u64, usize> {
+        let mut out = HashMap::new();
+        let Ok(g) = self.inner.read() else {
+            return out;
+        };
+        for (id, h) in g.handles.iter().enumerate() {
+            if h.is_none() {
+                continue;
+            }
+            let Some(i) = g.index.get(id as SharerId) else {
+                continue;
+            };
+            if let Ok(ll) = h3o::LatLng::new(i.exact.lat, i.exact.lon) {
+                *out.entry(u64::from(ll.to_cell(res))).or_default() += 1;
+            }
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

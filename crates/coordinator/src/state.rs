@@ -158,6 +158,32 @@ impl State {
         }))
     }
 
+    /// Where ticket-signing keys stand, in words, for the dashboard.
+    pub fn key_state(&self) -> String {
+        let k = match self.keys.read() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        let mut s = format!("signing with key {}", k.signer.key_id());
+        if let Some((_, until)) = k.previous
+            && until > now
+        {
+            s += &format!(
+                "; the previous one verifies for {} s more",
+                until.duration_since(now).as_secs()
+            );
+        }
+        if let Some((next, from)) = &k.next {
+            s += &format!(
+                "; key {} announced, signing in {} s",
+                next.key_id(),
+                from.saturating_duration_since(now).as_secs()
+            );
+        }
+        s
+    }
+
     /// The event metrics `/metrics` shows.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics

@@ -305,3 +305,62 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
     assert!(!by_cause.is_empty(), "no failover counted: {seen:?}");
     eprintln!("failover after killing {name}: {by_cause:?}");
 }
+
+/// With `[http] token` every route but /healthz needs it (bearer header,
+/// or the cookie `/?token=` sets); a wrong one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_token_guards_every_route_but_healthz() {
+    let token = "a-long-enough-secret-token";
+    let mut cfg = bandshare_testkit::exact_config();
+    cfg.http_token = Some(token.into());
+    let c = bandshare_testkit::CoordinatorNode::start(cfg)
+        .await
+        .expect("coordinator");
+    let addr = c.http_addr;
+    let raw = |path: &str, header: Option<String>| {
+        let path = path.to_string();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("write");
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.expect("read");
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    for path in ["/", "/status", "/metrics", "/api/map", "/events"] {
+        let r = raw(path, None).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{path}: {r}");
+        let r = raw(
+            path,
+            Some("Authorization: Bearer wrong-token-of-some-length".into()),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{path} wrong token: {r}");
+    }
+    assert!(raw("/healthz", None).await.starts_with("HTTP/1.1 200"));
+    let r = raw("/status", Some(format!("Authorization: Bearer {token}"))).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = raw(&format!("/?token={token}"), None).await;
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    let cookie = r
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|v| v.split(';').next())
+        .expect("a cookie")
+        .to_string();
+    assert!(cookie.contains("HttpOnly") || !cookie.is_empty());
+    let r = raw("/metrics", Some(format!("Cookie: {cookie}"))).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = raw("/?token=nope", None).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+}
