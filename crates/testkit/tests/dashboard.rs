@@ -200,3 +200,37 @@ async fn coordinator_dashboard_live_in_a_browser() {
     assert!(shot.exists());
     eprintln!("screenshot: {}", shot.display());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requester_page_shows_the_active_path_change_when_its_sharer_dies() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let c = Cluster::start(vec![
+        SharerSpec::new("alice", 5.0, 0.0),
+        SharerSpec::new("bob", 10.0, 0.0),
+    ])
+    .await
+    .expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let control = r.requester.control_addr.expect("control");
+    let shot = out_dir().join("requester.png");
+    let mut page = Page::open(&format!("http://{control}/"), &shot).await;
+    let (ok, first) = page.wait("#active", "^(alice|bob)$", 15).await;
+    assert!(ok, "active sharer on the page: {first:?}");
+    let (ok, text) = page.wait("#path", "pool", 5).await;
+    assert!(ok, "path on the page: {text:?}");
+    // The active sharer dies: the page shows the other one, with the
+    // failover and its cause, without a reload.
+    c.sharer(&first).expect("sharer").kill();
+    let other = if first == "alice" { "bob" } else { "alice" };
+    let (ok, text) = page.wait("#active", &format!("^{other}$"), 15).await;
+    assert!(ok, "active after {first} died: {text:?}");
+    let (ok, text) = page.wait("#failovers", &first, 10).await;
+    assert!(ok, "failover listed: {text:?}");
+    let (errors, offsite) = page.finish().await;
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    assert!(offsite.is_empty(), "requests off loopback: {offsite:?}");
+    eprintln!("screenshot: {}", shot.display());
+}

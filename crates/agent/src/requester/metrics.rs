@@ -31,6 +31,21 @@ pub struct Counters {
     pub cut: AtomicU64,
     failovers: Mutex<BTreeMap<&'static str, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last [`RECENT_FAILOVERS`] failovers, oldest first.
+    recent: Mutex<std::collections::VecDeque<Failover>>,
+}
+
+/// Failovers remembered for the page.
+pub const RECENT_FAILOVERS: usize = 20;
+
+/// One change of the active member, for `/status` and the page.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Failover {
+    pub unix_ms: u64,
+    pub cause: &'static str,
+    pub from: String,
+    /// `None`: no member could take new flows.
+    pub to: Option<String>,
 }
 
 fn bump(m: &Mutex<BTreeMap<&'static str, u64>>, k: &'static str) {
@@ -47,8 +62,29 @@ impl Counters {
     /// The active member changed away from one that served, because of
     /// `cause` (stall, drop, closed, uplink, loss, better; retired when the own
     /// link took over and the pool shrank).
-    pub fn failover(&self, cause: &'static str) {
+    pub fn failover(&self, cause: &'static str, from: String, to: Option<String>) {
         bump(&self.failovers, cause);
+        if let Ok(mut r) = self.recent.lock() {
+            r.push_back(Failover {
+                unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                cause,
+                from,
+                to,
+            });
+            while r.len() > RECENT_FAILOVERS {
+                r.pop_front();
+            }
+        }
+    }
+
+    /// The recent failovers, oldest first.
+    pub fn recent_failovers(&self) -> Vec<Failover> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// A flow was refused or could not open, for `reason`.

@@ -288,6 +288,8 @@ struct Status {
     udp: udp::UdpStatus,
     /// The prediction acted on, when pre-connect is on.
     forecast: Option<forecast::ForecastStatus>,
+    /// The last changes of the active member, with their cause.
+    failovers: Vec<metrics::Failover>,
     #[serde(flatten)]
     pool: pool::Status,
 }
@@ -295,7 +297,18 @@ struct Status {
 fn status_router(paths: proxy::Paths, forecasts: Option<Arc<forecast::Forecasts>>) -> axum::Router {
     use axum::routing::get;
     let (mpaths, mforecasts) = (paths.clone(), forecasts.clone());
+    let page = |body: &'static str, ctype: &'static str| {
+        get(move || async move { ([(axum::http::header::CONTENT_TYPE, ctype)], body) })
+    };
     axum::Router::new()
+        .route(
+            "/",
+            page(include_str!("web/index.html"), "text/html; charset=utf-8"),
+        )
+        .route(
+            "/app.js",
+            page(include_str!("web/app.js"), "text/javascript; charset=utf-8"),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -329,6 +342,7 @@ fn status_router(paths: proxy::Paths, forecasts: Option<Arc<forecast::Forecasts>
                         own_link: paths.direct.status(),
                         udp: paths.pool.udp.status(),
                         forecast,
+                        failovers: paths.pool.counters.recent_failovers(),
                         pool: paths.pool.status(),
                     })
                 }

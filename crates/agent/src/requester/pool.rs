@@ -209,12 +209,17 @@ impl Pool {
 
     /// Carries out what failover decided.
     pub(super) fn apply(&self, decisions: Vec<Decision>) {
-        self.apply_because(decisions, None)
+        self.apply_because(decisions, None, None)
     }
 
     /// The same, with the cause of a change of the active member known
     /// (a routine retirement is not a failure).
-    fn apply_because(&self, decisions: Vec<Decision>, known: Option<&'static str>) {
+    fn apply_because(
+        &self,
+        decisions: Vec<Decision>,
+        known: Option<&'static str>,
+        gone: Option<(DeviceKey, &str)>,
+    ) {
         // A change of the active member is a failover when it moves away
         // from one that served; its cause is what came before it, or the
         // state the member it left is in.
@@ -223,9 +228,14 @@ impl Pool {
             match &d {
                 Decision::Stalled { .. } => cause = Some("stall"),
                 Decision::Drop { .. } => cause = Some("drop"),
-                Decision::Switched { from: Some(k), .. } => {
+                Decision::Switched { from: Some(k), to } => {
                     let c = cause.unwrap_or_else(|| self.failover_cause(k));
-                    self.counters.failover(c);
+                    // The member may be gone already (`gone` names it).
+                    let from = self
+                        .name_of(Some(*k))
+                        .or_else(|| gone.filter(|(g, _)| g == k).map(|(_, n)| n.to_string()))
+                        .unwrap_or_else(|| k.short());
+                    self.counters.failover(c, from, self.name_of(*to));
                 }
                 _ => {}
             }
@@ -339,7 +349,7 @@ impl Pool {
             }
             g.tunnel.close();
             let d = self.failover().leave(key, Instant::now());
-            self.apply_because(d, routine.then_some("retired"));
+            self.apply_because(d, routine.then_some("retired"), Some((g.key, &g.name)));
             self.changed.notify_one();
         }
     }
