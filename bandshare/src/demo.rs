@@ -147,6 +147,33 @@ pub async fn run() -> anyhow::Result<()> {
         ledger.usage_rows()?,
         ledger.path().display()
     );
+    println!(
+        "\n8. What an operator and the user see: GET /metrics (Prometheus), and the same live on the dashboards at http://{}/ (coordinator) and the requester's --control /",
+        cluster.coordinator.http_addr
+    );
+    let wanted = [
+        "bandshare_online_sharers",
+        "bandshare_share_requests_total",
+        "bandshare_access_requests_total",
+        "bandshare_usage_acknowledged_bytes_total",
+    ];
+    for l in cluster
+        .coordinator
+        .state
+        .render_metrics()
+        .lines()
+        .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
+    {
+        println!("   {l}");
+    }
+    for f in r.requester.pool.counters.recent_failovers() {
+        println!(
+            "   requester failover: {} -> {} ({})",
+            f.from,
+            f.to.as_deref().unwrap_or("none"),
+            f.cause
+        );
+    }
     println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     r.stop();
     for s in &cluster.sharers {
