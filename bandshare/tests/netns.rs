@@ -256,12 +256,15 @@ impl Net {
 }
 
 fn start_coordinator(lab: &mut Lab, ns: &str) -> usize {
+    let token = lab.http_token_file().expect("token file");
     let args: Vec<String> = [
         "server",
         "--listen",
         &format!("{COORD}:7400"),
         "--http",
         &format!("{COORD}:7480"),
+        "--http-token-file",
+        &token,
         "--data",
         &lab.dir.path().join("coord").display().to_string(),
     ]

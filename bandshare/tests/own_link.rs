@@ -195,6 +195,8 @@ impl World {
                 &format!("{COORD}:7400"),
                 "--http",
                 &format!("{COORD}:7480"),
+                "--http-token-file",
+                &lab.http_token_file()?,
                 "--data",
                 &dc,
             ]),

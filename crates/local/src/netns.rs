@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const PREFIX: &str = "bs-";
+/// The HTTP token of coordinators in labs.
+pub const HTTP_TOKEN: &str = "bandshare-lab-http-token";
 static LABS: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `ip ARGS`; the error carries what `ip` said.
@@ -191,10 +193,21 @@ impl Lab {
         Ok(())
     }
 
-    /// `curl -sS --max-time 5 ARGS` inside `ns`.
+    /// A file holding [`HTTP_TOKEN`], for `server --http-token-file` (a
+    /// coordinator whose `--http` is on a namespace's address needs one).
+    pub fn http_token_file(&self) -> anyhow::Result<String> {
+        let p = self.dir.path().join("http-token");
+        std::fs::write(&p, HTTP_TOKEN)?;
+        Ok(p.display().to_string())
+    }
+
+    /// `curl -sS --max-time 5 ARGS` inside `ns`, presenting [`HTTP_TOKEN`]
+    /// (coordinators started with [`Lab::http_token_file`] want it; other
+    /// servers ignore the header).
     pub fn curl(&self, ns: &str, args: &[&str]) -> std::process::Output {
         self.command(ns, "curl")
             .args(["-sS", "--max-time", "5"])
+            .args(["-H", &format!("Authorization: Bearer {HTTP_TOKEN}")])
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("cannot run curl: {e}"))
