@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const rtts = new Map(); // sharer key -> recent RTTs (ms)
+const losses = new Map(); // sharer key -> recent loss (%)
 
 function bytes(n) {
   const u = ["B", "KB", "MB", "GB", "TB"];
@@ -19,12 +20,12 @@ function cell(text, cls) {
   return td;
 }
 
-function sparkline(values) {
+function sparkline(values, fixedTop) {
   const c = document.createElement("canvas");
   c.width = 120; c.height = 28;
   const g = c.getContext("2d");
-  const top = Math.max(1, ...values);
-  g.strokeStyle = "#2f6fdb"; g.lineWidth = 1.5; g.beginPath();
+  const top = fixedTop || Math.max(1, ...values);
+  g.strokeStyle = fixedTop ? "#c62828" : "#2f6fdb"; g.lineWidth = 1.5; g.beginPath();
   values.forEach((v, i) => {
     const x = (i / 59) * 118 + 1, y = 27 - (v / top) * 25;
     if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
@@ -51,6 +52,10 @@ function show(s) {
     h.push(m.rtt_ms);
     while (h.length > 60) h.shift();
     rtts.set(m.key, h);
+    const l = losses.get(m.key) || [];
+    l.push(m.loss * 100);
+    while (l.length > 60) l.shift();
+    losses.set(m.key, l);
     const tr = document.createElement("tr");
     tr.append(
       cell((m.active ? "▶ " : "") + m.sharer),
@@ -58,6 +63,7 @@ function show(s) {
       cell(`${m.rtt_ms.toFixed(1)} ms`),
       cell(`${Math.round(m.loss * 100)} %`),
       sparkline(h),
+      sparkline(l, 100),
       cell(String(m.flows)),
       cell(bytes(m.bytes_down)),
     );
