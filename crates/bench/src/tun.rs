@@ -204,6 +204,7 @@ fn start_sharer(net: &mut Net) -> anyhow::Result<()> {
     let dir = |n: &str| net.lab.dir.path().join(n).display().to_string();
     let (dc, ds) = (dir("coord"), dir("sharer"));
     let share = net.share.clone();
+    let token = net.lab.http_token_file()?;
     net.lab.spawn(
         &share,
         "coordinator",
@@ -214,6 +215,8 @@ fn start_sharer(net: &mut Net) -> anyhow::Result<()> {
             &format!("{LAN_SHARER}:7400"),
             "--http",
             &format!("{LAN_SHARER}:7480"),
+            "--http-token-file",
+            &token,
             "--data",
             &dc,
         ]),
