@@ -16,6 +16,7 @@ pub mod client;
 pub mod identity;
 pub mod location;
 pub mod probe;
+mod prom;
 pub mod qos;
 pub mod requester;
 pub mod sharer;

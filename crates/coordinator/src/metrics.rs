@@ -91,17 +91,13 @@ impl Metrics {
     /// that code) after `took`.
     pub fn share_request(&self, outcome: Result<usize, tonic::Code>, took: Duration) {
         let result = match outcome {
-            Ok(0) => "no_offers",
             Ok(n) => {
                 self.offers_per_request.observe(n as f64);
                 self.tickets_issued.inc_by(n as u64);
-                "offered"
+                if n == 0 { "no_offers" } else { "offered" }
             }
             Err(code) => result_of(code),
         };
-        if outcome.is_ok_and(|n| n == 0) {
-            self.offers_per_request.observe(0.0);
-        }
         self.share_requests
             .get_or_create(&ResultLabel { result })
             .inc();

@@ -10,6 +10,7 @@ use super::direct::OwnLinkStatus;
 use super::forecast::ForecastStatus;
 use super::pool;
 use super::udp::UdpStatus;
+use crate::prom::{L1, l1};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -97,13 +98,6 @@ impl Counters {
 struct MemberLabel {
     sharer: String,
     key: String,
-}
-
-/// One label: its name and value.
-type L1 = [(&'static str, String); 1];
-
-fn l1(name: &'static str, v: &str) -> L1 {
-    [(name, v.to_string())]
 }
 
 type FGauge = Gauge<f64, AtomicU64>;
@@ -279,8 +273,5 @@ pub fn render(v: &View) -> String {
             );
         }
     }
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-    out
+    crate::prom::encode(&r)
 }

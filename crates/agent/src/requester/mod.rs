@@ -322,10 +322,7 @@ fn status_router(paths: proxy::Paths, forecasts: Option<Arc<forecast::Forecasts>
                 });
                 async move {
                     (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(axum::http::header::CONTENT_TYPE, crate::prom::CONTENT_TYPE)],
                         text,
                     )
                 }

@@ -3,6 +3,7 @@
 //! the coordinator's and the requester's): what it relays, to how many
 //! requesters, what it refused and why, and its uplink.
 
+use crate::prom::{L1, l1};
 use bandshare_relay::RelayHandle;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -41,12 +42,6 @@ pub fn status(name: &str, relay_addr: std::net::SocketAddr, h: &RelayHandle) -> 
         flows_refused: h.flows_refused(),
         connections_refused: h.refused_sources(),
     }
-}
-
-type L1 = [(&'static str, String); 1];
-
-fn l1(name: &'static str, v: &str) -> L1 {
-    [(name, v.to_string())]
 }
 
 /// The OpenMetrics text of one sharer.
@@ -115,10 +110,7 @@ pub fn render(s: &Status, h: &RelayHandle) -> String {
         udp.get_or_create(&l1("outcome", what)).inc_by(n);
     }
     r.register("udp_datagrams", "UDP datagrams relayed or dropped", udp);
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-    out
+    crate::prom::encode(&r)
 }
 
 /// Serves `/status` and `/metrics` on `listener` until `shutdown`.
@@ -145,10 +137,7 @@ pub async fn serve(
                 let text = render(&status(&n2, relay_addr, &h2), &h2);
                 async move {
                     (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(axum::http::header::CONTENT_TYPE, crate::prom::CONTENT_TYPE)],
                         text,
                     )
                 }
