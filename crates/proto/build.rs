@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "sharer", "requester", "health", "qos"]
+    let files = ["common", "sharer", "requester", "health", "qos", "cluster"]
         .map(|f| root.join(format!("bandshare/v1/{f}.proto")));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -118,6 +118,13 @@ struct ServerArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Scale out: the nodes of a Redis Cluster (comma-separated
+    /// redis://HOST:PORT). Every coordinator started with the same cluster
+    /// is one service: each offers the others' sharers and routes access
+    /// requests to them [default: the config's server.redis; none: this
+    /// coordinator on its own, SQLite only].
+    #[arg(long, value_name = "URL,...")]
+    redis: Option<String>,
 }
 
 /// Where the device is (state by share, connect and offers).
@@ -305,7 +312,9 @@ impl LocationArgs {
 /// Where the coordinator is: `--server` and, over TLS, `--server-pin`.
 #[derive(Args, Debug, Clone)]
 struct ServerAddr {
-    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with
+    /// --server-pin); several coordinators of one service (server --redis)
+    /// comma-separated: tried in a random order, the next on failure.
     #[arg(long)]
     server: String,
     /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an
@@ -326,7 +335,9 @@ impl ServerAddr {
 /// `--tun NAME --cleanup`.
 #[derive(Args, Debug, Clone)]
 struct ConnectServer {
-    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with --server-pin).
+    /// Coordinator address, e.g. http://127.0.0.1:7400 (or https://… with
+    /// --server-pin); several coordinators of one service (server --redis)
+    /// comma-separated: tried in a random order, the next on failure.
     #[arg(long, required_unless_present = "cleanup")]
     server: Option<String>,
     /// SHA-256 of the coordinator's TLS certificate, 64 hex digits, for an

@@ -125,7 +125,20 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
     let config_has_token = config.http_token.is_some();
-    let state = bandshare_coordinator::State::new(config, store)?;
+    if let Some(r) = &a.redis {
+        config.redis = bandshare_coordinator::config::redis_urls(r.split(','))
+            .map_err(|e| anyhow::anyhow!("--redis: {e}"))?;
+    }
+    let state = if config.redis.is_empty() {
+        bandshare_coordinator::State::new(config, store)?
+    } else {
+        let cluster = bandshare_coordinator::cluster::Cluster::connect(&config.redis).await?;
+        info!(
+            id = cluster.id(),
+            "scale-out: one of the coordinators on this Redis Cluster"
+        );
+        bandshare_coordinator::State::new_clustered(config, store, cluster).await?
+    };
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),
         _ if a.tls => Some(bandshare_coordinator::tls::self_signed(&dir)?),

@@ -29,23 +29,42 @@ impl CoordinatorError {
 }
 
 /// A coordinator's address, checked and normalised once where it enters
-/// (a flag, a config, a test): `http://HOST:PORT` or `https://HOST:PORT#PIN`.
+/// (a flag, a config, a test): `http://HOST:PORT` or `https://HOST:PORT#PIN`,
+/// or several of them separated by commas — coordinators of one service
+/// (`server --redis`), tried in a random order until one answers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServerUrl(String);
 
 impl ServerUrl {
-    /// See [`normalize_url`] for what is accepted.
+    /// See [`normalize_url`] for what is accepted, for each of a
+    /// comma-separated list.
     pub fn parse(s: &str) -> Result<ServerUrl, CoordinatorError> {
-        normalize_url(s).map(ServerUrl)
+        let all = s
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(normalize_url)
+            .collect::<Result<Vec<_>, _>>()?;
+        if all.is_empty() {
+            return Err(CoordinatorError::Url(s.to_string()));
+        }
+        Ok(ServerUrl(all.join(",")))
     }
 
+    /// The address as given, normalised (comma-separated when several).
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// `HOST:PORT`, without the scheme and the pin.
+    /// Each coordinator's address.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.0.split(',')
+    }
+
+    /// `HOST:PORT` of the first coordinator, without the scheme and the pin.
     pub fn host_port(&self) -> &str {
-        let rest = self.0.split_once("://").map_or(self.0.as_str(), |(_, r)| r);
+        let first = self.urls().next().unwrap_or(&self.0);
+        let rest = first.split_once("://").map_or(first, |(_, r)| r);
         rest.split('#').next().unwrap_or(rest)
     }
 }
@@ -123,10 +142,15 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], CoordinatorError> {
     Ok(out)
 }
 
-/// Adds `--server-pin` to a server address as its `#PIN` part.
+/// Adds `--server-pin` to a server address (to each of a comma-separated
+/// list) as its `#PIN` part.
 pub fn with_pin(server: &str, pin: Option<&str>) -> String {
     match pin {
-        Some(p) => format!("{}#{p}", server.split('#').next().unwrap_or(server)),
+        Some(p) => server
+            .split(',')
+            .map(|s| format!("{}#{p}", s.split('#').next().unwrap_or(s)))
+            .collect::<Vec<_>>()
+            .join(","),
         None => server.to_string(),
     }
 }
@@ -168,14 +192,31 @@ pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
 }
 
 /// A channel to the coordinator; its bytes go through `dial` when given.
-/// Over TLS the pinned certificate is checked either way.
+/// Over TLS the pinned certificate is checked either way. Of several
+/// coordinators, each is tried in a random order until one answers (so
+/// agents spread over the service, and move on when one is gone); the
+/// error is the last one's.
 pub async fn connect_with(
     url: &ServerUrl,
     dial: Option<Dial>,
 ) -> Result<Channel, CoordinatorError> {
-    let (base, pin) = match url.as_str().split_once('#') {
+    let mut all: Vec<&str> = url.urls().collect();
+    fastrand::shuffle(&mut all);
+    let mut last = CoordinatorError::Url(url.0.clone());
+    for one in all {
+        match connect_one(one, dial.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e @ CoordinatorError::Pin(_)) => return Err(e),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(url: &str, dial: Option<Dial>) -> Result<Channel, CoordinatorError> {
+    let (base, pin) = match url.split_once('#') {
         Some((u, p)) => (u.to_string(), Some(parse_pin(p)?)),
-        None => (url.0.clone(), None),
+        None => (url.to_string(), None),
     };
     // Over TLS, tonic sees a plain http:// endpoint and the connector below
     // does TLS itself, trusting only the pinned certificate.

@@ -198,7 +198,7 @@ fn load(
             key: key_of(i),
             relay_endpoints: vec!["127.0.0.1:9".into()],
             relay_cert_sha256: vec![0; 32],
-            tx: tx.clone(),
+            route: bandshare_coordinator::registry::Route::Local(tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
         };

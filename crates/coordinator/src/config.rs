@@ -152,6 +152,7 @@ struct RawServer {
     max_inflight_requests: Option<u32>,
     max_connections_per_source: Option<u32>,
     enroll: Option<String>,
+    redis: Option<Vec<String>>,
 }
 
 /// Who may use the coordinator.
@@ -234,6 +235,9 @@ pub struct Config {
     /// Bearer token the HTTP side (dashboard, `/status`, `/metrics`)
     /// requires; needed to serve it on anything but loopback.
     pub http_token: Option<String>,
+    /// Scale-out: the Redis Cluster nodes (`redis://HOST:PORT`) this
+    /// coordinator shares the service through; empty = on its own.
+    pub redis: Vec<String>,
 }
 
 impl Default for Config {
@@ -255,6 +259,7 @@ impl Default for Config {
             privacy: crate::privacy::PrivacyConfig::default(),
             qos: QosConfig::default(),
             http_token: None,
+            redis: vec![],
         }
     }
 }
@@ -515,6 +520,15 @@ impl Config {
                 }
                 t => t.as_ref().map(|t| t.trim().to_string()),
             },
+            redis: match &raw.server.redis {
+                None => vec![],
+                Some(urls) => redis_urls(urls.iter().map(String::as_str)).map_err(|problem| {
+                    ConfigError::Invalid {
+                        key: "server.redis",
+                        problem,
+                    }
+                })?,
+            },
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {
@@ -526,8 +540,48 @@ impl Config {
     }
 }
 
+/// Checks Redis node addresses: `redis://HOST:PORT` (or `HOST:PORT`).
+pub fn redis_urls<'a>(urls: impl IntoIterator<Item = &'a str>) -> Result<Vec<String>, String> {
+    let mut out = vec![];
+    for u in urls {
+        let u = u.trim();
+        if u.is_empty() {
+            continue;
+        }
+        let rest = u.strip_prefix("redis://").unwrap_or(u);
+        let ok = !rest.contains("://")
+            && rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(format!(
+                "bad Redis address {u:?}: expected redis://HOST:PORT"
+            ));
+        }
+        out.push(format!("redis://{rest}"));
+    }
+    if out.is_empty() {
+        return Err("no Redis address given".into());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redis_addresses_are_checked() {
+        assert_eq!(
+            super::redis_urls(["127.0.0.1:7000", " redis://h:7001 "]),
+            Ok(vec![
+                "redis://127.0.0.1:7000".to_string(),
+                "redis://h:7001".to_string()
+            ])
+        );
+        for bad in ["h", "http://h:1", "h:0", ""] {
+            assert!(super::redis_urls([bad]).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -251,6 +251,13 @@ async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde
         "enroll": format!("{:?}", state.config().enroll).to_lowercase(),
         "version": env!("CARGO_PKG_VERSION"),
         "qos": state.qos_book(|b| b.status()).ok(),
+        "cluster": state.cluster().map(|c| serde_json::json!({
+            "id": c.id(),
+            "redis": c.urls(),
+            "redis_reachable": !c.is_down(),
+            "local_sharers": state.registry().local_len(),
+            "presence_writes_dropped": c.dropped_writes(),
+        })),
     });
     if let (Some(o), Ok(serde_json::Value::Object(c))) =
         (body.as_object_mut(), serde_json::to_value(state.counters()))

@@ -7,6 +7,7 @@
 //! start it on port 0 in-process (see `bandshare-local`). It never writes
 //! live positions to disk; the store holds devices, keys and the ledger.
 
+pub mod cluster;
 pub mod config;
 pub mod evidence;
 pub mod http;
@@ -49,6 +50,8 @@ pub enum ServerError {
     Rng,
     #[error("QoS map: {0}")]
     Qos(String),
+    #[error("scale-out: {0}")]
+    Cluster(String),
 }
 
 /// 32 random bytes from the system.
@@ -128,6 +131,9 @@ pub async fn run_with(
     // Operators' decisions and key rotations, read from the store.
     let trust_task = tokio::spawn(trust::watch(state.clone(), stop_rx.clone()));
     let qos_saver = tokio::spawn(qos::saver(state.clone(), stop_rx.clone()));
+    if let Some(c) = state.cluster() {
+        c.start(state.clone(), stop_rx.clone());
+    }
     let cap = state.config().max_connections_per_source;
     let http_task = match http {
         Some(l) => {

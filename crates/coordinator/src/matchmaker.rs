@@ -26,34 +26,46 @@ async fn ask(
     conditions: &v1::Conditions,
     band: &str,
 ) -> offer::Answer {
-    let (request_id, rx) = state.registry().expect_answer(c.id, c.handle.generation);
     let deadline = state.config().access_deadline;
-    let req = v1::AccessRequest {
-        request_id,
+    let mut req = v1::AccessRequest {
+        request_id: 0,
         requester_key: requester.0.to_vec(),
         conditions: Some(conditions.clone()),
         distance_band: band.to_string(),
         deadline_ms: deadline.as_millis() as u32,
     };
-    let sent = c
-        .handle
-        .tx
-        .try_send(Ok(v1::CoordinatorMessage {
-            msg: Some(Down::AccessRequest(req)),
-        }))
-        .is_ok();
-    if !sent {
-        state.registry().forget_answer(request_id);
-        state.metrics().access_answer("silent");
-        return offer::Answer::Silent;
-    }
-    let answer = match tokio::time::timeout(deadline, rx).await {
-        Ok(Ok(resp)) if resp.accept => offer::Answer::Accepted(resp),
-        Ok(Ok(resp)) => offer::Answer::Declined(resp.reason),
-        _ => {
-            state.registry().forget_answer(request_id);
-            offer::Answer::Silent
+    let resp = match &c.handle.route {
+        registry::Route::Local(tx) => {
+            let (request_id, rx) = state.registry().expect_answer(c.id, c.handle.generation);
+            req.request_id = request_id;
+            let sent = tx
+                .try_send(Ok(v1::CoordinatorMessage {
+                    msg: Some(Down::AccessRequest(req)),
+                }))
+                .is_ok();
+            let resp = if sent {
+                tokio::time::timeout(deadline, rx)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+            } else {
+                None
+            };
+            if resp.is_none() {
+                state.registry().forget_answer(request_id);
+            }
+            resp
         }
+        // Its stream is on another coordinator: routed through Redis.
+        registry::Route::Remote { owner, .. } => match state.cluster() {
+            Some(cl) => cl.ask(owner, &c.handle.key, req, deadline).await,
+            None => None,
+        },
+    };
+    let answer = match resp {
+        Some(resp) if resp.accept => offer::Answer::Accepted(resp),
+        Some(resp) => offer::Answer::Declined(resp.reason),
+        None => offer::Answer::Silent,
     };
     state.metrics().access_answer(match answer {
         offer::Answer::Accepted(_) => "accepted",

@@ -214,7 +214,7 @@ mod tests {
                 key: DeviceKey([n; 32]),
                 relay_endpoints: vec![format!("192.0.2.{n}:7500")],
                 relay_cert_sha256: vec![n; 32],
-                tx,
+                route: crate::registry::Route::Local(tx),
                 generation: 1,
                 last_seen: std::time::Instant::now(),
             }),

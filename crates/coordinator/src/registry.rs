@@ -18,13 +18,24 @@ pub const REPLACED: &str = "replaced: another connection with this device key ca
 
 pub type Outbound = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
 
+/// Where a sharer's stream is.
+#[derive(Clone)]
+pub enum Route {
+    /// On this coordinator: access requests go down `Outbound`.
+    Local(Outbound),
+    /// On another coordinator of the same service (`server --redis`):
+    /// access requests are routed to `owner` through Redis. `seq` is the
+    /// owner's write clock of the presence this entry came from.
+    Remote { owner: Arc<str>, seq: u64 },
+}
+
 /// How to reach one online sharer, besides what matching needs.
 #[derive(Clone)]
 pub struct Handle {
     pub key: DeviceKey,
     pub relay_endpoints: Vec<String>,
     pub relay_cert_sha256: Vec<u8>,
-    pub tx: Outbound,
+    pub route: Route,
     /// Distinguishes this stream from a later one of the same device.
     pub generation: u64,
     pub last_seen: Instant,
@@ -91,7 +102,9 @@ impl Registry {
                 // The older stream is ended, not left open and never
                 // offered again: its process logs why and stops (the same
                 // key online twice is a copied key or a second instance).
-                let _ = h.tx.try_send(Err(Status::already_exists(REPLACED)));
+                if let Route::Local(tx) = &h.route {
+                    let _ = tx.try_send(Err(Status::already_exists(REPLACED)));
+                }
             }
         }
         let id = g.index.insert(info);
@@ -164,12 +177,81 @@ impl Registry {
         names
     }
 
-    /// Every online sharer's outbound stream.
+    /// Every outbound stream of the sharers on this coordinator.
     pub fn outbound(&self) -> Vec<Outbound> {
         self.inner
             .read()
-            .map(|g| g.handles.iter().flatten().map(|h| h.tx.clone()).collect())
+            .map(|g| {
+                g.handles
+                    .iter()
+                    .flatten()
+                    .filter_map(|h| match &h.route {
+                        Route::Local(tx) => Some(tx.clone()),
+                        Route::Remote { .. } => None,
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Puts (or moves) a sharer whose stream is on another coordinator into
+    /// the index, unless its stream is here or a newer presence is known.
+    /// Returns whether the entry changed.
+    pub fn upsert_remote(&self, info: SharerInfo, mut handle: Handle, now: Instant) -> bool {
+        let Route::Remote { seq, .. } = handle.route else {
+            return false;
+        };
+        let Ok(mut g) = self.inner.write() else {
+            return false;
+        };
+        handle.last_seen = now;
+        if let Some(&id) = g.by_key.get(&handle.key) {
+            match g.handle(id).map(|h| &h.route) {
+                Some(Route::Remote { seq: have, .. }) if *have < seq => {}
+                _ => return false,
+            }
+            handle.generation = g.handle(id).map_or(0, |h| h.generation);
+            g.index.update(id, |i| *i = info);
+            g.handles[id as usize] = Some(Arc::new(handle));
+            return true;
+        }
+        handle.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = g.index.insert(info);
+        g.by_key.insert(handle.key, id);
+        if g.handles.len() <= id as usize {
+            g.handles.resize(id as usize + 1, None);
+        }
+        g.handles[id as usize] = Some(Arc::new(handle));
+        true
+    }
+
+    /// Takes a sharer on another coordinator out of the index: when its
+    /// entry is not newer than `seq` (0: whatever its age). Returns its name.
+    pub fn remove_remote(&self, key: &DeviceKey, seq: u64) -> Option<String> {
+        let mut g = self.inner.write().ok()?;
+        let id = *g.by_key.get(key)?;
+        match g.handle(id).map(|h| &h.route) {
+            Some(Route::Remote { seq: have, .. }) if seq == 0 || *have <= seq => {}
+            _ => return None,
+        }
+        g.take_handle(id);
+        g.by_key.remove(key);
+        g.index.remove(id).map(|i| i.name.to_string())
+    }
+
+    /// Sharers whose streams are on this coordinator (the rest of the
+    /// index came from other coordinators through Redis).
+    pub fn local_len(&self) -> usize {
+        self.inner
+            .read()
+            .map(|g| {
+                g.handles
+                    .iter()
+                    .flatten()
+                    .filter(|h| matches!(h.route, Route::Local(_)))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Ends the stream of the sharer with `key` (if online) with
@@ -181,9 +263,10 @@ impl Registry {
         let Some(id) = g.by_key.remove(key) else {
             return;
         };
-        if let Some(h) = g.take_handle(id) {
-            let _ =
-                h.tx.try_send(Err(Status::permission_denied(why.to_string())));
+        if let Some(h) = g.take_handle(id)
+            && let Route::Local(tx) = &h.route
+        {
+            let _ = tx.try_send(Err(Status::permission_denied(why.to_string())));
         }
         g.index.remove(id);
     }

@@ -3,7 +3,7 @@
 //! measure RTT and loss, access responses go to the waiting share request.
 //! The stream ending takes the sharer offline at once.
 
-use crate::registry::Handle;
+use crate::registry::{Handle, Route};
 use crate::{State, unix_now};
 use bandshare_core::DeviceKey;
 use bandshare_matcher::SharerInfo;
@@ -111,11 +111,14 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             key,
             relay_endpoints: hello.relay_endpoints.clone(),
             relay_cert_sha256: hello.relay_cert_sha256.clone(),
-            tx: tx.clone(),
+            route: Route::Local(tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
         };
         let (id, generation) = state.registry().add(info, handle);
+        if let Some(c) = state.cluster() {
+            c.changed(&state, &key);
+        }
         info!(sharer = %name, key = %key.short(), online = state.registry().len(), "sharer online");
         {
             let store = state.store().clone();
@@ -193,6 +196,9 @@ async fn follow(
         match msg.msg {
             Some(Up::Ping(p)) => {
                 registry.touch(id, generation, now);
+                if let Some(c) = state.cluster() {
+                    c.refresh(&state, &key);
+                }
                 let _ = tx.try_send(down(Down::Pong(v1::Pong { seq: p.seq })));
             }
             Some(Up::Report(mut r)) => {
@@ -213,6 +219,9 @@ async fn follow(
         }
     };
     if registry.remove(id, generation).is_some() {
+        if let Some(c) = state.cluster() {
+            c.gone(&key);
+        }
         info!(reason = %why, online = registry.len(), "sharer offline");
     }
 }
@@ -314,6 +323,9 @@ fn apply_report(state: &Arc<State>, s: &mut Stream, r: v1::StateReport, now: Ins
         }
         info.active_requesters = r.active_requesters;
     });
+    if let Some(c) = state.cluster() {
+        c.changed(state, &s.key);
+    }
     // Its uplink as it measured it, where it truly is, into the QoS map.
     if let (Some((exact, _)), Some(l)) = (shown, &r.link) {
         crate::qos::sharer_uplink(state, &s.key, exact, l);

@@ -61,6 +61,8 @@ pub struct State {
     http_sources: Arc<listen::Sources>,
     /// What `/metrics` counts as it happens.
     metrics: crate::metrics::Metrics,
+    /// The rest of the service, when scaled out (`server --redis`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What `/status` and `Health.Check` report.
@@ -96,6 +98,32 @@ impl State {
         if fresh_err {
             return Err(ServerError::Rng);
         }
+        State::build(config, store, seeds, None)
+    }
+
+    /// A coordinator that is one of several on the Redis Cluster
+    /// `cluster`: it signs tickets with the service's keys (kept in Redis)
+    /// and shares presence and access requests with the others.
+    pub async fn new_clustered(
+        config: Config,
+        store: Store,
+        cluster: Arc<crate::cluster::Cluster>,
+    ) -> Result<Arc<State>, ServerError> {
+        let mut fresh = [0u8; 32];
+        crate::random_seed(&mut fresh)?;
+        let seeds = cluster
+            .signing_seeds(|| fresh)
+            .await
+            .map_err(|e| ServerError::Cluster(e.to_string()))?;
+        State::build(config, store, seeds, Some(cluster))
+    }
+
+    fn build(
+        config: Config,
+        store: Store,
+        seeds: Vec<bandshare_store::SigningSeed>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Result<Arc<State>, ServerError> {
         let (Some((_, first)), Some((key_id, seed))) = (seeds.first(), seeds.last()) else {
             return Err(ServerError::Rng);
         };
@@ -154,8 +182,14 @@ impl State {
             grpc_sources: Default::default(),
             http_sources: Default::default(),
             metrics: Default::default(),
+            cluster,
             config,
         }))
+    }
+
+    /// The rest of the service, when scaled out (`server --redis`).
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Where ticket-signing keys stand, in words, for the dashboard.

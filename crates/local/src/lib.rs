@@ -402,27 +402,7 @@ impl Cluster {
 
     /// Requester options at the centre with a SOCKS port and status port.
     pub fn requester_options(&self) -> RequesterOptions {
-        RequesterOptions {
-            server: self.coordinator.url.clone(),
-            location: LocationSpec {
-                at: Some(center()),
-                ..Default::default()
-            },
-            sources: Default::default(),
-            conditions: ConditionSpec::default(),
-            pool_size: 3,
-            strategy: Default::default(),
-            socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            forwards: vec![],
-            control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
-            // The pool path: these runs measure and test sharers.
-            via: bandshare_agent::requester::own_link::Via::Pool,
-            standby: 1,
-            probes: vec![],
-            own_link: Default::default(),
-            predict: None,
-        }
+        requester_options(&self.coordinator.url)
     }
 
     /// One share request with explain, as `bandshare offers --explain` sends it.
@@ -463,6 +443,32 @@ impl Cluster {
         let (trigger, shutdown) = Shutdown::new();
         let requester = Requester::start(opts, key, shutdown).await?;
         Ok(RequesterNode { requester, trigger })
+    }
+}
+
+/// Requester options for the coordinator(s) at `url`, at the centre, with
+/// a SOCKS port and a status port, on the pool path.
+pub fn requester_options(url: &bandshare_agent::client::ServerUrl) -> RequesterOptions {
+    RequesterOptions {
+        server: url.clone(),
+        location: LocationSpec {
+            at: Some(center()),
+            ..Default::default()
+        },
+        sources: Default::default(),
+        conditions: ConditionSpec::default(),
+        pool_size: 3,
+        strategy: Default::default(),
+        socks: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        forwards: vec![],
+        control: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
+        // The pool path: these runs measure and test sharers.
+        via: bandshare_agent::requester::own_link::Via::Pool,
+        standby: 1,
+        probes: vec![],
+        own_link: Default::default(),
+        predict: None,
     }
 }
 

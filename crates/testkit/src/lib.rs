@@ -4,6 +4,7 @@
 //! logging for tests. A dev-dependency only; nothing here ships.
 
 pub mod process;
+pub mod redis;
 
 pub use bandshare_local::*;
 

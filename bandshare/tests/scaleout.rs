@@ -1,0 +1,247 @@
+//! Scale-out on a real Redis Cluster (three masters, three replicas of the
+//! system's redis-server, started here on free ports): two `bandshare
+//! server --redis` processes are one service. A share request at B offers
+//! the sharers whose streams are on A, and the requester reaches them (the
+//! access requests are routed through Redis); kill -9 of A moves its
+//! sharers to B (they were given both addresses) while the requester's
+//! pool keeps fetching; kill -9 of a Redis master stops nothing.
+
+use bandshare_agent::client::{self, ServerUrl};
+use bandshare_agent::identity;
+use bandshare_agent::location::{ConditionSpec, LocationSpec};
+use bandshare_core::EgressRule;
+use bandshare_testkit::http::{HttpTarget, socks_get};
+use bandshare_testkit::process::Process;
+use bandshare_testkit::redis::RedisCluster;
+use bandshare_testkit::{SharerNode, SharerSpec, center, wait_until};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_bandshare");
+
+/// A coordinator of the service on `listen`, its store in `data`.
+fn coordinator(
+    listen: &str,
+    data: &std::path::Path,
+    redis: &RedisCluster,
+) -> (Process, SocketAddr, SocketAddr) {
+    let urls = redis.urls();
+    let (p, grpc) = Process::server(EXE, listen, data, &["--redis", &urls]);
+    let http = p
+        .addr("http", Duration::from_secs(5))
+        .expect("http address");
+    (p, grpc, http)
+}
+
+/// A loopback port free now (for a coordinator started later, whose
+/// address the sharers are given in advance).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `GET /status` of a coordinator, as JSON (curl, as an operator would).
+fn status(http: SocketAddr) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "2", &format!("http://{http}/status")])
+        .output()
+        .expect("curl");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn count(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+/// The names a share request at `url` is offered.
+async fn offered(url: &ServerUrl) -> Vec<String> {
+    let Ok(key) = identity::generate() else {
+        return vec![];
+    };
+    let loc = LocationSpec {
+        at: Some(center()),
+        ..Default::default()
+    };
+    let Ok(ch) = client::connect(url).await else {
+        return vec![];
+    };
+    let req = client::share_request_from(&key, &loc, &ConditionSpec::default(), false);
+    match client::share_request(ch, req).await {
+        Ok(r) => {
+            let mut n: Vec<String> = r.offers.into_iter().map(|o| o.sharer).collect();
+            n.sort();
+            n
+        }
+        Err(_) => vec![],
+    }
+}
+
+async fn until_offered(url: &ServerUrl, names: &[&str], timeout: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let got = offered(url).await;
+        if names.iter().all(|n| got.iter().any(|g| g == n)) {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[test]
+fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_master() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut redis = RedisCluster::start();
+        let (da, db) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (mut a, a_grpc, a_http) = coordinator("127.0.0.1:0", da.path(), &redis);
+        let b_port = free_port();
+        // Both addresses: B is not up yet, so every sharer starts on A.
+        let both: ServerUrl = format!("{a_grpc},127.0.0.1:{b_port}")
+            .parse()
+            .expect("urls");
+        let target = HttpTarget::start().await.expect("target");
+        let rule: EgressRule = format!("127.0.0.1/32:{}", target.addr.port())
+            .parse()
+            .expect("rule");
+        let mut sharers = vec![];
+        for (name, east) in [("alice", 10.0), ("bob", -10.0)] {
+            sharers.push(
+                SharerNode::start(&both, &SharerSpec::new(name, east, 0.0).allow(rule))
+                    .await
+                    .expect("sharer"),
+            );
+        }
+        assert!(
+            wait_until(Duration::from_secs(10), || count(
+                &status(a_http),
+                &["cluster", "local_sharers"]
+            ) == 2)
+            .await,
+            "the sharers never came online at A: {}",
+            status(a_http)
+        );
+        let (_b, b_grpc, b_http) = coordinator(&format!("127.0.0.1:{b_port}"), db.path(), &redis);
+        let b_url: ServerUrl = b_grpc.to_string().parse().expect("url");
+
+        // 1. B offers A's sharers: its index learned them from Redis, and
+        // the access requests went to A and back.
+        let took = until_offered(&b_url, &["alice", "bob"], Duration::from_secs(10)).await;
+        let took = took
+            .unwrap_or_else(|| panic!("B never offered A's sharers; B status {}", status(b_http)));
+        println!(
+            "B offered A's two sharers {:.0} ms after it started",
+            took.as_secs_f64() * 1e3
+        );
+        let sb = status(b_http);
+        assert_eq!(count(&sb, &["online_sharers"]), 2, "{sb}");
+        assert_eq!(count(&sb, &["cluster", "local_sharers"]), 0, "{sb}");
+
+        // A requester of B reaches them: its tickets (signed by B with the
+        // service's key) verify at sharers that only ever talked to A.
+        let key = identity::generate().expect("key");
+        let (_trigger, shutdown) = bandshare_agent::Shutdown::new();
+        let mut opts = bandshare_testkit::requester_options(&b_url);
+        opts.pool_size = 2;
+        let requester = bandshare_agent::requester::Requester::start(opts, key, shutdown)
+            .await
+            .expect("requester");
+        let socks = requester.socks_addr.expect("socks");
+        assert!(
+            wait_until(Duration::from_secs(10), || requester.pool.len() == 2).await,
+            "the pool never filled through B"
+        );
+        let (st, body) = socks_get(socks, "127.0.0.1", target.addr.port(), "/bytes/100000")
+            .await
+            .expect("fetch through a sharer offered by B");
+        assert!(st.contains("200") && body.len() == 100_000, "{st}");
+
+        // 2. kill -9 A: its sharers re-register on B; the pool keeps
+        // fetching meanwhile.
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+        let t0 = Instant::now();
+        let mut fetched = 0;
+        while count(&status(b_http), &["cluster", "local_sharers"]) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "A's sharers never moved to B: {}",
+                status(b_http)
+            );
+            let (st, _) = socks_get(socks, "127.0.0.1", target.addr.port(), "/bytes/1000")
+                .await
+                .expect("the pool keeps fetching while A is gone");
+            assert!(st.contains("200"), "{st}");
+            fetched += 1;
+        }
+        let moved = t0.elapsed();
+        println!(
+            "after kill -9 of A: its sharers on B in {:.0} ms ({fetched} fetches meanwhile)",
+            moved.as_secs_f64() * 1e3
+        );
+        let again = until_offered(&b_url, &["alice", "bob"], Duration::from_secs(10)).await;
+        assert!(again.is_some(), "B does not offer the moved sharers");
+        println!(
+            "offered by B again {:.0} ms after the kill",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+
+        // 3. A coordinator on A's port again, and kill -9 of the Redis
+        // master holding the shard: the replica is promoted, matching and
+        // routing go on.
+        let (a2, a2_grpc, a2_http) = coordinator(&a_grpc.to_string(), da.path(), &redis);
+        let a2_url: ServerUrl = a2_grpc.to_string().parse().expect("url");
+        assert!(
+            until_offered(&a2_url, &["alice", "bob"], Duration::from_secs(10))
+                .await
+                .is_some(),
+            "a new coordinator does not offer B's sharers: {}",
+            status(a2_http)
+        );
+        let shard = redis.cli(&["SMEMBERS", "bs:shards"]);
+        let shard = shard.lines().next().unwrap_or_default().trim().to_string();
+        let master = redis
+            .master_of(&format!("bs:{{p:{shard}}}:feed"))
+            .expect("the shard's master");
+        redis.kill(master);
+        let t1 = Instant::now();
+        redis.wait_promoted(master, Duration::from_secs(20));
+        println!(
+            "Redis master {master} killed: cluster ok again in {:.0} ms",
+            t1.elapsed().as_secs_f64() * 1e3
+        );
+        // A sharer joining now is seen through the promoted replica.
+        let carol = SharerNode::start(&b_url, &SharerSpec::new("carol", 0.0, 10.0).allow(rule))
+            .await
+            .expect("sharer");
+        let t2 = until_offered(&a2_url, &["alice", "bob", "carol"], Duration::from_secs(15)).await;
+        assert!(
+            t2.is_some(),
+            "after the failover the new coordinator never offered carol: {}\n{}",
+            status(a2_http),
+            a2.stderr()
+        );
+        println!(
+            "after the master's kill: routed offers of carol at A2 {:.0} ms after it started",
+            t2.unwrap_or_default().as_secs_f64() * 1e3
+        );
+        let (st, _) = socks_get(socks, "127.0.0.1", target.addr.port(), "/bytes/1000")
+            .await
+            .expect("fetch after the failover");
+        assert!(st.contains("200"), "{st}");
+        carol.kill();
+        for s in &sharers {
+            s.kill();
+        }
+        requester.pool.close_all();
+    });
+}
