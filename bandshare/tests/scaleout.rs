@@ -103,6 +103,7 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
             tempfile::tempdir().expect("dir"),
             tempfile::tempdir().expect("dir"),
         );
+        let dt = tempfile::tempdir().expect("dir");
         let (mut a, a_grpc, a_http) = coordinator("127.0.0.1:0", da.path(), &redis);
         let b_port = free_port();
         // Both addresses: B is not up yet, so every sharer starts on A.
@@ -234,14 +235,126 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
             "after the master's kill: routed offers of carol at A2 {:.0} ms after it started",
             t2.unwrap_or_default().as_secs_f64() * 1e3
         );
-        let (st, _) = socks_get(socks, "127.0.0.1", target.addr.port(), "/bytes/1000")
+        let (st, _) = socks_get(socks, "127.0.0.1", target.addr.port(), "/bytes/200000")
             .await
             .expect("fetch after the failover");
         assert!(st.contains("200"), "{st}");
+
+        // 4. No acknowledged byte lost. Usage is acknowledged only once a
+        // replica holds it, so the shard that lost its replica with the
+        // master acknowledges again when the old master is back (as a
+        // replica); then the ledger in Redis holds exactly what the sharers
+        // relayed.
+        redis.restart(master);
+        redis.wait_ok(Duration::from_secs(20));
+        let all_acked = wait_until(Duration::from_secs(20), || {
+            sharers.iter().all(|s| {
+                s.sharer.unacked.is_empty()
+                    && s.sharer.unacked.acked_bytes() == s.sharer.relay.total_bytes()
+            })
+        })
+        .await;
+        assert!(all_acked, "usage never acknowledged after the failover");
+        for s in &sharers {
+            let ledger = ledger_total(&redis, &s.key);
+            assert_eq!(
+                ledger,
+                s.sharer.relay.total_bytes(),
+                "{}: the ledger in Redis holds what the sharer relayed",
+                s.name
+            );
+            println!(
+                "{}: relayed {} bytes, ledger {} bytes",
+                s.name,
+                s.sharer.relay.total_bytes(),
+                ledger
+            );
+        }
+
+        // 5. Names are the service's: another device calling itself alice
+        // at the other coordinator is refused.
+        let mut thief = Process::bandshare(
+            EXE,
+            &[
+                "share",
+                "--server",
+                &a2_grpc.to_string(),
+                "--name",
+                "alice",
+                "--at",
+                "39.9042,116.4074",
+                "--relay",
+                "127.0.0.1:0",
+                "--data",
+                &dt.path().display().to_string(),
+            ],
+        )
+        .expect("spawn share");
+        let exit = thief.wait_exit(Duration::from_secs(20));
+        assert!(
+            exit.is_some_and(|e| !e.success())
+                && thief.stderr().contains("belongs to another device"),
+            "a second alice was let in: {exit:?}\n{}",
+            thief.stderr()
+        );
+
+        // 6. A revocation through Redis reaches every coordinator: bob
+        // (on B) is ended and offered by neither.
+        let bob = sharers.iter().find(|s| s.name == "bob").expect("bob");
+        let prefix = bob.key.to_string()[..16].to_string();
+        let out = std::process::Command::new(EXE)
+            .args(["admin", "--redis", &redis.urls(), "revoke", &prefix])
+            .output()
+            .expect("admin revoke");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let gone = wait_until(Duration::from_secs(10), || {
+            count(&status(b_http), &["cluster", "local_sharers"]) == 2
+        })
+        .await;
+        assert!(gone, "bob still on B: {}", status(b_http));
+        let mut left = vec![];
+        for _ in 0..50 {
+            left = offered(&a2_url).await;
+            if !left.iter().any(|n| n == "bob") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !left.iter().any(|n| n == "bob"),
+            "bob is still offered after the revocation: {left:?}"
+        );
+        let list = std::process::Command::new(EXE)
+            .args(["admin", "--redis", &redis.urls(), "list"])
+            .output()
+            .expect("admin list");
+        let list = String::from_utf8_lossy(&list.stdout).into_owned();
+        assert!(
+            list.contains(&bob.key.to_string()) && list.contains("revoked"),
+            "{list}"
+        );
         carol.kill();
         for s in &sharers {
             s.kill();
         }
         requester.pool.close_all();
     });
+}
+
+/// Bytes both ways in the Redis ledger of sharer `key`.
+fn ledger_total(redis: &RedisCluster, key: &bandshare_core::DeviceKey) -> u64 {
+    let hex = key.to_string();
+    let out = redis.cli(&[
+        "HMGET",
+        &format!("bs:{{u:{hex}}}:usage"),
+        "total:up",
+        "total:down",
+    ]);
+    out.lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum()
 }

@@ -58,6 +58,11 @@ struct AdminArgs {
     /// The server's data directory [default: $XDG_DATA_HOME/bandshare/server].
     #[arg(long, global = true)]
     data: Option<PathBuf>,
+    /// A scaled-out service: act on its Redis Cluster (comma-separated
+    /// redis://HOST:PORT, as `server --redis`) instead of a data directory;
+    /// every coordinator applies the change within a second.
+    #[arg(long, global = true, value_name = "URL,...")]
+    redis: Option<String>,
     #[command(subcommand)]
     cmd: AdminCommand,
 }

@@ -89,7 +89,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             super::qos::run(q).await
         }
         Command::Demo => crate::demo::run().await,
-        Command::Admin(a) => admin(a),
+        Command::Admin(a) => match a.redis.clone() {
+            Some(r) => admin_redis(a, &r).await,
+            None => admin(a),
+        },
         #[cfg(feature = "bench")]
         Command::Bench(b) => crate::bench::run(b).await,
     }
@@ -176,6 +179,85 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the device table of `admin list`.
+fn print_devices(rows: &[bandshare_store::DeviceRow], now: u64) {
+    println!(
+        "{:<64}  {:<9}  {:<9}  {:<8}  name",
+        "key", "role", "state", "seen"
+    );
+    for d in rows {
+        let state = d.decision.map_or("pending", |d| d.as_str());
+        let seen = if d.last_seen == 0 {
+            "never".to_string()
+        } else {
+            format!("{}s ago", now.saturating_sub(d.last_seen))
+        };
+        println!(
+            "{}  {:<9}  {:<9}  {:<8}  {}",
+            d.key,
+            d.role,
+            state,
+            seen,
+            bandshare_core::name::printable(&d.name)
+        );
+    }
+}
+
+/// `admin --redis …`: the same commands on a scaled-out service's Redis.
+async fn admin_redis(a: AdminArgs, redis: &str) -> anyhow::Result<()> {
+    use bandshare_store::Decision;
+    let urls = bandshare_coordinator::config::redis_urls(redis.split(','))
+        .map_err(|e| anyhow::anyhow!("--redis: {e}"))?;
+    let c = bandshare_coordinator::cluster::Cluster::connect(&urls).await?;
+    let now = bandshare_core::clock::unix_now();
+    let find = |rows: &[bandshare_store::DeviceRow],
+                prefix: &str|
+     -> anyhow::Result<bandshare_core::DeviceKey> {
+        let p = prefix.trim().to_ascii_lowercase();
+        anyhow::ensure!(
+            p.len() >= 8,
+            "give at least 8 hex digits of the key (from `admin list`)"
+        );
+        let found: Vec<_> = rows
+            .iter()
+            .filter(|d| d.key.to_string().starts_with(&p))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one.key),
+            [] => anyhow::bail!("no device with a key starting {p}"),
+            many => anyhow::bail!(
+                "{} devices have keys starting {p}: give more digits",
+                many.len()
+            ),
+        }
+    };
+    match a.cmd {
+        AdminCommand::List => print_devices(&c.devices().await?, now),
+        AdminCommand::Approve { key } => {
+            let k = find(&c.devices().await?, &key)?;
+            c.decide(&k, Decision::Approved).await?;
+            println!("approved {k} (every coordinator of the service within a second)");
+        }
+        AdminCommand::Revoke { key } => {
+            let k = find(&c.devices().await?, &key)?;
+            c.decide(&k, Decision::Revoked).await?;
+            println!("revoked {k} (every coordinator tells its sharers within a second)");
+        }
+        AdminCommand::Pin => {
+            anyhow::bail!("the TLS pin is per coordinator: give its --data, not --redis")
+        }
+        AdminCommand::RotateKey => {
+            let mut seed = [0u8; 32];
+            bandshare_coordinator::random_seed(&mut seed)?;
+            let id = c.add_signing_seed(seed).await?;
+            println!(
+                "new ticket-signing key {id}: every coordinator announces it to its sharers, signs with it a second later, and keeps the old one verifying until its tickets expire"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn admin(a: AdminArgs) -> anyhow::Result<()> {
     use bandshare_store::Decision;
     let dir = a.data.unwrap_or_else(|| default_data("server"));
@@ -188,28 +270,7 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
     let store = bandshare_store::Store::open(&dir)?;
     let now = bandshare_core::clock::unix_now();
     match a.cmd {
-        AdminCommand::List => {
-            println!(
-                "{:<64}  {:<9}  {:<9}  {:<8}  name",
-                "key", "role", "state", "seen"
-            );
-            for d in store.devices()? {
-                let state = d.decision.map_or("pending", |d| d.as_str());
-                let seen = if d.last_seen == 0 {
-                    "never".to_string()
-                } else {
-                    format!("{}s ago", now.saturating_sub(d.last_seen))
-                };
-                println!(
-                    "{}  {:<9}  {:<9}  {:<8}  {}",
-                    d.key,
-                    d.role,
-                    state,
-                    seen,
-                    bandshare_core::name::printable(&d.name)
-                );
-            }
-        }
+        AdminCommand::List => print_devices(&store.devices()?, now),
         AdminCommand::Approve { key } => {
             let k = store.find_device(&key)?;
             store.decide(&k, Decision::Approved, now)?;

@@ -153,6 +153,7 @@ struct RawServer {
     max_connections_per_source: Option<u32>,
     enroll: Option<String>,
     redis: Option<Vec<String>>,
+    redis_ack_replicas: Option<u32>,
 }
 
 /// Who may use the coordinator.
@@ -238,6 +239,9 @@ pub struct Config {
     /// Scale-out: the Redis Cluster nodes (`redis://HOST:PORT`) this
     /// coordinator shares the service through; empty = on its own.
     pub redis: Vec<String>,
+    /// Scale-out: a usage batch is acknowledged once this many replicas
+    /// hold it (Redis `WAIT`); 0 for a cluster without replicas.
+    pub redis_ack_replicas: u32,
 }
 
 impl Default for Config {
@@ -260,6 +264,7 @@ impl Default for Config {
             qos: QosConfig::default(),
             http_token: None,
             redis: vec![],
+            redis_ack_replicas: 1,
         }
     }
 }
@@ -529,6 +534,13 @@ impl Config {
                     }
                 })?,
             },
+            redis_ack_replicas: check(
+                "server.redis_ack_replicas",
+                raw.server.redis_ack_replicas,
+                d.redis_ack_replicas,
+                0,
+                16,
+            )?,
         };
         if cfg.expire_after <= cfg.ping_interval.max(cfg.report_interval) {
             return Err(ConfigError::Invalid {

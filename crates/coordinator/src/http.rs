@@ -181,12 +181,7 @@ async fn api_map(extract::State(state): extract::State<Arc<State>>) -> Json<serd
 
 /// Pending enrollments, revoked devices and the ticket keys' state.
 async fn api_trust(extract::State(state): extract::State<Arc<State>>) -> Json<serde_json::Value> {
-    let store = state.store().clone();
-    let rows = tokio::task::spawn_blocking(move || store.devices().ok())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let rows = state.devices().await;
     let approve = state.config().enroll == crate::config::Enroll::Approve;
     let show = |r: &bandshare_store::DeviceRow| {
         serde_json::json!({
@@ -239,11 +234,7 @@ async fn events(
 }
 
 async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde_json::Value> {
-    let store = state.store().clone();
-    let devices = tokio::task::spawn_blocking(move || store.device_count().ok())
-        .await
-        .ok()
-        .flatten();
+    let devices = state.device_count().await;
     let mut body = serde_json::json!({
         "status": "serving",
         "known_devices": devices,

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod durable;
 pub mod evidence;
 pub mod http;
 pub mod listen;

@@ -13,7 +13,7 @@ use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
 use bandshare_store::Role;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 pub struct MatchmakerService {
     pub(crate) state: Arc<State>,
@@ -119,15 +119,18 @@ fn place(
 
 /// Records a requester in the store the first time it is seen since start
 /// (so operators can list and approve it).
-fn record_requester(state: &State, requester: DeviceKey) -> Option<tokio::task::JoinHandle<()>> {
+fn record_requester(
+    state: &Arc<State>,
+    requester: DeviceKey,
+) -> Option<tokio::task::JoinHandle<()>> {
     if !state.first_sight(&requester) {
         return None;
     }
-    let store = state.store().clone();
-    Some(tokio::task::spawn_blocking(move || {
-        if let Err(e) = store.upsert_device(&requester, "requester", Role::Requester, unix_now()) {
-            warn!(error = %e, "cannot record requester");
-        }
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        state
+            .record_device(requester, "requester".into(), Role::Requester)
+            .await
     }))
 }
 

@@ -121,13 +121,8 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         }
         info!(sharer = %name, key = %key.short(), online = state.registry().len(), "sharer online");
         {
-            let store = state.store().clone();
-            let name = name.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.upsert_device(&key, &name, Role::Sharer, unix_now()) {
-                    warn!(error = %e, "cannot record device");
-                }
-            });
+            let (state, name) = (state.clone(), name.clone());
+            tokio::spawn(async move { state.record_device(key, name, Role::Sharer).await });
         }
         let span = info_span!("sharer_stream", sharer = %name);
         let stream = Stream {
@@ -147,24 +142,17 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
 async fn admit(state: &Arc<State>, key: DeviceKey, name: &str) -> Result<(), Status> {
     if let Err(denied) = state.check_device(&key) {
         // Recorded, so an operator sees it in `bandshare admin list`.
-        let store = state.store().clone();
-        let n = name.to_string();
-        let _ = tokio::task::spawn_blocking(move || {
-            store.upsert_device(&key, &n, Role::Sharer, unix_now())
-        })
-        .await;
+        state
+            .record_device(key, name.to_string(), Role::Sharer)
+            .await;
         info!(sharer = ?name, key = %key.short(), reason = denied.message(), "sharer refused");
         return Err(denied);
     }
     // A name belongs to the first admitted device that used it.
-    let bound = {
-        let store = state.store().clone();
-        let n = name.to_string();
-        tokio::task::spawn_blocking(move || store.bind_name(&n, &key, unix_now()))
-            .await
-            .map_err(|_| Status::internal("name binding task failed"))?
-            .map_err(|e| Status::internal(format!("store: {e}")))?
-    };
+    let bound = state
+        .bind_name(name, key)
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot bind the sharer's name: {e}")))?;
     if let Err(owner) = bound {
         info!(sharer = %name, key = %key.short(), owner = %owner.short(), "sharer refused: name taken");
         return Err(Status::already_exists(format!(
@@ -234,31 +222,24 @@ async fn record_batches(
     batches: Vec<v1::UsageBatch>,
     tx: mpsc::Sender<Result<v1::CoordinatorMessage, Status>>,
 ) {
-    let store = state.store().clone();
-    let metrics = state.metrics().clone();
-    let acked = tokio::task::spawn_blocking(move || {
-        let mut acked = vec![];
-        for b in batches.into_iter().take(MAX_BATCHES_PER_REPORT) {
-            let rows = usage_rows(sharer, &b.usage);
-            match store.record_usage_batch(&sharer, b.id, &rows, unix_now()) {
-                Ok(fresh) => {
-                    if fresh {
-                        metrics.usage_acknowledged(
-                            rows.iter().map(|r| r.bytes_up + r.bytes_down).sum(),
-                        );
-                    }
-                    acked.push(b.id)
+    let mut acked = vec![];
+    for b in batches.into_iter().take(MAX_BATCHES_PER_REPORT) {
+        let rows = usage_rows(sharer, &b.usage);
+        let bytes = rows.iter().map(|r| r.bytes_up + r.bytes_down).sum();
+        match state.record_usage_batch(sharer, b.id, rows).await {
+            Ok(fresh) => {
+                if fresh {
+                    state.metrics().usage_acknowledged(bytes);
                 }
-                Err(e) => {
-                    warn!(error = %e, "cannot record usage");
-                    break;
-                }
+                acked.push(b.id)
+            }
+            Err(e) => {
+                // Not acknowledged: the sharer sends it again.
+                warn!(error = %e, "cannot record usage");
+                break;
             }
         }
-        acked
-    })
-    .await
-    .unwrap_or_default();
+    }
     if !acked.is_empty() {
         let _ = tx
             .send(down(Down::UsageAck(v1::UsageAck { batch_ids: acked })))

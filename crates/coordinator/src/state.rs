@@ -98,7 +98,8 @@ impl State {
         if fresh_err {
             return Err(ServerError::Rng);
         }
-        State::build(config, store, seeds, None)
+        let decisions = store.decisions()?;
+        State::build(config, store, seeds, decisions, None)
     }
 
     /// A coordinator that is one of several on the Redis Cluster
@@ -115,13 +116,18 @@ impl State {
             .signing_seeds(|| fresh)
             .await
             .map_err(|e| ServerError::Cluster(e.to_string()))?;
-        State::build(config, store, seeds, Some(cluster))
+        let decisions = cluster
+            .decisions()
+            .await
+            .map_err(|e| ServerError::Cluster(e.to_string()))?;
+        State::build(config, store, seeds, decisions, Some(cluster))
     }
 
     fn build(
         config: Config,
         store: Store,
         seeds: Vec<bandshare_store::SigningSeed>,
+        (approved, revoked): (Vec<DeviceKey>, Vec<DeviceKey>),
         cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Result<Arc<State>, ServerError> {
         let (Some((_, first)), Some((key_id, seed))) = (seeds.first(), seeds.last()) else {
@@ -154,7 +160,6 @@ impl State {
                 Instant::now() + config.ticket_lifetime,
             )
         });
-        let (approved, revoked) = store.decisions()?;
         Ok(Arc::new(State {
             privacy: Mutex::new(privacy::Guard::new(config.privacy.clone())),
             offsets: privacy::Offsets::new(&config.privacy, privacy_secret.as_ref()),

@@ -126,7 +126,24 @@ pub fn read_store(state: &State) -> Option<(Trust, Vec<Seed>)> {
     ))
 }
 
-/// Reads the store every [`POLL`] until `stop` fires.
+/// Reads decisions and keys from Redis (scale-out: `bandshare admin
+/// --redis …` writes them there).
+async fn read_cluster(c: &crate::cluster::Cluster) -> Option<(Trust, Vec<Seed>)> {
+    let (approved, revoked) = c.decisions().await.ok()?;
+    let seeds = c.read_seeds().await.ok()?;
+    if seeds.is_empty() {
+        return None;
+    }
+    Some((
+        Trust {
+            approved: approved.into_iter().collect(),
+            revoked: revoked.into_iter().collect(),
+        },
+        seeds.into_iter().map(|(id, s)| (id, s.0)).collect(),
+    ))
+}
+
+/// Reads the store (or Redis) every [`POLL`] until `stop` fires.
 pub async fn watch(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(POLL);
     loop {
@@ -134,11 +151,18 @@ pub async fn watch(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<boo
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let s = state.clone();
-        let Ok(Some((trust, seeds))) = tokio::task::spawn_blocking(move || read_store(&s)).await
-        else {
-            continue;
+        let read = match state.cluster() {
+            Some(c) => read_cluster(c).await,
+            None => {
+                let s = state.clone();
+                tokio::task::spawn_blocking(move || read_store(&s))
+                    .await
+                    .ok()
+                    .flatten()
+            }
         };
-        state.apply_decisions(trust, &seeds, Instant::now());
+        if let Some((trust, seeds)) = read {
+            state.apply_decisions(trust, &seeds, Instant::now());
+        }
     }
 }

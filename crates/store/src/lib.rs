@@ -83,7 +83,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(&self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Role::Sharer => "sharer",
             Role::Requester => "requester",

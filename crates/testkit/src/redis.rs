@@ -50,6 +50,38 @@ fn cli(port: u16, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// One node on `port`, its cluster state in `dir/nodes-PORT.conf` (a node
+/// started again on the same port rejoins the cluster it knew).
+fn node(dir: &std::path::Path, p: u16) -> Process {
+    let mut cmd = Command::new("redis-server");
+    cmd.current_dir(dir).args([
+        "--port",
+        &p.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &format!("nodes-{p}.conf"),
+        "--cluster-node-timeout",
+        "1500",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        // Replicas sync at once (the default waits 5 s for more
+        // replicas to share a diskless transfer)...
+        "--repl-diskless-sync-delay",
+        "0",
+        // ...and one whose master died may always take over.
+        "--cluster-replica-validity-factor",
+        "0",
+    ]);
+    Process::spawn(cmd).expect("spawn redis-server")
+}
+
 impl RedisCluster {
     /// Starts the six nodes, joins them (`redis-cli --cluster create …
     /// --cluster-replicas 1`) and waits until every node says the cluster
@@ -63,33 +95,7 @@ impl RedisCluster {
         let ports = free_ports(6);
         let mut nodes = vec![];
         for &p in &ports {
-            let mut cmd = Command::new("redis-server");
-            cmd.current_dir(dir.path()).args([
-                "--port",
-                &p.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &format!("nodes-{p}.conf"),
-                "--cluster-node-timeout",
-                "1500",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                // Replicas sync at once (the default waits 5 s for more
-                // replicas to share a diskless transfer)...
-                "--repl-diskless-sync-delay",
-                "0",
-                // ...and one whose master died may always take over.
-                "--cluster-replica-validity-factor",
-                "0",
-            ]);
-            nodes.push(Some(Process::spawn(cmd).expect("spawn redis-server")));
+            nodes.push(Some(node(dir.path(), p)));
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ports.iter().all(|p| cli(*p, &["PING"]).trim() == "PONG") {
@@ -228,6 +234,16 @@ impl RedisCluster {
         {
             let _ = n.child.kill();
             let _ = n.child.wait();
+        }
+    }
+
+    /// Starts the node on `port` again (killed before): it rejoins as a
+    /// replica of whoever took over its slots.
+    pub fn restart(&mut self, port: u16) {
+        if let Some(i) = self.ports.iter().position(|p| *p == port)
+            && self.nodes[i].is_none()
+        {
+            self.nodes[i] = Some(node(self._dir.path(), port));
         }
     }
 

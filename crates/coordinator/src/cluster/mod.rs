@@ -18,6 +18,7 @@
 //! `bs:{p:CELL}:presence|expiry|feed`, `bs:shards`, `bs:{c:ID}:inbox`,
 //! `bs:{keys}:seeds`.
 
+pub mod durable;
 pub mod presence;
 pub mod route;
 
@@ -48,6 +49,10 @@ pub enum ClusterError {
     Redis(#[from] redis::RedisError),
     #[error("Redis holds a ticket-signing seed that is not 32 bytes (id {0})")]
     CorruptSeed(String),
+    #[error(
+        "Redis did not confirm the write on {0} replica(s) within 1 s (not acknowledged; it is sent again)"
+    )]
+    NotReplicated(u32),
 }
 
 /// What the writer task does, in order.
@@ -182,8 +187,15 @@ impl Cluster {
             .arg(&seed[..])
             .query_async(&mut c)
             .await?;
-        let all: HashMap<String, Vec<u8>> =
-            redis::cmd("HGETALL").arg(SEEDS).query_async(&mut c).await?;
+        self.read_seeds().await
+    }
+
+    /// The ticket-signing seeds in Redis, oldest first.
+    pub async fn read_seeds(&self) -> Result<Vec<SigningSeed>, ClusterError> {
+        let all: HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(SEEDS)
+            .query_async(&mut self.conn())
+            .await?;
         let mut out = vec![];
         for (id, seed) in all {
             let n: u8 = id

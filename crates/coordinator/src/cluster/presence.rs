@@ -12,6 +12,7 @@
 //! The janitor takes out what no owner refreshed (a coordinator killed
 //! with its sharers) and says so on the feed.
 
+use super::durable::unhex_key;
 use super::{Cluster, Write, hex, next_seq, unix_ms};
 use crate::State;
 use crate::evidence;
@@ -444,17 +445,6 @@ fn apply_up(cluster: &Cluster, state: &State, p: &v1::Presence) -> bool {
             false
         }
     }
-}
-
-fn unhex_key(s: &str) -> Option<DeviceKey> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(DeviceKey(out))
 }
 
 /// Takes out of every shard what its owner stopped refreshing (a
