@@ -358,3 +358,94 @@ fn ledger_total(redis: &RedisCluster, key: &bandshare_core::DeviceKey) -> u64 {
         .filter_map(|l| l.trim().parse::<u64>().ok())
         .sum()
 }
+
+#[test]
+fn with_redis_unreachable_coordinators_serve_their_own_sharers_say_unavailable_and_recover() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let redis = RedisCluster::start();
+        let (da, db) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (_a, a_grpc, a_http) = coordinator("127.0.0.1:0", da.path(), &redis);
+        let (_b, b_grpc, b_http) = coordinator("127.0.0.1:0", db.path(), &redis);
+        let a_url: ServerUrl = a_grpc.to_string().parse().expect("url");
+        let b_url: ServerUrl = b_grpc.to_string().parse().expect("url");
+        let alice = SharerNode::start(&a_url, &SharerSpec::new("alice", 10.0, 0.0))
+            .await
+            .expect("sharer");
+        assert!(
+            until_offered(&b_url, &["alice"], Duration::from_secs(10))
+                .await
+                .is_some(),
+            "B never offered alice: {}",
+            status(b_http)
+        );
+
+        // Every Redis node stopped: connections stay open, nothing answers.
+        redis.signal_all("STOP");
+        let t0 = Instant::now();
+        // A still offers its own sharer from memory.
+        let got = offered(&a_url).await;
+        assert_eq!(
+            got,
+            vec!["alice".to_string()],
+            "A lost its own sharer: {}",
+            status(a_http)
+        );
+        // B, once alice's presence has expired from its index, answers
+        // UNAVAILABLE and says why.
+        let key = identity::generate().expect("key");
+        let loc = LocationSpec {
+            at: Some(center()),
+            ..Default::default()
+        };
+        let mut said = String::new();
+        while t0.elapsed() < Duration::from_secs(20) {
+            let ch = client::connect(&b_url).await.expect("B answers");
+            let req = client::share_request_from(&key, &loc, &ConditionSpec::default(), false);
+            match client::share_request(ch, req).await {
+                Err(e) if e.status_code() == Some(tonic::Code::Unavailable) => {
+                    said = e.to_string();
+                    break;
+                }
+                other => {
+                    println!(
+                        "B at {:.1} s: {:?}",
+                        t0.elapsed().as_secs_f64(),
+                        other.map(|r| r.offers.len())
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+            }
+        }
+        println!(
+            "B with Redis stopped, after {:.1} s: {said}",
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(said.contains("Redis Cluster is unreachable"), "{said:?}");
+        assert_eq!(status(b_http)["cluster"]["redis_reachable"], false);
+        // A sharer arriving now is not let in without its name bound...
+        let dave = SharerNode::start(&a_url, &SharerSpec::new("dave", 0.0, 10.0))
+            .await
+            .expect("sharer");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(count(&status(a_http), &["cluster", "local_sharers"]), 1);
+        assert!(offered(&a_url).await.iter().all(|n| n != "dave"));
+
+        // ...and once Redis answers again, both coordinators recover without
+        // a restart: dave comes online, both are offered at B.
+        redis.signal_all("CONT");
+        let t1 = Instant::now();
+        let back = until_offered(&b_url, &["alice", "dave"], Duration::from_secs(20)).await;
+        assert!(back.is_some(), "no recovery: {}", status(b_http));
+        println!(
+            "Redis continued: B offers alice and dave after {:.1} s",
+            t1.elapsed().as_secs_f64()
+        );
+        assert_eq!(status(b_http)["cluster"]["redis_reachable"], true);
+        alice.kill();
+        dave.kill();
+    });
+}

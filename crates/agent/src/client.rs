@@ -323,10 +323,13 @@ pub fn status_error(s: tonic::Status) -> CoordinatorError {
     // The connection was made but the call broke: how a plaintext HTTP/2
     // client sees a TLS server hang up on it (the message varies: "h2
     // protocol error", "operation was canceled", a reset...).
-    let broken = matches!(
+    // A refusal the coordinator itself sent (UNAVAILABLE with its reason,
+    // e.g. its Redis is unreachable) has no local cause and is kept as is.
+    let broken = (matches!(
         s.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) || msg.contains("h2 protocol error");
+    ) && std::error::Error::source(&s).is_some())
+        || msg.contains("h2 protocol error");
     match s.code() {
         _ if broken => CoordinatorError::Unreachable(
             "coordinator".into(),

@@ -322,6 +322,17 @@ impl MatchmakerService {
         );
         debug!(reason = %outcome.scene.reason, "scene decision");
         record_requester(state, requester);
+        // Scaled out with Redis unreachable: this coordinator's own sharers
+        // are still offered from memory; with none, say why, so the agent
+        // tries another coordinator instead of concluding nobody is near.
+        if offers.is_empty()
+            && let Some(c) = state.cluster()
+            && c.is_down()
+        {
+            return Err(Status::unavailable(
+                "no sharer of this coordinator is near, and the rest of the service cannot be reached (its Redis Cluster is unreachable); retry, or try another coordinator",
+            ));
+        }
         Ok(Response::new(v1::ShareResponse {
             scene: cv::scene_to_wire(Some(outcome.scene.scene)),
             scene_reason: outcome.scene.reason,

@@ -152,7 +152,11 @@ async fn admit(state: &Arc<State>, key: DeviceKey, name: &str) -> Result<(), Sta
     let bound = state
         .bind_name(name, key)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot bind the sharer's name: {e}")))?;
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "cannot bind the sharer's name now ({e}); the service's store is unreachable, retrying is safe"
+            ))
+        })?;
     if let Err(owner) = bound {
         info!(sharer = %name, key = %key.short(), owner = %owner.short(), "sharer refused: name taken");
         return Err(Status::already_exists(format!(

@@ -247,6 +247,14 @@ impl RedisCluster {
         }
     }
 
+    /// Sends `sig` (STOP, CONT) to every live node: with STOP the whole
+    /// cluster is unreachable (connections open, nothing answers).
+    pub fn signal_all(&self, sig: &str) {
+        for n in self.nodes.iter().flatten() {
+            n.signal(sig);
+        }
+    }
+
     /// Runs `redis-cli` against a live node with `args` (`-c`: follows
     /// redirections).
     pub fn cli(&self, args: &[&str]) -> String {

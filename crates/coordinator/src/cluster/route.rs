@@ -47,15 +47,18 @@ impl Cluster {
             request: Some(request),
             response: None,
         };
-        let sent = self.push(owner, &msg).await;
-        let answer = if sent {
-            tokio::time::timeout(deadline, rx)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-        } else {
-            None
-        };
+        // The push and the answer within one deadline: an unreachable
+        // Redis costs a share request no more than a silent sharer.
+        let answer = tokio::time::timeout(deadline, async {
+            if self.push(owner, &msg).await {
+                rx.await.ok()
+            } else {
+                None
+            }
+        })
+        .await
+        .ok()
+        .flatten();
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&route_id);
         }
