@@ -12,6 +12,10 @@ pub enum BenchCommand {
     Relay(BenchRelayArgs),
     /// Scale: many sharer streams on one coordinator process.
     Scale(BenchScaleArgs),
+    /// Scale-out: share requests, routed access requests and presence
+    /// updates with two coordinators on a Redis Cluster (started for the
+    /// run) vs one coordinator on its own.
+    Scaleout(BenchScaleoutArgs),
     /// Failover: a sharer killed (SIGKILL) or its link cut, to the first new flow that works.
     Failover(BenchFailoverArgs),
     /// Whole-device mode: TCP and UDP through the TUN device vs the SOCKS
@@ -50,6 +54,25 @@ pub struct BenchFailoverArgs {
     /// Rounds of each kind of failure.
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchScaleoutArgs {
+    /// Sharers online, split between the two coordinators.
+    #[arg(long, default_value_t = 20_000)]
+    sharers: usize,
+    /// Seconds of each share-request phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent share-request clients.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Access requests timed one by one, local and routed.
+    #[arg(long, default_value_t = 2000)]
+    asks: usize,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -145,6 +168,24 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .or_else(|| std::env::var_os("BANDSHARE_QOS_DATA").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("../shared/qos-data"));
             let mut v = bandshare_bench::qos::run(&bandshare_bench::qos::QosOptions { data })?;
+            v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
+            print_report(&v, a.json)
+        }
+        BenchCommand::Scaleout(a) => {
+            init_logs();
+            anyhow::ensure!(
+                a.sharers >= 2 && a.concurrency > 0 && a.seconds > 0.0 && a.asks > 0,
+                "--sharers must be at least 2, --concurrency, --seconds and --asks positive"
+            );
+            let mut v =
+                bandshare_bench::scaleout::run(&bandshare_bench::scaleout::ScaleoutOptions {
+                    sharers: a.sharers,
+                    seconds: a.seconds,
+                    concurrency: a.concurrency,
+                    asks: a.asks,
+                    seed: 7,
+                })
+                .await?;
             v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
             print_report(&v, a.json)
         }

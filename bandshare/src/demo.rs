@@ -174,11 +174,97 @@ pub async fn run() -> anyhow::Result<()> {
             f.cause
         );
     }
-    println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     r.stop();
     for s in &cluster.sharers {
         s.kill();
     }
+    scale_out().await?;
+    println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Step 9: two coordinators on one Redis Cluster are one service: a share
+/// request at one offers a sharer whose stream is on the other (the access
+/// request routed through Redis); the one holding it stops, the sharer
+/// moves to the other. Needs redis-server (skipped with a line otherwise).
+async fn scale_out() -> anyhow::Result<()> {
+    use bandshare_local::CoordinatorNode;
+    use bandshare_local::redis_cluster::{self, RedisCluster};
+    if !redis_cluster::available() {
+        println!(
+            "\n9. Scale out: skipped, redis-server is not installed (apt-get install redis-server redis-tools,\n   then this step runs two coordinators on a Redis Cluster as one service)"
+        );
+        return Ok(());
+    }
+    println!(
+        "\n9. Scale out: two coordinators on one Redis Cluster (3 masters + 3 replicas, started for the demo)"
+    );
+    let redis = tokio::task::spawn_blocking(RedisCluster::start).await?;
+    let urls: Vec<String> = redis.urls().split(',').map(String::from).collect();
+    let a = CoordinatorNode::start_clustered(Config::default(), &urls).await?;
+    let b = CoordinatorNode::start_clustered(Config::default(), &urls).await?;
+    let both: bandshare_agent::client::ServerUrl =
+        format!("{},{}", a.grpc_addr, b.grpc_addr).parse()?;
+    let frank =
+        bandshare_local::SharerNode::start(&both, &SharerSpec::new("frank", 5.0, 0.0)).await?;
+    let on_a = |a: &CoordinatorNode| a.state.registry().local_len() == 1;
+    wait_until(Duration::from_secs(10), || on_a(&a) || on_a(&b)).await;
+    let (holder, other) = if on_a(&a) { (a, b) } else { (b, a) };
+    println!(
+        "   frank (given both addresses) holds its stream on {}",
+        holder.grpc_addr
+    );
+    let ask = |url: bandshare_agent::client::ServerUrl| async move {
+        let key = bandshare_agent::identity::generate()?;
+        let loc = LocationSpec {
+            at: Some(center()),
+            ..Default::default()
+        };
+        let ch = bandshare_agent::client::connect(&url).await?;
+        let t = Instant::now();
+        let r = bandshare_agent::client::share_request(
+            ch,
+            bandshare_agent::client::share_request_from(
+                &key,
+                &loc,
+                &ConditionSpec::default(),
+                false,
+            ),
+        )
+        .await?;
+        anyhow::Ok((
+            r.offers
+                .iter()
+                .map(|o| o.sharer.clone())
+                .collect::<Vec<_>>(),
+            t.elapsed(),
+        ))
+    };
+    wait_until(Duration::from_secs(5), || other.state.registry().len() == 1).await;
+    let (names, took) = ask(other.url.clone()).await?;
+    println!(
+        "   a share request at {} offers {:?} in {:.1} ms (the access request went to {} through Redis)",
+        other.grpc_addr,
+        names,
+        took.as_secs_f64() * 1e3,
+        holder.grpc_addr
+    );
+    let t = Instant::now();
+    holder.stop().await;
+    wait_until(Duration::from_secs(10), || {
+        other.state.registry().local_len() == 1
+    })
+    .await;
+    let (names, _) = ask(other.url.clone()).await?;
+    println!(
+        "   the coordinator holding it stops: frank re-registers on {} in {:.1} s, which offers {:?}",
+        other.grpc_addr,
+        t.elapsed().as_secs_f64(),
+        names
+    );
+    frank.kill();
+    other.stop().await;
+    drop(redis);
     Ok(())
 }
 

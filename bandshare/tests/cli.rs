@@ -114,6 +114,62 @@ fn unreachable_server_is_one_clear_line() {
         ],
         "cannot reach coordinator",
     );
+    // Several coordinators: each is tried; the error is still one line.
+    fails_with(
+        &[
+            "offers",
+            "--server",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--at",
+            "39.9,116.4",
+        ],
+        "cannot reach coordinator",
+    );
+    fails_with(
+        &[
+            "offers",
+            "--server",
+            "127.0.0.1:1,nonsense",
+            "--at",
+            "39.9,116.4",
+        ],
+        "bad coordinator address",
+    );
+    // Scale-out: a bad or unreachable Redis is one line, before serving.
+    let data = tempfile::tempdir().expect("tempdir");
+    let d = data.path().to_string_lossy().to_string();
+    fails_with(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+            &d,
+            "--redis",
+            "nonsense",
+        ],
+        "bad Redis address",
+    );
+    fails_with(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data",
+            &d,
+            "--redis",
+            "redis://127.0.0.1:1",
+        ],
+        "cannot reach Redis at",
+    );
+    fails_with(
+        &["admin", "--redis", "redis://127.0.0.1:1", "list"],
+        "cannot reach Redis at",
+    );
 }
 
 #[test]
@@ -199,6 +255,15 @@ fn demo_runs_and_exits_zero() {
     );
     assert!(text.contains("new flows go through sharers"), "{text}");
     assert!(text.contains("back to the own link after"), "{text}");
+    // Scale-out, when redis-server is installed (.ci/run installs it).
+    if bandshare_testkit::redis_cluster::available() {
+        assert!(
+            text.contains("through Redis") && text.contains("re-registers on"),
+            "{text}"
+        );
+    } else {
+        assert!(text.contains("Scale out: skipped"), "{text}");
+    }
 }
 
 #[test]

@@ -911,7 +911,7 @@ fn every_bench_runs_with_every_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
     let svg = dir.path().join("plot.svg");
     let svg = svg.to_str().expect("utf-8");
-    let runs: [&[&str]; 5] = [
+    let runs: [&[&str]; 6] = [
         &[
             "bench",
             "match",
@@ -953,6 +953,19 @@ fn every_bench_runs_with_every_flag() {
             "--json",
         ],
         &["bench", "failover", "--rounds", "1", "--json"],
+        &[
+            "bench",
+            "scaleout",
+            "--sharers",
+            "200",
+            "--seconds",
+            "0.3",
+            "--concurrency",
+            "1",
+            "--asks",
+            "20",
+            "--json",
+        ],
         &[
             "bench",
             "tun",

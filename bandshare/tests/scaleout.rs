@@ -12,7 +12,7 @@ use bandshare_agent::location::{ConditionSpec, LocationSpec};
 use bandshare_core::EgressRule;
 use bandshare_testkit::http::{HttpTarget, socks_get};
 use bandshare_testkit::process::Process;
-use bandshare_testkit::redis::RedisCluster;
+use bandshare_testkit::redis_cluster::RedisCluster;
 use bandshare_testkit::{SharerNode, SharerSpec, center, wait_until};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -39,7 +39,9 @@ fn listening(what: &str, addr: SocketAddr) {
 
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        // The Redis client's own reconnect warnings repeat what the
+        // coordinator says once ("Redis unreachable").
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},redis=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -123,24 +125,28 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
         "--http {} is not a loopback address: give --http-token-file FILE (or [http] token in the config) so the dashboard, /status and /metrics need a bearer token",
         a.http
     );
+    if let Some(r) = &a.redis {
+        config.redis = bandshare_coordinator::config::redis_urls(r.split(','))
+            .map_err(|e| anyhow::anyhow!("--redis: {e}"))?;
+    }
+    // Scale-out: reach the cluster before anything is logged or opened, so
+    // a wrong address is one line.
+    let cluster = if config.redis.is_empty() {
+        None
+    } else {
+        Some(bandshare_coordinator::cluster::Cluster::connect(&config.redis).await?)
+    };
     info!(enroll = ?config.enroll, "enrollment");
     let dir = a.data.unwrap_or_else(|| default_data("server"));
     let store = bandshare_store::Store::open(&dir)?;
     info!(store = %store.path().display(), "store opened");
     let config_has_token = config.http_token.is_some();
-    if let Some(r) = &a.redis {
-        config.redis = bandshare_coordinator::config::redis_urls(r.split(','))
-            .map_err(|e| anyhow::anyhow!("--redis: {e}"))?;
-    }
-    let state = if config.redis.is_empty() {
-        bandshare_coordinator::State::new(config, store)?
-    } else {
-        let cluster = bandshare_coordinator::cluster::Cluster::connect(&config.redis).await?;
-        info!(
-            id = cluster.id(),
-            "scale-out: one of the coordinators on this Redis Cluster"
-        );
-        bandshare_coordinator::State::new_clustered(config, store, cluster).await?
+    let state = match cluster {
+        None => bandshare_coordinator::State::new(config, store)?,
+        Some(cluster) => {
+            info!(id = cluster.id(), redis = %cluster.urls().join(","), "scale-out: one of the coordinators on this Redis Cluster");
+            bandshare_coordinator::State::new_clustered(config, store, cluster).await?
+        }
     };
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(c), Some(k)) => Some(bandshare_coordinator::tls::from_pem(c, k)?),

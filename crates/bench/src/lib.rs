@@ -5,6 +5,7 @@
 //! - [`relay`]: bulk throughput and first-byte latency vs direct TCP and
 //!   shadowsocks-rust.
 //! - [`scale`]: many sharer streams on one coordinator process.
+//! - [`scaleout`]: coordinators on a Redis Cluster vs one on its own.
 //! - [`failover`]: a sharer killed or its link cut, to the first new flow.
 //! - [`qos`]: the QoS map on real commute traces vs a grid baseline.
 //! - [`tun`]: whole-device mode vs the proxy vs no bandshare, across
@@ -21,5 +22,6 @@ pub mod qos;
 pub mod redis;
 pub mod relay;
 pub mod scale;
+pub mod scaleout;
 pub mod stats;
 pub mod tun;

@@ -62,7 +62,7 @@ pub fn random_point(rng: &mut fastrand::Rng) -> Position {
     )
 }
 
-fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
+pub(crate) fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
     let network = [NetworkType::FiveG, NetworkType::FourG, NetworkType::Wifi][i % 3];
     let mut services: ServiceSet = [Service::Hotspot].into_iter().collect();
     if i.is_multiple_of(2) {
@@ -92,7 +92,7 @@ fn info(i: usize, p: Position, rng: &mut fastrand::Rng) -> SharerInfo {
     }
 }
 
-fn key_of(i: usize) -> DeviceKey {
+pub(crate) fn key_of(i: usize) -> DeviceKey {
     let mut k = [0u8; 32];
     k[..8].copy_from_slice(&(i as u64).to_le_bytes());
     DeviceKey(k)
@@ -113,7 +113,7 @@ fn query(p: Position) -> Query {
 }
 
 /// Answers every access request pushed to the bench sharers, at once.
-fn spawn_answerer(
+pub(crate) fn spawn_answerer(
     state: Arc<State>,
     mut rx: tokio::sync::mpsc::Receiver<Result<v1::CoordinatorMessage, tonic::Status>>,
 ) {
@@ -184,7 +184,7 @@ pub async fn share_load(
 }
 
 /// Fills `registry` with `n` sharers; returns their (id, generation).
-fn load(
+pub(crate) fn load(
     registry: &Registry,
     n: usize,
     rng: &mut fastrand::Rng,

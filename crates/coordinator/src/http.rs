@@ -247,6 +247,8 @@ async fn status(extract::State(state): extract::State<Arc<State>>) -> Json<serde
             "redis": c.urls(),
             "redis_reachable": !c.is_down(),
             "local_sharers": state.registry().local_len(),
+            "presence_written": c.presence_written(),
+            "presence_applied": c.presence_applied(),
             "presence_writes_dropped": c.dropped_writes(),
         })),
     });

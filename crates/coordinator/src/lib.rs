@@ -192,10 +192,18 @@ pub async fn run_with(
     let result = tokio::select! {
         r = server => r,
         _ = grace => {
-            info!(online = state.registry().len(), "grace period over, closing sharer streams");
+            info!(online = state.registry().local_len(), "grace period over, closing sharer streams");
             Ok(())
         }
     };
+    // Each stream is ended with the reason, so a sharer reconnects at once
+    // (to another coordinator of the service, if it has more than one)
+    // even where the connection outlives this function (in-process).
+    for tx in state.registry().outbound() {
+        let _ = tx.try_send(Err(Status::unavailable(
+            "coordinator shutting down; reconnect",
+        )));
+    }
     sweeper.abort();
     trust_task.abort();
     // The map's last changes reach the store before `run` returns.

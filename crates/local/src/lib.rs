@@ -8,6 +8,7 @@
 pub mod gateway;
 pub mod http;
 pub mod netns;
+pub mod redis_cluster;
 pub mod udp;
 
 use anyhow::Context;
@@ -102,6 +103,27 @@ impl CoordinatorNode {
     ) -> anyhow::Result<CoordinatorNode> {
         let store = bandshare_store::Store::open(data_dir.path())?;
         let state = State::new(config, store)?;
+        CoordinatorNode::serve(state, grpc, data_dir).await
+    }
+
+    /// One of several coordinators on the Redis Cluster at `redis` (one
+    /// service: see `bandshare_coordinator::cluster`).
+    pub async fn start_clustered(
+        config: Config,
+        redis: &[String],
+    ) -> anyhow::Result<CoordinatorNode> {
+        let data_dir = tempfile::tempdir()?;
+        let store = bandshare_store::Store::open(data_dir.path())?;
+        let cluster = bandshare_coordinator::cluster::Cluster::connect(redis).await?;
+        let state = State::new_clustered(config, store, cluster).await?;
+        CoordinatorNode::serve(state, SocketAddr::from(([127, 0, 0, 1], 0)), data_dir).await
+    }
+
+    async fn serve(
+        state: Arc<State>,
+        grpc: SocketAddr,
+        data_dir: tempfile::TempDir,
+    ) -> anyhow::Result<CoordinatorNode> {
         let grpc = tokio::net::TcpListener::bind(grpc).await?;
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);

@@ -4,7 +4,6 @@
 //! logging for tests. A dev-dependency only; nothing here ships.
 
 pub mod process;
-pub mod redis;
 
 pub use bandshare_local::*;
 

@@ -85,6 +85,9 @@ pub struct Cluster {
     /// The last Redis command failed (cleared by the next success).
     down: AtomicBool,
     dropped_writes: AtomicU64,
+    /// Presence entries written to Redis / applied from other coordinators.
+    pub(crate) written_total: AtomicU64,
+    pub(crate) applied: AtomicU64,
     shard_res: h3o::Resolution,
 }
 
@@ -130,6 +133,8 @@ impl Cluster {
             next_route: AtomicU64::new(1),
             down: AtomicBool::new(false),
             dropped_writes: AtomicU64::new(0),
+            written_total: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
             shard_res: h3o::Resolution::Two,
         }))
     }
@@ -146,6 +151,16 @@ impl Cluster {
     /// Whether the last Redis command failed.
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
+    }
+
+    /// Presence entries written to Redis since start.
+    pub fn presence_written(&self) -> u64 {
+        self.written_total.load(Ordering::Relaxed)
+    }
+
+    /// Presence entries of other coordinators applied to the index.
+    pub fn presence_applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
     }
 
     /// Presence writes dropped because the queue was full.

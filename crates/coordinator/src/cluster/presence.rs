@@ -266,17 +266,19 @@ pub(crate) async fn writer(
             }
             pipes.push(pipe);
         }
-        let mut conn = cluster.conn();
+        let conn = cluster.conn();
         let sent = futures::future::join_all(pipes.iter().map(|p| {
             let mut c = conn.clone();
             async move { p.query_async::<()>(&mut c).await }
         }))
         .await;
-        let _ = &mut conn;
-        if let Some(e) = sent.into_iter().find(|r| r.is_err()) {
-            cluster.outcome("presence write", &e);
-        } else {
-            cluster.outcome::<()>("presence write", &Ok(()));
+        let ok = sent.iter().filter(|r| r.is_ok()).count() as u64;
+        cluster
+            .written_total
+            .fetch_add(ok, std::sync::atomic::Ordering::Relaxed);
+        match sent.into_iter().find(|r| r.is_err()) {
+            Some(e) => cluster.outcome("presence write", &e),
+            None => cluster.outcome::<()>("presence write", &Ok(())),
         }
     }
 }
@@ -439,7 +441,12 @@ fn apply_up(cluster: &Cluster, state: &State, p: &v1::Presence) -> bool {
         return false;
     }
     match decode(p) {
-        Ok((info, handle)) => state.registry().upsert_remote(info, handle, Instant::now()),
+        Ok((info, handle)) => {
+            cluster
+                .applied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.registry().upsert_remote(info, handle, Instant::now())
+        }
         Err(e) => {
             warn!(error = %e, "presence from Redis refused");
             false

@@ -2,9 +2,10 @@
 //! on another coordinator pushes a [`v1::Routed`] request onto the owner's
 //! inbox list (`bs:{c:ID}:inbox`); the owner asks the sharer down its
 //! stream, under the same deadline, and pushes the answer onto the asker's
-//! inbox. Each coordinator pops its inbox with BLPOP on a connection of its
-//! own. An inbox nobody pops (its coordinator died) expires after a minute;
-//! a request past its deadline is dropped unanswered.
+//! inbox. Each coordinator pops its inbox, oldest first and in batches
+//! (BLMPOP), on a connection of its own. An inbox nobody pops (its
+//! coordinator died) expires after a minute; a request past its deadline is
+//! dropped unanswered.
 
 use super::{Cluster, unix_ms};
 use crate::State;
@@ -115,42 +116,28 @@ pub(crate) async fn inbox(
             }
         };
         loop {
-            let mut blpop = redis::cmd("BLPOP");
-            blpop.arg(&key).arg(1);
-            let popped: redis::RedisResult<Option<(String, Vec<u8>)>> = tokio::select! {
-                r = blpop.query_async(&mut conn) => r,
+            // Oldest first (pushed on the left, popped on the right), up
+            // to a batch at a time.
+            let mut pop = redis::cmd("BLMPOP");
+            pop.arg(1)
+                .arg(1)
+                .arg(&key)
+                .arg("RIGHT")
+                .arg("COUNT")
+                .arg(POP_BATCH);
+            let popped: redis::RedisResult<Option<(String, Vec<Vec<u8>>)>> = tokio::select! {
+                r = pop.query_async(&mut conn) => r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             cluster.outcome("inbox", &popped);
-            let bytes = match popped {
+            let batch = match popped {
                 Ok(Some((_, b))) => b,
                 Ok(None) => continue,
                 Err(_) => break,
             };
             backoff = Duration::from_millis(100);
-            let Ok(msg) = v1::Routed::decode(bytes.as_slice()) else {
-                debug!("malformed routed message dropped");
-                continue;
-            };
-            if let Some(resp) = msg.response {
-                let waiting = cluster
-                    .routes
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.remove(&msg.route_id));
-                if let Some(tx) = waiting {
-                    let _ = tx.send(resp);
-                }
-            } else if let Some(req) = msg.request {
-                tokio::spawn(serve(
-                    cluster.clone(),
-                    state.clone(),
-                    msg.route_id,
-                    msg.reply_to,
-                    msg.sharer_key,
-                    msg.deadline_unix_ms,
-                    req,
-                ));
+            for bytes in batch {
+                deliver(&cluster, &state, &bytes);
             }
         }
         tokio::select! {
@@ -158,6 +145,38 @@ pub(crate) async fn inbox(
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Messages one pop takes at most.
+const POP_BATCH: usize = 256;
+
+/// An answer goes to the waiting share request, a request to the local
+/// sharer (in a task of its own).
+fn deliver(cluster: &Arc<Cluster>, state: &Arc<State>, bytes: &[u8]) {
+    let Ok(msg) = v1::Routed::decode(bytes) else {
+        debug!("malformed routed message dropped");
+        return;
+    };
+    if let Some(resp) = msg.response {
+        let waiting = cluster
+            .routes
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&msg.route_id));
+        if let Some(tx) = waiting {
+            let _ = tx.send(resp);
+        }
+    } else if let Some(req) = msg.request {
+        tokio::spawn(serve(
+            cluster.clone(),
+            state.clone(),
+            msg.route_id,
+            msg.reply_to,
+            msg.sharer_key,
+            msg.deadline_unix_ms,
+            req,
+        ));
     }
 }
 

@@ -1,16 +1,15 @@
-//! A real Redis Cluster for tests: three masters and three replicas of the
+//! A real Redis Cluster for tests, benchmarks and the demo: three masters and three replicas of the
 //! system's `redis-server`, on free loopback ports below 55535 (each node
 //! also listens on its port + 10000 for the cluster bus), no persistence,
 //! in a temporary directory; every node is killed (by its own PID) on drop.
 
-use crate::process::Process;
 use std::net::TcpListener;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisCluster {
     pub ports: Vec<u16>,
-    nodes: Vec<Option<Process>>,
+    nodes: Vec<Option<Child>>,
     _dir: tempfile::TempDir,
 }
 
@@ -52,7 +51,7 @@ fn cli(port: u16, args: &[&str]) -> String {
 
 /// One node on `port`, its cluster state in `dir/nodes-PORT.conf` (a node
 /// started again on the same port rejoins the cluster it knew).
-fn node(dir: &std::path::Path, p: u16) -> Process {
+fn node(dir: &std::path::Path, p: u16) -> Child {
     let mut cmd = Command::new("redis-server");
     cmd.current_dir(dir).args([
         "--port",
@@ -79,7 +78,20 @@ fn node(dir: &std::path::Path, p: u16) -> Process {
         "--cluster-replica-validity-factor",
         "0",
     ]);
-    Process::spawn(cmd).expect("spawn redis-server")
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server")
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut().flatten() {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+    }
 }
 
 impl RedisCluster {
@@ -232,8 +244,8 @@ impl RedisCluster {
         if let Some(i) = self.ports.iter().position(|p| *p == port)
             && let Some(mut n) = self.nodes[i].take()
         {
-            let _ = n.child.kill();
-            let _ = n.child.wait();
+            let _ = n.kill();
+            let _ = n.wait();
         }
     }
 
@@ -251,7 +263,9 @@ impl RedisCluster {
     /// cluster is unreachable (connections open, nothing answers).
     pub fn signal_all(&self, sig: &str) {
         for n in self.nodes.iter().flatten() {
-            n.signal(sig);
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &n.id().to_string()])
+                .status();
         }
     }
 
