@@ -166,6 +166,17 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
             .expect("fetch through a sharer offered by B");
         assert!(st.contains("200") && body.len() == 100_000, "{st}");
 
+        // The QoS map is the service's: three devices report a weak street
+        // at A; B publishes the cell (k = 3).
+        observe_weak_street(&a_url_of(a_grpc)).await;
+        let published = wait_until_async(Duration::from_secs(10), || published_cells(&b_url)).await;
+        assert!(
+            published > 0,
+            "B never published what A learned: {}",
+            status(b_http)
+        );
+        println!("QoS: {published} cell(s) learned at A published by B");
+
         // 2. kill -9 A: its sharers re-register on B; the pool keeps
         // fetching meanwhile.
         let _ = a.child.kill();
@@ -201,6 +212,14 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
         // routing go on.
         let (a2, a2_grpc, a2_http) = coordinator(&a_grpc.to_string(), da.path(), &redis);
         let a2_url: ServerUrl = a2_grpc.to_string().parse().expect("url");
+        // It starts with the service's QoS map (aggregates from Redis).
+        let published =
+            wait_until_async(Duration::from_secs(10), || published_cells(&a2_url)).await;
+        assert!(
+            published > 0,
+            "a new coordinator started without the QoS map: {}",
+            status(a2_http)
+        );
         assert!(
             until_offered(&a2_url, &["alice", "bob"], Duration::from_secs(10))
                 .await
@@ -343,6 +362,63 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
         }
         requester.pool.close_all();
     });
+}
+
+fn a_url_of(grpc: SocketAddr) -> ServerUrl {
+    grpc.to_string().parse().expect("url")
+}
+
+/// Three devices each report 20 one-second samples of 100 kbit/s at one
+/// spot near the centre (weak: below 250 kbit/s).
+async fn observe_weak_street(url: &ServerUrl) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let c = center();
+    for _ in 0..3 {
+        let key = identity::generate().expect("key");
+        let samples = (0..20u64)
+            .map(|i| bandshare_proto::v1::QosSample {
+                t_unix_ms: now - 30_000 + i * 1000,
+                lat: c.lat,
+                lon: c.lon,
+                duration_ms: 1000,
+                down_kbps: 100.0,
+                ..Default::default()
+            })
+            .collect();
+        let ch = client::connect(url).await.expect("connect");
+        let (got, why) = bandshare_agent::qos::observe(ch, &key, samples, |_| {})
+            .await
+            .expect("observe");
+        assert_eq!(got.rejected, 0, "{why:?}");
+    }
+}
+
+/// How many cells the coordinator at `url` publishes.
+async fn published_cells(url: &ServerUrl) -> usize {
+    match client::connect(url).await {
+        Ok(ch) => bandshare_agent::qos::published(ch)
+            .await
+            .map_or(0, |c| c.cells.len()),
+        Err(_) => 0,
+    }
+}
+
+/// Polls `f` until it gives a non-zero count, at most `timeout`.
+async fn wait_until_async<F: std::future::Future<Output = usize>>(
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> usize {
+    let t0 = Instant::now();
+    loop {
+        let n = f().await;
+        if n > 0 || t0.elapsed() > timeout {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Bytes both ways in the Redis ledger of sharer `key`.

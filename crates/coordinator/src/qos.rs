@@ -45,6 +45,8 @@ struct Seen {
 pub struct Book {
     pub map: Map,
     devices: HashMap<u64, Seen>,
+    /// Route trails of the devices other coordinators report (scale-out).
+    shared: HashMap<u64, Option<Trail>>,
     /// Changed since the last save.
     dirty: bool,
     pub accepted: u64,
@@ -56,9 +58,26 @@ impl Book {
         Book {
             map,
             devices: HashMap::new(),
+            shared: HashMap::new(),
             dirty: false,
             accepted: 0,
             rejected: 0,
+        }
+    }
+}
+
+impl Book {
+    /// Samples another coordinator of the service accepted (checked there).
+    pub fn apply_shared(&mut self, samples: &[bandshare_qos::Sample]) {
+        if self.shared.len() >= MAX_DEVICES {
+            self.shared.clear();
+        }
+        for s in samples {
+            let trail = self.shared.entry(s.device).or_default();
+            if self.map.observe(s, trail).is_ok() {
+                self.accepted += 1;
+                self.dirty = true;
+            }
         }
     }
 }
@@ -296,6 +315,9 @@ fn observe(
                 sample.device = device;
                 match book.map.observe(&sample, &mut seen.trail) {
                     Ok(()) => {
+                        if let Some(c) = state.cluster() {
+                            c.share_sample(&sample);
+                        }
                         seen.last = Some((sample.t, sample.lat, sample.lon));
                         ack.accepted += 1;
                     }
@@ -361,8 +383,15 @@ pub(crate) async fn save(state: &Arc<State>) {
     }) else {
         return;
     };
-    let store = state.store().clone();
     let n = (cells.len(), routes.len());
+    if let Some(c) = state.cluster() {
+        if let Err(e) = c.save_qos(&cells, &routes).await {
+            warn!(error = %e, "cannot save the QoS map to Redis; retrying");
+            let _ = state.qos_book(|b| b.dirty = true);
+        }
+        return;
+    }
+    let store = state.store().clone();
     match tokio::task::spawn_blocking(move || store.save_qos(&cells, &routes)).await {
         Ok(Ok(())) => debug!(cells = n.0, routes = n.1, "QoS map saved"),
         Ok(Err(e)) => {

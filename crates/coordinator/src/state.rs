@@ -147,9 +147,12 @@ impl State {
         qos_secret.copy_from_slice(ctx.finish().as_ref());
         let mut map =
             bandshare_qos::Map::new(config.qos.map).map_err(|e| ServerError::Qos(e.to_string()))?;
-        let (cells, routes) = store.load_qos(&mut map)?;
-        if cells > 0 {
-            info!(cells, routes, "QoS map loaded");
+        // Scaled out, the map comes from Redis (see `cluster::qos`).
+        if cluster.is_none() {
+            let (cells, routes) = store.load_qos(&mut map)?;
+            if cells > 0 {
+                info!(cells, routes, "QoS map loaded");
+            }
         }
         // After a restart, the key before the newest still verifies for one
         // ticket lifetime: tickets it signed may still be in use.

@@ -10,6 +10,8 @@
 //! - **Routing** ([`route`]): an access request for a sharer whose stream is
 //!   elsewhere is pushed onto the owner's inbox list, with a route id and
 //!   the same deadline; the answer comes back on the asker's inbox.
+//! - **QoS** ([`qos`]): accepted samples go on a feed every coordinator
+//!   applies; the aggregates are saved in Redis.
 //! - **Keys**: the ticket-signing seeds live in Redis, so a ticket any
 //!   coordinator signs verifies at every sharer (and the privacy offsets,
 //!   derived from the first seed, are the same everywhere).
@@ -20,6 +22,7 @@
 
 pub mod durable;
 pub mod presence;
+pub mod qos;
 pub mod route;
 
 use crate::State;
@@ -77,6 +80,11 @@ pub struct Cluster {
     conn: ClusterConnection,
     writes: mpsc::Sender<Write>,
     writes_rx: Mutex<Option<mpsc::Receiver<Write>>>,
+    /// QoS samples accepted here, for the samples feed.
+    samples_tx: mpsc::Sender<bandshare_qos::Sample>,
+    samples_rx: Mutex<Option<mpsc::Receiver<bandshare_qos::Sample>>>,
+    /// The samples feed id the QoS map includes.
+    qos_applied: Mutex<String>,
     /// The shard each local sharer was last written to, and when.
     written: Mutex<HashMap<DeviceKey, (String, Instant, u64)>>,
     /// Access requests routed out, awaiting their answer.
@@ -120,6 +128,7 @@ impl Cluster {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| ClusterError::Unreachable(urls.join(","), "no randomness".into()))?;
         let (writes, writes_rx) = mpsc::channel(WRITE_QUEUE);
+        let (samples_tx, samples_rx) = mpsc::channel(WRITE_QUEUE);
         info!(redis = %urls.join(","), "scale-out: connected to the Redis Cluster");
         Ok(Arc::new(Cluster {
             id: hex(&id).into(),
@@ -128,6 +137,9 @@ impl Cluster {
             conn,
             writes,
             writes_rx: Mutex::new(Some(writes_rx)),
+            samples_tx,
+            samples_rx: Mutex::new(Some(samples_rx)),
+            qos_applied: Mutex::new(String::new()),
             written: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             next_route: AtomicU64::new(1),
@@ -237,6 +249,10 @@ impl Cluster {
             stop.clone(),
         ));
         tokio::spawn(presence::janitor(self.clone(), stop.clone()));
+        if let Some(rx) = self.samples_rx.lock().ok().and_then(|mut r| r.take()) {
+            tokio::spawn(qos::writer(self.clone(), rx, stop.clone()));
+        }
+        tokio::spawn(qos::follow(self.clone(), state.clone(), stop.clone()));
         tokio::spawn(route::inbox(self.clone(), state, stop));
     }
 
