@@ -356,6 +356,84 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
             list.contains(&bob.key.to_string()) && list.contains("revoked"),
             "{list}"
         );
+
+        // 7. Tickets: offered by one coordinator, refreshed by another.
+        let key = identity::generate().expect("key");
+        let loc = LocationSpec {
+            at: Some(center()),
+            ..Default::default()
+        };
+        let ch = client::connect(&a2_url).await.expect("A2");
+        let req = client::share_request_from(&key, &loc, &ConditionSpec::default(), false);
+        let offers = client::share_request(ch, req).await.expect("offers").offers;
+        assert!(!offers.is_empty());
+        let (proof, signed_at_unix) =
+            bandshare_core::ticket::sign_request(&key, bandshare_core::clock::unix_now());
+        let ch = client::connect(&b_url).await.expect("B");
+        let refreshed = bandshare_proto::v1::matchmaker_client::MatchmakerClient::new(ch)
+            .refresh_tickets(bandshare_proto::v1::TicketRefresh {
+                requester_key: key.verifying_key().to_bytes().to_vec(),
+                sharer_keys: offers.iter().map(|o| o.sharer_key.clone()).collect(),
+                proof,
+                signed_at_unix,
+            })
+            .await
+            .expect("refresh at B")
+            .into_inner()
+            .offers;
+        assert_eq!(refreshed.len(), offers.len(), "B refreshes what A2 offered");
+
+        // 8. A key rotation through Redis: both coordinators sign with the
+        // new key within seconds, and its tickets verify at every sharer.
+        let out = std::process::Command::new(EXE)
+            .args(["admin", "--redis", &redis.urls(), "rotate-key"])
+            .output()
+            .expect("admin rotate-key");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let signing = |http: SocketAddr| {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "--max-time", "2", &format!("http://{http}/api/trust")])
+                .output()
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).contains("signing with key 2")
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || signing(b_http)
+                && signing(a2_http))
+            .await,
+            "the rotation did not reach both coordinators"
+        );
+        let (_t2, shutdown) = bandshare_agent::Shutdown::new();
+        let fresh = bandshare_agent::requester::Requester::start(
+            bandshare_testkit::requester_options(&a2_url),
+            identity::generate().expect("key"),
+            shutdown,
+        )
+        .await
+        .expect("requester");
+        assert!(
+            wait_until(Duration::from_secs(10), || fresh
+                .pool
+                .status()
+                .active
+                .is_some())
+            .await,
+            "no pool with tickets of the new key"
+        );
+        let (st, _) = socks_get(
+            fresh.socks_addr.expect("socks"),
+            "127.0.0.1",
+            target.addr.port(),
+            "/bytes/1000",
+        )
+        .await
+        .expect("fetch with a ticket of the new key");
+        assert!(st.contains("200"), "{st}");
+        fresh.pool.close_all();
         carol.kill();
         for s in &sharers {
             s.kill();

@@ -158,7 +158,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
         state
             .privacy(|g| g.admit(&requester, None, std::time::Instant::now()))?
             .map_err(|r| Status::resource_exhausted(r.to_string()))?;
-        let allowed = state.offered_to(&requester);
+        let allowed = state.offered_by_service(&requester).await;
         let contacts: Vec<Contact> = req
             .sharer_keys
             .iter()

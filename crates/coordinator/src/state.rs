@@ -315,6 +315,10 @@ impl State {
         requester: &DeviceKey,
         sharers: impl Iterator<Item = DeviceKey>,
     ) {
+        let sharers: Vec<DeviceKey> = sharers.collect();
+        if let Some(c) = &self.cluster {
+            c.remember_offered(requester, &sharers);
+        }
         if let Ok(mut m) = self.offered.lock() {
             if m.len() > OFFERED_REQUESTERS {
                 m.clear();
@@ -334,6 +338,16 @@ impl State {
             .lock()
             .map(|m| m.get(requester).cloned().unwrap_or_default())
             .unwrap_or_default()
+    }
+
+    /// The sharers `requester` was offered here or, scaled out, by any
+    /// coordinator of the service.
+    pub async fn offered_by_service(&self, requester: &DeviceKey) -> HashSet<DeviceKey> {
+        let mut set = self.offered_to(requester);
+        if let Some(c) = &self.cluster {
+            set.extend(c.offered_to(requester).await);
+        }
+        set
     }
 
     /// True the first time `requester` is seen since start.

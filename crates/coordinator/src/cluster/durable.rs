@@ -268,4 +268,45 @@ impl Cluster {
             .query_async(&mut self.conn())
             .await?)
     }
+
+    /// Notes (for an hour) which sharers a requester was offered, so any
+    /// coordinator of the service refreshes their tickets.
+    pub fn remember_offered(
+        self: &std::sync::Arc<Self>,
+        requester: &DeviceKey,
+        sharers: &[DeviceKey],
+    ) {
+        if sharers.is_empty() {
+            return;
+        }
+        let key = offered_key(requester);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg(&key);
+        for s in sharers {
+            pipe.arg(hex(&s.0));
+        }
+        pipe.ignore().cmd("EXPIRE").arg(&key).arg(3600).ignore();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = pipe.query_async::<()>(&mut me.conn()).await;
+            me.outcome("offered", &r);
+        });
+    }
+
+    /// The sharers a requester was offered by any coordinator (the last hour).
+    pub async fn offered_to(&self, requester: &DeviceKey) -> Vec<DeviceKey> {
+        let r: redis::RedisResult<Vec<String>> = redis::cmd("SMEMBERS")
+            .arg(offered_key(requester))
+            .query_async(&mut self.conn())
+            .await;
+        self.outcome("offered", &r);
+        r.unwrap_or_default()
+            .iter()
+            .filter_map(|k| unhex_key(k))
+            .collect()
+    }
+}
+
+fn offered_key(requester: &DeviceKey) -> String {
+    format!("bs:{{o:{}}}:offered", hex(&requester.0))
 }
