@@ -51,6 +51,15 @@ fn status(http: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// `GET /metrics` of a coordinator.
+fn metrics(http: SocketAddr) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "2", &format!("http://{http}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn count(v: &serde_json::Value, path: &[&str]) -> u64 {
     let mut cur = v;
     for p in path {
@@ -146,6 +155,17 @@ fn two_coordinators_are_one_service_and_survive_kill_9_of_one_and_of_a_redis_mas
         let sb = status(b_http);
         assert_eq!(count(&sb, &["online_sharers"]), 2, "{sb}");
         assert_eq!(count(&sb, &["cluster", "local_sharers"]), 0, "{sb}");
+        let m = metrics(b_http);
+        for line in [
+            "bandshare_cluster_redis_up 1",
+            "bandshare_cluster_local_sharers 0",
+            "bandshare_online_sharers 2",
+        ] {
+            assert!(
+                m.lines().any(|l| l == line),
+                "no {line:?} in B's /metrics:\n{m}"
+            );
+        }
 
         // A requester of B reaches them: its tickets (signed by B with the
         // service's key) verify at sharers that only ever talked to A.
@@ -580,6 +600,11 @@ fn with_redis_unreachable_coordinators_serve_their_own_sharers_say_unavailable_a
         );
         assert!(said.contains("Redis Cluster is unreachable"), "{said:?}");
         assert_eq!(status(b_http)["cluster"]["redis_reachable"], false);
+        assert!(
+            metrics(b_http)
+                .lines()
+                .any(|l| l == "bandshare_cluster_redis_up 0")
+        );
         // A sharer arriving now is not let in without its name bound...
         let dave = SharerNode::start(&a_url, &SharerSpec::new("dave", 0.0, 10.0))
             .await

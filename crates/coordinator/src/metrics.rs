@@ -168,6 +168,18 @@ pub struct Snapshot {
     pub connections_refused: u64,
     pub qos: Option<crate::qos::QosStatus>,
     pub uptime_s: u64,
+    /// Scaled out (`server --redis`).
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// What a coordinator of a scaled-out service reports of its Redis side.
+#[derive(Default, Debug, Clone)]
+pub struct ClusterSnapshot {
+    pub local_sharers: usize,
+    pub redis_up: bool,
+    pub presence_written: u64,
+    pub presence_applied: u64,
+    pub writes_dropped: u64,
 }
 
 /// The OpenMetrics text of `m` and `s`.
@@ -175,7 +187,7 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
     let mut r = Registry::with_prefix("bandshare");
     r.register(
         "online_sharers",
-        "Sharers whose stream is open on this coordinator",
+        "Online sharers in this coordinator's index (scaled out: its own and the other coordinators')",
         ConstGauge::new(s.online_sharers as i64),
     );
     r.register(
@@ -250,6 +262,33 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
             "qos_samples_rejected",
             "Link-quality samples refused (implausible, rate-limited or invalid)",
             ConstCounter::new(q.samples_rejected),
+        );
+    }
+    if let Some(c) = &s.cluster {
+        r.register(
+            "cluster_local_sharers",
+            "Sharers whose stream is open on this coordinator",
+            ConstGauge::new(c.local_sharers as i64),
+        );
+        r.register(
+            "cluster_redis_up",
+            "1 when the last Redis command succeeded, 0 when Redis is unreachable",
+            ConstGauge::new(i64::from(c.redis_up)),
+        );
+        r.register(
+            "cluster_presence_written",
+            "Presence entries of this coordinator's sharers written to Redis",
+            ConstCounter::new(c.presence_written),
+        );
+        r.register(
+            "cluster_presence_applied",
+            "Presence entries of other coordinators' sharers applied to the index",
+            ConstCounter::new(c.presence_applied),
+        );
+        r.register(
+            "cluster_writes_dropped",
+            "Presence and QoS writes dropped because the queue to Redis was full",
+            ConstCounter::new(c.writes_dropped),
         );
     }
     r.register_with_unit(

@@ -242,6 +242,16 @@ impl State {
             connections_refused: c.connections_refused,
             qos: self.qos.lock().ok().map(|b| b.status()),
             uptime_s: c.uptime_s,
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|cl| crate::metrics::ClusterSnapshot {
+                    local_sharers: self.registry.local_len(),
+                    redis_up: !cl.is_down(),
+                    presence_written: cl.presence_written(),
+                    presence_applied: cl.presence_applied(),
+                    writes_dropped: cl.dropped_writes(),
+                }),
         };
         crate::metrics::render(&self.metrics, &snapshot)
     }
