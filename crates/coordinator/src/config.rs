@@ -592,6 +592,15 @@ mod tests {
         for bad in ["h", "http://h:1", "h:0", ""] {
             assert!(super::redis_urls([bad]).is_err(), "{bad}");
         }
+        let c = super::Config::parse(
+            "[server]\nredis = [\"127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\nredis_ack_replicas = 0\n",
+        )
+        .expect("config");
+        assert_eq!(c.redis.len(), 2);
+        assert_eq!(c.redis_ack_replicas, 0);
+        assert_eq!(super::Config::default().redis_ack_replicas, 1);
+        let e = super::Config::parse("[server]\nredis = [\"nonsense\"]\n").expect_err("bad");
+        assert!(e.to_string().contains("server.redis"), "{e}");
     }
 
     use super::*;

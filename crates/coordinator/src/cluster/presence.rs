@@ -277,7 +277,11 @@ pub(crate) async fn writer(
             .written_total
             .fetch_add(ok, std::sync::atomic::Ordering::Relaxed);
         match sent.into_iter().find(|r| r.is_err()) {
-            Some(e) => cluster.outcome("presence write", &e),
+            Some(e) => {
+                // Redis may have lost the shard list: name them again.
+                shards.clear();
+                cluster.outcome("presence write", &e)
+            }
             None => cluster.outcome::<()>("presence write", &Ok(())),
         }
     }
