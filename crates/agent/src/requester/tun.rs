@@ -1,6 +1,7 @@
 //! Whole-device mode (`connect --tun NAME`, Linux): a TUN device takes the
-//! default IPv4 and IPv6 routes, a userspace TCP/IP stack (`ipstack`)
-//! terminates the device's TCP connections and UDP flows, and each goes on
+//! default IPv4 and IPv6 routes, userspace TCP/IP stacks terminate the
+//! device's TCP connections (smoltcp, through `netstack-smoltcp`) and UDP
+//! flows (`ipstack`), and each goes on
 //! the path new flows take — out of the own link, or through the active
 //! sharer — exactly as the proxy's flows do. No app needs a proxy setting.
 //!
@@ -33,22 +34,16 @@ pub const TABLE: &str = "181";
 /// Rule priorities: keep specific main routes, then the table.
 pub const PREF_SUPPRESS: &str = "18100";
 pub const PREF_TUN: &str = "18101";
-/// The device's MTU. The stack (`ipstack` 1.0) keeps at most one 16-bit
-/// window in flight (it offers no window scaling), so throughput is set
-/// by how few, large segments fill it: 16,000 bytes is four segments per
-/// 64 KiB window, the fewest with which a lost one is still recovered by
-/// three duplicate ACKs (the stack retransmits on a timer only when the
-/// device sends it something). `bench tun`: 1,500 bytes gave 0.3–0.4 of
-/// the SOCKS path, 16,000 gives ~0.8; larger ones were faster still but
-/// stalled downloads now and then. The MTU is that of the hop to this
-/// process only: what leaves the machine is re-segmented by the kernel.
-const MTU: u16 = 16_000;
-/// Bytes the stack keeps in flight to the device, and buffers from it:
-/// the largest 16-bit window.
-const WINDOW: u16 = u16::MAX;
-/// Copy buffer from a flow to the device: one segment's payload (after an
-/// IPv6 header), as the stack makes one segment per write and copies all
-/// it is handed each time.
+/// The device's MTU: the hop from the apps to this process only (what
+/// leaves the machine is re-segmented by the kernel), so as large as the
+/// kernel's TCP takes, and few packets cross the device per byte. `bench
+/// tun` (six runs each): `ipstack` alone — no window scaling, one 64 KiB
+/// window in flight, retransmits only when the device sends it something —
+/// gave 0.77–0.97 of the SOCKS path at 16,000 bytes and stalled now and
+/// then above; TCP in smoltcp (window scaling, timers) at 65,000 gives
+/// 0.95–1.22.
+const MTU: u16 = 65_000;
+/// Copy buffer from a flow to the device: about one segment's payload.
 const SEGMENT: usize = MTU as usize - 60;
 /// Copy buffer from the device to a flow.
 const COPY_UP: usize = 64 * 1024;
@@ -186,31 +181,162 @@ fn take_default_routes(family: &str, name: &str, mark: &str) -> Result<(), TunEr
     ])
 }
 
-/// Carries the device's TCP connections and UDP flows until it closes.
-pub async fn serve(device: tun::AsyncDevice, pool: Arc<Pool>, direct: Arc<Direct>) {
-    let mut tcp = ipstack::TcpConfig::default();
-    tcp.max_unacked_bytes = WINDOW.into();
-    tcp.read_buffer_size = WINDOW.into();
-    let mut cfg = IpStackConfig::default();
-    cfg.mtu_unchecked(MTU).with_tcp_config(tcp);
-    let mut stack = IpStack::new(cfg, device);
-    while let Ok(stream) = stack.accept().await {
-        match stream {
-            IpStackStream::Tcp(tcp) => {
-                let (pool, direct) = (pool.clone(), direct.clone());
-                tokio::spawn(async move {
-                    let to = tcp.peer_addr();
-                    if let Err(e) = carry_tcp(tcp, to, &pool, &direct).await {
-                        debug!(%to, error = %e, "device TCP flow ended");
-                    }
-                });
+/// Packets queued between the device and the stacks, each way.
+const QUEUE: usize = 1024;
+/// Receive and send buffers of one TCP connection in the stack: with
+/// window scaling, the window a flow may keep in flight.
+const TCP_BUFFER: u32 = 512 * 1024;
+
+/// The UDP stack's device: each read is one UDP packet the TUN device
+/// delivered, each write one packet back to it. A full queue drops the
+/// datagram, as a congested link would (never blocks, never grows).
+struct UdpPackets {
+    from_tun: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    to_tun: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl tokio::io::AsyncRead for UdpPackets {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.from_tun.poll_recv(cx) {
+            std::task::Poll::Ready(Some(p)) => {
+                let n = p.len().min(buf.remaining());
+                buf.put_slice(&p[..n]);
+                std::task::Poll::Ready(Ok(()))
             }
-            IpStackStream::Udp(u) => {
-                tokio::spawn(carry_udp(u, pool.clone(), direct.clone()));
-            }
-            // ICMP and the like: not carried (ping answers nothing).
-            _ => {}
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(Ok(())),
+            std::task::Poll::Pending => std::task::Poll::Pending,
         }
+    }
+}
+
+impl tokio::io::AsyncWrite for UdpPackets {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let _ = self.to_tun.try_send(buf.to_vec());
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The IP protocol number of a packet (IPv4 or IPv6, no extension headers).
+fn protocol(p: &[u8]) -> Option<u8> {
+    match p.first()? >> 4 {
+        4 => p.get(9).copied(),
+        6 => p.get(6).copied(),
+        _ => None,
+    }
+}
+
+/// Carries the device's TCP connections and UDP flows until it closes:
+/// TCP through a smoltcp stack (`netstack-smoltcp`: window scaling, so a
+/// flow keeps [`TCP_BUFFER`] in flight), UDP flows through `ipstack` (a
+/// 5-tuple each, with an idle timeout).
+pub async fn serve(device: tun::AsyncDevice, pool: Arc<Pool>, direct: Arc<Direct>) {
+    use futures::{SinkExt, StreamExt};
+    let built = netstack_smoltcp::StackBuilder::default()
+        .enable_tcp(true)
+        .enable_udp(false)
+        .enable_icmp(false)
+        .mtu(MTU as usize)
+        .stack_buffer_size(QUEUE)
+        .tcp_buffer_size(QUEUE)
+        .tcp_recv_buffer_size(TCP_BUFFER)
+        .tcp_send_buffer_size(TCP_BUFFER)
+        .build();
+    let (stack, runner, _, listener) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "cannot build the TCP stack for the device");
+            return;
+        }
+    };
+    let Some(mut listener) = listener else { return };
+    if let Some(runner) = runner {
+        tokio::spawn(runner);
+    }
+    let (mut stack_in, mut stack_out) = stack.split();
+    let (mut tun_in, mut tun_out) = device.into_framed().split();
+    let (to_tun, mut to_tun_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(QUEUE);
+    let (udp_in, udp_from_tun) = tokio::sync::mpsc::channel::<Vec<u8>>(QUEUE);
+    // One writer to the device: the TCP stack's packets and the UDP stack's.
+    tokio::spawn(async move {
+        while let Some(p) = to_tun_rx.recv().await {
+            if tun_in.send(p).await.is_err() {
+                break;
+            }
+        }
+    });
+    let t = to_tun.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(p)) = stack_out.next().await {
+            if t.send(p).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The device's packets, by protocol: TCP to smoltcp, UDP to ipstack.
+    tokio::spawn(async move {
+        while let Some(Ok(p)) = tun_out.next().await {
+            let sent = match protocol(&p) {
+                Some(6) => stack_in.send(p).await.is_ok(),
+                Some(17) => {
+                    let _ = udp_in.try_send(p);
+                    true
+                }
+                // ICMP and the like: not carried (ping answers nothing).
+                _ => true,
+            };
+            if !sent {
+                break;
+            }
+        }
+    });
+    let mut cfg = IpStackConfig::default();
+    cfg.mtu_unchecked(MTU);
+    let mut udp_stack = IpStack::new(
+        cfg,
+        UdpPackets {
+            from_tun: udp_from_tun,
+            to_tun,
+        },
+    );
+    {
+        let (pool, direct) = (pool.clone(), direct.clone());
+        tokio::spawn(async move {
+            while let Ok(stream) = udp_stack.accept().await {
+                if let IpStackStream::Udp(u) = stream {
+                    tokio::spawn(carry_udp(u, pool.clone(), direct.clone()));
+                }
+            }
+        });
+    }
+    while let Some((tcp, _from, to)) = listener.next().await {
+        let (pool, direct) = (pool.clone(), direct.clone());
+        tokio::spawn(async move {
+            if let Err(e) = carry_tcp(tcp, to, &pool, &direct).await {
+                debug!(%to, error = %e, "device TCP flow ended");
+            }
+        });
     }
 }
 
@@ -223,7 +349,7 @@ fn header(to: SocketAddr) -> FlowHeader {
 
 /// One TCP connection of the device, on the path new flows take.
 async fn carry_tcp(
-    mut tcp: ipstack::IpStackTcpStream,
+    mut tcp: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     to: SocketAddr,
     pool: &Pool,
     direct: &Direct,
