@@ -297,17 +297,19 @@ pub async fn serve(device: tun::AsyncDevice, pool: Arc<Pool>, direct: Arc<Direct
     // The device's packets, by protocol: TCP to smoltcp, UDP to ipstack.
     tokio::spawn(async move {
         while let Some(Ok(p)) = tun_out.next().await {
-            let sent = match protocol(&p) {
-                Some(6) => stack_in.send(p).await.is_ok(),
+            match protocol(&p) {
+                // A packet the stack refuses (malformed) is dropped, and
+                // the device read on.
+                Some(6) => {
+                    if let Err(e) = stack_in.send(p).await {
+                        debug!(error = %e, "device packet dropped");
+                    }
+                }
                 Some(17) => {
                     let _ = udp_in.try_send(p);
-                    true
                 }
                 // ICMP and the like: not carried (ping answers nothing).
-                _ => true,
-            };
-            if !sent {
-                break;
+                _ => {}
             }
         }
     });
