@@ -37,7 +37,8 @@ fn sample_bytes(s: &Sample) -> Vec<u8> {
         .collect()
 }
 
-fn bytes_sample(b: &[u8]) -> Option<Sample> {
+/// A sample as the feed carries it (48 bytes), or `None`.
+pub fn bytes_sample(b: &[u8]) -> Option<Sample> {
     if b.len() != 48 {
         return None;
     }
@@ -96,6 +97,35 @@ fn edge_field((a, b, c): &Edge) -> String {
 fn field_edge(s: &str) -> Option<Edge> {
     let mut it = s.split(':').map(|p| p.parse::<u64>().ok());
     Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// A saved cell aggregate (`CELL:HOUR` → floats and tags), or `None`.
+pub fn decode_cell(field: &str, value: &[u8]) -> Option<(Key, Agg)> {
+    let (fs, tags) = split(value, 4)?;
+    Some((
+        field_key(field)?,
+        Agg {
+            weight: fs[0],
+            kbps_s: fs[1],
+            weak_s: fs[2],
+            at: fs[3],
+            tags,
+        },
+    ))
+}
+
+/// A saved route transition (`FROM:HERE:NEXT` → floats and tags), or `None`.
+pub fn decode_route(field: &str, value: &[u8]) -> Option<(Edge, Transition)> {
+    let (fs, tags) = split(value, 3)?;
+    Some((
+        field_edge(field)?,
+        Transition {
+            weight: fs[0],
+            dwell_w_s: fs[1],
+            at: fs[2],
+            tags,
+        },
+    ))
 }
 
 impl Cluster {
@@ -224,32 +254,11 @@ async fn read(
             .await?;
         let n = (cells.len(), routes.len());
         let _ = state.qos_book(|b| {
-            for (f, v) in &cells {
-                if let (Some(k), Some((fs, tags))) = (field_key(f), split(v, 4)) {
-                    b.map.restore(
-                        k,
-                        Agg {
-                            weight: fs[0],
-                            kbps_s: fs[1],
-                            weak_s: fs[2],
-                            at: fs[3],
-                            tags,
-                        },
-                    );
-                }
+            for (k, a) in cells.iter().filter_map(|(f, v)| decode_cell(f, v)) {
+                b.map.restore(k, a);
             }
-            for (f, v) in &routes {
-                if let (Some(e), Some((fs, tags))) = (field_edge(f), split(v, 3)) {
-                    b.map.restore_route(
-                        e,
-                        Transition {
-                            weight: fs[0],
-                            dwell_w_s: fs[1],
-                            at: fs[2],
-                            tags,
-                        },
-                    );
-                }
+            for (e, t) in routes.iter().filter_map(|(f, v)| decode_route(f, v)) {
+                b.map.restore_route(e, t);
             }
         });
         if n.0 > 0 {
