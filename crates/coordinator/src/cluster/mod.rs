@@ -43,6 +43,9 @@ use tracing::{info, warn};
 const WRITE_QUEUE: usize = 65_536;
 /// Writes sent together at most (pipelined on each node's connection).
 const WRITE_BATCH: usize = 256;
+/// A batch of writes (or one routed message) not done in this long has
+/// failed, whatever the client still waits for.
+pub(crate) const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

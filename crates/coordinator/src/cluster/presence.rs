@@ -267,11 +267,26 @@ pub(crate) async fn writer(
             pipes.push(pipe);
         }
         let conn = cluster.conn();
-        let sent = futures::future::join_all(pipes.iter().map(|p| {
-            let mut c = conn.clone();
-            async move { p.query_async::<()>(&mut c).await }
-        }))
-        .await;
+        let n = pipes.len();
+        // Bounded, whatever the client does: a batch that never completes
+        // is a failed one, and the writer goes on.
+        let sent = tokio::time::timeout(
+            super::BATCH_TIMEOUT,
+            futures::future::join_all(pipes.iter().map(|p| {
+                let mut c = conn.clone();
+                async move { p.query_async::<()>(&mut c).await }
+            })),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            (0..n)
+                .map(|_| {
+                    Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )))
+                })
+                .collect()
+        });
         let ok = sent.iter().filter(|r| r.is_ok()).count() as u64;
         cluster
             .written_total

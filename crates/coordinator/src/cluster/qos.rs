@@ -205,7 +205,15 @@ pub(crate) async fn writer(
                 .arg(sample_bytes(s))
                 .ignore();
         }
-        let r = pipe.query_async::<()>(&mut cluster.conn()).await;
+        let r = match tokio::time::timeout(
+            super::BATCH_TIMEOUT,
+            pipe.query_async::<()>(&mut cluster.conn()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+        };
         cluster.outcome("QoS samples", &r);
     }
 }

@@ -83,7 +83,13 @@ impl Cluster {
             .arg(&inbox)
             .arg(60_000)
             .ignore();
-        let r: redis::RedisResult<()> = pipe.query_async(&mut self.conn()).await;
+        let r: redis::RedisResult<()> =
+            match tokio::time::timeout(super::BATCH_TIMEOUT, pipe.query_async(&mut self.conn()))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+            };
         self.outcome("route", &r);
         r.is_ok()
     }
