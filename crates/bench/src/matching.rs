@@ -211,6 +211,22 @@ pub(crate) fn load(
     ids
 }
 
+/// A coordinator's configuration for the benches: fan-out and offers 10,
+/// and the per-device rate and speed limits lifted (bench clients ask from
+/// random points across 50 km many times a second).
+pub(crate) fn bench_config() -> Config {
+    let mut config = Config {
+        fanout: 10,
+        max_offers: 10,
+        ..Config::default()
+    };
+    config.privacy.requests_per_minute = 1e9;
+    config.privacy.burst = 1e9;
+    config.privacy.max_speed_mps = 1e9;
+    config.privacy.slack_m = 1e12;
+    config
+}
+
 struct Ours {
     index_qps: f64,
     updates_per_s: f64,
@@ -224,18 +240,7 @@ struct Ours {
 async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     let mut rng = fastrand::Rng::with_seed(o.seed);
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        fanout: 10,
-        max_offers: 10,
-        ..Config::default()
-    };
-    // Bench clients ask from random points across 50 km many times a second:
-    // lift the per-device rate and speed limits.
-    config.privacy.requests_per_minute = 1e9;
-    config.privacy.burst = 1e9;
-    config.privacy.max_speed_mps = 1e9;
-    config.privacy.slack_m = 1e12;
-    let state = State::new(config, bandshare_store::Store::open(dir.path())?)?;
+    let state = State::new(bench_config(), bandshare_store::Store::open(dir.path())?)?;
     let (tx, rx) = tokio::sync::mpsc::channel(1 << 16);
     let before = rss_bytes(None);
     let ids = load(state.registry(), o.sharers, &mut rng, &tx);

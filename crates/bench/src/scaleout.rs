@@ -16,9 +16,9 @@
 
 use crate::matching::{info, key_of, random_point, share_load, spawn_answerer};
 use crate::stats::Latencies;
+use bandshare_coordinator::State;
 use bandshare_coordinator::cluster::Cluster;
 use bandshare_coordinator::registry::{Handle, Route};
-use bandshare_coordinator::{Config, State};
 use bandshare_local::redis_cluster::{self, RedisCluster};
 use bandshare_proto::v1;
 use serde_json::json;
@@ -32,20 +32,6 @@ pub struct ScaleoutOptions {
     pub concurrency: usize,
     pub asks: usize,
     pub seed: u64,
-}
-
-fn config() -> Config {
-    let mut config = Config {
-        fanout: 10,
-        max_offers: 10,
-        ..Config::default()
-    };
-    // Bench clients ask from random points many times a second.
-    config.privacy.requests_per_minute = 1e9;
-    config.privacy.burst = 1e9;
-    config.privacy.max_speed_mps = 1e9;
-    config.privacy.slack_m = 1e12;
-    config
 }
 
 /// One coordinator serving gRPC on loopback until the returned trigger.
@@ -63,8 +49,8 @@ async fn node(cluster: Option<Arc<Cluster>>) -> anyhow::Result<Node> {
     let dir = tempfile::tempdir()?;
     let store = bandshare_store::Store::open(dir.path())?;
     let state = match cluster {
-        Some(c) => State::new_clustered(config(), store, c).await?,
-        None => State::new(config(), store)?,
+        Some(c) => State::new_clustered(crate::matching::bench_config(), store, c).await?,
+        None => State::new(crate::matching::bench_config(), store)?,
     };
     let (tx, rx) = tokio::sync::mpsc::channel(1 << 16);
     spawn_answerer(state.clone(), rx);
@@ -165,19 +151,7 @@ async fn ask_once(at: &State, i: usize) -> Option<Duration> {
     let deadline = Duration::from_millis(300);
     let t = Instant::now();
     let answered = match &c.handle.route {
-        Route::Local(tx) => {
-            let (id, rx) = at.registry().expect_answer(c.id, c.handle.generation);
-            let msg = v1::CoordinatorMessage {
-                msg: Some(v1::coordinator_message::Msg::AccessRequest(
-                    v1::AccessRequest {
-                        request_id: id,
-                        ..req
-                    },
-                )),
-            };
-            tx.try_send(Ok(msg)).ok()?;
-            tokio::time::timeout(deadline, rx).await.ok()?.ok()
-        }
+        Route::Local(tx) => at.registry().ask_local(&c, tx, req, deadline).await,
         Route::Remote { owner, .. } => at.cluster()?.ask(owner, &c.handle.key, req, deadline).await,
     };
     answered.filter(|a| a.accept).map(|_| t.elapsed())

@@ -9,7 +9,7 @@ use crate::{State, unix_now};
 use bandshare_core::DeviceKey;
 use bandshare_matcher::{MatchConfig, Query};
 use bandshare_proto::convert as cv;
-use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
+use bandshare_proto::v1;
 use bandshare_store::Role;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -27,7 +27,7 @@ async fn ask(
     band: &str,
 ) -> offer::Answer {
     let deadline = state.config().access_deadline;
-    let mut req = v1::AccessRequest {
+    let req = v1::AccessRequest {
         request_id: 0,
         requester_key: requester.0.to_vec(),
         conditions: Some(conditions.clone()),
@@ -35,27 +35,7 @@ async fn ask(
         deadline_ms: deadline.as_millis() as u32,
     };
     let resp = match &c.handle.route {
-        registry::Route::Local(tx) => {
-            let (request_id, rx) = state.registry().expect_answer(c.id, c.handle.generation);
-            req.request_id = request_id;
-            let sent = tx
-                .try_send(Ok(v1::CoordinatorMessage {
-                    msg: Some(Down::AccessRequest(req)),
-                }))
-                .is_ok();
-            let resp = if sent {
-                tokio::time::timeout(deadline, rx)
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-            } else {
-                None
-            };
-            if resp.is_none() {
-                state.registry().forget_answer(request_id);
-            }
-            resp
-        }
+        registry::Route::Local(tx) => state.registry().ask_local(c, tx, req, deadline).await,
         // Its stream is on another coordinator: routed through Redis.
         registry::Route::Remote { owner, .. } => match state.cluster() {
             Some(cl) => cl.ask(owner, &c.handle.key, req, deadline).await,

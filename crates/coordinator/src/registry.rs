@@ -73,6 +73,17 @@ impl Inner {
         self.handles.get(id as usize)?.as_ref()
     }
 
+    /// Indexes a sharer not yet in the index; returns its id.
+    fn insert(&mut self, info: SharerInfo, handle: Handle) -> SharerId {
+        let id = self.index.insert(info);
+        self.by_key.insert(handle.key, id);
+        if self.handles.len() <= id as usize {
+            self.handles.resize(id as usize + 1, None);
+        }
+        self.handles[id as usize] = Some(Arc::new(handle));
+        id
+    }
+
     fn take_handle(&mut self, id: SharerId) -> Option<Arc<Handle>> {
         self.handles.get_mut(id as usize)?.take()
     }
@@ -107,12 +118,7 @@ impl Registry {
                 }
             }
         }
-        let id = g.index.insert(info);
-        g.by_key.insert(handle.key, id);
-        if g.handles.len() <= id as usize {
-            g.handles.resize(id as usize + 1, None);
-        }
-        g.handles[id as usize] = Some(Arc::new(handle));
+        let id = g.insert(info, handle);
         (id, generation)
     }
 
@@ -216,12 +222,7 @@ impl Registry {
             return true;
         }
         handle.generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let id = g.index.insert(info);
-        g.by_key.insert(handle.key, id);
-        if g.handles.len() <= id as usize {
-            g.handles.resize(id as usize + 1, None);
-        }
-        g.handles[id as usize] = Some(Arc::new(handle));
+        g.insert(info, handle);
         true
     }
 
@@ -389,6 +390,37 @@ impl Registry {
             p.insert(id, (from, generation, tx));
         }
         (id, rx)
+    }
+
+    /// Asks the sharer `c`, whose stream is here (`tx`), with `req` and
+    /// waits for its answer at most `deadline`; `None` when it stays silent
+    /// (or its stream is full).
+    pub async fn ask_local(
+        &self,
+        c: &Contact,
+        tx: &Outbound,
+        mut req: v1::AccessRequest,
+        deadline: Duration,
+    ) -> Option<v1::AccessResponse> {
+        let (request_id, rx) = self.expect_answer(c.id, c.handle.generation);
+        req.request_id = request_id;
+        let sent = tx
+            .try_send(Ok(v1::CoordinatorMessage {
+                msg: Some(v1::coordinator_message::Msg::AccessRequest(req)),
+            }))
+            .is_ok();
+        let answer = if sent {
+            tokio::time::timeout(deadline, rx)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+        } else {
+            None
+        };
+        if answer.is_none() {
+            self.forget_answer(request_id);
+        }
+        answer
     }
 
     pub fn forget_answer(&self, request_id: u64) {

@@ -268,6 +268,20 @@ impl Cluster {
 
 const SEEDS: &str = "bs:{keys}:seeds";
 
+/// Waits `backoff` after a Redis error and doubles it (at most 2 s);
+/// false when `stop` fired meanwhile.
+pub(crate) async fn pause(
+    backoff: &mut Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = stop.wait_for(|s| *s) => return false,
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    true
+}
+
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

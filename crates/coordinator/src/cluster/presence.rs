@@ -367,11 +367,9 @@ async fn follow_shard(
             _ = stop.wait_for(|s| *s) => return,
         };
         cluster.outcome("presence feed", &r);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if !super::pause(&mut backoff, &mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

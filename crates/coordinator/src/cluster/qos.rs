@@ -233,11 +233,9 @@ pub(crate) async fn follow(
             _ = stop.wait_for(|s| *s) => return,
         };
         cluster.outcome("QoS feed", &r);
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if !super::pause(&mut backoff, &mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -11,7 +11,7 @@ use super::{Cluster, unix_ms};
 use crate::State;
 use crate::registry::Route;
 use bandshare_core::DeviceKey;
-use bandshare_proto::v1::{self, coordinator_message::Msg as Down};
+use bandshare_proto::v1;
 use prost::Message;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -113,11 +113,9 @@ pub(crate) async fn inbox(
             Ok(c) => c,
             Err(e) => {
                 cluster.outcome::<()>("inbox", &Err(e));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                if !super::pause(&mut backoff, &mut stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
@@ -146,11 +144,9 @@ pub(crate) async fn inbox(
                 deliver(&cluster, &state, &bytes);
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        if !super::pause(&mut backoff, &mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -195,7 +191,7 @@ async fn serve(
     reply_to: String,
     sharer_key: Vec<u8>,
     deadline_unix_ms: u64,
-    mut req: v1::AccessRequest,
+    req: v1::AccessRequest,
 ) {
     let now = unix_ms();
     if deadline_unix_ms <= now || reply_to.is_empty() {
@@ -206,27 +202,7 @@ async fn serve(
         .ok()
         .and_then(|k| state.registry().contact_of(&k));
     let response = match contact.as_ref().map(|c| (c, &c.handle.route)) {
-        Some((c, Route::Local(tx))) => {
-            let (request_id, rx) = state.registry().expect_answer(c.id, c.handle.generation);
-            req.request_id = request_id;
-            let sent = tx
-                .try_send(Ok(v1::CoordinatorMessage {
-                    msg: Some(Down::AccessRequest(req)),
-                }))
-                .is_ok();
-            let answer = if sent {
-                tokio::time::timeout(left, rx)
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-            } else {
-                None
-            };
-            if answer.is_none() {
-                state.registry().forget_answer(request_id);
-            }
-            answer
-        }
+        Some((c, Route::Local(tx))) => state.registry().ask_local(c, tx, req, left).await,
         _ => Some(v1::AccessResponse {
             request_id: 0,
             accept: false,
