@@ -83,6 +83,22 @@ fn tickets(c: &mut Criterion) {
     c.bench_function("ticket sign", |b| {
         b.iter(|| black_box(signer.sign(black_box(t.clone()))))
     });
+    c.bench_function("ticket mac (v2)", |b| {
+        b.iter(|| black_box(signer.mac(black_box(t.clone()))))
+    });
+    let mac_verifier = TicketVerifier::new(&[signer.public_key()])
+        .with_mac_keys(&[(1, signer.mac_key(&DeviceKey([1; 32])))]);
+    let mac_bytes = signer.mac(t.clone());
+    c.bench_function("ticket verify mac (v2)", |b| {
+        b.iter(|| {
+            black_box(mac_verifier.verify(
+                black_box(&mac_bytes),
+                &DeviceKey([1; 32]),
+                &DeviceKey([2; 32]),
+                1_999_999_000,
+            ))
+        })
+    });
     let bytes = signer.sign(t);
     c.bench_function("ticket verify", |b| {
         b.iter(|| {

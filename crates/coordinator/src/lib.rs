@@ -199,7 +199,7 @@ pub async fn run_with(
     // Each stream is ended with the reason, so a sharer reconnects at once
     // (to another coordinator of the service, if it has more than one)
     // even where the connection outlives this function (in-process).
-    for tx in state.registry().outbound() {
+    for (_, tx) in state.registry().outbound() {
         let _ = tx.try_send(Err(Status::unavailable(
             "coordinator shutting down; reconnect",
         )));

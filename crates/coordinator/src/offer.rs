@@ -53,7 +53,7 @@ impl Terms {
         requester: DeviceKey,
         nonce: [u8; 16],
     ) -> Vec<u8> {
-        signer.sign(Ticket {
+        signer.mac(Ticket {
             key_id: 0,
             sharer,
             requester,
@@ -273,7 +273,11 @@ mod tests {
     #[test]
     fn accepted_answers_become_offers_with_bound_tickets() {
         let signer = TicketSigner::from_seed(&[1; 32], 1);
-        let verifier = TicketVerifier::new(&[signer.public_key()]);
+        // Each sharer verifies with its own MAC key (v2 tickets).
+        let verifier = |k: u8| {
+            TicketVerifier::new(&[signer.public_key()])
+                .with_mac_keys(&[(1, signer.mac_key(&DeviceKey([k; 32])))])
+        };
         let requester = DeviceKey([9; 32]);
         let terms = Terms {
             expires_unix: NOW + 120,
@@ -309,7 +313,8 @@ mod tests {
             "the fresh answer wins"
         );
         for (o, k) in offers.iter().zip([1u8, 3]) {
-            let t = verifier
+            assert_eq!(o.ticket.len(), bandshare_core::MAC_TICKET_LEN);
+            let t = verifier(k)
                 .verify(&o.ticket, &DeviceKey([k; 32]), &requester, NOW)
                 .expect("a ticket for this sharer and requester");
             assert_eq!((t.quota_bytes, t.expires_unix), (5000, NOW + 120));
@@ -329,7 +334,7 @@ mod tests {
         let again = refreshed(&[contact(7)], &terms, &signer, requester, || [42; 16]);
         assert_eq!(again.len(), 1);
         assert!(again[0].distance_band.is_empty());
-        verifier
+        verifier(7)
             .verify(&again[0].ticket, &DeviceKey([7; 32]), &requester, NOW)
             .expect("refreshed ticket");
     }

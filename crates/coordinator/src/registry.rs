@@ -183,8 +183,9 @@ impl Registry {
         names
     }
 
-    /// Every outbound stream of the sharers on this coordinator.
-    pub fn outbound(&self) -> Vec<Outbound> {
+    /// Every outbound stream of the sharers on this coordinator, with its
+    /// sharer's key.
+    pub fn outbound(&self) -> Vec<(DeviceKey, Outbound)> {
         self.inner
             .read()
             .map(|g| {
@@ -192,7 +193,7 @@ impl Registry {
                     .iter()
                     .flatten()
                     .filter_map(|h| match &h.route {
-                        Route::Local(tx) => Some(tx.clone()),
+                        Route::Local(tx) => Some((h.key, tx.clone())),
                         Route::Remote { .. } => None,
                     })
                     .collect()

@@ -104,6 +104,7 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             ping_interval_ms: cfg.ping_interval.as_millis() as u32,
             coordinator_keys: state.ticket_keys(),
             revoked: state.revoked(),
+            ticket_mac_keys: state.ticket_mac_keys(&key),
         })))
         .await
         .map_err(|_| Status::unavailable("stream closed"))?;

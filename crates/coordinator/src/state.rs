@@ -159,7 +159,7 @@ impl State {
         let previous = (seeds.len() >= 2).then(|| {
             let (id, s) = &seeds[seeds.len() - 2];
             (
-                TicketSigner::from_seed(&s.0, *id).public_key(),
+                Arc::new(TicketSigner::from_seed(&s.0, *id)),
                 Instant::now() + config.ticket_lifetime,
             )
         });
@@ -208,8 +208,8 @@ impl State {
         };
         let now = Instant::now();
         let mut s = format!("signing with key {}", k.signer.key_id());
-        if let Some((_, until)) = k.previous
-            && until > now
+        if let Some((_, until)) = &k.previous
+            && *until > now
         {
             s += &format!(
                 "; the previous one verifies for {} s more",
@@ -424,6 +424,29 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// `sharer`'s MAC keys for v2 tickets, one per key in
+    /// [`State::ticket_keys`], sealed to its device key.
+    pub fn ticket_mac_keys(&self, sharer: &DeviceKey) -> Vec<v1::SealedTicketKey> {
+        let signers = match self.keys.read() {
+            Ok(k) => k.signers(),
+            Err(p) => p.into_inner().signers(),
+        };
+        signers
+            .iter()
+            .filter_map(|s| {
+                let mut e = [0u8; 32];
+                crate::random_seed(&mut e).ok()?;
+                s.seal_mac_key(sharer, e)
+            })
+            .map(|k| v1::SealedTicketKey {
+                key_id: u32::from(k.key_id),
+                ephemeral: k.ephemeral.to_vec(),
+                sealed: k.sealed.to_vec(),
+                check: k.check.to_vec(),
+            })
+            .collect()
+    }
+
     /// Revoked device keys, for a sharer's welcome.
     pub fn revoked(&self) -> Vec<Vec<u8>> {
         self.trust
@@ -477,16 +500,29 @@ impl State {
         let list = match self.keys.write() {
             Ok(mut keys) => keys
                 .advance(seeds, now, self.config.ticket_lifetime)
-                .then(|| keys.verifying().iter().map(|k| k.to_vec()).collect()),
+                .then(|| {
+                    keys.verifying()
+                        .iter()
+                        .map(|k| k.to_vec())
+                        .collect::<Vec<Vec<u8>>>()
+                }),
             Err(_) => None,
         };
         if let Some(keys) = list {
-            self.tell_every_sharer(Down::TicketKeys(v1::TicketKeys { keys }));
+            // Each sharer gets its own MAC keys with the common list.
+            for (key, tx) in self.registry.outbound() {
+                let _ = tx.try_send(Ok(v1::CoordinatorMessage {
+                    msg: Some(Down::TicketKeys(v1::TicketKeys {
+                        keys: keys.clone(),
+                        mac_keys: self.ticket_mac_keys(&key),
+                    })),
+                }));
+            }
         }
     }
 
     fn tell_every_sharer(&self, msg: Down) {
-        for tx in self.registry.outbound() {
+        for (_, tx) in self.registry.outbound() {
             let _ = tx.try_send(Ok(v1::CoordinatorMessage {
                 msg: Some(msg.clone()),
             }));

@@ -36,7 +36,7 @@ pub struct Trust {
 pub struct Keys {
     pub signer: Arc<TicketSigner>,
     /// The key that signed before, and when it stops verifying.
-    pub previous: Option<([u8; 32], Instant)>,
+    pub previous: Option<(Arc<TicketSigner>, Instant)>,
     /// A newer key announced to sharers, signing from the given instant.
     pub next: Option<(Arc<TicketSigner>, Instant)>,
 }
@@ -74,7 +74,7 @@ impl Keys {
             && now >= at
         {
             let overlap = lifetime + Duration::from_secs(bandshare_core::ticket::CLOCK_SKEW_S);
-            self.previous = Some((self.signer.public_key(), now + overlap));
+            self.previous = Some((self.signer.clone(), now + overlap));
             info!(
                 key_id = next.key_id(),
                 overlap_s = overlap.as_secs(),
@@ -84,7 +84,11 @@ impl Keys {
             self.next = None;
             changed = true;
         }
-        if self.previous.is_some_and(|(_, until)| now >= until) {
+        if self
+            .previous
+            .as_ref()
+            .is_some_and(|(_, until)| now >= *until)
+        {
             info!("previous signing key retired");
             self.previous = None;
             changed = true;
@@ -95,9 +99,14 @@ impl Keys {
     /// Keys sharers must accept now: the signing one, the announced next
     /// one and the previous one still in its overlap.
     pub fn verifying(&self) -> Vec<[u8; 32]> {
-        let mut v = vec![self.signer.public_key()];
-        v.extend(self.next.as_ref().map(|(s, _)| s.public_key()));
-        v.extend(self.previous.map(|(k, _)| k));
+        self.signers().iter().map(|s| s.public_key()).collect()
+    }
+
+    /// The signers behind [`Keys::verifying`], in the same order.
+    pub fn signers(&self) -> Vec<Arc<TicketSigner>> {
+        let mut v = vec![self.signer.clone()];
+        v.extend(self.next.as_ref().map(|(s, _)| s.clone()));
+        v.extend(self.previous.as_ref().map(|(s, _)| s.clone()));
         v
     }
 }

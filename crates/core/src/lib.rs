@@ -28,4 +28,7 @@ pub use link::LinkState;
 pub use radio::Fingerprint;
 pub use scene::Scene;
 pub use service::{NetworkType, Security, Service, ServiceSet};
-pub use ticket::{Ticket, TicketError, TicketSigner, TicketVerifier};
+pub use ticket::{
+    MAC_TICKET_LEN, Seal, SealError, SealedMacKey, Ticket, TicketError, TicketSigner,
+    TicketVerifier,
+};

@@ -1,17 +1,36 @@
-//! Tickets: the coordinator's Ed25519-signed permission for one requester key
-//! to use one sharer's relay, until an expiry, for a byte quota.
+//! Tickets: the coordinator's permission for one requester key to use one
+//! sharer's relay, until an expiry, for a byte quota.
 //!
-//! Wire format v1 (162 bytes, big-endian integers):
-//! `version:u8=1 | key_id:u8 | sharer:[32] | requester:[32] | expires_unix:u64 |
-//!  nonce:[16] | quota_bytes:u64 | signature:[64]`.
-//! The signature covers a domain-separation prefix and the first 98 bytes.
+//! Two wire versions share one body (big-endian integers):
+//! `version:u8 | key_id:u8 | sharer:[32] | requester:[32] | expires_unix:u64 |
+//!  nonce:[16] | quota_bytes:u64` (98 bytes), then
+//! - v1 (162 bytes): an Ed25519 signature by the coordinator's key over a
+//!   domain-separation prefix and the body. Anyone can verify it.
+//! - v2 (130 bytes): an HMAC-SHA256 over a prefix and the body, under a key
+//!   only the coordinator and the named sharer hold. The coordinator derives
+//!   that key from its signing seed and the sharer's device key, and sends
+//!   it to the sharer sealed to the sharer's device key ([`SealedMacKey`]:
+//!   X25519 with the Montgomery form of the Ed25519 key), so it is readable
+//!   by that sharer only, whatever carries it. A MAC costs the coordinator
+//!   about a microsecond where a signature costs tens; the sharer checks it
+//!   offline as before. What it gives up: a sharer can make tickets for
+//!   itself, which lets nobody do anything the sharer could not already
+//!   allow on its own relay (see SECURITY.md).
 
 use crate::key::DeviceKey;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ring::hmac;
 
 pub const TICKET_LEN: usize = 162;
+/// A v2 (MAC'd) ticket's length.
+pub const MAC_TICKET_LEN: usize = 130;
 const BODY_LEN: usize = 98;
+const MAC_LEN: usize = 32;
 const DOMAIN: &[u8] = b"bandshare ticket v1\0";
+const MAC_DOMAIN: &[u8] = b"bandshare ticket v2\0";
+const MAC_MASTER_DOMAIN: &[u8] = b"bandshare ticket mac master v2\0";
+const WRAP_DOMAIN: &[u8] = b"bandshare ticket mac key wrap v2\0";
+const CHECK_DOMAIN: &[u8] = b"bandshare ticket mac key check v2\0";
 /// Tickets never live longer than this.
 pub const MAX_TICKET_LIFETIME_S: u64 = 300;
 /// Clock skew tolerated between coordinator and sharer.
@@ -30,11 +49,15 @@ pub struct Ticket {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TicketError {
     #[error(
-        "malformed ticket: expected {TICKET_LEN} bytes of version 1, got {len} bytes (version {version})"
+        "malformed ticket: expected {TICKET_LEN} bytes of version 1 or {MAC_TICKET_LEN} of version 2, got {len} bytes (version {version})"
     )]
     Malformed { len: usize, version: u8 },
     #[error("ticket signature does not verify with any coordinator key")]
     BadSignature,
+    #[error("ticket MAC does not verify with this sharer's key {0} from the coordinator")]
+    BadMac(u8),
+    #[error("ticket is MAC'd under coordinator key {0}, which this sharer has not been given")]
+    NoMacKey(u8),
     #[error("ticket expired {0} s ago")]
     Expired(u64),
     #[error("ticket expiry is {0} s ahead, more than the {MAX_TICKET_LIFETIME_S} s maximum")]
@@ -45,10 +68,19 @@ pub enum TicketError {
     WrongRequester(String),
 }
 
+/// What vouches for a ticket's body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// v1: the coordinator's Ed25519 signature.
+    Signature(Signature),
+    /// v2: HMAC-SHA256 under the sharer's key.
+    Mac([u8; MAC_LEN]),
+}
+
 impl Ticket {
-    fn body(&self) -> [u8; BODY_LEN] {
+    fn body(&self, version: u8) -> [u8; BODY_LEN] {
         let mut b = [0u8; BODY_LEN];
-        b[0] = 1;
+        b[0] = version;
         b[1] = self.key_id;
         b[2..34].copy_from_slice(&self.sharer.0);
         b[34..66].copy_from_slice(&self.requester.0);
@@ -58,19 +90,32 @@ impl Ticket {
         b
     }
 
-    /// Wire bytes: the body, then the signature.
-    pub fn encode(&self, sig: &Signature) -> Vec<u8> {
+    /// Wire bytes: the body, then the signature or the MAC.
+    pub fn encode(&self, seal: &Seal) -> Vec<u8> {
         let mut out = Vec::with_capacity(TICKET_LEN);
-        out.extend_from_slice(&self.body());
-        out.extend_from_slice(&sig.to_bytes());
+        match seal {
+            Seal::Signature(sig) => {
+                out.extend_from_slice(&self.body(1));
+                out.extend_from_slice(&sig.to_bytes());
+            }
+            Seal::Mac(mac) => {
+                out.extend_from_slice(&self.body(2));
+                out.extend_from_slice(mac);
+            }
+        }
         out
     }
 
-    /// Splits wire bytes into the ticket and its signature, checking only
-    /// the shape. Use [`TicketVerifier::verify`] before trusting it.
-    pub fn decode(bytes: &[u8]) -> Result<(Ticket, Signature), TicketError> {
+    /// Splits wire bytes into the ticket and its seal, checking only the
+    /// shape. Use [`TicketVerifier::verify`] before trusting it.
+    pub fn decode(bytes: &[u8]) -> Result<(Ticket, Seal), TicketError> {
         let version = bytes.first().copied().unwrap_or(0);
-        if bytes.len() != TICKET_LEN || version != 1 {
+        let len_ok = match version {
+            1 => bytes.len() == TICKET_LEN,
+            2 => bytes.len() == MAC_TICKET_LEN,
+            _ => false,
+        };
+        if !len_ok {
             return Err(TicketError::Malformed {
                 len: bytes.len(),
                 version,
@@ -88,8 +133,15 @@ impl Ticket {
         };
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&bytes[74..90]);
-        let mut sig = [0u8; 64];
-        sig.copy_from_slice(&bytes[BODY_LEN..]);
+        let seal = if version == 1 {
+            let mut sig = [0u8; 64];
+            sig.copy_from_slice(&bytes[BODY_LEN..]);
+            Seal::Signature(Signature::from_bytes(&sig))
+        } else {
+            let mut mac = [0u8; MAC_LEN];
+            mac.copy_from_slice(&bytes[BODY_LEN..]);
+            Seal::Mac(mac)
+        };
         Ok((
             Ticket {
                 key_id: bytes[1],
@@ -99,9 +151,16 @@ impl Ticket {
                 nonce,
                 quota_bytes: u64_at(90),
             },
-            Signature::from_bytes(&sig),
+            seal,
         ))
     }
+}
+
+fn mac_message(body: &[u8; BODY_LEN]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(MAC_DOMAIN.len() + BODY_LEN);
+    m.extend_from_slice(MAC_DOMAIN);
+    m.extend_from_slice(body);
+    m
 }
 
 fn signed_message(body: &[u8; BODY_LEN]) -> Vec<u8> {
@@ -174,14 +233,59 @@ pub fn verify_request(
 pub struct TicketSigner {
     key: SigningKey,
     key_id: u8,
+    /// Derives each sharer's MAC key (from the seed: every coordinator
+    /// with the same seed derives the same keys).
+    mac_master: hmac::Key,
 }
 
 impl TicketSigner {
     pub fn from_seed(seed: &[u8; 32], key_id: u8) -> Self {
+        let master = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, seed), MAC_MASTER_DOMAIN);
         TicketSigner {
             key: SigningKey::from_bytes(seed),
             key_id,
+            mac_master: hmac::Key::new(hmac::HMAC_SHA256, master.as_ref()),
         }
+    }
+
+    /// The key `sharer`'s v2 tickets are MAC'd under.
+    pub fn mac_key(&self, sharer: &DeviceKey) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(hmac::sign(&self.mac_master, &sharer.0).as_ref());
+        k
+    }
+
+    /// A v2 ticket: MAC'd for the sharer it names.
+    pub fn mac(&self, mut ticket: Ticket) -> Vec<u8> {
+        ticket.key_id = self.key_id;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.mac_key(&ticket.sharer));
+        let tag = hmac::sign(&key, &mac_message(&ticket.body(2)));
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(tag.as_ref());
+        ticket.encode(&Seal::Mac(mac))
+    }
+
+    /// `sharer`'s MAC key sealed to its device key, with the ephemeral
+    /// secret `ephemeral` (32 random bytes); `None` if `sharer` is not a
+    /// valid Ed25519 key.
+    pub fn seal_mac_key(&self, sharer: &DeviceKey, ephemeral: [u8; 32]) -> Option<SealedMacKey> {
+        let theirs = VerifyingKey::from_bytes(&sharer.0).ok()?.to_montgomery();
+        let shared = theirs.mul_clamped(ephemeral);
+        if shared.0 == [0; 32] {
+            return None;
+        }
+        let e_pub = curve25519_dalek::MontgomeryPoint::mul_base_clamped(ephemeral).0;
+        let pad = wrap_pad(&shared.0, &e_pub, sharer, self.key_id);
+        let mut sealed = self.mac_key(sharer);
+        for (b, p) in sealed.iter_mut().zip(pad) {
+            *b ^= p;
+        }
+        Some(SealedMacKey {
+            key_id: self.key_id,
+            ephemeral: e_pub,
+            check: check_tag(&pad, &sealed),
+            sealed,
+        })
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -192,11 +296,79 @@ impl TicketSigner {
         self.key_id
     }
 
+    /// A v1 ticket: Ed25519-signed.
     pub fn sign(&self, mut ticket: Ticket) -> Vec<u8> {
         ticket.key_id = self.key_id;
-        let sig = self.key.sign(&signed_message(&ticket.body()));
-        ticket.encode(&sig)
+        let sig = self.key.sign(&signed_message(&ticket.body(1)));
+        ticket.encode(&Seal::Signature(sig))
     }
+}
+
+/// A sharer's MAC key as the coordinator sends it: XORed with a pad that
+/// only the holder of the sharer's device key can compute (X25519 of an
+/// ephemeral key and the sharer's key), and a check of the pad.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedMacKey {
+    pub key_id: u8,
+    /// The ephemeral X25519 public key.
+    pub ephemeral: [u8; 32],
+    pub sealed: [u8; 32],
+    pub check: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("sealed ticket key {0} is not for this device (its check fails)")]
+    NotForMe(u8),
+    #[error("sealed ticket key {0} has a degenerate ephemeral key")]
+    Degenerate(u8),
+}
+
+impl SealedMacKey {
+    /// The MAC key, opened with this sharer's device key.
+    pub fn open(&self, me: &SigningKey) -> Result<[u8; 32], SealError> {
+        let shared =
+            curve25519_dalek::MontgomeryPoint(self.ephemeral).mul_clamped(me.to_scalar_bytes());
+        if shared.0 == [0; 32] {
+            return Err(SealError::Degenerate(self.key_id));
+        }
+        let mine = DeviceKey(me.verifying_key().to_bytes());
+        let pad = wrap_pad(&shared.0, &self.ephemeral, &mine, self.key_id);
+        if !constant_time_eq(&check_tag(&pad, &self.sealed), &self.check) {
+            return Err(SealError::NotForMe(self.key_id));
+        }
+        let mut key = self.sealed;
+        for (b, p) in key.iter_mut().zip(pad) {
+            *b ^= p;
+        }
+        Ok(key)
+    }
+}
+
+fn wrap_pad(shared: &[u8; 32], e_pub: &[u8; 32], sharer: &DeviceKey, key_id: u8) -> [u8; 32] {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, shared);
+    let mut ctx = hmac::Context::with_key(&k);
+    ctx.update(WRAP_DOMAIN);
+    ctx.update(e_pub);
+    ctx.update(&sharer.0);
+    ctx.update(&[key_id]);
+    let mut pad = [0u8; 32];
+    pad.copy_from_slice(ctx.sign().as_ref());
+    pad
+}
+
+fn check_tag(pad: &[u8; 32], sealed: &[u8; 32]) -> [u8; 16] {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, pad);
+    let mut ctx = hmac::Context::with_key(&k);
+    ctx.update(CHECK_DOMAIN);
+    ctx.update(sealed);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&ctx.sign().as_ref()[..16]);
+    out
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Verifies tickets offline; held by every sharer. Several keys may verify
@@ -204,6 +376,8 @@ impl TicketSigner {
 #[derive(Clone, Default)]
 pub struct TicketVerifier {
     keys: Vec<VerifyingKey>,
+    /// This sharer's MAC keys by coordinator key id (v2 tickets).
+    macs: Vec<(u8, hmac::Key)>,
 }
 
 impl TicketVerifier {
@@ -213,7 +387,17 @@ impl TicketVerifier {
                 .iter()
                 .filter_map(|k| VerifyingKey::from_bytes(k).ok())
                 .collect(),
+            macs: vec![],
         }
+    }
+
+    /// Also verifies v2 tickets MAC'd under these (key id, MAC key).
+    pub fn with_mac_keys(mut self, macs: &[(u8, [u8; 32])]) -> Self {
+        self.macs = macs
+            .iter()
+            .map(|(id, k)| (*id, hmac::Key::new(hmac::HMAC_SHA256, k)))
+            .collect();
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -228,10 +412,23 @@ impl TicketVerifier {
         requester: &DeviceKey,
         now_unix: u64,
     ) -> Result<Ticket, TicketError> {
-        let (ticket, sig) = Ticket::decode(bytes)?;
-        let msg = signed_message(&ticket.body());
-        if !self.keys.iter().any(|k| k.verify(&msg, &sig).is_ok()) {
-            return Err(TicketError::BadSignature);
+        let (ticket, seal) = Ticket::decode(bytes)?;
+        match seal {
+            Seal::Signature(sig) => {
+                let msg = signed_message(&ticket.body(1));
+                if !self.keys.iter().any(|k| k.verify(&msg, &sig).is_ok()) {
+                    return Err(TicketError::BadSignature);
+                }
+            }
+            Seal::Mac(mac) => {
+                let (_, key) = self
+                    .macs
+                    .iter()
+                    .find(|(id, _)| *id == ticket.key_id)
+                    .ok_or(TicketError::NoMacKey(ticket.key_id))?;
+                hmac::verify(key, &mac_message(&ticket.body(2)), &mac)
+                    .map_err(|_| TicketError::BadMac(ticket.key_id))?;
+            }
         }
         if ticket.sharer != *me {
             return Err(TicketError::WrongSharer(ticket.sharer.short()));
@@ -320,7 +517,101 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn mac_tickets_verify_only_with_the_sharers_key() {
+        let s = TicketSigner::from_seed(&[9; 32], 3);
+        let sharer_key = SigningKey::from_bytes(&[1; 32]);
+        let me = DeviceKey(sharer_key.verifying_key().to_bytes());
+        let req = DeviceKey([2; 32]);
+        let sealed = s.seal_mac_key(&me, [5; 32]).expect("seals");
+        assert_eq!(sealed.key_id, 3);
+        let opened = sealed.open(&sharer_key).expect("opens");
+        assert_eq!(opened, s.mac_key(&me));
+        assert_ne!(sealed.sealed, opened, "not sent in the clear");
+        // Another device cannot open it.
+        let other = SigningKey::from_bytes(&[4; 32]);
+        assert_eq!(sealed.open(&other), Err(SealError::NotForMe(3)));
+        // Not even a new coordinator seal for the same key opens with the
+        // wrong ephemeral.
+        let mut swapped = sealed.clone();
+        swapped.ephemeral = s.seal_mac_key(&me, [6; 32]).expect("seals").ephemeral;
+        assert!(swapped.open(&sharer_key).is_err());
+
+        let v = TicketVerifier::new(&[s.public_key()]).with_mac_keys(&[(3, opened)]);
+        let t = s.mac(Ticket {
+            sharer: me,
+            ..ticket(1000)
+        });
+        assert_eq!(t.len(), MAC_TICKET_LEN);
+        assert_eq!(v.verify(&t, &me, &req, 900).map(|t| t.key_id), Ok(3));
+        assert_eq!(
+            v.verify(&t, &me, &req, 1100),
+            Err(TicketError::Expired(100))
+        );
+        assert!(matches!(
+            v.verify(&t, &me, &DeviceKey([3; 32]), 900),
+            Err(TicketError::WrongRequester(_))
+        ));
+        assert_eq!(v.verify(&t, &me, &req, 0), Err(TicketError::TooLong(1000)));
+        for at in [1usize, 40, 70, 80, 95, 100, 129] {
+            let mut forged = t.clone();
+            forged[at] ^= 1;
+            assert!(v.verify(&forged, &me, &req, 900).is_err(), "byte {at}");
+        }
+        // A ticket for another sharer, MAC'd under that sharer's key, does
+        // not verify here; nor does one under a key id this sharer lacks.
+        let elsewhere = s.mac(ticket(1000));
+        assert_eq!(
+            v.verify(&elsewhere, &me, &req, 900),
+            Err(TicketError::BadMac(3))
+        );
+        let rotated = TicketSigner::from_seed(&[8; 32], 4).mac(Ticket {
+            sharer: me,
+            ..ticket(1000)
+        });
+        assert_eq!(
+            v.verify(&rotated, &me, &req, 900),
+            Err(TicketError::NoMacKey(4))
+        );
+        // A verifier without MAC keys refuses v2 and still takes v1.
+        let v1_only = TicketVerifier::new(&[s.public_key()]);
+        assert_eq!(
+            v1_only.verify(&t, &me, &req, 900),
+            Err(TicketError::NoMacKey(3))
+        );
+        let signed = s.sign(Ticket {
+            sharer: me,
+            ..ticket(1000)
+        });
+        assert!(v.verify(&signed, &me, &req, 900).is_ok());
+        // A sharer's key does not make tickets for another sharer: the
+        // other's MAC key is a different derivation.
+        assert_ne!(s.mac_key(&me), s.mac_key(&DeviceKey([1; 32])));
+    }
+
+    #[test]
+    fn a_degenerate_sharer_key_gets_no_sealed_key() {
+        let s = TicketSigner::from_seed(&[9; 32], 1);
+        // The identity point (a low-order key) would give an all-zero secret.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(s.seal_mac_key(&DeviceKey(identity), [5; 32]), None);
+    }
+
     proptest! {
+        #[test]
+        fn mac_round_trip(exp in any::<u64>(), quota in any::<u64>(), nonce in any::<[u8; 16]>(),
+                          s in any::<[u8; 32]>(), r in any::<[u8; 32]>()) {
+            let signer = TicketSigner::from_seed(&[5; 32], 2);
+            let t = Ticket { key_id: 2, sharer: DeviceKey(s), requester: DeviceKey(r),
+                             expires_unix: exp, nonce, quota_bytes: quota };
+            let bytes = signer.mac(t.clone());
+            prop_assert_eq!(bytes.len(), MAC_TICKET_LEN);
+            let (back, seal) = Ticket::decode(&bytes).expect("decodes");
+            prop_assert_eq!(back, t);
+            prop_assert!(matches!(seal, Seal::Mac(_)));
+        }
+
         #[test]
         fn round_trip(exp in any::<u64>(), quota in any::<u64>(), nonce in any::<[u8; 16]>(),
                       s in any::<[u8; 32]>(), r in any::<[u8; 32]>()) {

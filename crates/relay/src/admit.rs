@@ -65,9 +65,10 @@ impl Gate {
         }
     }
 
-    /// The coordinator's ticket keys (all that currently verify).
-    pub fn set_keys(&mut self, keys: &[[u8; 32]]) {
-        self.verifier = TicketVerifier::new(keys);
+    /// The coordinator's ticket keys (all that currently verify) and this
+    /// sharer's MAC keys for v2 tickets, by key id.
+    pub fn set_keys(&mut self, keys: &[[u8; 32]], macs: &[(u8, [u8; 32])]) {
+        self.verifier = TicketVerifier::new(keys).with_mac_keys(macs);
     }
 
     pub fn knows_coordinator(&self) -> bool {
@@ -190,6 +191,8 @@ mod tests {
         requester: SigningKey,
         pin: [u8; 32],
         gate: Gate,
+        /// Tickets MAC'd for the sharer (v2) instead of signed (v1).
+        v2: bool,
     }
 
     fn world(max_requesters: u32) -> World {
@@ -197,13 +200,17 @@ mod tests {
         let sharer = DeviceKey([3; 32]);
         let pin = [5; 32];
         let mut gate = Gate::new(sharer, pin, max_requesters, 2);
-        gate.set_keys(&[coordinator.public_key()]);
+        gate.set_keys(
+            &[coordinator.public_key()],
+            &[(1, coordinator.mac_key(&sharer))],
+        );
         World {
             coordinator,
             sharer,
             requester: SigningKey::from_bytes(&[7; 32]),
             pin,
             gate,
+            v2: false,
         }
     }
 
@@ -215,14 +222,19 @@ mod tests {
             sharer: DeviceKey,
             requester: &SigningKey,
         ) -> Vec<u8> {
-            self.coordinator.sign(Ticket {
+            let t = Ticket {
                 sharer,
                 requester: DeviceKey(requester.verifying_key().to_bytes()),
                 expires_unix: expires,
                 nonce: [nonce; 16],
                 quota_bytes: 1000,
                 key_id: 0,
-            })
+            };
+            if self.v2 {
+                self.coordinator.mac(t)
+            } else {
+                self.coordinator.sign(t)
+            }
         }
 
         fn hello(&self, ticket: Vec<u8>, signer: &SigningKey) -> Hello {
@@ -237,7 +249,14 @@ mod tests {
 
     #[test]
     fn a_fresh_bound_ticket_with_proof_is_admitted_once() {
-        let mut w = world(0);
+        admitted_once(world(0));
+        admitted_once(World {
+            v2: true,
+            ..world(0)
+        });
+    }
+
+    fn admitted_once(mut w: World) {
         let t = w.ticket(1, NOW + 60, w.sharer, &w.requester);
         let h = w.hello(t.clone(), &w.requester);
         let (who, ticket) = w.gate.hello(&h, NOW).expect("admitted");
@@ -272,7 +291,14 @@ mod tests {
 
     #[test]
     fn nonces_are_forgotten_only_after_their_ticket_expired() {
-        let mut w = world(0);
+        forgotten_after_expiry(world(0));
+        forgotten_after_expiry(World {
+            v2: true,
+            ..world(0)
+        });
+    }
+
+    fn forgotten_after_expiry(mut w: World) {
         let who = DeviceKey(w.requester.verifying_key().to_bytes());
         let t = w.ticket(1, NOW + 60, w.sharer, &w.requester);
         w.gate.fresh_ticket(&t, &who, NOW).expect("first");

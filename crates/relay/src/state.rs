@@ -112,9 +112,9 @@ impl RelayState {
 pub struct RelayHandle(pub(crate) Arc<RelayState>);
 
 impl RelayHandle {
-    pub fn set_coordinator_keys(&self, keys: &[[u8; 32]]) {
+    pub fn set_coordinator_keys(&self, keys: &[[u8; 32]], macs: &[(u8, [u8; 32])]) {
         if let Ok(mut g) = self.0.gate() {
-            g.set_keys(keys);
+            g.set_keys(keys, macs);
         }
     }
 

@@ -300,6 +300,50 @@ async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
     t.requester = DeviceKey([9; 32]);
     let why = refused(dial(signer.sign(t)).await, "other requester");
     assert!(why.contains("another requester"), "{why}");
+
+    // The same for v2 tickets (MAC'd for the sharer), what offers carry.
+    let good = signer.mac(ticket(alice.key, now() + 60));
+    assert!(dial(good.clone()).await.is_ok(), "a valid v2 ticket");
+    let why = refused(dial(good).await, "v2 replay");
+    assert!(why.contains("replay"), "{why}");
+    let why = refused(
+        dial(
+            TicketSigner::from_seed(&[42; 32], signer.key_id()).mac(ticket(alice.key, now() + 60)),
+        )
+        .await,
+        "v2 under another coordinator's seed",
+    );
+    assert!(why.contains("MAC does not verify"), "{why}");
+    let why = refused(
+        dial(signer.mac(ticket(alice.key, now() - 120))).await,
+        "v2 expired",
+    );
+    assert!(why.contains("expired"), "{why}");
+    // Bob's ticket, and one bob could make with his own MAC key, are
+    // worthless at alice.
+    let why = refused(
+        dial(signer.mac(ticket(bob.key, now() + 60))).await,
+        "v2 for bob",
+    );
+    assert!(why.contains("MAC does not verify"), "{why}");
+    let mut flipped = signer.mac(ticket(alice.key, now() + 60));
+    flipped[70] ^= 1; // a later expiry
+    let why = refused(dial(flipped).await, "v2 altered");
+    assert!(why.contains("MAC does not verify"), "{why}");
+    let mut t = ticket(alice.key, now() + 60);
+    t.key_id = signer.key_id();
+    let body = signer.mac(t.clone());
+    let bob_mac = {
+        use ring::hmac;
+        let k = hmac::Key::new(hmac::HMAC_SHA256, &signer.mac_key(&bob.key));
+        let mut m = b"bandshare ticket v2\0".to_vec();
+        m.extend_from_slice(&body[..98]);
+        hmac::sign(&k, &m)
+    };
+    let mut by_bob = body[..98].to_vec();
+    by_bob.extend_from_slice(bob_mac.as_ref());
+    let why = refused(dial(by_bob).await, "v2 made with bob's key");
+    assert!(why.contains("MAC does not verify"), "{why}");
 }
 
 fn rand_nonce() -> [u8; 16] {

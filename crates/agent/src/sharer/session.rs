@@ -103,6 +103,26 @@ fn keys_of(list: &[Vec<u8>]) -> Vec<[u8; 32]> {
         .collect()
 }
 
+/// This sharer's MAC keys, opened with its device key; one that does not
+/// open is logged and skipped (its v2 tickets are then refused).
+fn mac_keys_of(list: &[v1::SealedTicketKey], me: &SigningKey) -> Vec<(u8, [u8; 32])> {
+    list.iter()
+        .filter_map(|k| {
+            let sealed = bandshare_core::SealedMacKey {
+                key_id: u8::try_from(k.key_id).ok()?,
+                ephemeral: k.ephemeral.as_slice().try_into().ok()?,
+                sealed: k.sealed.as_slice().try_into().ok()?,
+                check: k.check.as_slice().try_into().ok()?,
+            };
+            sealed
+                .open(me)
+                .map(|key| (sealed.key_id, key))
+                .map_err(|e| warn!(error = %e, "coordinator's ticket key skipped"))
+                .ok()
+        })
+        .collect()
+}
+
 fn devices_of(list: &[Vec<u8>]) -> Vec<bandshare_core::DeviceKey> {
     keys_of(list)
         .into_iter()
@@ -272,7 +292,7 @@ async fn session(
             "coordinator sent no 32-byte ticket key".into(),
         ));
     }
-    relay.set_coordinator_keys(&keys);
+    relay.set_coordinator_keys(&keys, &mac_keys_of(&welcome.ticket_mac_keys, ctx.key));
     relay.revoke(&devices_of(&welcome.revoked));
     let interval = |ms: u32, default: u64| {
         Duration::from_millis(if ms == 0 {
@@ -302,7 +322,7 @@ async fn session(
                         let keys = keys_of(&k.keys);
                         if !keys.is_empty() {
                             info!(keys = keys.len(), "coordinator ticket keys changed");
-                            relay.set_coordinator_keys(&keys);
+                            relay.set_coordinator_keys(&keys, &mac_keys_of(&k.mac_keys, ctx.key));
                         }
                     }
                     Some(Down::Revoked(r)) => relay.revoke(&devices_of(&r.keys)),
