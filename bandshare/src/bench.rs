@@ -121,9 +121,10 @@ pub struct BenchMatchArgs {
     /// Seconds each timed phase runs.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Concurrent clients for gRPC and Redis queries.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    /// Concurrent clients for gRPC and Redis queries, one timed phase per
+    /// level and side; each side is compared at its best level.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
+    concurrency: Vec<usize>,
     /// Skip the Redis reference.
     #[arg(long)]
     no_redis: bool,
@@ -242,8 +243,11 @@ async fn bench_match(a: BenchMatchArgs) -> anyhow::Result<()> {
     use bandshare_bench::matching::{MatchOptions, run};
     init_logs();
     anyhow::ensure!(
-        a.sharers > 0 && a.concurrency > 0 && a.seconds > 0.0,
-        "--sharers, --concurrency and --seconds must be positive"
+        a.sharers > 0
+            && !a.concurrency.is_empty()
+            && a.concurrency.iter().all(|c| *c > 0)
+            && a.seconds > 0.0,
+        "--sharers, every --concurrency level and --seconds must be positive"
     );
     let o = MatchOptions {
         sharers: a.sharers,

@@ -273,10 +273,39 @@ async fn connect_one(url: &str, dial: Option<Dial>) -> Result<Channel, Coordinat
         .map_err(unreachable)
 }
 
-/// The requester's key and its proof of holding it, signed now: the rest
-/// of a [`v1::ShareRequest`] (`..signed_by(&key)`).
+/// A proof of holding `key`, signed now or reused from the last
+/// [`bandshare_core::ticket::PROOF_REUSE_S`] seconds (the coordinator
+/// compares a proof it verified before instead of verifying it again).
+pub fn request_proof(key: &ed25519_dalek::SigningKey) -> (Vec<u8>, u64) {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    /// Per key: the last proof and when it was signed.
+    type Proofs = HashMap<[u8; 32], (Vec<u8>, u64)>;
+    static LAST: OnceLock<Mutex<Proofs>> = OnceLock::new();
+    let now = unix_now();
+    let me = key.verifying_key().to_bytes();
+    let last = LAST.get_or_init(Mutex::default);
+    if let Ok(g) = last.lock()
+        && let Some((proof, at)) = g.get(&me)
+        && now >= *at
+        && now - at < bandshare_core::ticket::PROOF_REUSE_S
+    {
+        return (proof.clone(), *at);
+    }
+    let fresh = bandshare_core::ticket::sign_request(key, now);
+    if let Ok(mut g) = last.lock() {
+        if g.len() >= 1024 {
+            g.clear();
+        }
+        g.insert(me, fresh.clone());
+    }
+    fresh
+}
+
+/// The requester's key and its proof of holding it: the rest of a
+/// [`v1::ShareRequest`] (`..signed_by(&key)`).
 pub fn signed_by(key: &ed25519_dalek::SigningKey) -> v1::ShareRequest {
-    let (proof, signed_at_unix) = bandshare_core::ticket::sign_request(key, unix_now());
+    let (proof, signed_at_unix) = request_proof(key);
     v1::ShareRequest {
         requester_key: key.verifying_key().to_bytes().to_vec(),
         proof,

@@ -3,7 +3,6 @@
 //! reading the published cells.
 
 use crate::client::{CoordinatorError, status_error};
-use bandshare_core::clock::unix_now;
 use bandshare_proto::v1;
 use bandshare_qos::track::{Point, Reading};
 use tonic::transport::Channel;
@@ -13,7 +12,7 @@ pub const BATCH: usize = 500;
 
 /// (device key, proof, signed at) for `key`, now.
 fn proof(key: &ed25519_dalek::SigningKey) -> (Vec<u8>, Vec<u8>, u64) {
-    let (proof, at) = bandshare_core::ticket::sign_request(key, unix_now());
+    let (proof, at) = crate::client::request_proof(key);
     (key.verifying_key().to_bytes().to_vec(), proof, at)
 }
 

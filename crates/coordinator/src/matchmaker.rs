@@ -1,6 +1,6 @@
 //! `Matchmaker.RequestShare`: decide the scene, rank candidates, push access
 //! requests to the top M over their streams with a deadline, and turn the
-//! acceptances into offers with signed tickets, best first. Offers carry a
+//! acceptances into offers with tickets, best first. Offers carry a
 //! distance band, never coordinates.
 
 use crate::offer;
@@ -200,7 +200,8 @@ pub(crate) async fn proven(
 ) -> Result<DeviceKey, Status> {
     let requester = DeviceKey::from_slice(key)
         .map_err(|e| Status::invalid_argument(format!("requester_key: {e}")))?;
-    bandshare_core::ticket::verify_request(&requester, proof, signed_at_unix, crate::unix_now())
+    state
+        .verify_proof(&requester, proof, signed_at_unix)
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
     enrolled(state, &requester).await?;
     Ok(requester)

@@ -1,6 +1,6 @@
 //! Offers, built in one place and without I/O: the terms of a request
 //! (ticket expiry, the byte quota clamped to the coordinator's, how many
-//! offers), one signed ticket per accepted sharer, the offer itself with a
+//! offers), one MAC'd ticket per accepted sharer, the offer itself with a
 //! distance band and never coordinates, and the verdicts `--explain` shows.
 //! Both `RequestShare` and `RefreshTickets` build offers here; the gRPC
 //! handlers in `matchmaker.rs` only gather answers and send the result.

@@ -24,6 +24,9 @@ use tracing::info;
 const OFFERED_REQUESTERS: usize = 100_000;
 const OFFERED_PER_REQUESTER: usize = 64;
 
+/// Keys whose last proof is remembered (then all are forgotten).
+const PROOF_CACHE_KEYS: usize = 100_000;
+
 pub struct State {
     config: Config,
     registry: Registry,
@@ -39,6 +42,9 @@ pub struct State {
     share_requests: AtomicU64,
     /// Requesters seen since start (recorded in the store once each).
     known_requesters: Mutex<HashSet<DeviceKey>>,
+    /// Request proofs that verified, one per key (a client reuses its
+    /// proof for a minute).
+    proofs: Mutex<bandshare_core::ticket::ProofCache>,
     /// Rate limits and plausibility per requester.
     privacy: Mutex<privacy::Guard>,
     /// The secret offsets sharers are shown at.
@@ -183,6 +189,7 @@ impl State {
             reports_received: Default::default(),
             share_requests: Default::default(),
             known_requesters: Mutex::default(),
+            proofs: Mutex::new(bandshare_core::ticket::ProofCache::new(PROOF_CACHE_KEYS)),
             offered: Mutex::default(),
             inflight: tokio::sync::Semaphore::new(config.max_inflight_requests as usize),
             shed: Default::default(),
@@ -422,6 +429,35 @@ impl State {
             .read()
             .map(|k| k.verifying().iter().map(|k| k.to_vec()).collect())
             .unwrap_or_default()
+    }
+
+    /// Checks a request's proof of holding `requester`'s key: a proof seen
+    /// before is compared, a new one verified (and then remembered).
+    pub fn verify_proof(
+        &self,
+        requester: &DeviceKey,
+        proof: &[u8],
+        signed_at_unix: u64,
+    ) -> Result<(), bandshare_core::ticket::ProofError> {
+        use bandshare_core::ticket::{ProofError, REQUEST_WINDOW_S, verify_request};
+        let now = crate::unix_now();
+        let known = self
+            .proofs
+            .lock()
+            .is_ok_and(|c| c.known(requester, proof, signed_at_unix));
+        if known {
+            let skew = signed_at_unix.abs_diff(now);
+            return if skew > REQUEST_WINDOW_S {
+                Err(ProofError::Skewed(skew))
+            } else {
+                Ok(())
+            };
+        }
+        verify_request(requester, proof, signed_at_unix, now)?;
+        if let Ok(mut c) = self.proofs.lock() {
+            c.remember(*requester, proof, signed_at_unix);
+        }
+        Ok(())
     }
 
     /// `sharer`'s MAC keys for v2 tickets, one per key in

@@ -1,5 +1,5 @@
 //! The words of bandshare as plain types: device keys, positions and distance
-//! bands, scenes, services and network types, link state, signed tickets, the
+//! bands, scenes, services and network types, link state, tickets, the
 //! egress policy and reconnect backoff.
 //!
 //! Pure: no sockets, files or clocks. Callers pass `now`. Every parser of

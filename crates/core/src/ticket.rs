@@ -229,6 +229,56 @@ pub fn verify_request(
     .map_err(|_| ProofError::Forged)
 }
 
+/// A client may present the same proof for this long (it is a proof of
+/// holding the key at a time, not of a request), saving a signature per
+/// request; well inside [`REQUEST_WINDOW_S`].
+pub const PROOF_REUSE_S: u64 = 60;
+
+/// The proofs that verified, one per key: the same proof presented again
+/// (see [`PROOF_REUSE_S`]) is checked by comparing bytes instead of by an
+/// Ed25519 verification, with the same result. Held by the coordinator;
+/// forgets everything once it holds `cap` keys.
+pub struct ProofCache {
+    seen: std::collections::HashMap<DeviceKey, (u64, [u8; 64])>,
+    cap: usize,
+}
+
+impl ProofCache {
+    pub fn new(cap: usize) -> ProofCache {
+        ProofCache {
+            seen: std::collections::HashMap::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Whether exactly this proof verified before (the time window is not
+    /// checked here: see [`verify_request`]).
+    pub fn known(&self, requester: &DeviceKey, proof: &[u8], signed_at_unix: u64) -> bool {
+        self.seen
+            .get(requester)
+            .is_some_and(|(at, p)| *at == signed_at_unix && p.as_slice() == proof)
+    }
+
+    /// Remembers a proof that verified.
+    pub fn remember(&mut self, requester: DeviceKey, proof: &[u8], signed_at_unix: u64) {
+        let Ok(p) = <[u8; 64]>::try_from(proof) else {
+            return;
+        };
+        if self.seen.len() >= self.cap && !self.seen.contains_key(&requester) {
+            self.seen.clear();
+        }
+        self.seen.insert(requester, (signed_at_unix, p));
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// Signs tickets; owned by the coordinator.
 pub struct TicketSigner {
     key: SigningKey,
@@ -466,6 +516,26 @@ mod tests {
         assert!(verify_request(&DeviceKey([9; 32]), &proof, at, 1000).is_err());
         assert!(verify_request(&me, &[], at, 1000).is_err());
         assert!(verify_request(&me, &proof[..63], at, 1000).is_err());
+    }
+
+    #[test]
+    fn the_proof_cache_knows_only_exact_proofs() {
+        let k = SigningKey::from_bytes(&[3; 32]);
+        let me = DeviceKey(k.verifying_key().to_bytes());
+        let (proof, at) = sign_request(&k, 1000);
+        let mut c = ProofCache::new(2);
+        assert!(!c.known(&me, &proof, at));
+        c.remember(me, &proof, at);
+        assert!(c.known(&me, &proof, at));
+        assert!(!c.known(&me, &proof, at + 1), "another time");
+        let mut other = proof.clone();
+        other[5] ^= 1;
+        assert!(!c.known(&me, &other, at), "other bytes");
+        assert!(!c.known(&DeviceKey([1; 32]), &proof, at), "another key");
+        c.remember(DeviceKey([1; 32]), &proof, at);
+        c.remember(DeviceKey([2; 32]), &proof, at);
+        assert_eq!(c.len(), 1, "full: forgot the rest");
+        assert!(!c.known(&me, &proof, at));
     }
 
     fn ticket(exp: u64) -> Ticket {
