@@ -193,7 +193,7 @@ mod tests {
         let position = Position::new(39.9, 116.4, None).expect("position");
         Contact {
             id: n as u32,
-            info: SharerInfo {
+            info: Arc::new(SharerInfo {
                 name: format!("s{n}").as_str().into(),
                 position,
                 exact: position,
@@ -209,7 +209,7 @@ mod tests {
                 fingerprint: Default::default(),
                 cell: None,
                 router: None,
-            },
+            }),
             handle: Arc::new(Handle {
                 key: DeviceKey([n; 32]),
                 relay_endpoints: vec![format!("192.0.2.{n}:7500")],

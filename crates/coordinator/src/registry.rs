@@ -45,7 +45,7 @@ pub struct Handle {
 #[derive(Clone)]
 pub struct Contact {
     pub id: SharerId,
-    pub info: SharerInfo,
+    pub info: Arc<SharerInfo>,
     pub handle: Arc<Handle>,
 }
 
@@ -350,7 +350,7 @@ impl Registry {
             .filter_map(|c| {
                 Some(Contact {
                     id: c.id,
-                    info: g.index.get(c.id)?.clone(),
+                    info: g.index.shared(c.id)?.clone(),
                     handle: g.handle(c.id)?.clone(),
                 })
             })
@@ -373,7 +373,7 @@ impl Registry {
         let id = *g.by_key.get(key)?;
         Some(Contact {
             id,
-            info: g.index.get(id)?.clone(),
+            info: g.index.shared(id)?.clone(),
             handle: g.handle(id)?.clone(),
         })
     }

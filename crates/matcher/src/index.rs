@@ -69,7 +69,9 @@ fn radio_keys(info: &SharerInfo) -> Vec<RadioKey> {
 }
 
 struct Slot {
-    info: SharerInfo,
+    /// Shared with the contacts a share request copies out (a pointer, not
+    /// the record); an update while one is held copies it first.
+    info: Arc<SharerInfo>,
     cell: u64,
     at: u32, // position inside the cell's vector
 }
@@ -216,7 +218,7 @@ impl Index {
             summary: Summary::of(&info),
         });
         self.slots[id as usize] = Some(Slot {
-            info,
+            info: Arc::new(info),
             cell,
             at: (bucket.len() - 1) as u32,
         });
@@ -225,6 +227,11 @@ impl Index {
     }
 
     pub fn get(&self, id: SharerId) -> Option<&SharerInfo> {
+        self.slots.get(id as usize)?.as_ref().map(|s| &*s.info)
+    }
+
+    /// The same record, shared (cloning it is one reference count).
+    pub fn shared(&self, id: SharerId) -> Option<&Arc<SharerInfo>> {
         self.slots.get(id as usize)?.as_ref().map(|s| &s.info)
     }
 
@@ -235,7 +242,7 @@ impl Index {
         };
         let before = slot.info.position;
         let keys_before = radio_keys(&slot.info);
-        f(&mut slot.info);
+        f(Arc::make_mut(&mut slot.info));
         let keys_after = radio_keys(&slot.info);
         let summary = Summary::of(&slot.info);
         let moved = slot.info.position != before;
@@ -279,7 +286,7 @@ impl Index {
         self.unlink_radio(id, &radio_keys(&slot.info));
         self.free.push(id);
         self.len -= 1;
-        Some(slot.info)
+        Some(Arc::try_unwrap(slot.info).unwrap_or_else(|shared| (*shared).clone()))
     }
 
     fn link_radio(&mut self, id: SharerId, keys: Vec<RadioKey>) {
