@@ -359,6 +359,10 @@ impl Index {
         let coslat = center.lat.to_radians().cos();
         let dlon =
             (coslat > ang.sin()).then(|| (ang.sin() / coslat).asin().to_degrees() * 1.000_001);
+        // First every bucket the query touches: the hash probes are
+        // independent, so the processor overlaps their cache misses instead
+        // of waiting for each in turn while it scans.
+        let mut buckets: Vec<&[Entry]> = Vec::with_capacity(16);
         for row in lo..=hi {
             let (width, cols) = row_geometry(row);
             let (c0, c1) = match dlon {
@@ -371,20 +375,22 @@ impl Index {
             let span = (c1 - c0 + 1).min(cols);
             for k in 0..span {
                 let col = (c0 + k).rem_euclid(cols);
-                let Some(bucket) = self.cells.get(&pack(row, col)) else {
+                if let Some(bucket) = self.cells.get(&pack(row, col)) {
+                    buckets.push(bucket);
+                }
+            }
+        }
+        for bucket in buckets {
+            for e in bucket {
+                let (dx, dy, dz) = (e.xyz[0] - c[0], e.xyz[1] - c[1], e.xyz[2] - c[2]);
+                let chord2 = dx * dx + dy * dy + dz * dz;
+                if chord2 > max_chord2 {
                     continue;
-                };
-                for e in bucket {
-                    let (dx, dy, dz) = (e.xyz[0] - c[0], e.xyz[1] - c[1], e.xyz[2] - c[2]);
-                    let chord2 = dx * dx + dy * dy + dz * dz;
-                    if chord2 > max_chord2 {
-                        continue;
-                    }
-                    let d = chord_to_metres(chord2);
-                    if d <= radius_m {
-                        let dot = |a: [f64; 3]| r * (dx * a[0] + dy * a[1] + dz * a[2]);
-                        f(e.id, &e.summary, d, (dot(east), dot(north)));
-                    }
+                }
+                let d = chord_to_metres(chord2);
+                if d <= radius_m {
+                    let dot = |a: [f64; 3]| r * (dx * a[0] + dy * a[1] + dz * a[2]);
+                    f(e.id, &e.summary, d, (dot(east), dot(north)));
                 }
             }
         }
