@@ -55,14 +55,27 @@ async fn ask(
     answer
 }
 
+/// A ticket nonce: unique, which is all a nonce must be (the relay's
+/// replay cache keys on it; the ticket's MAC or signature covers it):
+/// HMAC of a counter under a key drawn once per process, so there is no
+/// system call per ticket and a nonce does not tell how many came before.
 fn random_nonce() -> [u8; 16] {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static KEY: OnceLock<ring::hmac::Key> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let key = KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k).is_err() {
+            // Never expected; nonces only need to be unique.
+            k = fastrand::u128(..).to_be_bytes().repeat(2).try_into().unwrap_or([7; 32]);
+        }
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)
+    });
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tag = ring::hmac::sign(key, &count.to_be_bytes());
     let mut n = [0u8; 16];
-    let rng = ring::rand::SystemRandom::new();
-    if ring::rand::SecureRandom::fill(&rng, &mut n).is_err() {
-        // Never expected; fall back to a non-cryptographic source rather
-        // than failing the request. Nonces only need to be unique.
-        n = fastrand::u128(..).to_be_bytes();
-    }
+    n.copy_from_slice(&tag.as_ref()[..16]);
     n
 }
 
