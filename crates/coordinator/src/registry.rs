@@ -344,6 +344,18 @@ impl Registry {
             };
         };
         let outcome = bandshare_matcher::rank_in(&g.index, q, cfg, scene);
+        // Read every winner's two records before taking references to them:
+        // plain loads overlap their cache misses, where the reference
+        // counts' atomic increments would wait for each miss in turn.
+        let warm: usize = outcome
+            .candidates
+            .iter()
+            .map(|c| {
+                g.index.shared(c.id).map_or(0, Arc::strong_count)
+                    + g.handle(c.id).map_or(0, Arc::strong_count)
+            })
+            .sum();
+        std::hint::black_box(warm);
         let contacts = outcome
             .candidates
             .iter()
