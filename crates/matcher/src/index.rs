@@ -380,6 +380,14 @@ impl Index {
                 }
             }
         }
+        // Then one plain load per cache line of every bucket, independent
+        // of each other, so their misses are in flight together before the
+        // scan needs them (entries are 64 bytes: one per line).
+        let warm: f64 = buckets
+            .iter()
+            .flat_map(|b| b.iter().map(|e| e.xyz[0]))
+            .sum();
+        std::hint::black_box(warm);
         for bucket in buckets {
             for e in bucket {
                 let (dx, dy, dz) = (e.xyz[0] - c[0], e.xyz[1] - c[1], e.xyz[2] - c[2]);
