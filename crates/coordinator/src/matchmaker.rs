@@ -68,7 +68,7 @@ fn random_nonce() -> [u8; 16] {
         let mut k = [0u8; 32];
         if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k).is_err() {
             // Never expected; nonces only need to be unique.
-            k = fastrand::u128(..).to_be_bytes().repeat(2).try_into().unwrap_or([7; 32]);
+            k[..16].copy_from_slice(&fastrand::u128(..).to_be_bytes());
         }
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)
     });
