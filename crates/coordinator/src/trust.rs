@@ -171,7 +171,13 @@ pub async fn watch(state: Arc<State>, mut stop: tokio::sync::watch::Receiver<boo
             }
         };
         if let Some((trust, seeds)) = read {
-            state.apply_decisions(trust, &seeds, Instant::now());
+            // Off the runtime's threads: a rotation seals every online
+            // sharer's MAC keys (an X25519 each), seconds of CPU at 100k.
+            let s = state.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                s.apply_decisions(trust, &seeds, Instant::now())
+            })
+            .await;
         }
     }
 }
