@@ -240,6 +240,22 @@ struct Level {
 }
 
 impl Level {
+    /// The level `concurrency` clients reached in `seconds`, told on stderr
+    /// as `what`.
+    fn of(what: &str, concurrency: usize, lat: &mut Latencies, seconds: f64) -> Level {
+        let l = Level {
+            concurrency,
+            qps: lat.0.len() as f64 / seconds,
+            p50_us: lat.percentile(50.0),
+            p99_us: lat.percentile(99.0),
+        };
+        eprintln!(
+            "  {what}: {:.0}/s with {concurrency} clients, p50 {} µs, p99 {} µs",
+            l.qps, l.p50_us, l.p99_us
+        );
+        l
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({"concurrency": self.concurrency, "qps": self.qps.round(),
                "p50_us": self.p50_us, "p99_us": self.p99_us})
@@ -331,20 +347,9 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     let (mut grpc, mut offers, mut requests) = (vec![], 0usize, 0usize);
     for &conc in &o.concurrency {
         let (mut lat, n_offers) = share_load(&url, conc, o.seconds, o.seed + 100).await?;
-        let count = lat.0.len();
-        requests += count;
+        requests += lat.0.len();
         offers += n_offers;
-        let l = Level {
-            concurrency: conc,
-            qps: count as f64 / o.seconds,
-            p50_us: lat.percentile(50.0),
-            p99_us: lat.percentile(99.0),
-        };
-        eprintln!(
-            "  gRPC share requests: {:.0}/s with {conc} clients, p50 {} µs, p99 {} µs",
-            l.qps, l.p50_us, l.p99_us
-        );
-        grpc.push(l);
+        grpc.push(Level::of("gRPC share requests", conc, &mut lat, o.seconds));
     }
     trigger.fire();
     let _ = server.await;
@@ -415,20 +420,9 @@ async fn measure_redis(o: &MatchOptions) -> anyhow::Result<Option<Theirs>> {
     let (mut geosearch, mut results, mut queries) = (vec![], 0usize, 0usize);
     for &conc in &o.concurrency {
         let (mut lat, r) = geosearch_load(server.port, conc, o.seconds, o.seed + 100).await?;
-        let n = lat.0.len();
-        queries += n;
+        queries += lat.0.len();
         results += r;
-        let l = Level {
-            concurrency: conc,
-            qps: n as f64 / o.seconds,
-            p50_us: lat.percentile(50.0),
-            p99_us: lat.percentile(99.0),
-        };
-        eprintln!(
-            "  redis: GEOSEARCH {:.0}/s with {conc} clients, p50 {} µs, p99 {} µs",
-            l.qps, l.p50_us, l.p99_us
-        );
-        geosearch.push(l);
+        geosearch.push(Level::of("redis: GEOSEARCH", conc, &mut lat, o.seconds));
     }
     let results_per_query = results as f64 / queries.max(1) as f64;
     eprintln!("  redis: {results_per_query:.1} results per GEOSEARCH");

@@ -59,7 +59,7 @@ async fn ask(
 /// replay cache keys on it; the ticket's MAC or signature covers it):
 /// HMAC of a counter under a key drawn once per process, so there is no
 /// system call per ticket and a nonce does not tell how many came before.
-fn random_nonce() -> [u8; 16] {
+fn ticket_nonce() -> [u8; 16] {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     static KEY: OnceLock<ring::hmac::Key> = OnceLock::new();
@@ -160,7 +160,7 @@ impl v1::matchmaker_server::Matchmaker for MatchmakerService {
             .filter_map(|k| state.registry().contact_of(&k))
             .collect();
         let terms = offer::Terms::new(state.config(), &v1::Conditions::default(), unix_now());
-        let offers = offer::refreshed(&contacts, &terms, &state.signer(), requester, random_nonce);
+        let offers = offer::refreshed(&contacts, &terms, &state.signer(), requester, ticket_nonce);
         state.metrics().tickets_refreshed(offers.len());
         debug!(
             asked = req.sharer_keys.len(),
@@ -288,7 +288,7 @@ impl MatchmakerService {
             &state.signer(),
             requester,
             state.config().access_deadline.as_millis(),
-            random_nonce,
+            ticket_nonce,
         );
         if req.explain {
             explain.extend(outcome.rejected.iter().map(|v| v1::Verdict {
