@@ -194,18 +194,26 @@ fn a_taken_name_is_refused_and_ends_the_second_sharer() {
     assert_eq!(rows.len(), 1, "{v}");
     let key = rows[0]["key"].as_str().expect("key fingerprint");
     assert_eq!(key.len(), 16, "{key}");
-    let list = bandshare(&[
-        "admin",
-        "--data",
-        data.path().join("server").to_str().expect("utf-8"),
-        "list",
-    ]);
-    let list = String::from_utf8_lossy(&list.stdout);
-    assert!(
-        list.lines()
-            .any(|l| l.starts_with(key) && l.ends_with("alpha")),
-        "{list}"
-    );
+    // Sharers coming online are recorded together, within a fraction of
+    // a second (see `durable::SEEN_COALESCE`).
+    let mut list = String::new();
+    for _ in 0..50 {
+        let out = bandshare(&[
+            "admin",
+            "--data",
+            data.path().join("server").to_str().expect("utf-8"),
+            "list",
+        ]);
+        list = String::from_utf8_lossy(&out.stdout).into_owned();
+        if list
+            .lines()
+            .any(|l| l.starts_with(key) && l.ends_with("alpha"))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("alpha is not listed within 5 s:\n{list}");
 }
 
 /// Security 4: a second stream with the same key ends the first, and the

@@ -150,6 +150,8 @@ struct RawIndoor {
 struct RawServer {
     max_streams_per_connection: Option<u32>,
     max_inflight_requests: Option<u32>,
+    max_joining: Option<u32>,
+    join_queue: Option<u32>,
     max_connections_per_source: Option<u32>,
     enroll: Option<String>,
     redis: Option<Vec<String>>,
@@ -223,6 +225,13 @@ pub struct Config {
     /// Share and ticket requests handled at once; more are refused with
     /// RESOURCE_EXHAUSTED at once instead of queueing.
     pub max_inflight_requests: u32,
+    /// Sharers being admitted at once (hello to welcome); the next ones
+    /// wait their turn, in order.
+    pub max_joining: u32,
+    /// Sharers waiting their turn at most; one more is refused with
+    /// UNAVAILABLE and retries with backoff, so a restart storm queues
+    /// and sheds instead of thrashing.
+    pub join_queue: u32,
     /// TCP connections one address may hold on each listener (sharers
     /// behind one NAT each hold one).
     pub max_connections_per_source: u32,
@@ -258,6 +267,8 @@ impl Default for Config {
             quota_bytes: 1 << 30,
             max_streams_per_connection: 1024,
             max_inflight_requests: 512,
+            max_joining: 64,
+            join_queue: 4096,
             max_connections_per_source: 256,
             enroll: Enroll::Open,
             privacy: crate::privacy::PrivacyConfig::default(),
@@ -499,6 +510,20 @@ impl Config {
                 d.max_inflight_requests,
                 1,
                 1_000_000,
+            )?,
+            max_joining: check(
+                "server.max_joining",
+                raw.server.max_joining,
+                d.max_joining,
+                1,
+                1_000_000,
+            )?,
+            join_queue: check(
+                "server.join_queue",
+                raw.server.join_queue,
+                d.join_queue,
+                0,
+                10_000_000,
             )?,
             max_connections_per_source: check(
                 "server.max_connections_per_source",

@@ -6,9 +6,103 @@
 use crate::{State, unix_now};
 use bandshare_core::DeviceKey;
 use bandshare_store::{DeviceRow, Role, UsageRecord};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
 use tracing::warn;
 
+/// Sharers seen and not yet written. A sharer coming online is noted here
+/// and written with the others that came online within
+/// [`SEEN_COALESCE`], in one transaction: a restart storm of 100,000
+/// sharers is a few hundred writes, not 100,000 syncs to disk.
+#[derive(Default)]
+pub struct Seen {
+    pending: Mutex<HashMap<DeviceKey, (String, Role)>>,
+    wake: Notify,
+}
+
+/// How long the writer gathers devices seen before it writes them.
+pub const SEEN_COALESCE: Duration = Duration::from_millis(200);
+
+/// Writes the devices [`State::note_device`] noted, a batch at a time,
+/// until `stop`; what is pending then is written before it returns.
+pub async fn device_writer(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stopping = tokio::select! {
+            _ = state.seen().wake.notified() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if !stopping {
+            tokio::time::sleep(SEEN_COALESCE).await;
+        }
+        state.write_seen().await;
+        if stopping {
+            return;
+        }
+    }
+}
+
 impl State {
+    /// Notes a device seen, for [`device_writer`] to record with others.
+    pub fn note_device(&self, key: DeviceKey, name: String, role: Role) {
+        if let Ok(mut p) = self.seen().pending.lock() {
+            p.insert(key, (name, role));
+        }
+        self.seen().wake.notify_one();
+    }
+
+    /// Writes what [`State::note_device`] noted; what cannot be written
+    /// now is kept for the next batch (unless noted again since).
+    async fn write_seen(&self) {
+        let batch: Vec<(DeviceKey, String, Role)> = match self.seen().pending.lock() {
+            Ok(mut p) => p.drain().map(|(k, (n, r))| (k, n, r)).collect(),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let now = unix_now();
+        let failed: Vec<_> = match self.cluster() {
+            Some(c) => {
+                let mut failed = vec![];
+                for (key, name, role) in batch {
+                    if let Err(e) = c.upsert_device(&key, &name, role, now).await {
+                        warn!(error = %e, "cannot record device");
+                        failed.push((key, name, role));
+                    }
+                }
+                failed
+            }
+            None => {
+                let store = self.store().clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = store.upsert_devices(&batch, now);
+                    (r, batch)
+                })
+                .await;
+                match r {
+                    Ok((Ok(()), _)) => vec![],
+                    Ok((Err(e), batch)) => {
+                        warn!(error = %e, devices = batch.len(), "cannot record devices; retrying with the next batch");
+                        batch
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "device writer failed");
+                        vec![]
+                    }
+                }
+            }
+        };
+        if !failed.is_empty()
+            && let Ok(mut p) = self.seen().pending.lock()
+        {
+            for (k, n, r) in failed {
+                p.entry(k).or_insert((n, r));
+            }
+        }
+    }
+
     /// Records a device seen; a failure is logged, never the caller's.
     pub async fn record_device(&self, key: DeviceKey, name: String, role: Role) {
         let r = match self.cluster() {
@@ -38,7 +132,16 @@ impl State {
         name: &str,
         key: DeviceKey,
     ) -> Result<Result<(), DeviceKey>, String> {
-        match self.cluster() {
+        // A sharer reconnecting keeps its name: no store round trip.
+        let folded = name.to_lowercase();
+        if self
+            .names()
+            .lock()
+            .is_ok_and(|n| n.get(&folded) == Some(&key))
+        {
+            return Ok(Ok(()));
+        }
+        let r = match self.cluster() {
             Some(c) => c.bind_name(name, &key).await.map_err(|e| e.to_string()),
             None => {
                 let store = self.store().clone();
@@ -48,7 +151,13 @@ impl State {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())
             }
+        };
+        if let Ok(Ok(())) = r
+            && let Ok(mut n) = self.names().lock()
+        {
+            n.insert(folded, key);
         }
+        r
     }
 
     /// Devices known to the service.

@@ -226,6 +226,8 @@ async fn events(
             "online_sharers": c.online_sharers,
             "share_requests": c.share_requests,
             "requests_shed": c.requests_shed,
+            "joins_shed": c.joins_shed,
+            "joins_waiting": c.joins_waiting,
             "live": state.metrics().live(std::time::Instant::now()),
         });
         Some((Ok(Event::default().data(data.to_string())), (state, false)))

@@ -132,6 +132,7 @@ pub async fn run_with(
     // Operators' decisions and key rotations, read from the store.
     let trust_task = tokio::spawn(trust::watch(state.clone(), stop_rx.clone()));
     let qos_saver = tokio::spawn(qos::saver(state.clone(), stop_rx.clone()));
+    let device_writer = tokio::spawn(durable::device_writer(state.clone(), stop_rx.clone()));
     if let Some(c) = state.cluster() {
         c.start(state.clone(), stop_rx.clone());
     }
@@ -208,6 +209,7 @@ pub async fn run_with(
     trust_task.abort();
     // The map's last changes reach the store before `run` returns.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), qos_saver).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), device_writer).await;
     if let Some(h) = http_task {
         h.abort();
     }

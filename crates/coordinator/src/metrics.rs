@@ -164,6 +164,7 @@ pub struct Snapshot {
     pub online_sharers: usize,
     pub revocations: usize,
     pub requests_shed: u64,
+    pub joins_shed: u64,
     pub state_reports: u64,
     pub connections_refused: u64,
     pub qos: Option<crate::qos::QosStatus>,
@@ -215,6 +216,11 @@ pub fn render(m: &Metrics, s: &Snapshot) -> String {
         "requests_shed",
         "Requests refused because the coordinator was at its in-flight limit",
         ConstCounter::new(s.requests_shed),
+    );
+    r.register(
+        "joins_shed",
+        "Sharers refused (they retry with backoff) because too many were waiting to join",
+        ConstCounter::new(s.joins_shed),
     );
     r.register(
         "tickets_issued",

@@ -93,6 +93,9 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
         let mut info = sharer_info(&hello)?;
         let name = hello.name.clone();
         let state = self.state.clone();
+        // Held until the sharer is in the index: a storm of hellos is
+        // admitted a few at a time, in order.
+        let turn = state.join_turn().await?;
         admit(&state, key, &name).await?;
         // Shown at its secret offset point, for every requester alike.
         let mut placement = crate::privacy::Placement::default();
@@ -117,14 +120,12 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             last_seen: Instant::now(),
         };
         let (id, generation) = state.registry().add(info, handle);
+        drop(turn);
         if let Some(c) = state.cluster() {
             c.changed(&state, &key);
         }
         info!(sharer = %name, key = %key.short(), online = state.registry().len(), "sharer online");
-        {
-            let (state, name) = (state.clone(), name.clone());
-            tokio::spawn(async move { state.record_device(key, name, Role::Sharer).await });
-        }
+        state.note_device(key, name.clone(), Role::Sharer);
         let span = info_span!("sharer_stream", sharer = %name);
         let stream = Stream {
             id,

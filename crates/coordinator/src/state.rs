@@ -60,6 +60,11 @@ pub struct State {
     inflight: tokio::sync::Semaphore,
     /// Requests refused because every permit was taken.
     shed: AtomicU64,
+    /// Permits for sharers being admitted (`server.max_joining`), those
+    /// waiting for one, and those refused because the queue was full.
+    joining: tokio::sync::Semaphore,
+    join_waiting: AtomicU64,
+    joins_shed: AtomicU64,
     /// SHA-256 of the gRPC TLS certificate, hex, when serving TLS.
     tls_pin: OnceLock<String>,
     /// Connections per source address on each listener (see [`listen`]).
@@ -69,6 +74,12 @@ pub struct State {
     metrics: crate::metrics::Metrics,
     /// The rest of the service, when scaled out (`server --redis`).
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Sharers seen, waiting to be recorded together.
+    seen: crate::durable::Seen,
+    /// Names known to be bound to a device (case-folded): a reconnecting
+    /// sharer's name is checked here, not in the store. Loaded at start
+    /// (SQLite), filled as names bind, cleared when a device is revoked.
+    names: Mutex<HashMap<String, DeviceKey>>,
 }
 
 /// What `/status` and `Health.Check` report.
@@ -79,6 +90,10 @@ pub struct Counters {
     pub reports_received: u64,
     pub share_requests: u64,
     pub requests_shed: u64,
+    /// Sharers refused because too many were waiting to join.
+    pub joins_shed: u64,
+    /// Sharers waiting their turn to join now.
+    pub joins_waiting: u64,
     pub connections_refused: u64,
     pub connections_silent: u64,
 }
@@ -105,7 +120,12 @@ impl State {
             return Err(ServerError::Rng);
         }
         let decisions = store.decisions()?;
-        State::build(config, store, seeds, decisions, None)
+        let state = State::build(config, store, seeds, decisions, None)?;
+        let names = state.store.name_bindings()?;
+        if let Ok(mut n) = state.names.lock() {
+            n.extend(names);
+        }
+        Ok(state)
     }
 
     /// A coordinator that is one of several on the Redis Cluster
@@ -193,11 +213,16 @@ impl State {
             offered: Mutex::default(),
             inflight: tokio::sync::Semaphore::new(config.max_inflight_requests as usize),
             shed: Default::default(),
+            joining: tokio::sync::Semaphore::new(config.max_joining as usize),
+            join_waiting: Default::default(),
+            joins_shed: Default::default(),
             tls_pin: Default::default(),
             grpc_sources: Default::default(),
             http_sources: Default::default(),
             metrics: Default::default(),
             cluster,
+            seen: Default::default(),
+            names: Mutex::default(),
             config,
         }))
     }
@@ -245,6 +270,7 @@ impl State {
             online_sharers: c.online_sharers,
             revocations: self.trust.read().map_or(0, |t| t.revoked.len()),
             requests_shed: c.requests_shed,
+            joins_shed: c.joins_shed,
             state_reports: c.reports_received,
             connections_refused: c.connections_refused,
             qos: self.qos.lock().ok().map(|b| b.status()),
@@ -278,6 +304,14 @@ impl State {
         &self.store
     }
 
+    pub(crate) fn seen(&self) -> &crate::durable::Seen {
+        &self.seen
+    }
+
+    pub(crate) fn names(&self) -> &Mutex<HashMap<String, DeviceKey>> {
+        &self.names
+    }
+
     /// A permit to handle one request, or RESOURCE_EXHAUSTED at once when
     /// `server.max_inflight_requests` are already in flight: load is shed,
     /// never queued without bound.
@@ -289,6 +323,34 @@ impl State {
                 self.config.max_inflight_requests
             ))
         })
+    }
+
+    /// A turn to admit a sharer: at once while fewer than
+    /// `server.max_joining` are being admitted, else after those ahead of
+    /// it; refused with UNAVAILABLE (the sharer retries with backoff) when
+    /// `server.join_queue` are already waiting.
+    pub async fn join_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        if let Ok(p) = self.joining.try_acquire() {
+            return Ok(p);
+        }
+        struct Waiting<'a>(&'a AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let ahead = self.join_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.join_waiting);
+        if ahead >= u64::from(self.config.join_queue) {
+            self.joins_shed.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unavailable(format!(
+                "coordinator busy: {ahead} sharers are waiting to join; retry with backoff"
+            )));
+        }
+        self.joining
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("coordinator shutting down"))
     }
 
     /// The secret offsets sharers are shown at.
@@ -394,6 +456,8 @@ impl State {
             reports_received: self.reports_received.load(Ordering::Relaxed),
             share_requests: self.share_requests.load(Ordering::Relaxed),
             requests_shed: self.shed.load(Ordering::Relaxed),
+            joins_shed: self.joins_shed.load(Ordering::Relaxed),
+            joins_waiting: self.join_waiting.load(Ordering::Relaxed),
             connections_refused: both(|s| &s.refused),
             connections_silent: both(|s| &s.silent),
         }
@@ -467,13 +531,12 @@ impl State {
             Ok(k) => k.signers(),
             Err(p) => p.into_inner().signers(),
         };
-        signers
-            .iter()
-            .filter_map(|s| {
-                let mut e = [0u8; 32];
-                crate::random_seed(&mut e).ok()?;
-                s.seal_mac_key(sharer, e)
-            })
+        let mut e = [0u8; 32];
+        if crate::random_seed(&mut e).is_err() {
+            return vec![];
+        }
+        bandshare_core::ticket::seal_mac_keys(signers.iter().map(|s| &**s), sharer, e)
+            .into_iter()
             .map(|k| v1::SealedTicketKey {
                 key_id: u32::from(k.key_id),
                 ephemeral: k.ephemeral.to_vec(),
@@ -524,6 +587,10 @@ impl State {
             Err(_) => vec![],
         };
         if !newly_revoked.is_empty() {
+            // A revoked device's name may pass to another device.
+            if let Ok(mut n) = self.names.lock() {
+                n.clear();
+            }
             for k in &newly_revoked {
                 info!(device = %k.short(), "device revoked: telling every sharer");
                 self.registry

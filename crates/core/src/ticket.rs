@@ -319,23 +319,7 @@ impl TicketSigner {
     /// secret `ephemeral` (32 random bytes); `None` if `sharer` is not a
     /// valid Ed25519 key.
     pub fn seal_mac_key(&self, sharer: &DeviceKey, ephemeral: [u8; 32]) -> Option<SealedMacKey> {
-        let theirs = VerifyingKey::from_bytes(&sharer.0).ok()?.to_montgomery();
-        let shared = theirs.mul_clamped(ephemeral);
-        if shared.0 == [0; 32] {
-            return None;
-        }
-        let e_pub = curve25519_dalek::MontgomeryPoint::mul_base_clamped(ephemeral).0;
-        let pad = wrap_pad(&shared.0, &e_pub, sharer, self.key_id);
-        let mut sealed = self.mac_key(sharer);
-        for (b, p) in sealed.iter_mut().zip(pad) {
-            *b ^= p;
-        }
-        Some(SealedMacKey {
-            key_id: self.key_id,
-            ephemeral: e_pub,
-            check: check_tag(&pad, &sealed),
-            sealed,
-        })
+        seal_mac_keys([self], sharer, ephemeral).pop()
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -352,6 +336,41 @@ impl TicketSigner {
         let sig = self.key.sign(&signed_message(&ticket.body(1)));
         ticket.encode(&Seal::Signature(sig))
     }
+}
+
+/// `sharer`'s MAC key under each of `signers`, sealed to its device key
+/// with one ephemeral secret (32 random bytes) for all of them: one X25519
+/// however many keys (each pad is bound to its key id). Empty if `sharer`
+/// is not a valid Ed25519 key.
+pub fn seal_mac_keys<'a>(
+    signers: impl IntoIterator<Item = &'a TicketSigner>,
+    sharer: &DeviceKey,
+    ephemeral: [u8; 32],
+) -> Vec<SealedMacKey> {
+    let Ok(theirs) = VerifyingKey::from_bytes(&sharer.0) else {
+        return vec![];
+    };
+    let shared = theirs.to_montgomery().mul_clamped(ephemeral);
+    if shared.0 == [0; 32] {
+        return vec![];
+    }
+    let e_pub = curve25519_dalek::MontgomeryPoint::mul_base_clamped(ephemeral).0;
+    signers
+        .into_iter()
+        .map(|s| {
+            let pad = wrap_pad(&shared.0, &e_pub, sharer, s.key_id);
+            let mut sealed = s.mac_key(sharer);
+            for (b, p) in sealed.iter_mut().zip(pad) {
+                *b ^= p;
+            }
+            SealedMacKey {
+                key_id: s.key_id,
+                ephemeral: e_pub,
+                check: check_tag(&pad, &sealed),
+                sealed,
+            }
+        })
+        .collect()
 }
 
 /// A sharer's MAC key as the coordinator sends it: XORed with a pad that
@@ -657,6 +676,25 @@ mod tests {
         // A sharer's key does not make tickets for another sharer: the
         // other's MAC key is a different derivation.
         assert_ne!(s.mac_key(&me), s.mac_key(&DeviceKey([1; 32])));
+    }
+
+    #[test]
+    fn keys_sealed_together_open_apart() {
+        let (a, b) = (
+            TicketSigner::from_seed(&[9; 32], 3),
+            TicketSigner::from_seed(&[8; 32], 4),
+        );
+        let sharer_key = SigningKey::from_bytes(&[1; 32]);
+        let me = DeviceKey(sharer_key.verifying_key().to_bytes());
+        let sealed = seal_mac_keys([&a, &b], &me, [5; 32]);
+        assert_eq!(sealed.len(), 2);
+        assert_eq!(sealed[0].ephemeral, sealed[1].ephemeral);
+        assert_eq!(sealed[0].open(&sharer_key), Ok(a.mac_key(&me)));
+        assert_eq!(sealed[1].open(&sharer_key), Ok(b.mac_key(&me)));
+        // Each pad is bound to its key id: relabelled, a key does not open.
+        let mut relabelled = sealed[0].clone();
+        relabelled.key_id = 4;
+        assert_eq!(relabelled.open(&sharer_key), Err(SealError::NotForMe(4)));
     }
 
     #[test]

@@ -6,6 +6,10 @@ use crate::{Decision, DeviceRow, Role, Store, StoreError};
 use bandshare_core::DeviceKey;
 use rusqlite::{OptionalExtension, params};
 
+const UPSERT_DEVICE: &str =
+    "INSERT INTO devices (key, name, role, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)
+     ON CONFLICT(key) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen";
+
 impl Store {
     /// Records an operator's decision about `key` (known or not yet seen).
     pub fn decide(&self, key: &DeviceKey, d: Decision, now_unix: u64) -> Result<(), StoreError> {
@@ -118,6 +122,48 @@ impl Store {
         }
     }
 
+    /// Records many devices as seen at `now_unix`, in one transaction (one
+    /// sync to disk however many there are).
+    pub fn upsert_devices(
+        &self,
+        seen: &[(DeviceKey, String, Role)],
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(UPSERT_DEVICE)?;
+            for (key, name, role) in seen {
+                st.execute(params![
+                    key.0.as_slice(),
+                    name,
+                    role.as_str(),
+                    now_unix as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every bound name (case-folded) with its device.
+    pub fn name_bindings(&self) -> Result<Vec<(String, DeviceKey)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT folded, key FROM names")?;
+            st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?
+        .into_iter()
+        .map(|(n, k)| {
+            DeviceKey::from_slice(&k)
+                .map(|k| (n, k))
+                .map_err(|_| StoreError::CorruptKey(k.len()))
+        })
+        .collect()
+    }
+
     pub fn upsert_device(
         &self,
         key: &DeviceKey,
@@ -126,11 +172,12 @@ impl Store {
         now_unix: u64,
     ) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO devices (key, name, role, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?4)
-                 ON CONFLICT(key) DO UPDATE SET name = excluded.name, last_seen = excluded.last_seen",
-                params![key.0.as_slice(), name, role.as_str(), now_unix as i64],
-            )
+            c.prepare_cached(UPSERT_DEVICE)?.execute(params![
+                key.0.as_slice(),
+                name,
+                role.as_str(),
+                now_unix as i64
+            ])
         })?;
         Ok(())
     }

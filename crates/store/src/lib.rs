@@ -282,6 +282,30 @@ mod tests {
         drop(st);
         let st = Store::open(dir.path()).expect("reopen");
         assert_eq!(st.bind_name("Alpha", &a, 7).expect("durable"), Err(b));
+        let mut bound = st.name_bindings().expect("bindings");
+        bound.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(bound, vec![("alpha".into(), b), ("beta".into(), b)]);
+    }
+
+    #[test]
+    fn devices_seen_together_are_written_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = Store::open(dir.path()).expect("open");
+        let seen: Vec<_> = (0..500u32)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_le_bytes());
+                (DeviceKey(k), format!("s{i}"), Role::Sharer)
+            })
+            .collect();
+        st.upsert_devices(&seen, 10).expect("first batch");
+        st.upsert_devices(&seen[..10], 20).expect("seen again");
+        assert_eq!(st.device_count().expect("count"), 500);
+        let rows = st.devices().expect("rows");
+        let first = rows.iter().find(|d| d.key == seen[0].0).expect("row");
+        assert_eq!((first.first_seen, first.last_seen), (10, 20));
+        let last = rows.iter().find(|d| d.key == seen[499].0).expect("row");
+        assert_eq!((last.name.as_str(), last.last_seen), ("s499", 10));
     }
 
     #[test]

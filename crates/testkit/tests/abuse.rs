@@ -4,7 +4,7 @@
 
 use bandshare_agent::location::ConditionSpec;
 use bandshare_coordinator::Config;
-use bandshare_testkit::{Cluster, MuteSharer, center, wait_until};
+use bandshare_testkit::{Cluster, MuteSharer, SharerNode, SharerSpec, center, wait_until};
 use std::time::Duration;
 
 /// More share requests than `server.max_inflight_requests` at once: the
@@ -58,4 +58,61 @@ async fn overload_is_shed_with_resource_exhausted() {
     c.ask(loc, ConditionSpec::default())
         .await
         .expect("served after the burst");
+}
+
+/// Sharers joining in a storm: `server.max_joining` are admitted at a
+/// time, the next wait their turn in order, and beyond `server.join_queue`
+/// waiting one more is refused with UNAVAILABLE; a real agent so refused
+/// retries with backoff and comes online once the storm has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_join_queue_sheds_sharers_who_then_come_online() {
+    let config = Config {
+        max_joining: 1,
+        join_queue: 1,
+        ..bandshare_testkit::exact_config()
+    };
+    let c = Cluster::start_with(config, vec![]).await.expect("cluster");
+    let state = c.coordinator.state.clone();
+    // The storm: the only turn is taken.
+    let turn = state.join_turn().await.expect("the only turn");
+    let url = c.coordinator.url.clone();
+    let first = tokio::spawn(async move { MuteSharer::attach(&url, "first").await });
+    assert!(
+        wait_until(Duration::from_secs(5), || state.counters().joins_waiting
+            == 1)
+        .await,
+        "the first sharer waits its turn"
+    );
+    // The queue is full: the next is refused and says why.
+    let refused = MuteSharer::attach(&c.coordinator.url, "refused")
+        .await
+        .err()
+        .expect("refused while the queue is full");
+    let status = refused
+        .downcast_ref::<tonic::Status>()
+        .expect("a gRPC status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("busy"), "{status:?}");
+    // A real sharer agent is refused the same way, and keeps trying.
+    let agent = SharerNode::start(&c.coordinator.url, &SharerSpec::new("agent", 10.0, 0.0))
+        .await
+        .expect("agent");
+    assert!(
+        wait_until(Duration::from_secs(5), || state.counters().joins_shed >= 2).await,
+        "the agent's first hello is shed"
+    );
+    assert_eq!(c.coordinator.online(), 0, "nobody joined during the storm");
+    // The storm passes: the waiting sharer joins, then the agent on retry.
+    drop(turn);
+    let _first = first
+        .await
+        .expect("task")
+        .expect("the waiting sharer joins");
+    assert!(
+        wait_until(Duration::from_secs(10), || c.coordinator.online() == 2).await,
+        "the shed agent came online on retry (online: {})",
+        c.coordinator.online()
+    );
+    assert!(agent.sharer.relay.knows_coordinator());
+    assert_eq!(state.counters().joins_waiting, 0);
 }
