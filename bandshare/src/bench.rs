@@ -95,6 +95,19 @@ pub struct BenchScaleArgs {
     /// Concurrent share-request clients during the measurement.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// One HTTP/2 connection per sharer, each from its own loopback
+    /// address (127.1.0.0/15, 200 per address), as real devices would
+    /// connect; needs a descriptor per sharer (raised as root).
+    #[arg(long)]
+    real_connections: bool,
+    /// After the load phase, kill the coordinator and start it again:
+    /// every sharer reconnects at once (with the agent's backoff); reports
+    /// the time until all are back.
+    #[arg(long)]
+    restart: bool,
+    /// Keep one core busy with another process for the whole run.
+    #[arg(long)]
+    busy_core: bool,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -217,6 +230,9 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 report_interval_ms: a.report_interval_ms,
                 seconds: a.seconds,
                 concurrency: a.concurrency,
+                real_connections: a.real_connections,
+                restart: a.restart,
+                busy_core: a.busy_core,
             };
             let mut v = bandshare_bench::scale::run(&o).await?;
             v["machine"] = serde_json::json!(bandshare_bench::stats::machine());
