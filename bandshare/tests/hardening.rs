@@ -919,7 +919,7 @@ fn every_bench_runs_with_every_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
     let svg = dir.path().join("plot.svg");
     let svg = svg.to_str().expect("utf-8");
-    let runs: [&[&str]; 6] = [
+    let runs: [&[&str]; 7] = [
         &[
             "bench",
             "match",
@@ -960,6 +960,22 @@ fn every_bench_runs_with_every_flag() {
             "1",
             "--json",
         ],
+        &[
+            "bench",
+            "scale",
+            "--sharers",
+            "50",
+            "--report-interval-ms",
+            "100",
+            "--seconds",
+            "0.3",
+            "--concurrency",
+            "1",
+            "--real-connections",
+            "--restart",
+            "--busy-core",
+            "--json",
+        ],
         &["bench", "failover", "--rounds", "1", "--json"],
         &[
             "bench",
@@ -996,6 +1012,11 @@ fn every_bench_runs_with_every_flag() {
         let v: serde_json::Value =
             serde_json::from_str(last).unwrap_or_else(|e| panic!("{args:?}: {e}: {last}"));
         assert!(v["machine"].is_string(), "{args:?}: {v}");
+        if args.contains(&"--restart") {
+            // Every sharer came back after the coordinator was killed.
+            assert_eq!(v["restart"]["back_online"], 50, "{args:?}: {v}");
+            assert_eq!(v["connections"], 50, "{args:?}: {v}");
+        }
     }
     let plot = std::fs::read_to_string(dir.path().join("plot.svg")).expect("the plot");
     assert!(plot.contains("<svg"), "{plot}");

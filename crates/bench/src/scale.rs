@@ -14,7 +14,7 @@
 //! keeps one core busy with another process for the whole run.
 
 use crate::matching::random_point;
-use crate::stats::{bar, rss_bytes};
+use crate::stats::{bar, cpu_seconds, rss_bytes};
 use bandshare_agent::location::LocationSpec;
 use bandshare_core::{Backoff, Service};
 use bandshare_proto::convert as cv;
@@ -273,18 +273,24 @@ impl Drop for BusyCore {
 /// per connection; returns the limit now in force.
 fn raise_fd_limit(want: u64) -> u64 {
     let pid = std::process::id().to_string();
+    let limit = || {
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    if limit() >= want {
+        return limit();
+    }
     let _ = Command::new("prlimit")
         .args(["--pid", &pid, &format!("--nofile={want}:{want}")])
         .stderr(Stdio::null())
         .status();
-    std::fs::read_to_string(format!("/proc/{pid}/limits"))
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        })
-        .unwrap_or(0)
+    limit()
 }
 
 fn start_server(dir: &std::path::Path, port: u16, http: u16) -> anyhow::Result<Server> {
@@ -301,7 +307,8 @@ fn start_server(dir: &std::path::Path, port: u16, http: u16) -> anyhow::Result<S
             .arg(dir.join("data"))
             .arg("--config")
             .arg(dir.join("server.toml"))
-            .env("RUST_LOG", "warn")
+            // Warnings, and why any HTTP/2 connection failed.
+            .env("RUST_LOG", "warn,tonic::transport::server=debug")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::options()
@@ -416,7 +423,8 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
         dir.path().join("server.toml"),
         format!(
             "[server]\nmax_streams_per_connection = {}\nmax_connections_per_source = 1024\n[privacy]\nrequests_per_minute = 1e9\nburst = 1e9\nmax_speed_mps = 1e9\nslack_m = 1e7\n[sharers]\nreport_interval_ms = {}\nping_interval_ms = {}\nexpire_after_ms = {}\n",
-            o.sharers.div_ceil(o.connections) + 16,
+            // Room for a storm's retries beside the streams being replaced.
+            2 * o.sharers.div_ceil(o.connections) + 16,
             o.report_interval_ms,
             o.report_interval_ms,
             o.report_interval_ms * 30
@@ -496,15 +504,21 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     // Sustained updates and share requests under that load.
     let h0 = health(&probe).await?;
     let sent0 = counts.reports.load(Ordering::Relaxed);
+    let (cpu_server0, cpu_self0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
     let t0 = Instant::now();
     let (mut lat, offers) = share_load_apart(&url, o.concurrency, o.seconds).await?;
     let secs = t0.elapsed().as_secs_f64();
+    let cpu_server = (cpu_seconds(Some(pid)) - cpu_server0) / secs;
+    let cpu_self = (cpu_seconds(None) - cpu_self0) / secs;
     let h1 = health(&probe).await?;
     let processed = (h1.reports_received - h0.reports_received) as f64 / secs;
     let offered = (counts.reports.load(Ordering::Relaxed) - sent0) as f64 / secs;
     let n = lat.0.len();
     let (p50, p99) = (lat.percentile(50.0), lat.percentile(99.0));
     eprintln!("  state updates: {processed:.0}/s processed ({offered:.0}/s sent)");
+    eprintln!(
+        "  cores used meanwhile: coordinator {cpu_server:.2}, load generator and requesters {cpu_self:.2}"
+    );
     eprintln!(
         "  share requests under load: {:.0}/s, p50 {p50} µs, p99 {p99} µs, {:.1} offers each",
         n as f64 / secs,
@@ -526,6 +540,8 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
         "share_qps": (n as f64 / secs).round(),
         "share_p50_us": p50,
         "share_p99_us": p99,
+        "coordinator_cores": (cpu_server * 100.0).round() / 100.0,
+        "generator_cores": (cpu_self * 100.0).round() / 100.0,
         "offers_per_request": ((offers as f64 / n.max(1) as f64) * 100.0).round() / 100.0,
     });
     if o.real_connections {
@@ -573,16 +589,16 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     }
     drop(server);
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
-    let warnings: Vec<&str> = log.lines().collect();
-    if !warnings.is_empty() {
+    let logged: Vec<&str> = log.lines().collect();
+    if !logged.is_empty() {
         eprintln!(
-            "  the coordinator logged {} warnings; the last:",
-            warnings.len()
+            "  the coordinator logged {} warnings and connection failures; the last:",
+            logged.len()
         );
-        for l in warnings.iter().rev().take(3) {
-            eprintln!("    {}", l.chars().take(200).collect::<String>());
+        for l in logged.iter().rev().take(3) {
+            eprintln!("    {}", l.chars().take(240).collect::<String>());
         }
     }
-    v["coordinator_warnings"] = json!(warnings.len());
+    v["coordinator_log_lines"] = json!(logged.len());
     Ok(v)
 }

@@ -158,6 +158,31 @@ pub async fn run_with(
         // RESOURCE_EXHAUSTED instead of buffering.
         .concurrency_limit_per_connection(state.config().max_streams_per_connection as usize)
         .load_shed(true)
+        // h2 guards against rapid reset (CVE-2023-44487) and similar
+        // abuse by closing a connection once its peer has reset more than
+        // 20 streams still waiting to be accepted, caused more than 1,024
+        // streams to be refused, or has more small DATA frames unread than
+        // half the connection window allows (about 2,600 in 1 MiB). A
+        // connection that carries many sharers' streams does all three in
+        // a restart storm (a hello or a report on each stream, unread while
+        // the sharers ahead join), and closing it loses every stream on
+        // it: `bench scale --restart` then never recovered. Allow one of
+        // each per permitted stream instead (512 bytes of window each, at
+        // least the usual 1 MiB, at most 32 MiB); the per-connection
+        // concurrency limit still bounds the work.
+        .initial_connection_window_size(Some(
+            (state
+                .config()
+                .max_streams_per_connection
+                .saturating_mul(512))
+            .clamp(1 << 20, 32 << 20),
+        ))
+        .http2_max_pending_accept_reset_streams(Some(
+            state.config().max_streams_per_connection as usize,
+        ))
+        .http2_max_local_error_reset_streams(Some(
+            state.config().max_streams_per_connection as usize,
+        ))
         .add_service(v1::sharer_link_server::SharerLinkServer::new(
             sharer_link::SharerLinkService {
                 state: state.clone(),
