@@ -50,12 +50,7 @@ impl Latencies {
 
 /// Resident set size of process `pid` (or this one) in bytes, from /proc.
 pub fn rss_bytes(pid: Option<u32>) -> u64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".into(),
-    };
-    std::fs::read_to_string(path)
-        .ok()
+    proc_file(pid, "status")
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmRSS:"))
@@ -68,12 +63,7 @@ pub fn rss_bytes(pid: Option<u32>) -> u64 {
 /// process's with `None`. Read from `/proc/PID/stat` (clock ticks of
 /// 1/100 s, as Linux reports them to user space).
 pub fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".into(),
-    };
-    std::fs::read_to_string(path)
-        .ok()
+    proc_file(pid, "stat")
         .and_then(|s| {
             // Fields after the command name, which is in parentheses and
             // may hold spaces: utime and stime are the 12th and 13th.
@@ -131,4 +121,10 @@ mod tests {
         assert_eq!(Latencies::default().percentile(99.0), 0);
         assert!(rss_bytes(None) > 0);
     }
+}
+
+/// `/proc/PID/NAME` of `pid`, or of this process; `None` when it is gone.
+fn proc_file(pid: Option<u32>, name: &str) -> Option<String> {
+    let dir = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
+    std::fs::read_to_string(format!("/proc/{dir}/{name}")).ok()
 }

@@ -25,18 +25,25 @@ pub struct Seen {
 /// How long the writer gathers devices seen before it writes them.
 pub const SEEN_COALESCE: Duration = Duration::from_millis(200);
 
+/// How long the writer waits before it tries a batch that failed again.
+const SEEN_RETRY: Duration = Duration::from_secs(1);
+
 /// Writes the devices [`State::note_device`] noted, a batch at a time,
-/// until `stop`; what is pending then is written before it returns.
+/// until `stop`; what is pending then is written before it returns. A
+/// batch that cannot be written is tried again after [`SEEN_RETRY`], also
+/// when no other device is noted meanwhile.
 pub async fn device_writer(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut retry = false;
     loop {
         let stopping = tokio::select! {
-            _ = state.seen().wake.notified() => false,
+            _ = state.seen().wake.notified(), if !retry => false,
+            _ = tokio::time::sleep(SEEN_RETRY), if retry => false,
             _ = stop.wait_for(|s| *s) => true,
         };
         if !stopping {
             tokio::time::sleep(SEEN_COALESCE).await;
         }
-        state.write_seen().await;
+        retry = !state.write_seen().await;
         if stopping {
             return;
         }
@@ -53,14 +60,15 @@ impl State {
     }
 
     /// Writes what [`State::note_device`] noted; what cannot be written
-    /// now is kept for the next batch (unless noted again since).
-    async fn write_seen(&self) {
+    /// now is kept for the next batch (unless noted again since). False
+    /// when some of it could not be written.
+    async fn write_seen(&self) -> bool {
         let batch: Vec<(DeviceKey, String, Role)> = match self.seen().pending.lock() {
             Ok(mut p) => p.drain().map(|(k, (n, r))| (k, n, r)).collect(),
-            Err(_) => return,
+            Err(_) => return true,
         };
         if batch.is_empty() {
-            return;
+            return true;
         }
         let now = unix_now();
         let failed: Vec<_> = match self.cluster() {
@@ -94,13 +102,15 @@ impl State {
                 }
             }
         };
-        if !failed.is_empty()
-            && let Ok(mut p) = self.seen().pending.lock()
-        {
+        if failed.is_empty() {
+            return true;
+        }
+        if let Ok(mut p) = self.seen().pending.lock() {
             for (k, n, r) in failed {
                 p.entry(k).or_insert((n, r));
             }
         }
+        false
     }
 
     /// Records a device seen; a failure is logged, never the caller's.

@@ -63,7 +63,7 @@ pub struct State {
     /// Permits for sharers being admitted (`server.max_joining`), those
     /// waiting for one, and those refused because the queue was full.
     joining: tokio::sync::Semaphore,
-    join_waiting: AtomicU64,
+    joins_waiting: AtomicU64,
     joins_shed: AtomicU64,
     /// SHA-256 of the gRPC TLS certificate, hex, when serving TLS.
     tls_pin: OnceLock<String>,
@@ -214,7 +214,7 @@ impl State {
             inflight: tokio::sync::Semaphore::new(config.max_inflight_requests as usize),
             shed: Default::default(),
             joining: tokio::sync::Semaphore::new(config.max_joining as usize),
-            join_waiting: Default::default(),
+            joins_waiting: Default::default(),
             joins_shed: Default::default(),
             tls_pin: Default::default(),
             grpc_sources: Default::default(),
@@ -333,14 +333,14 @@ impl State {
         if let Ok(p) = self.joining.try_acquire() {
             return Ok(p);
         }
-        struct Waiting<'a>(&'a AtomicU64);
-        impl Drop for Waiting<'_> {
+        struct InQueue<'a>(&'a AtomicU64);
+        impl Drop for InQueue<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        let ahead = self.join_waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting(&self.join_waiting);
+        let ahead = self.joins_waiting.fetch_add(1, Ordering::Relaxed);
+        let _in_queue = InQueue(&self.joins_waiting);
         if ahead >= u64::from(self.config.join_queue) {
             self.joins_shed.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable(format!(
@@ -457,7 +457,7 @@ impl State {
             share_requests: self.share_requests.load(Ordering::Relaxed),
             requests_shed: self.shed.load(Ordering::Relaxed),
             joins_shed: self.joins_shed.load(Ordering::Relaxed),
-            joins_waiting: self.join_waiting.load(Ordering::Relaxed),
+            joins_waiting: self.joins_waiting.load(Ordering::Relaxed),
             connections_refused: both(|s| &s.refused),
             connections_silent: both(|s| &s.silent),
         }
