@@ -160,6 +160,27 @@ struct Path {
     name: &'static str,
     bulk: SocketAddr,
     echo: Option<SocketAddr>,
+    /// The processes doing the relaying, whose CPU time is counted.
+    relays: Relays,
+}
+
+enum Relays {
+    /// Nothing relays: the kernel alone.
+    None,
+    /// This process (requester and sharer both run in it).
+    This,
+    Pids(Vec<u32>),
+}
+
+impl Relays {
+    /// CPU seconds the relaying processes have used so far.
+    fn cpu_seconds(&self) -> Option<f64> {
+        match self {
+            Relays::None => None,
+            Relays::This => Some(crate::stats::cpu_seconds(None)),
+            Relays::Pids(p) => Some(p.iter().map(|p| crate::stats::cpu_seconds(Some(*p))).sum()),
+        }
+    }
 }
 
 fn ss_key() -> String {
@@ -266,11 +287,18 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
             name: "direct",
             bulk: bulk_target,
             echo: Some(echo_addr),
+            relays: Relays::None,
         },
         Path {
             name: "bandshare",
             bulk: fwd[0],
             echo: Some(fwd[1]),
+            // With the built-in sender this process also sends and sinks.
+            relays: if use_iperf {
+                Relays::This
+            } else {
+                Relays::None
+            },
         },
     ];
     let _ss = if use_ss {
@@ -279,6 +307,7 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
             name: "shadowsocks",
             bulk: locals[0],
             echo: Some(locals[1]),
+            relays: Relays::Pids(procs.iter().map(|p| p.0.id()).collect()),
         });
         Some(procs)
     } else {
@@ -292,13 +321,29 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     for p in &paths {
         let mut r = json!({});
         for streams in [1usize, 4] {
-            let gbit = if use_iperf {
-                send_iperf(p.bulk, streams, o.seconds).await?
+            let cpu0 = p.relays.cpu_seconds();
+            let (gbit, secs) = if use_iperf {
+                // iperf3 runs whole seconds.
+                let gbit = send_iperf(p.bulk, streams, o.seconds).await?;
+                (gbit, o.seconds.ceil())
             } else {
-                send_builtin(p.bulk, streams, o.seconds, &received).await?
+                let gbit = send_builtin(p.bulk, streams, o.seconds, &received).await?;
+                (gbit, o.seconds)
             };
-            eprintln!("  {:<12} {streams} stream(s): {gbit:.2} Gbit/s", p.name);
+            let gb = gbit * secs / 8.0;
+            let cpu = match (cpu0, p.relays.cpu_seconds()) {
+                (Some(a), Some(b)) if gb > 0.0 => Some((b - a) / gb),
+                _ => None,
+            };
+            let cpu_text = cpu.map_or(String::new(), |c| format!(", {c:.2} CPU s per GB relayed"));
+            eprintln!(
+                "  {:<12} {streams} stream(s): {gbit:.2} Gbit/s{cpu_text}",
+                p.name
+            );
             r[format!("gbit_s_{streams}")] = json!((gbit * 1000.0).round() / 1000.0);
+            if let Some(c) = cpu {
+                r[format!("cpu_s_per_gb_{streams}")] = json!((c * 1000.0).round() / 1000.0);
+            }
         }
         if let Some(e) = p.echo {
             let us = first_byte(e, o.first_byte_rounds).await?;
@@ -331,6 +376,8 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
         "first_byte_direct_us": get("direct", "first_byte_us"),
         "first_byte_relay_us": get("bandshare", "first_byte_us"),
         "first_byte_added_us": get("bandshare", "first_byte_us") - get("direct", "first_byte_us"),
+        "cpu_s_per_gb": results.get("bandshare").map(|v| v["cpu_s_per_gb_1"].clone()),
+        "cpu_s_per_gb_4": results.get("bandshare").map(|v| v["cpu_s_per_gb_4"].clone()),
     });
     if use_ss {
         v["shadowsocks"] = json!({
@@ -340,6 +387,8 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
             "gbit_s_4": get("shadowsocks", "gbit_s_4"),
             "ratio_4": ratio("shadowsocks", "gbit_s_4"),
             "first_byte_added_us": get("shadowsocks", "first_byte_us") - get("direct", "first_byte_us"),
+            "cpu_s_per_gb": results.get("shadowsocks").map(|v| v["cpu_s_per_gb_1"].clone()),
+            "cpu_s_per_gb_4": results.get("shadowsocks").map(|v| v["cpu_s_per_gb_4"].clone()),
         });
     }
     requester.stop();

@@ -75,6 +75,12 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `/proc/PID/NAME` of `pid`, or of this process; `None` when it is gone.
+fn proc_file(pid: Option<u32>, name: &str) -> Option<String> {
+    let dir = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
+    std::fs::read_to_string(format!("/proc/{dir}/{name}")).ok()
+}
+
 pub fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -121,10 +127,4 @@ mod tests {
         assert_eq!(Latencies::default().percentile(99.0), 0);
         assert!(rss_bytes(None) > 0);
     }
-}
-
-/// `/proc/PID/NAME` of `pid`, or of this process; `None` when it is gone.
-fn proc_file(pid: Option<u32>, name: &str) -> Option<String> {
-    let dir = pid.map_or_else(|| "self".to_string(), |p| p.to_string());
-    std::fs::read_to_string(format!("/proc/{dir}/{name}")).ok()
 }

@@ -7,12 +7,8 @@
 //! the bytes relayed never exceed an allowance, and a rate limit lets at most
 //! `burst + rate × t` bytes through in any `t`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Instant;
 
 /// The sharer's limits on relayed bytes; 0 means none. Days are UTC days.
@@ -217,6 +213,47 @@ impl Meter {
         true
     }
 
+    /// Takes up to `want` bytes (at least 1) from the rate and every
+    /// allowance; what is not used afterwards goes back with
+    /// [`Meter::refund`].
+    pub(crate) fn try_grant(&self, want: u64) -> Grant {
+        let mut grant = want;
+        if let Some(b) = &self.bucket {
+            let taken = match b.lock() {
+                Ok(mut b) => b.take(grant, Instant::now()),
+                Err(_) => return Grant::Exhausted("rate limiter poisoned".into()),
+            };
+            match taken {
+                Ok(g) => grant = g,
+                Err(wait) => return Grant::Wait(wait),
+            }
+        }
+        let mut taken: u64 = grant; // what every earlier allowance holds
+        for (i, a) in self.allowances.iter().enumerate() {
+            let g = a.reserve(taken);
+            if g < taken {
+                for earlier in &self.allowances[..i] {
+                    earlier.refund(taken - g);
+                }
+            }
+            taken = g;
+            if g == 0 {
+                if let Some(b) = &self.bucket
+                    && let Ok(mut b) = b.lock()
+                {
+                    b.refund(grant);
+                }
+                return Grant::Exhausted(a.reason().to_string());
+            }
+        }
+        if let Some(b) = &self.bucket
+            && let Ok(mut b) = b.lock()
+        {
+            b.refund(grant - taken);
+        }
+        Grant::Bytes(taken)
+    }
+
     /// The reason of the first allowance that is used up, if any.
     pub fn exhausted(&self) -> Option<&str> {
         self.allowances
@@ -225,7 +262,7 @@ impl Meter {
             .map(|a| a.reason())
     }
 
-    fn refund(&self, n: u64) {
+    pub fn refund(&self, n: u64) {
         if n == 0 {
             return;
         }
@@ -240,95 +277,15 @@ impl Meter {
     }
 }
 
-/// A reader that moves only what its [`Meter`] grants; once an allowance is
-/// used up its reads fail with that allowance's reason.
-pub struct Metered<R> {
-    inner: R,
-    meter: Meter,
-    wait: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<R> Metered<R> {
-    pub fn new(inner: R, meter: Meter) -> Metered<R> {
-        Metered {
-            inner,
-            meter,
-            wait: None,
-        }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if let Some(w) = this.wait.as_mut() {
-                ready!(w.as_mut().poll(cx));
-                this.wait = None;
-            }
-            let want = buf.remaining() as u64;
-            if want == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            let mut grant = want;
-            if let Some(b) = &this.meter.bucket {
-                let taken = match b.lock() {
-                    Ok(mut b) => b.take(grant, Instant::now()),
-                    Err(_) => {
-                        return Poll::Ready(Err(std::io::Error::other("rate limiter poisoned")));
-                    }
-                };
-                match taken {
-                    Ok(g) => grant = g,
-                    Err(wait) => {
-                        this.wait = Some(Box::pin(tokio::time::sleep(wait)));
-                        continue;
-                    }
-                }
-            }
-            let mut taken: u64 = grant; // what every earlier allowance holds
-            for (i, a) in this.meter.allowances.iter().enumerate() {
-                let g = a.reserve(taken);
-                if g < taken {
-                    for earlier in &this.meter.allowances[..i] {
-                        earlier.refund(taken - g);
-                    }
-                }
-                taken = g;
-                if g == 0 {
-                    let reason = a.reason().to_string();
-                    if let Some(b) = &this.meter.bucket
-                        && let Ok(mut b) = b.lock()
-                    {
-                        b.refund(grant);
-                    }
-                    return Poll::Ready(Err(std::io::Error::other(reason)));
-                }
-            }
-            if let Some(b) = &this.meter.bucket
-                && let Ok(mut b) = b.lock()
-            {
-                b.refund(grant - taken);
-            }
-            let room = usize::try_from(taken).unwrap_or(usize::MAX);
-            let mut sub = ReadBuf::new(buf.initialize_unfilled_to(room));
-            let r = Pin::new(&mut this.inner).poll_read(cx, &mut sub);
-            let n = sub.filled().len();
-            buf.advance(n);
-            this.meter.refund(taken - n as u64);
-            return r;
-        }
-    }
+pub(crate) enum Grant {
+    Bytes(u64),
+    Wait(Duration),
+    Exhausted(String),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     #[test]
     fn allowance_never_overruns() {
@@ -356,8 +313,26 @@ mod tests {
         assert_eq!(b.take(500, t0 + Duration::from_millis(50)), Ok(20));
     }
 
+    /// Moves `len` bytes in reads of at most 64 KiB as `meter` grants them,
+    /// as the splice does; returns what moved and how it ended.
+    async fn drain(meter: &Meter, len: usize) -> (usize, std::io::Result<()>) {
+        let mut moved = 0;
+        while moved < len {
+            match meter.try_grant(65_536) {
+                Grant::Bytes(g) => {
+                    let n = (g as usize).min(len - moved);
+                    meter.refund(g - n as u64);
+                    moved += n;
+                }
+                Grant::Wait(d) => tokio::time::sleep(d).await,
+                Grant::Exhausted(reason) => return (moved, Err(std::io::Error::other(reason))),
+            }
+        }
+        (moved, Ok(()))
+    }
+
     #[tokio::test]
-    async fn metered_reader_stops_at_the_smallest_allowance() {
+    async fn metered_moves_stop_at_the_smallest_allowance() {
         let data = vec![7u8; 100_000];
         let small = Arc::new(Allowance::new(12_345, false, "ticket byte quota used up"));
         let big = Arc::new(Allowance::new(50_000, true, "daily"));
@@ -365,28 +340,25 @@ mod tests {
             bucket: None,
             allowances: vec![big.clone(), small.clone()],
         };
-        let mut r = Metered::new(&data[..], meter.clone());
-        let mut out = vec![];
-        let err = r.read_to_end(&mut out).await.expect_err("quota ends it");
-        assert_eq!(out.len(), 12_345);
+        let (moved, end) = drain(&meter, data.len()).await;
+        let err = end.expect_err("quota ends it");
+        assert_eq!(moved, 12_345);
         assert_eq!(err.to_string(), "ticket byte quota used up");
         assert_eq!(big.used(), 12_345, "the refund keeps the larger one exact");
         assert_eq!(meter.exhausted(), Some("ticket byte quota used up"));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn metered_reader_keeps_to_the_rate() {
+    async fn metered_moves_keep_to_the_rate() {
         let data = vec![1u8; 300_000];
         let meter = Meter {
             bucket: Some(Arc::new(Mutex::new(Bucket::new(100_000, 10_000)))),
             allowances: vec![],
         };
         let started = tokio::time::Instant::now();
-        let mut out = vec![];
-        Metered::new(&data[..], meter)
-            .read_to_end(&mut out)
-            .await
-            .expect("read");
+        let (moved, end) = drain(&meter, data.len()).await;
+        end.expect("within every allowance");
+        assert_eq!(moved, data.len());
         // 10 000 at once, then 290 000 at 100 000/s: 2.9 s of (paused) time.
         let secs = started.elapsed().as_secs_f64();
         assert!((2.85..3.0).contains(&secs), "{secs}");

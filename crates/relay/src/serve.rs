@@ -7,8 +7,8 @@
 //! uplink. Shared state lives in `state.rs`.
 
 use crate::admit::Gate;
-use crate::limits::{Allowance, Limits, Meter, Metered};
-use crate::splice::copy_counted;
+use crate::limits::{Allowance, Limits, Meter};
+use crate::splice::{from_quic, to_quic};
 use crate::state::{Counters, RelayHandle, RelayState, now_unix, uplink_of};
 use crate::tls;
 use crate::wire::{self, Hello, StreamOpen, reply};
@@ -81,8 +81,14 @@ impl Relay {
     /// Binds the UDP socket and makes a fresh certificate.
     pub fn bind(opts: RelayOptions) -> Result<Relay, RelayError> {
         let (cfg, pin) = tls::server_config()?;
-        let endpoint = quinn::Endpoint::server(cfg, opts.listen)
-            .map_err(|e| RelayError::Bind(opts.listen, e))?;
+        let socket = tls::quic_socket(opts.listen).map_err(|e| RelayError::Bind(opts.listen, e))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(cfg),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| RelayError::Bind(opts.listen, e))?;
         let egress = opts.egress;
         let shared = Arc::new(RelayState {
             pin,
@@ -436,13 +442,15 @@ async fn relay_flow(
         .await
         .map_err(|e| e.to_string())?;
     let (tr, tw) = tcp.into_split();
-    let up = copy_counted(
-        Metered::new(recv, meter.clone()),
+    let up = from_quic(
+        recv,
+        Some(meter),
         tw,
         [&counters.up, &shared.total, &shared.total_up],
     );
-    let down = copy_counted(
-        Metered::new(tr, meter.clone()),
+    let down = to_quic(
+        tr,
+        Some(meter),
         send,
         [&counters.down, &shared.total, &shared.total_down],
     );

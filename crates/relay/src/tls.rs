@@ -58,6 +58,22 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
+/// Socket buffers asked for on a relay's UDP socket. The kernel's default
+/// (about 208 KiB) drops datagrams at a few Gbit/s; the kernel caps what
+/// is asked at `net.core.rmem_max`/`wmem_max`.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket for a QUIC endpoint on `addr`: marked (see
+/// [`crate::mark`]), with room for bursts.
+pub fn quic_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = crate::mark::udp_bind(addr)?;
+    let r = socket2::SockRef::from(&s);
+    // Best effort: a smaller buffer only costs throughput.
+    let _ = r.set_recv_buffer_size(UDP_BUFFER);
+    let _ = r.set_send_buffer_size(UDP_BUFFER);
+    Ok(s)
+}
+
 /// A fresh self-signed certificate, the server config using it, and its pin.
 pub fn server_config() -> Result<(quinn::ServerConfig, [u8; 32]), TlsError> {
     let ck = rcgen::generate_simple_self_signed(vec!["bandshare-relay".to_string()])?;

@@ -63,7 +63,7 @@ impl Tunnel {
             SocketAddr::from(([0u16; 8], 0))
         };
         // Marked in whole-device mode, so it keeps the original routes.
-        let socket = crate::mark::udp_bind(bind).map_err(TunnelError::Bind)?;
+        let socket = tls::quic_socket(bind).map_err(TunnelError::Bind)?;
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             None,

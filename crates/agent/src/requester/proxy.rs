@@ -7,7 +7,7 @@ use super::own_link::{Path, Via};
 use super::pool::Pool;
 use super::socks::{self, Parse, ProxyError};
 use bandshare_core::accept::AcceptFailures;
-use bandshare_relay::splice::copy_counted;
+use bandshare_relay::splice::{copy_counted, from_quic, to_quic};
 use bandshare_relay::wire::reply;
 use bandshare_relay::{FlowError, FlowHeader, Tunnel};
 use std::sync::Arc;
@@ -319,7 +319,7 @@ async fn relay_to(
     }
     let _ = tcp.set_nodelay(true);
     let (r, w) = tcp.into_split();
-    let up = copy_counted(r, send, [&member.bytes_up, &pool.counters.pool_up]);
+    let up = to_quic(r, None, send, [&member.bytes_up, &pool.counters.pool_up]);
     let down = async {
         if !wait_reply {
             // On refusal the flow ends; the client sees its connection close.
@@ -327,7 +327,13 @@ async fn relay_to(
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        copy_counted(recv, w, [&member.bytes_down, &pool.counters.pool_down]).await
+        from_quic(
+            recv,
+            None,
+            w,
+            [&member.bytes_down, &pool.counters.pool_down],
+        )
+        .await
     };
     let (u, d) = tokio::join!(up, down);
     // A flow cut by a dying sharer ends here with an error the app sees as
