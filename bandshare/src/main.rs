@@ -11,6 +11,15 @@ mod render;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc instead of the system allocator: the coordinator allocates a
+/// little per request and per state report, from every core at once, and
+/// glibc's malloc spent about a quarter of its time under that load.
+/// Built without transparent huge pages (feature `no_thp`): with them,
+/// share requests under load were faster still but each online sharer
+/// cost 24 KiB instead of 16 (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
