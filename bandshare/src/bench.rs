@@ -283,9 +283,9 @@ async fn bench_match(a: BenchMatchArgs) -> anyhow::Result<()> {
 
 fn print_report(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        out!("{}", serde_json::to_string_pretty(v)?);
     }
     Ok(())
 }

@@ -57,9 +57,7 @@ pub async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let t0 = Instant::now();
-    println!(
-        "bandshare demo: a coordinator, 5 sharers, a web target and a requester, on loopback\n"
-    );
+    out!("bandshare demo: a coordinator, 5 sharers, a web target and a requester, on loopback\n");
     let specs = sharers();
     let config = Config {
         report_interval: Duration::from_millis(500),
@@ -73,7 +71,7 @@ pub async fn run() -> anyhow::Result<()> {
     print_setup(&cluster, &specs);
 
     let want: bandshare_core::ServiceSet = [Service::Hotspot].into_iter().collect();
-    println!("\n1. A requester at the centre asks for offers (wants: hotspot)");
+    out!("\n1. A requester at the centre asks for offers (wants: hotspot)");
     let ch = bandshare_agent::client::connect(&cluster.coordinator.url).await?;
     let probe_key = bandshare_agent::identity::generate()?;
     let location = LocationSpec {
@@ -90,15 +88,15 @@ pub async fn run() -> anyhow::Result<()> {
         bandshare_agent::client::share_request_from(&probe_key, &location, &conditions, true),
     )
     .await?;
-    println!("{}", indent(&crate::render::offers_table(&resp, true)));
-    println!(
+    out!("{}", indent(&crate::render::offers_table(&resp, true)));
+    out!(
         "   (each sharer is shown at a secret point 15-25 m from where it is, the same for every\n    requester, so faked positions from any number of keys cannot trilaterate it;\n    alice at 8 m may show as 10-50m)"
     );
 
     // The own link's probe target, on loopback: it can go silent the way a
     // dead link does (its accept queue full, SYNs dropped).
     let gateway = Gateway::start().await?;
-    println!(
+    out!(
         "\n2. It connects: its own link first (probed at {}), one sharer kept warm, SOCKS5 locally",
         gateway.addr
     );
@@ -119,7 +117,7 @@ pub async fn run() -> anyhow::Result<()> {
     .await;
     print_paths(&r);
 
-    println!(
+    out!(
         "\n3. GET http://localhost:{port}/hello through SOCKS5 {} (as curl --socks5-hostname would)",
         r.socks()
     );
@@ -142,12 +140,12 @@ pub async fn run() -> anyhow::Result<()> {
         ledger.usage_rows().unwrap_or(0) > 0
     })
     .await;
-    println!(
+    out!(
         "\nusage ledger: {} rows in {}",
         ledger.usage_rows()?,
         ledger.path().display()
     );
-    println!(
+    out!(
         "\n8. What an operator and the user see: GET /metrics (Prometheus), and the same live on the dashboards at http://{}/ (coordinator) and the requester's --control /",
         cluster.coordinator.http_addr
     );
@@ -164,10 +162,10 @@ pub async fn run() -> anyhow::Result<()> {
         .lines()
         .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
     {
-        println!("   {l}");
+        out!("   {l}");
     }
     for f in r.requester.pool.counters.recent_failovers() {
-        println!(
+        out!(
             "   requester failover: {} -> {} ({})",
             f.from,
             f.to.as_deref().unwrap_or("none"),
@@ -179,7 +177,7 @@ pub async fn run() -> anyhow::Result<()> {
         s.kill();
     }
     scale_out().await?;
-    println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
+    out!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -191,12 +189,12 @@ async fn scale_out() -> anyhow::Result<()> {
     use bandshare_local::CoordinatorNode;
     use bandshare_local::redis_cluster::{self, RedisCluster};
     if !redis_cluster::available() {
-        println!(
+        out!(
             "\n9. Scale out: skipped, redis-server is not installed (apt-get install redis-server redis-tools,\n   then this step runs two coordinators on a Redis Cluster as one service)"
         );
         return Ok(());
     }
-    println!(
+    out!(
         "\n9. Scale out: two coordinators on one Redis Cluster (3 masters + 3 replicas, started for the demo)"
     );
     let redis = tokio::task::spawn_blocking(RedisCluster::start).await?;
@@ -210,7 +208,7 @@ async fn scale_out() -> anyhow::Result<()> {
     let on_a = |a: &CoordinatorNode| a.state.registry().local_len() == 1;
     wait_until(Duration::from_secs(10), || on_a(&a) || on_a(&b)).await;
     let (holder, other) = if on_a(&a) { (a, b) } else { (b, a) };
-    println!(
+    out!(
         "   frank (given both addresses) holds its stream on {}",
         holder.grpc_addr
     );
@@ -242,7 +240,7 @@ async fn scale_out() -> anyhow::Result<()> {
     };
     wait_until(Duration::from_secs(5), || other.state.registry().len() == 1).await;
     let (names, took) = ask(other.url.clone()).await?;
-    println!(
+    out!(
         "   a share request at {} offers {:?} in {:.1} ms (the access request went to {} through Redis)",
         other.grpc_addr,
         names,
@@ -256,7 +254,7 @@ async fn scale_out() -> anyhow::Result<()> {
     })
     .await;
     let (names, _) = ask(other.url.clone()).await?;
-    println!(
+    out!(
         "   the coordinator holding it stops: frank re-registers on {} in {:.1} s, which offers {:?}",
         other.grpc_addr,
         t.elapsed().as_secs_f64(),
@@ -274,11 +272,12 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
     use bandshare_agent::qos;
     const SPEED: f64 = 8.0;
     let weak = 240.0..400.0;
-    println!(
+    out!(
         "
 7. Learn and predict: 3 cyclists reported their own link along a street east \
          ({:.0}-{:.0} m is weak)",
-        weak.start, weak.end
+        weak.start,
+        weak.end
     );
     let ch = bandshare_agent::client::connect(&cluster.coordinator.url).await?;
     let now = bandshare_core::clock::unix_now() as f64;
@@ -311,7 +310,7 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
         .collect();
     let key = bandshare_agent::identity::generate()?;
     let got = qos::predict(ch, &key, &track, 0.0, 60).await?;
-    println!("   a new rider's track, each point answered from the points before it:");
+    out!("   a new rider's track, each point answered from the points before it:");
     for (i, p) in got
         .iter()
         .enumerate()
@@ -322,13 +321,13 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
             (false, Some(s)) => format!("weak zone ahead in {s:.0} s"),
             (false, None) => "no weak zone ahead".to_string(),
         };
-        println!(
+        out!(
             "   {:>3.0} m: expected {:>5} kbit/s, {what}",
             i as f64 * SPEED,
             p.expected_kbps.map_or("-".into(), |k| format!("{k:.0}"))
         );
     }
-    println!(
+    out!(
         "   (connect --via auto moves new flows to a full pool --predict-lead 20 s before such a zone)"
     );
     Ok(())
@@ -340,7 +339,7 @@ async fn own_link_goes_silent(
     r: &bandshare_local::RequesterNode,
     gateway: &Gateway,
 ) -> anyhow::Result<()> {
-    println!("\n4. The own link goes silent (packets vanish, the interface stays up)");
+    out!("\n4. The own link goes silent (packets vanish, the interface stays up)");
     gateway.cut().await?;
     let t = Instant::now();
     let moved = wait_until(Duration::from_secs(5), || {
@@ -348,7 +347,7 @@ async fn own_link_goes_silent(
     })
     .await;
     anyhow::ensure!(moved, "new flows never moved to the pool");
-    println!(
+    out!(
         "   after {:.0} ms new flows go through sharers; the pool fills to 3",
         t.elapsed().as_secs_f64() * 1000.0
     );
@@ -361,7 +360,7 @@ async fn own_link_answers_again(
     r: &bandshare_local::RequesterNode,
     gateway: &Gateway,
 ) -> anyhow::Result<()> {
-    println!("\n6. The own link answers again: new flows return after a 2 s hold");
+    out!("\n6. The own link answers again: new flows return after a 2 s hold");
     gateway.restore();
     let t = Instant::now();
     let back = wait_until(Duration::from_secs(10), || {
@@ -369,7 +368,7 @@ async fn own_link_answers_again(
     })
     .await;
     anyhow::ensure!(back, "new flows never returned to the own link");
-    println!(
+    out!(
         "   back to the own link after {:.1} s",
         t.elapsed().as_secs_f64()
     );
@@ -379,18 +378,18 @@ async fn own_link_answers_again(
 /// Where everything runs and who shares what.
 fn print_setup(cluster: &Cluster, specs: &[(SharerSpec, &str)]) {
     let port = cluster.target.addr.port();
-    println!(
+    out!(
         "coordinator   {}   (SQLite store in {})",
         cluster.coordinator.url,
         cluster.coordinator.data_dir.path().display()
     );
-    println!(
+    out!(
         "web target    http://localhost:{port}/   (loopback: sharers reach it only through --allow-egress 127.0.0.1/32:{port})"
     );
-    println!("sharers around {:.4},{:.4}:", center().lat, center().lon);
+    out!("sharers around {:.4},{:.4}:", center().lat, center().lon);
     for (s, place) in specs {
         let net = s.network.map_or("-", |n| n.as_str());
-        println!(
+        out!(
             "  {:<6} {:<11} services {:<18} network {net}",
             s.name,
             place,
@@ -406,7 +405,7 @@ async fn fail_over(
     first: &str,
     port: u16,
 ) -> anyhow::Result<()> {
-    println!("\n5. Kill the active sharer {first}: its stream ends and its relay closes");
+    out!("\n5. Kill the active sharer {first}: its stream ends and its relay closes");
     cluster
         .sharer(first)
         .ok_or_else(|| anyhow::anyhow!("no sharer {first}"))?
@@ -416,7 +415,7 @@ async fn fail_over(
         cluster.coordinator.online() < before
     })
     .await;
-    println!(
+    out!(
         "   coordinator: {} sharers online{}",
         cluster.coordinator.online(),
         if gone {
@@ -427,7 +426,7 @@ async fn fail_over(
     );
     let second = fetch(r, port, "/again").await?;
     anyhow::ensure!(second != first, "traffic did not move away from {first}");
-    println!("   new flows moved from {first} to {second}");
+    out!("   new flows moved from {first} to {second}");
     Ok(())
 }
 
@@ -447,7 +446,7 @@ fn indent(s: &str) -> String {
 /// Which path carries new flows, the own link, and the pool.
 fn print_paths(r: &bandshare_local::RequesterNode) {
     let own = r.requester.direct.status();
-    println!(
+    out!(
         "   new flows: {}   own link {} (rtt {}, loss {:.0} %, {} flows)",
         r.requester.direct.path().as_str(),
         own.state,
@@ -456,7 +455,7 @@ fn print_paths(r: &bandshare_local::RequesterNode) {
         own.flows
     );
     for m in r.requester.pool.status().pool {
-        println!(
+        out!(
             "   {} {:<6} {:<7} rtt {:>5.2} ms  score {:.3}  flows {}  bytes {}/{}",
             if m.active { "*" } else { " " },
             m.sharer,
@@ -485,12 +484,12 @@ async fn fetch(
         r.active().unwrap_or_else(|| "?".into())
     };
     anyhow::ensure!(body.contains(PAGE_TITLE), "unexpected page: {body}");
-    println!(
+    out!(
         "   {status} in {:.1} ms via {via}",
         t.elapsed().as_secs_f64() * 1000.0
     );
     for line in body.lines().take(2) {
-        println!("   | {line}");
+        out!("   | {line}");
     }
     Ok(via)
 }

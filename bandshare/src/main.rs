@@ -2,6 +2,16 @@
 //! the crates' `run` functions (`cli/run.rs`; `bench.rs` with the default
 //! `bench` feature); the demo (`demo.rs`) runs on `bandshare-local`.
 
+/// `println!` that does not panic when stdout is closed early
+/// (`bandshare offers … | head -1`): what cannot be written is dropped and
+/// the command ends as it would have.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 #[cfg(feature = "bench")]
 mod bench;
 mod cli;

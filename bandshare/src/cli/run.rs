@@ -163,7 +163,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
     let http_addr = http.local_addr().context("HTTP listener")?;
     listening("grpc", grpc_addr);
     listening("http", http_addr);
-    println!(
+    out!(
         "dashboard: http://{http_addr}/{}   metrics: http://{http_addr}/metrics",
         if config_has_token { "?token=…" } else { "" }
     );
@@ -187,9 +187,12 @@ async fn server(a: ServerArgs) -> anyhow::Result<()> {
 
 /// Prints the device table of `admin list`.
 fn print_devices(rows: &[bandshare_store::DeviceRow], now: u64) {
-    println!(
+    out!(
         "{:<64}  {:<9}  {:<9}  {:<8}  name",
-        "key", "role", "state", "seen"
+        "key",
+        "role",
+        "state",
+        "seen"
     );
     for d in rows {
         let state = d.decision.map_or("pending", |d| d.as_str());
@@ -198,7 +201,7 @@ fn print_devices(rows: &[bandshare_store::DeviceRow], now: u64) {
         } else {
             format!("{}s ago", now.saturating_sub(d.last_seen))
         };
-        println!(
+        out!(
             "{}  {:<9}  {:<9}  {:<8}  {}",
             d.key,
             d.role,
@@ -242,12 +245,12 @@ async fn admin_redis(a: AdminArgs, redis: &str) -> anyhow::Result<()> {
         AdminCommand::Approve { key } => {
             let k = find(&c.devices().await?, &key)?;
             c.decide(&k, Decision::Approved).await?;
-            println!("approved {k} (every coordinator of the service within a second)");
+            out!("approved {k} (every coordinator of the service within a second)");
         }
         AdminCommand::Revoke { key } => {
             let k = find(&c.devices().await?, &key)?;
             c.decide(&k, Decision::Revoked).await?;
-            println!("revoked {k} (every coordinator tells its sharers within a second)");
+            out!("revoked {k} (every coordinator tells its sharers within a second)");
         }
         AdminCommand::Pin => {
             anyhow::bail!("the TLS pin is per coordinator: give its --data, not --redis")
@@ -256,7 +259,7 @@ async fn admin_redis(a: AdminArgs, redis: &str) -> anyhow::Result<()> {
             let mut seed = [0u8; 32];
             bandshare_coordinator::random_seed(&mut seed)?;
             let id = c.add_signing_seed(seed).await?;
-            println!(
+            out!(
                 "new ticket-signing key {id}: every coordinator announces it to its sharers, signs with it a second later, and keeps the old one verifying until its tickets expire"
             );
         }
@@ -280,22 +283,22 @@ fn admin(a: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Approve { key } => {
             let k = store.find_device(&key)?;
             store.decide(&k, Decision::Approved, now)?;
-            println!("approved {k}");
+            out!("approved {k}");
         }
         AdminCommand::Revoke { key } => {
             let k = store.find_device(&key)?;
             store.decide(&k, Decision::Revoked, now)?;
-            println!("revoked {k} (a running server tells its sharers within a second)");
+            out!("revoked {k} (a running server tells its sharers within a second)");
         }
         AdminCommand::Pin => {
             let tls = bandshare_coordinator::tls::self_signed(&dir)?;
-            println!("{}", tls.pin_hex());
+            out!("{}", tls.pin_hex());
         }
         AdminCommand::RotateKey => {
             let mut seed = [0u8; 32];
             bandshare_coordinator::random_seed(&mut seed)?;
             let id = store.add_signing_seed(seed, now)?;
-            println!(
+            out!(
                 "new ticket-signing key {id}: a running server announces it to sharers, signs with it a second later, and keeps the old one verifying until its tickets expire"
             );
         }
@@ -353,7 +356,7 @@ async fn share(a: ShareArgs) -> anyhow::Result<()> {
     listening("relay", sharer.relay_addr);
     if let Some(c) = sharer.control_addr {
         listening("control", c);
-        println!("status: curl http://{c}/status   metrics: curl http://{c}/metrics");
+        out!("status: curl http://{c}/status   metrics: curl http://{c}/metrics");
     }
     sharer.join().await?;
     Ok(())
@@ -378,10 +381,10 @@ fn setup_tun(_name: &str) -> anyhow::Result<()> {
 fn cleanup_tun(name: &str) -> anyhow::Result<()> {
     let removed = bandshare_agent::requester::tun::cleanup(name);
     if removed.is_empty() {
-        println!("nothing to remove for {name}");
+        out!("nothing to remove for {name}");
     }
     for r in removed {
-        println!("removed {r}");
+        out!("removed {r}");
     }
     Ok(())
 }
@@ -506,9 +509,9 @@ async fn offers(a: OffersArgs) -> anyhow::Result<()> {
     )
     .await?;
     if a.json {
-        println!("{}", crate::render::offers_json(&resp, a.explain));
+        out!("{}", crate::render::offers_json(&resp, a.explain));
     } else {
-        println!("{}", crate::render::offers_table(&resp, a.explain));
+        out!("{}", crate::render::offers_table(&resp, a.explain));
     }
     Ok(())
 }
