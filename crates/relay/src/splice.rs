@@ -114,8 +114,10 @@ where
     let mut chunks: Vec<Bytes> = Vec::with_capacity(GATHER);
     let mut end = false;
     while !end {
-        // Wait for one chunk, then take what else has already arrived.
+        // Wait for one chunk, then take what else has already arrived. An
+        // error after some have arrived is returned once they are written.
         let mut used = 0;
+        let mut failed = None;
         while chunks.len() < GATHER && used < CHUNK {
             let first = chunks.is_empty();
             let read = metered(meter, |cx, max| {
@@ -131,19 +133,23 @@ where
                 }
             });
             let next = if first {
-                read.await?
+                read.await
             } else {
                 match read.now_or_never() {
-                    Some(next) => next?,
+                    Some(next) => next,
                     None => break,
                 }
             };
             match next {
-                Some(c) => {
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+                Ok(Some(c)) => {
                     used += c.bytes.len();
                     chunks.push(c.bytes);
                 }
-                None => {
+                Ok(None) => {
                     end = true;
                     break;
                 }
@@ -152,6 +158,9 @@ where
         total += used as u64;
         count(&counters, used);
         write_all_chunks(&mut w, &mut chunks).await?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
     w.shutdown().await?;
     Ok(total)
@@ -227,4 +236,140 @@ where
     }
     w.finish().map_err(std::io::Error::other)?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Allowance;
+    use crate::tls;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// What keeps a QUIC connection open while a test uses its streams:
+    /// dropping the last handle closes it, unsent data and all.
+    type Keep = (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Connection,
+    );
+
+    /// A QUIC stream pair over loopback: (client's send, server's recv).
+    async fn quic_pair() -> (Keep, quinn::SendStream, quinn::RecvStream) {
+        let (cfg, pin) = tls::server_config().expect("server tls");
+        let server = quinn::Endpoint::server(cfg, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("server endpoint");
+        let addr = server.local_addr().expect("addr");
+        let mut client =
+            quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("client");
+        client.set_default_client_config(tls::client_config(pin).expect("client tls"));
+        let accept = async {
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("conn");
+            let s = conn.accept_uni().await.expect("stream");
+            (conn, s)
+        };
+        let open = async {
+            let conn = client
+                .connect(addr, "bandshare-relay")
+                .expect("connect")
+                .await
+                .expect("conn");
+            let mut s = conn.open_uni().await.expect("open");
+            // A stream is announced to the peer with its first byte.
+            s.write_all(b"h").await.expect("first byte");
+            (conn, s)
+        };
+        let ((sc, mut recv), (cc, send)) = tokio::join!(accept, open);
+        let mut h = [0u8; 1];
+        recv.read_exact(&mut h).await.expect("first byte");
+        ((server, client, sc, cc), send, recv)
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn tcp_to_quic_to_tcp_arrives_whole_and_counted() {
+        let data = pattern(3_000_003);
+        let (_keep, send, recv) = quic_pair().await;
+        let (mut app, tcp_in) = tcp_pair().await;
+        let (tcp_out, mut sink) = tcp_pair().await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let writer = async {
+            app.write_all(&data).await.expect("write");
+            app.shutdown().await.expect("half-close");
+        };
+        let reader = async {
+            let mut got = vec![];
+            sink.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        let (_, moved_in, moved_out, got) = tokio::join!(
+            writer,
+            to_quic(tcp_in, None, send, [&up]),
+            from_quic(recv, None, tcp_out, [&down]),
+            reader
+        );
+        assert_eq!(moved_in.expect("into quic"), data.len() as u64);
+        assert_eq!(moved_out.expect("out of quic"), data.len() as u64);
+        assert_eq!(up.load(Ordering::Relaxed), data.len() as u64);
+        assert_eq!(down.load(Ordering::Relaxed), data.len() as u64);
+        assert!(got == data, "bytes arrive in order and unchanged");
+    }
+
+    #[tokio::test]
+    async fn a_meter_stops_both_directions_at_the_allowance_with_its_reason() {
+        const QUOTA: u64 = 100_000;
+        let quota = Arc::new(Allowance::new(QUOTA, false, "ticket byte quota used up"));
+        let meter = Meter {
+            bucket: None,
+            allowances: vec![quota.clone()],
+        };
+        let data = pattern(300_000);
+        let (_keep, send, recv) = quic_pair().await;
+        let (mut app, tcp_in) = tcp_pair().await;
+        let (tcp_out, mut sink) = tcp_pair().await;
+        let none = AtomicU64::new(0);
+        // In: stops at the quota with the reason.
+        let writer = async {
+            let _ = app.write_all(&data).await;
+            app
+        };
+        let (_app, moved) = tokio::join!(writer, to_quic(tcp_in, Some(&meter), send, [&none]));
+        let err = moved.expect_err("the quota ends it");
+        assert_eq!(err.to_string(), "ticket byte quota used up");
+        assert_eq!(quota.used(), QUOTA, "exactly the quota, never more");
+        assert_eq!(none.load(Ordering::Relaxed), QUOTA);
+
+        // Out, under an allowance of half that: exactly half arrives, in
+        // order, and the flow ends with that allowance's reason.
+        let half = Meter {
+            bucket: None,
+            allowances: vec![Arc::new(Allowance::new(QUOTA / 2, false, "daily cap"))],
+        };
+        let reader = async {
+            let mut got = vec![];
+            let _ = sink.read_to_end(&mut got).await;
+            got
+        };
+        let (moved, got) = tokio::join!(from_quic(recv, Some(&half), tcp_out, [&none]), reader);
+        assert_eq!(moved.expect_err("the cap ends it").to_string(), "daily cap");
+        assert_eq!(got.len() as u64, QUOTA / 2);
+        assert!(data.starts_with(&got));
+    }
 }
