@@ -47,8 +47,6 @@ pub struct Book {
     devices: HashMap<u64, Seen>,
     /// Route trails of the devices other coordinators report (scale-out).
     shared: HashMap<u64, Option<Trail>>,
-    /// Changed since the last save.
-    dirty: bool,
     pub accepted: u64,
     pub rejected: u64,
 }
@@ -59,7 +57,6 @@ impl Book {
             map,
             devices: HashMap::new(),
             shared: HashMap::new(),
-            dirty: false,
             accepted: 0,
             rejected: 0,
         }
@@ -76,7 +73,6 @@ impl Book {
             let trail = self.shared.entry(s.device).or_default();
             if self.map.observe(s, trail).is_ok() {
                 self.accepted += 1;
-                self.dirty = true;
             }
         }
     }
@@ -329,7 +325,6 @@ fn observe(
     }
     book.accepted += u64::from(ack.accepted);
     book.rejected += u64::from(ack.rejected);
-    book.dirty |= ack.accepted > 0;
     ack
 }
 
@@ -365,40 +360,49 @@ pub(crate) fn sharer_uplink(
     let _ = state.qos_book(|b| observe(b, state, key, &[sample], Instant::now()));
 }
 
-/// Writes the map's aggregates to the store when they changed.
+/// Writes the aggregates that changed since the last save to the store
+/// (upserts: a map of many cells costs only what moved); what cannot be
+/// written is written with the next save.
 pub(crate) async fn save(state: &Arc<State>) {
-    let Ok(Some((cells, routes))) = state.qos_book(|book| {
-        if !book.dirty {
-            return None;
-        }
-        book.dirty = false;
-        let cells: Vec<_> = book.map.cells().map(|(k, a)| (*k, a.clone())).collect();
-        let routes: Vec<_> = book
-            .map
-            .routes()
-            .iter()
-            .map(|(e, t)| (*e, t.clone()))
-            .collect();
-        Some((cells, routes))
-    }) else {
+    let Ok(Some(changes)) =
+        state.qos_book(|book| book.map.has_changes().then(|| book.map.take_changes()))
+    else {
         return;
     };
-    let n = (cells.len(), routes.len());
-    if let Some(c) = state.cluster() {
-        if let Err(e) = c.save_qos(&cells, &routes).await {
-            warn!(error = %e, "cannot save the QoS map to Redis; retrying");
-            let _ = state.qos_book(|b| b.dirty = true);
+    let n = (changes.0.len(), changes.1.len());
+    let failed = match state.cluster() {
+        Some(c) => match c.save_qos(&changes.0, &changes.1).await {
+            Ok(()) => None,
+            Err(e) => {
+                warn!(error = %e, "cannot save the QoS map to Redis; retrying");
+                Some(changes)
+            }
+        },
+        None => {
+            let store = state.store().clone();
+            match tokio::task::spawn_blocking(move || {
+                let r = store.save_qos(&changes.0, &changes.1);
+                (r, changes)
+            })
+            .await
+            {
+                Ok((Ok(()), _)) => None,
+                Ok((Err(e), changes)) => {
+                    warn!(error = %e, "cannot save the QoS map; retrying");
+                    Some(changes)
+                }
+                Err(e) => {
+                    warn!(error = %e, "QoS save task failed");
+                    None
+                }
+            }
         }
-        return;
-    }
-    let store = state.store().clone();
-    match tokio::task::spawn_blocking(move || store.save_qos(&cells, &routes)).await {
-        Ok(Ok(())) => debug!(cells = n.0, routes = n.1, "QoS map saved"),
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot save the QoS map; retrying");
-            let _ = state.qos_book(|b| b.dirty = true);
+    };
+    match failed {
+        Some(changes) => {
+            let _ = state.qos_book(|b| b.map.unsaved(&changes));
         }
-        Err(e) => warn!(error = %e, "QoS save task failed"),
+        None => debug!(cells = n.0, routes = n.1, "QoS map saved"),
     }
 }
 

@@ -15,7 +15,7 @@
 //!   no track can be rebuilt from it.
 
 use h3o::{CellIndex, LatLng, Resolution};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 pub mod eval;
 mod predict;
@@ -218,7 +218,13 @@ pub struct Map {
     routes: Routes,
     /// The newest sample's time: "now" for ages.
     newest: f64,
+    /// Cells changed since [`Map::take_changes`], for saving only those.
+    changed: HashSet<Key>,
 }
+
+/// What changed in a map since it was last saved: (cell, aggregate) and
+/// (edge, transition), as they are now.
+pub type Changes = (Vec<(Key, Agg)>, Vec<(routes::Edge, routes::Transition)>);
 
 /// Where one device was last, for learning its route from its next
 /// sample. Held only while its samples arrive (never stored).
@@ -284,6 +290,7 @@ impl Map {
             resolution,
             cells: HashMap::new(),
             routes: Routes::default(),
+            changed: HashSet::new(),
             newest: f64::MIN,
         })
     }
@@ -370,6 +377,29 @@ impl Map {
         &self.cfg
     }
 
+    /// Whether anything changed since [`Map::take_changes`] (restoring is
+    /// not a change).
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty() || self.routes.has_changes()
+    }
+
+    /// The cells and transitions changed since the last call, as they are
+    /// now; the map then counts nothing as changed.
+    pub fn take_changes(&mut self) -> Changes {
+        let cells = self
+            .changed
+            .drain()
+            .filter_map(|k| self.cells.get(&k).map(|a| (k, a.clone())))
+            .collect();
+        (cells, self.routes.take_changes())
+    }
+
+    /// Counts `changes` as changed again (their save failed).
+    pub fn unsaved(&mut self, changes: &Changes) {
+        self.changed.extend(changes.0.iter().map(|(k, _)| *k));
+        self.routes.unsaved(changes.1.iter().map(|(e, _)| *e));
+    }
+
     /// Cells held (all levels).
     pub fn len(&self) -> usize {
         self.cells.len()
@@ -431,8 +461,10 @@ impl Map {
                     .entry((c, Some(how)))
                     .or_default()
                     .add(s, t, &cfg);
+                self.changed.insert((c, Some(how)));
             }
             self.cells.entry((c, None)).or_default().add(s, t, &cfg);
+            self.changed.insert((c, None));
         }
         self.newest = self.newest.max(s.t);
         Ok(())
@@ -478,6 +510,47 @@ mod tests {
             down_kbps: kbps,
             device,
         }
+    }
+
+    #[test]
+    fn only_what_changed_is_saved_again() {
+        let mut m = Map::new(Config::default()).expect("map");
+        let mut trail = None;
+        m.observe(&sample(1000.0, 100.0, 1), &mut trail)
+            .expect("add");
+        let east = Sample {
+            lon: LON + 0.01,
+            ..sample(1010.0, 100.0, 1)
+        };
+        m.observe(&east, &mut trail).expect("add");
+        assert!(m.has_changes());
+        let (cells, routes) = m.take_changes();
+        // Two cells, each at its hour and at every level above.
+        let levels = 1 + usize::from(Config::default().parent_levels);
+        assert_eq!(cells.len(), m.len(), "everything is new once");
+        assert!(
+            cells.len() > levels && cells.len() <= 2 * (levels + 1),
+            "{}",
+            cells.len()
+        );
+        assert_eq!(routes.len(), m.routes().len());
+        assert!(!m.has_changes());
+        assert_eq!(m.take_changes().0.len(), 0, "nothing moved since");
+
+        // One more sample where the first was: its cell, its hour and its
+        // parents change; the other cell does not.
+        m.observe(&sample(1020.0, 50.0, 2), &mut None).expect("add");
+        let (again, routes) = m.take_changes();
+        assert!(routes.is_empty(), "a first sample learns no route");
+        let here = u64::from(m.cell_of(LAT, LON).expect("cell"));
+        let there = u64::from(m.cell_of(LAT, LON + 0.01).expect("cell"));
+        assert!(again.iter().any(|((c, _), a)| *c == here && a.weight > 1.5));
+        assert!(again.iter().all(|((c, _), _)| *c != there));
+        assert!(again.len() < cells.len());
+
+        // A failed save counts its cells as changed again.
+        m.unsaved(&(again.clone(), vec![]));
+        assert_eq!(m.take_changes().0.len(), again.len());
     }
 
     #[test]

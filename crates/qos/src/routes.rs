@@ -11,7 +11,7 @@
 //! and decayed the same way, and keeps only cell-keyed device tags.
 
 use crate::{Config, tag};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The previous-cell value for "unknown" (no H3 index is 0).
 pub const NONE: u64 = 0;
@@ -67,6 +67,8 @@ pub struct Routes {
     edges: HashMap<Edge, Transition>,
     /// Out-edges by (came from, here), for lookups.
     out: HashMap<(u64, u64), Vec<u64>>,
+    /// Edges changed since [`Routes::take_changes`].
+    changed: HashSet<Edge>,
 }
 
 impl Routes {
@@ -110,7 +112,24 @@ impl Routes {
             if tr.tags.len() < cfg.k && !tr.tags.contains(&tg) {
                 tr.tags.push(tg);
             }
+            self.changed.insert(key);
         }
+    }
+
+    pub(crate) fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// The transitions changed since the last call, as they are now.
+    pub(crate) fn take_changes(&mut self) -> Vec<(Edge, Transition)> {
+        self.changed
+            .drain()
+            .filter_map(|e| self.edges.get(&e).map(|t| (e, t.clone())))
+            .collect()
+    }
+
+    pub(crate) fn unsaved(&mut self, edges: impl Iterator<Item = Edge>) {
+        self.changed.extend(edges);
     }
 
     /// Restores one stored transition.
