@@ -357,9 +357,12 @@ async fn measure_ours(o: &MatchOptions) -> anyhow::Result<Ours> {
     eprintln!("  {offers_per_request:.1} offers per share request");
     // Each request should be offered about the candidates the index found
     // (at most 10): far fewer means sharers dropped out during the run.
+    // Below one candidate a query (a sparse run, as in the tests) the two
+    // averages are over different random points and too few hits to
+    // compare.
     let candidates = (found as f64 / n.max(1) as f64).min(10.0);
     anyhow::ensure!(
-        offers_per_request >= 0.5 * candidates,
+        candidates < 1.0 || offers_per_request >= 0.5 * candidates,
         "share requests got {offers_per_request:.1} offers each where the index finds {candidates:.1}: the figures would not be of full requests"
     );
     Ok(Ours {
