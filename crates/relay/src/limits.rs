@@ -262,7 +262,7 @@ impl Meter {
             .map(|a| a.reason())
     }
 
-    pub fn refund(&self, n: u64) {
+    pub(crate) fn refund(&self, n: u64) {
         if n == 0 {
             return;
         }
