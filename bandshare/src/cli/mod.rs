@@ -493,10 +493,11 @@ struct ConnectArgs {
     direct_max_loss: f64,
     /// Pre-connect: with --via auto, new flows move to the pool this many
     /// seconds before a weak zone the coordinator's QoS map predicts along
-    /// this device's track (and the own link's quality is reported to it).
+    /// this device's track. On every path the own link's quality, and what
+    /// each sharer carried, is reported to the map.
     #[arg(long, value_name = "SECONDS", default_value_t = 20.0, value_parser = parse_hold)]
     predict_lead: f64,
-    /// Never ask for predictions and never report the own link.
+    /// Never ask for predictions and never report link quality.
     #[arg(long)]
     no_predict: bool,
     /// How the active sharer is chosen: best (link state, probes, distance),

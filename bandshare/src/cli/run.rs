@@ -430,7 +430,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         },
         predict: (!a.no_predict).then_some(bandshare_agent::requester::forecast::Options {
             lead_s: a.predict_lead,
-            report: true,
+            ..Default::default()
         }),
     };
     let r = Requester::start(opts, key, shutdown.clone()).await?;

@@ -10,6 +10,12 @@
 //! a device's last position lives in memory only, to check the next sample
 //! and learn its route. Aggregates are written to the store every few
 //! seconds when they changed, and at shutdown.
+//!
+//! A requester also reports what it saw through a sharer: such a sample
+//! carries the ticket that admitted it, is accepted only for a ticket this
+//! coordinator issued to that requester, and is placed at the sharer's
+//! position (never told to the requester). It counts for the requester's
+//! device, like its own samples, and teaches no route.
 
 use crate::State;
 use crate::matchmaker::proven;
@@ -32,6 +38,17 @@ const MAX_DEVICES: usize = 200_000;
 const MAX_ACCURACY_M: f64 = 200.0;
 /// A sample may not be from further ahead than this (clock skew).
 const FUTURE_SLACK_S: f64 = 300.0;
+/// A ticket vouches for reports through its sharer this long after it
+/// expires (a warm connection outlives the ticket that opened it).
+pub const THROUGH_REPORT_WINDOW_S: u64 = 3600;
+
+/// An accepted sample and whether it teaches its device's route (samples
+/// measured through a sharer do not: the requester did not go there).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Accepted {
+    pub sample: Sample,
+    pub route: bool,
+}
 
 /// What one device last reported, in memory only.
 struct Seen {
@@ -65,13 +82,19 @@ impl Book {
 
 impl Book {
     /// Samples another coordinator of the service accepted (checked there).
-    pub fn apply_shared(&mut self, samples: &[bandshare_qos::Sample]) {
+    pub fn apply_shared(&mut self, samples: &[Accepted]) {
         if self.shared.len() >= MAX_DEVICES {
             self.shared.clear();
         }
-        for s in samples {
-            let trail = self.shared.entry(s.device).or_default();
-            if self.map.observe(s, trail).is_ok() {
+        for a in samples {
+            let s = &a.sample;
+            let took = if a.route {
+                let trail = self.shared.entry(s.device).or_default();
+                self.map.observe(s, trail)
+            } else {
+                self.map.add(s)
+            };
+            if took.is_ok() {
                 self.accepted += 1;
             }
         }
@@ -169,9 +192,14 @@ impl v1::qos_server::Qos for QosService {
                 req.samples.len()
             )));
         }
+        let placed: Vec<_> = req
+            .samples
+            .iter()
+            .map(|s| place(&self.state, &key, s))
+            .collect();
         let ack = self
             .state
-            .qos_book(|book| observe(book, &self.state, &key, &req.samples, Instant::now()))?;
+            .qos_book(|book| observe(book, &self.state, &key, &placed, Instant::now()))?;
         debug!(device = %key.short(), accepted = ack.accepted, rejected = ack.rejected, "observations");
         Ok(Response::new(ack))
     }
@@ -264,11 +292,56 @@ impl v1::qos_server::Qos for QosService {
     }
 }
 
+/// A sample as the map takes it: where it belongs and whether it teaches
+/// the device's route.
+struct Placed {
+    sample: v1::QosSample,
+    through: bool,
+}
+
+/// Where a reported sample belongs: a sample over the device's own link
+/// where it says; one through a sharer at that sharer's position, when its
+/// ticket is one this coordinator issued to `key` (done outside the map's
+/// lock: a signature check may take 50 µs).
+fn place(state: &State, key: &DeviceKey, s: &v1::QosSample) -> Result<Placed, String> {
+    if s.through_ticket.is_empty() {
+        return Ok(Placed {
+            sample: s.clone(),
+            through: false,
+        });
+    }
+    let ticket = state
+        .issued_ticket(&s.through_ticket, key)
+        .map_err(|e| format!("through-sharer sample refused: {e}"))?;
+    let t = s.t_unix_ms / 1000;
+    let opened = ticket
+        .expires_unix
+        .saturating_sub(bandshare_core::ticket::MAX_TICKET_LIFETIME_S);
+    if t + bandshare_core::ticket::CLOCK_SKEW_S < opened
+        || t > ticket.expires_unix + THROUGH_REPORT_WINDOW_S
+    {
+        return Err(format!(
+            "through-sharer sample at {t} is outside its ticket's time ({opened}..{} and {THROUGH_REPORT_WINDOW_S} s after)",
+            ticket.expires_unix
+        ));
+    }
+    let mut sample = s.clone();
+    if let Some(c) = state.registry().contact_of(&ticket.sharer) {
+        sample.lat = c.info.exact.lat;
+        sample.lon = c.info.exact.lon;
+        sample.accuracy_m = None;
+    }
+    Ok(Placed {
+        sample,
+        through: true,
+    })
+}
+
 fn observe(
     book: &mut Book,
     state: &State,
     key: &DeviceKey,
-    samples: &[v1::QosSample],
+    samples: &[Result<Placed, String>],
     now: Instant,
 ) -> v1::ObserveAck {
     let qcfg = &state.config().qos;
@@ -294,7 +367,7 @@ fn observe(
             ack.reasons.push(why);
         }
     };
-    for s in samples {
+    for placed in samples {
         if seen.tokens < 1.0 {
             refuse(
                 &mut ack,
@@ -306,15 +379,35 @@ fn observe(
             continue;
         }
         seen.tokens -= 1.0;
-        match check(s, seen.last, qcfg.max_speed_mps, unix) {
+        let placed = match placed {
+            Ok(p) => p,
+            Err(why) => {
+                refuse(&mut ack, why.clone());
+                continue;
+            }
+        };
+        // A sample through a sharer is where the sharer is: no speed from
+        // the requester's own previous sample, no route step.
+        let prev = seen.last.filter(|_| !placed.through);
+        match check(&placed.sample, prev, qcfg.max_speed_mps, unix) {
             Ok(mut sample) => {
                 sample.device = device;
-                match book.map.observe(&sample, &mut seen.trail) {
+                let took = if placed.through {
+                    book.map.add(&sample)
+                } else {
+                    book.map.observe(&sample, &mut seen.trail)
+                };
+                match took {
                     Ok(()) => {
                         if let Some(c) = state.cluster() {
-                            c.share_sample(&sample);
+                            c.share_sample(&Accepted {
+                                sample,
+                                route: !placed.through,
+                            });
                         }
-                        seen.last = Some((sample.t, sample.lat, sample.lon));
+                        if !placed.through {
+                            seen.last = Some((sample.t, sample.lat, sample.lon));
+                        }
                         ack.accepted += 1;
                     }
                     Err(e) => refuse(&mut ack, e.to_string()),
@@ -357,7 +450,11 @@ pub(crate) fn sharer_uplink(
         down_kbps: down,
         ..Default::default()
     };
-    let _ = state.qos_book(|b| observe(b, state, key, &[sample], Instant::now()));
+    let placed = Ok(Placed {
+        sample,
+        through: false,
+    });
+    let _ = state.qos_book(|b| observe(b, state, key, &[placed], Instant::now()));
 }
 
 /// Writes the aggregates that changed since the last save to the store

@@ -524,13 +524,34 @@ impl State {
         Ok(())
     }
 
+    /// The signers behind [`State::ticket_keys`].
+    fn signers(&self) -> Vec<Arc<TicketSigner>> {
+        match self.keys.read() {
+            Ok(k) => k.signers(),
+            Err(p) => p.into_inner().signers(),
+        }
+    }
+
+    /// Reads back a ticket one of the current keys issued to `requester`
+    /// (see [`TicketSigner::issued`]).
+    pub fn issued_ticket(
+        &self,
+        bytes: &[u8],
+        requester: &DeviceKey,
+    ) -> Result<bandshare_core::Ticket, bandshare_core::TicketError> {
+        let (ticket, _) = bandshare_core::Ticket::decode(bytes)?;
+        let signers = self.signers();
+        let signer = signers
+            .iter()
+            .find(|s| s.key_id() == ticket.key_id)
+            .ok_or(bandshare_core::TicketError::BadSignature)?;
+        signer.issued(bytes, requester)
+    }
+
     /// `sharer`'s MAC keys for v2 tickets, one per key in
     /// [`State::ticket_keys`], sealed to its device key.
     pub fn ticket_mac_keys(&self, sharer: &DeviceKey) -> Vec<v1::SealedTicketKey> {
-        let signers = match self.keys.read() {
-            Ok(k) => k.signers(),
-            Err(p) => p.into_inner().signers(),
-        };
+        let signers = self.signers();
         let mut e = [0u8; 32];
         if crate::random_seed(&mut e).is_err() {
             return vec![];

@@ -336,6 +336,37 @@ impl TicketSigner {
         let sig = self.key.sign(&signed_message(&ticket.body(1)));
         ticket.encode(&Seal::Signature(sig))
     }
+
+    /// Reads back a ticket this key issued: its signature (v1) or MAC (v2)
+    /// must be this key's, and it must be bound to `requester`. Expiry is
+    /// the caller's to judge (a report about a past session outlives its
+    /// ticket). The coordinator uses it to accept what a requester saw
+    /// through a sharer only from a requester it sent to that sharer.
+    pub fn issued(&self, bytes: &[u8], requester: &DeviceKey) -> Result<Ticket, TicketError> {
+        let (ticket, seal) = Ticket::decode(bytes)?;
+        match seal {
+            Seal::Signature(sig) => {
+                let msg = signed_message(&ticket.body(1));
+                if ticket.key_id != self.key_id
+                    || self.key.verifying_key().verify(&msg, &sig).is_err()
+                {
+                    return Err(TicketError::BadSignature);
+                }
+            }
+            Seal::Mac(mac) => {
+                let key = hmac::Key::new(hmac::HMAC_SHA256, &self.mac_key(&ticket.sharer));
+                if ticket.key_id != self.key_id
+                    || hmac::verify(&key, &mac_message(&ticket.body(2)), &mac).is_err()
+                {
+                    return Err(TicketError::BadMac(ticket.key_id));
+                }
+            }
+        }
+        if ticket.requester != *requester {
+            return Err(TicketError::WrongRequester(ticket.requester.short()));
+        }
+        Ok(ticket)
+    }
 }
 
 /// `sharer`'s MAC key under each of `signers`, sealed to its device key
@@ -604,6 +635,30 @@ mod tests {
             v.verify(&t[..100], &me, &req, 900),
             Err(TicketError::Malformed { len: 100, .. })
         ));
+    }
+
+    #[test]
+    fn the_issuer_reads_back_only_its_own_tickets_for_their_requester() {
+        let s = TicketSigner::from_seed(&[9; 32], 3);
+        let req = DeviceKey([2; 32]);
+        for t in [s.sign(ticket(1000)), s.mac(ticket(1000))] {
+            // Expired at 1000 (long ago): read back all the same.
+            let got = s.issued(&t, &req).expect("its own ticket");
+            assert_eq!((got.sharer, got.key_id), (DeviceKey([1; 32]), 3));
+            assert!(matches!(
+                s.issued(&t, &DeviceKey([3; 32])),
+                Err(TicketError::WrongRequester(_))
+            ));
+            let mut forged = t.clone();
+            forged[2] ^= 1; // another sharer
+            assert!(s.issued(&forged, &req).is_err());
+            let other = TicketSigner::from_seed(&[8; 32], 3);
+            assert!(other.issued(&t, &req).is_err(), "another coordinator key");
+            assert!(matches!(
+                s.issued(&t[..40], &req),
+                Err(TicketError::Malformed { len: 40, .. })
+            ));
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ async fn a_predicted_weak_zone_moves_new_flows_to_the_pool_before_it_and_back_af
     opts.via = Via::Auto;
     opts.predict = Some(Options {
         lead_s: 5.0,
-        report: true,
+        ..Default::default()
     });
     let r = c.requester(opts).await.expect("requester");
     let req = &r.requester;
@@ -175,5 +175,125 @@ async fn sharers_whose_uplink_is_down_mark_their_cell_weak() {
         cells.cells.iter().any(|c| c.weak && c.weak_share >= 0.5),
         "a weak cell where the sharers are: {cells:?}"
     );
+    c.coordinator.stop().await;
+}
+
+fn cell_of(p: bandshare_core::Position, res: u32) -> u64 {
+    let res = h3o::Resolution::try_from(res as u8).expect("resolution");
+    u64::from(
+        h3o::LatLng::new(p.lat, p.lon)
+            .expect("a place")
+            .to_cell(res),
+    )
+}
+
+/// A requester on the pool path reports what its sharer carried, vouched
+/// for by the ticket that admitted it: the map gets it where the sharer
+/// is (which the requester never learns), not where the requester is. A
+/// ticket issued to another device, a forged one or one far outside its
+/// time vouches for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_sharer_carried_is_reported_where_the_sharer_is_with_its_ticket() {
+    let mut config = exact_config();
+    config.qos.map.k = 1;
+    config.qos.map.min_weight_s = 1.0;
+    let c = Cluster::start_with(config, vec![SharerSpec::new("east", 150.0, 0.0)])
+        .await
+        .expect("cluster");
+    let ch = client::connect(&c.coordinator.url).await.expect("channel");
+    let here = center();
+    let there = center().offset_m(150.0, 0.0);
+    let res = qos::published(ch.clone()).await.expect("cells").resolution;
+    assert_ne!(cell_of(here, res), cell_of(there, res), "two cells apart");
+
+    let mut opts = c.requester_options();
+    opts.predict = Some(Options {
+        report_every: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let r = c.requester(opts).await.expect("requester");
+    let req = &r.requester;
+    assert!(
+        bandshare_testkit::wait_until(Duration::from_secs(10), || !req.pool.is_empty()).await,
+        "the sharer joined the pool"
+    );
+    // Download through the sharer until a report of it was taken.
+    let began = Instant::now();
+    while req.forecasts.status().reported_through == 0 && began.elapsed() < Duration::from_secs(20)
+    {
+        let (status, body) = bandshare_testkit::http::socks_get(
+            r.socks(),
+            "127.0.0.1",
+            c.target.addr.port(),
+            "/bytes/2000000",
+        )
+        .await
+        .expect("through the sharer");
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(body.len(), 2_000_000);
+    }
+    let f = req.forecasts.status();
+    assert!(f.reported_through >= 1, "{f:?}");
+    assert_eq!(f.reported, 0, "the own link carried nothing: {f:?}");
+    let cells = qos::published(ch.clone()).await.expect("cells");
+    eprintln!("{f:?}\n{:?}", cells.cells);
+    let at = |p| cells.cells.iter().find(|x| x.h3 == cell_of(p, res));
+    let sharers = at(there).expect("a cell where the sharer is");
+    assert!(
+        !sharers.weak && sharers.kbps > 250.0,
+        "what it carried: {sharers:?}"
+    );
+    assert!(at(here).is_none(), "nothing where the requester is");
+    r.stop();
+
+    // The same reports by hand: only the device the ticket was issued to
+    // may make one, and only around the ticket's time.
+    let me = identity::generate().expect("key");
+    let offers = c
+        .ask_as(
+            &me,
+            LocationSpec {
+                at: Some(here),
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("offers");
+    let ticket = offers.offers.first().expect("an offer").ticket.clone();
+    let sample = |ticket: &[u8], ago_s: f64| v1::QosSample {
+        t_unix_ms: ((unix_now() - ago_s) * 1000.0) as u64,
+        lat: here.lat,
+        lon: here.lon,
+        duration_ms: 1000,
+        down_kbps: 9000.0,
+        through_ticket: ticket.to_vec(),
+        ..Default::default()
+    };
+    let report = |key: ed25519_dalek::SigningKey, s: v1::QosSample| {
+        let ch = ch.clone();
+        async move {
+            qos::observe(ch, &key, vec![s], |_| {})
+                .await
+                .expect("observe")
+        }
+    };
+    let (got, why) = report(me.clone(), sample(&ticket, 0.0)).await;
+    assert_eq!((got.accepted, got.rejected), (1, 0), "{why:?}");
+    let other = identity::generate().expect("key");
+    let (got, why) = report(other, sample(&ticket, 0.0)).await;
+    assert_eq!(got.accepted, 0);
+    assert!(why[0].contains("another requester"), "{why:?}");
+    let mut forged = ticket.clone();
+    forged[70] ^= 1; // a later expiry
+    let (got, why) = report(me.clone(), sample(&forged, 0.0)).await;
+    assert_eq!(got.accepted, 0);
+    assert!(why[0].contains("does not verify"), "{why:?}");
+    let (got, why) = report(me.clone(), sample(b"junk", 0.0)).await;
+    assert_eq!(got.accepted, 0);
+    assert!(why[0].contains("malformed ticket"), "{why:?}");
+    let (got, why) = report(me.clone(), sample(&ticket, 3.0 * 3600.0)).await;
+    assert_eq!(got.accepted, 0);
+    assert!(why[0].contains("outside its ticket's time"), "{why:?}");
     c.coordinator.stop().await;
 }

@@ -9,17 +9,20 @@
 //! It also reports its own link where that says something: a degraded own
 //! link as 0 kbit/s, a direct transfer faster than the weak threshold as
 //! its rate. A slow transfer on a healthy link says only that the app
-//! asked for little, so it is not reported.
+//! asked for little, so it is not reported. What each pool member carried
+//! faster than the weak threshold is reported too, as seen through that
+//! sharer (with the ticket that admitted us: the coordinator places it
+//! where the sharer is).
 
 use super::direct::Direct;
-use super::own_link::State;
+use super::own_link::{State, Via};
 use super::pool::Pool;
 use crate::client::ServerUrl;
 use crate::location::LocationSpec;
 use bandshare_proto::v1;
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,8 +47,11 @@ pub struct Options {
     /// Move new flows to the pool this many seconds before a predicted
     /// weak zone.
     pub lead_s: f64,
-    /// Report the own link's quality as observations.
+    /// Report the own link's quality (and what pool members carried) as
+    /// observations.
     pub report: bool,
+    /// How often.
+    pub report_every: Duration,
 }
 
 impl Default for Options {
@@ -53,6 +59,7 @@ impl Default for Options {
         Options {
             lead_s: 20.0,
             report: true,
+            report_every: REPORT_EVERY,
         }
     }
 }
@@ -73,6 +80,8 @@ pub struct ForecastStatus {
     pub error: Option<String>,
     /// Own-link samples accepted by the coordinator.
     pub reported: u64,
+    /// Samples seen through sharers accepted by the coordinator.
+    pub reported_through: u64,
 }
 
 /// The newest forecast, shared with `/status`.
@@ -108,6 +117,38 @@ pub fn calls_for_pool(p: &v1::PointPrediction, lead_s: f64) -> Option<String> {
     }
 }
 
+/// A sample for each pool member that carried more than the weak
+/// threshold down since the last report (`last`: its byte count then; a
+/// member seen for the first time only starts counting), shaped like
+/// `base` and vouched for by the member's ticket.
+fn through_sharers(
+    pool: &Pool,
+    last: &mut HashMap<bandshare_core::DeviceKey, u64>,
+    secs: f64,
+    base: &v1::QosSample,
+) -> Vec<v1::QosSample> {
+    let members = pool.members();
+    last.retain(|k, _| members.iter().any(|m| m.key == *k));
+    let mut out = vec![];
+    for m in members {
+        let now = m.bytes_down.load(Ordering::Relaxed);
+        let Some(before) = last.insert(m.key, now) else {
+            continue;
+        };
+        let kbps = now.saturating_sub(before) as f64 * 8.0 / secs.max(0.001) / 1000.0;
+        let ticket = m.ticket.lock().map(|t| t.clone()).unwrap_or_default();
+        if kbps >= WEAK_KBPS && !ticket.is_empty() {
+            out.push(v1::QosSample {
+                down_kbps: kbps,
+                network: bandshare_proto::convert::network_to_wire(m.network),
+                through_ticket: ticket,
+                ..base.clone()
+            });
+        }
+    }
+    out
+}
+
 pub(super) struct Forecaster {
     pub direct: Arc<Direct>,
     pub pool: Arc<Pool>,
@@ -129,6 +170,7 @@ impl Forecaster {
         let mut last_ask = Instant::now() - ASK_EVERY;
         let mut last_report = Instant::now();
         let mut reported_bytes = self.direct.bytes_down.load(Ordering::Relaxed);
+        let mut through_bytes = HashMap::new();
         let (mut clear_in_a_row, mut failed_in_a_row) = (0, 0);
         let mut channel = None;
         self.shown.update(|s| s.lead_s = self.opts.lead_s);
@@ -151,7 +193,7 @@ impl Forecaster {
                 channel = crate::client::connect(&self.url).await.ok();
             }
             let Some(ch) = channel.clone() else { continue };
-            if self.opts.report && last_report.elapsed() >= REPORT_EVERY {
+            if self.opts.report && last_report.elapsed() >= self.opts.report_every {
                 let secs = last_report.elapsed().as_secs_f64();
                 last_report = Instant::now();
                 let now_bytes = self.direct.bytes_down.load(Ordering::Relaxed);
@@ -162,19 +204,36 @@ impl Forecaster {
                 } else {
                     (kbps >= WEAK_KBPS).then_some(kbps)
                 };
-                if let (Some(down), Some((lat, lon))) = (down, pos) {
+                if let Some((lat, lon)) = pos {
                     let sample = v1::QosSample {
                         t_unix_ms: (unix_f64() * 1000.0) as u64,
                         lat,
                         lon,
                         accuracy_m: here.accuracy_m,
                         duration_ms: (secs * 1000.0) as u32,
-                        down_kbps: down,
                         ..Default::default()
                     };
-                    match crate::qos::observe(ch.clone(), &self.key, vec![sample], |_| {}).await {
-                        Ok((r, _)) => self.shown.update(|s| s.reported += r.accepted),
-                        Err(e) => debug!(error = %e, "own-link report not taken"),
+                    if let Some(down) = down {
+                        let own = v1::QosSample {
+                            down_kbps: down,
+                            ..sample.clone()
+                        };
+                        match crate::qos::observe(ch.clone(), &self.key, vec![own], |_| {}).await {
+                            Ok((r, _)) => self.shown.update(|s| s.reported += r.accepted),
+                            Err(e) => debug!(error = %e, "own-link report not taken"),
+                        }
+                    }
+                    let through = through_sharers(&self.pool, &mut through_bytes, secs, &sample);
+                    if !through.is_empty() {
+                        match crate::qos::observe(ch.clone(), &self.key, through, |_| {}).await {
+                            Ok((r, why)) => {
+                                if r.rejected > 0 {
+                                    debug!(?why, "through-sharer reports refused");
+                                }
+                                self.shown.update(|s| s.reported_through += r.accepted)
+                            }
+                            Err(e) => debug!(error = %e, "through-sharer report not taken"),
+                        }
                     }
                 }
             }
@@ -190,8 +249,10 @@ impl Forecaster {
                     };
                     let why = calls_for_pool(newest, self.opts.lead_s);
                     clear_in_a_row = if why.is_some() { 0 } else { clear_in_a_row + 1 };
-                    // One clear answer may be a gap in the map: two in a row.
-                    if why.is_some() || clear_in_a_row >= 2 {
+                    // One clear answer may be a gap in the map: two in a
+                    // row. Only `auto` chooses a path by forecast; the
+                    // others show it (and report what they see).
+                    if self.direct.via() == Via::Auto && (why.is_some() || clear_in_a_row >= 2) {
                         self.direct.forecast(why.clone(), &self.pool);
                     }
                     failed_in_a_row = 0;

@@ -85,6 +85,9 @@ pub(super) async fn keep_ticket(pool: Arc<Pool>, m: Arc<Member>) {
             Ok(HelloReply::Accepted) => {
                 m.renewed_at_bytes.store(at, Ordering::Relaxed);
                 m.ticket_quota.store(quota, Ordering::Relaxed);
+                if let Ok(mut t) = m.ticket.lock() {
+                    *t = ticket;
+                }
                 info!(sharer = %m.name, moved = at, quota, "ticket renewed on the open connection");
             }
             Ok(HelloReply::Refused(reason)) => {

@@ -227,7 +227,8 @@ impl Requester {
         for (l, t) in forwards {
             tasks.push(tokio::spawn(proxy::serve_forward(l, t, paths.clone())));
         }
-        let predicting = opts.predict.filter(|_| opts.via == own_link::Via::Auto);
+        // Every path asks and reports; only `auto` acts on the answers.
+        let predicting = opts.predict;
         if let Some(l) = control {
             let shown = predicting.map(|_| forecasts.clone());
             let app = status_router(paths.clone(), shown);

@@ -38,6 +38,9 @@ pub struct Member {
     /// the bytes moved when it was given.
     pub ticket_quota: AtomicU64,
     pub renewed_at_bytes: AtomicU64,
+    /// The ticket the connection holds now: it vouches for what this
+    /// requester reports having seen through the sharer.
+    pub ticket: Mutex<Vec<u8>>,
 }
 
 impl Member {
@@ -285,6 +288,11 @@ impl Pool {
     /// keeps at the pool's size.
     pub fn serving(&self) -> usize {
         self.failover().serving()
+    }
+
+    /// Every member, in pool order.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn keys(&self) -> Vec<DeviceKey> {

@@ -132,6 +132,7 @@ fn member(
         flows: AtomicU64::new(0),
         ticket_quota: AtomicU64::new(quota),
         renewed_at_bytes: AtomicU64::new(0),
+        ticket: std::sync::Mutex::new(ticket.to_vec()),
     }
 }
 

@@ -84,8 +84,8 @@ pub struct Cluster {
     writes: mpsc::Sender<Write>,
     writes_rx: Mutex<Option<mpsc::Receiver<Write>>>,
     /// QoS samples accepted here, for the samples feed.
-    samples_tx: mpsc::Sender<bandshare_qos::Sample>,
-    samples_rx: Mutex<Option<mpsc::Receiver<bandshare_qos::Sample>>>,
+    samples_tx: mpsc::Sender<crate::qos::Accepted>,
+    samples_rx: Mutex<Option<mpsc::Receiver<crate::qos::Accepted>>>,
     /// The samples feed id the QoS map includes.
     qos_applied: Mutex<String>,
     /// The shard each local sharer was last written to, and when.

@@ -11,6 +11,7 @@
 
 use super::Cluster;
 use crate::State;
+use crate::qos::Accepted;
 use bandshare_qos::routes::{Edge, Transition};
 use bandshare_qos::{Agg, Key, Sample};
 use redis::streams::StreamReadReply;
@@ -29,33 +30,42 @@ const FEED_LEN: u64 = 200_000;
 /// Fields one HSET of a save carries at most.
 const SAVE_CHUNK: usize = 1000;
 
-fn sample_bytes(s: &Sample) -> Vec<u8> {
-    [s.t, s.lat, s.lon, s.duration_s, s.down_kbps]
+fn sample_bytes(a: &Accepted) -> Vec<u8> {
+    let s = &a.sample;
+    let mut b: Vec<u8> = [s.t, s.lat, s.lon, s.duration_s, s.down_kbps]
         .iter()
         .flat_map(|f| f.to_le_bytes())
         .chain(s.device.to_le_bytes())
-        .collect()
+        .collect();
+    if !a.route {
+        b.push(0);
+    }
+    b
 }
 
-/// A sample as the feed carries it (48 bytes), or `None`.
-pub fn bytes_sample(b: &[u8]) -> Option<Sample> {
-    if b.len() != 48 {
-        return None;
-    }
+/// A sample as the feed carries it (48 bytes; a 49th, 0, when it teaches
+/// no route), or `None`.
+pub fn bytes_sample(b: &[u8]) -> Option<Accepted> {
+    let route = match b.len() {
+        48 => true,
+        49 if b[48] == 0 => false,
+        _ => return None,
+    };
     let f = |i: usize| {
         b.get(i * 8..i * 8 + 8)?
             .try_into()
             .ok()
             .map(f64::from_le_bytes)
     };
-    Some(Sample {
+    let sample = Sample {
         t: f(0)?,
         lat: f(1)?,
         lon: f(2)?,
         duration_s: f(3)?,
         down_kbps: f(4)?,
         device: u64::from_le_bytes(b.get(40..48)?.try_into().ok()?),
-    })
+    };
+    Some(Accepted { sample, route })
 }
 
 fn floats_tags(fs: &[f64], tags: &[u64]) -> Vec<u8> {
@@ -130,7 +140,7 @@ pub fn decode_route(field: &str, value: &[u8]) -> Option<(Edge, Transition)> {
 
 impl Cluster {
     /// A sample this coordinator accepted, for the others.
-    pub(crate) fn share_sample(&self, s: &Sample) {
+    pub(crate) fn share_sample(&self, s: &Accepted) {
         if self.samples_tx.try_send(*s).is_err() {
             self.dropped_writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -181,7 +191,7 @@ impl Cluster {
 /// Appends accepted samples to the feed, a batch per round trip.
 pub(crate) async fn writer(
     cluster: Arc<Cluster>,
-    mut rx: mpsc::Receiver<Sample>,
+    mut rx: mpsc::Receiver<Accepted>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(512);
@@ -333,8 +343,12 @@ mod tests {
             down_kbps: 250.5,
             device: 42,
         };
-        assert_eq!(bytes_sample(&sample_bytes(&s)), Some(s));
+        for route in [true, false] {
+            let a = Accepted { sample: s, route };
+            assert_eq!(bytes_sample(&sample_bytes(&a)), Some(a));
+        }
         assert_eq!(bytes_sample(&[0; 47]), None);
+        assert_eq!(bytes_sample(&[1; 49]), None);
         assert_eq!(field_key(&key_field(&(7, Some(3)))), Some((7, Some(3))));
         assert_eq!(field_key(&key_field(&(7, None))), Some((7, None)));
         assert_eq!(field_key("x:1"), None);
