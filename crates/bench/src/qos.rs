@@ -54,7 +54,7 @@ fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Opti
     let f1 = r.map.f1();
     let base = r.baseline.f1();
     eprintln!(
-        "{name:<32} runs {:>2}  weak {:>4.1} %  F1 {:.3} (P {:.2} R {:.2})  baseline {:.3}  warned {:>3.0} % (baseline {:>3.0} %)  predicted/true weak {:.2}",
+        "{name:<32} runs {:>2}  weak {:>4.1} %  F1 {:.3} (P {:.2} R {:.2})  baseline {:.3}  warned {:>3.0} % (baseline {:>3.0} %)  predicted/true weak {:.2}  warning out {:>3.0} % of the time, followed {:>3.0} % (any time {:>3.0} %)",
         r.runs,
         100.0 * r.weak_seconds / r.seconds.max(1e-9),
         f1,
@@ -63,7 +63,10 @@ fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Opti
         base,
         r.warned * 100.0,
         r.baseline_warned * 100.0,
-        r.map.weak_ratio()
+        r.map.weak_ratio(),
+        r.warning_time * 100.0,
+        r.warnings_followed * 100.0,
+        r.any_time_followed * 100.0
     );
     json!({
         "route": name,
@@ -72,6 +75,8 @@ fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Opti
         "weak_share": r3(r.weak_seconds / r.seconds.max(1e-9)),
         "map": {"f1": r3(f1), "precision": r3(r.map.precision()), "recall": r3(r.map.recall()),
                 "warned_5_30s": r3(r.warned), "predicted_over_true_weak": r3(r.map.weak_ratio()),
+                "warning_time": r3(r.warning_time), "warnings_followed_60s": r3(r.warnings_followed),
+                "any_time_followed_60s": r3(r.any_time_followed),
                 "answered": r3(r.answered)},
         "baseline": {"f1": r3(base), "precision": r3(r.baseline.precision()),
                      "recall": r3(r.baseline.recall()), "warned_5_30s": r3(r.baseline_warned)},

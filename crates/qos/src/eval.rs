@@ -65,6 +65,13 @@ pub struct RouteReport {
     /// 5–30 s before it began (`weak_in_s` not null at some point then).
     pub warned: f64,
     pub baseline_warned: f64,
+    /// What the warnings cost: the share of the time a warning was out
+    /// (pre-connect keeps the pool full then), and the share of that time
+    /// a weak reading did follow within the horizon.
+    pub warning_time: f64,
+    pub warnings_followed: f64,
+    /// The same share over all the time: what warning always would give.
+    pub any_time_followed: f64,
 }
 
 /// Weak below this, kbit/s.
@@ -119,6 +126,7 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
         ..RouteReport::default()
     };
     let (mut answered, mut warned, mut base_warned, mut ep_total) = (0.0, 0.0, 0.0, 0.0);
+    let (mut warning_s, mut followed_s, mut any_followed_s) = (0.0, 0.0, 0.0);
     for held in 0..runs.len() {
         let Ok(mut map) = Map::new(cfg) else {
             return rep;
@@ -164,8 +172,20 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
                 answered += r.duration_s;
             }
             rep.map.add(p.is_some_and(|p| p.weak), truth, r.duration_s);
+            let weak_follows = runs[held]
+                .iter()
+                .skip_while(|x| x.t < r.t)
+                .take_while(|x| x.t <= r.t + horizon.ahead_s)
+                .any(|x| x.down_kbps < WEAK_KBPS);
+            if weak_follows {
+                any_followed_s += r.duration_s;
+            }
             if p.is_some_and(|p| p.weak_in_s.is_some_and(|w| w <= horizon.ahead_s)) {
                 warnings.push(r.t);
+                warning_s += r.duration_s;
+                if weak_follows {
+                    followed_s += r.duration_s;
+                }
             }
             last = r.pos.or(last);
             let b = last.is_some_and(|(lat, lon)| {
@@ -187,6 +207,9 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
     rep.answered = ratio(answered, rep.seconds);
     rep.warned = ratio(warned, ep_total);
     rep.baseline_warned = ratio(base_warned, ep_total);
+    rep.warning_time = ratio(warning_s, rep.seconds);
+    rep.warnings_followed = ratio(followed_s, warning_s);
+    rep.any_time_followed = ratio(any_followed_s, rep.seconds);
     rep
 }
 

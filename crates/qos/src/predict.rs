@@ -36,6 +36,13 @@ pub struct Horizon {
     /// Below this a cell is weak (the map's own threshold answers by its
     /// weak share; any other threshold by the cell's mean throughput).
     pub weak_kbps: f64,
+    /// `weak_in_s` also warns where no single cell ahead is weak but the
+    /// cells along the route within the horizon add up to at least this
+    /// many expected weak seconds (each cell's dwell times its weak
+    /// share): scattered dips, as on a ferry crossing, where connecting
+    /// early costs some pool time and a drop nobody warned of costs a
+    /// stalled app. Infinite: only weak cells warn.
+    pub warn_weak_s: f64,
 }
 
 impl Default for Horizon {
@@ -44,6 +51,7 @@ impl Default for Horizon {
             ahead_s: 60.0,
             max_gap_s: 900.0,
             weak_kbps: 250.0,
+            warn_weak_s: 5.0,
         }
     }
 }
@@ -149,25 +157,28 @@ impl Tracker {
                 }
             },
         }
-        let is_weak = |cell: u64, at: f64| -> bool {
+        // A cell's answer for the walk: weak, and its weak share (with
+        // another threshold than the map's, by its mean throughput).
+        let judge = |cell: u64, at: f64| -> (bool, f64) {
             let Ok(c) = h3o::CellIndex::try_from(cell) else {
-                return false;
+                return (false, 0.0);
             };
-            map.estimate_cell(c, at).is_some_and(|e| {
+            map.estimate_cell(c, at).map_or((false, 0.0), |e| {
                 if h.weak_kbps == cfg.weak_kbps {
-                    e.weak()
+                    (e.weak(), e.weak_share)
                 } else {
-                    e.kbps < h.weak_kbps
+                    let weak = e.kbps < h.weak_kbps;
+                    (weak, if weak { 1.0 } else { 0.0 })
                 }
             })
         };
         let here = h3o::CellIndex::try_from(self.here).ok();
         let est = here.and_then(|c| map.estimate_cell(c, t));
-        let weak = is_weak(self.here, t);
+        let weak = judge(self.here, t).0;
         let weak_in_s = if weak {
             Some(0.0)
         } else {
-            self.ahead(map, t, now, h, &is_weak)
+            self.ahead(map, t, now, h, &judge)
         };
         let fade = reckoned_s.map_or(1.0, |s| 0.5f64.powf(s / 60.0));
         Ok(Prediction {
@@ -181,30 +192,42 @@ impl Tracker {
         })
     }
 
-    /// Walks the learned route ahead: seconds to the first weak cell.
+    /// Walks the learned route ahead: seconds to the first weak cell, or
+    /// to the first cell adding to the expected weak seconds (dwell times
+    /// weak share, this cell's rest included) once they reach
+    /// [`Horizon::warn_weak_s`].
     fn ahead(
         &self,
         map: &Map,
         t: f64,
         now: f64,
         h: &Horizon,
-        is_weak: &dyn Fn(u64, f64) -> bool,
+        judge: &dyn Fn(u64, f64) -> (bool, f64),
     ) -> Option<f64> {
         let cfg = map.config();
         let (mut from, mut here) = (self.from, self.here);
         let mut spent = t - self.entered;
-        let mut ahead = 0.0;
+        let (mut ahead, mut expected, mut first_risk) = (0.0, 0.0, None);
         for _ in 0..MAX_STEPS {
             let Some(step) = map.routes().next(from, here, now, cfg) else {
                 // No learned way on: straight along the recent velocity.
-                return self.extrapolate(map, t, h, is_weak);
+                return self.extrapolate(map, t, h, &|c, at| judge(c, at).0);
             };
-            ahead += (step.dwell_s - spent).max(0.0);
+            let stay = (step.dwell_s - spent).max(0.0);
+            let share = judge(here, t + ahead).1;
+            if share > 0.0 {
+                first_risk.get_or_insert(ahead);
+                expected += stay.min(h.ahead_s - ahead) * share;
+                if expected >= h.warn_weak_s {
+                    return first_risk;
+                }
+            }
+            ahead += stay;
             spent = 0.0;
             if ahead > h.ahead_s {
                 return None;
             }
-            if is_weak(step.next, t + ahead) {
+            if judge(step.next, t + ahead).0 {
                 return Some(ahead);
             }
             from = here;
@@ -251,9 +274,9 @@ mod tests {
     use super::*;
     use crate::{Config, Sample};
 
-    /// Three devices ride east along a line at 10 m/s, 1 Hz; the last
-    /// stretch (from 1,500 m) is weak.
-    fn learned() -> Map {
+    /// Three devices ride east along a line at 10 m/s, 1 Hz; from 1,500 m
+    /// on, `weak(i)` says which seconds are weak.
+    fn learned_with(weak: impl Fn(usize) -> bool) -> Map {
         let mut m = Map::new(Config::default()).expect("map");
         for d in 1..=3u64 {
             let mut trail = None;
@@ -264,13 +287,47 @@ mod tests {
                     lat: 59.9,
                     lon: 10.7 + x / 55_800.0,
                     duration_s: 1.0,
-                    down_kbps: if x >= 1500.0 { 50.0 } else { 3000.0 },
+                    down_kbps: if x >= 1500.0 && weak(i) { 50.0 } else { 3000.0 },
                     device: d,
                 };
                 m.observe(&s, &mut trail).expect("observe");
             }
         }
         m
+    }
+
+    /// The last stretch (from 1,500 m) is weak.
+    fn learned() -> Map {
+        learned_with(|_| true)
+    }
+
+    /// Where no cell is weak but dips are scattered over the cells ahead
+    /// (one second in eight: below the weak share), the expected weak
+    /// seconds ahead warn; with that warning off, nothing does.
+    #[test]
+    fn scattered_dips_ahead_add_up_to_a_warning() {
+        let m = learned_with(|i| i % 8 == 0);
+        let ride = |h: Horizon| {
+            let mut tr = Tracker::new();
+            let mut first = None;
+            for i in 0..190 {
+                let x = i as f64 * 10.0;
+                let pos = Some((59.9, 10.7 + x / 55_800.0));
+                let p = tr.step(&m, 10_000.0 + i as f64, pos, &h).expect("step");
+                assert!(!p.weak, "no cell is weak at {x} m: {p:?}");
+                if first.is_none() && p.weak_in_s.is_some() {
+                    first = Some(x);
+                }
+            }
+            first
+        };
+        let at = ride(Horizon::default()).expect("warned");
+        assert!(at < 1500.0, "warned at {at} m");
+        let off = Horizon {
+            warn_weak_s: f64::INFINITY,
+            ..Horizon::default()
+        };
+        assert_eq!(ride(off), None);
     }
 
     #[test]

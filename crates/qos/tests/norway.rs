@@ -39,7 +39,7 @@ fn runs(route: &str) -> Option<Vec<Vec<Reading>>> {
 
 fn show(route: &str, r: &RouteReport) {
     eprintln!(
-        "{route:<32} F1 {:.3} (P {:.2} R {:.2}) baseline {:.3} | warned {:>3.0} % (baseline {:>3.0} %) | predicted/true weak {:.2} | answered {:.0} %",
+        "{route:<32} F1 {:.3} (P {:.2} R {:.2}) baseline {:.3} | warned {:>3.0} % (baseline {:>3.0} %) | predicted/true weak {:.2} | answered {:.0} % | warning out {:.0} % of the time, followed {:.0} % (any time {:.0} %)",
         r.map.f1(),
         r.map.precision(),
         r.map.recall(),
@@ -47,7 +47,10 @@ fn show(route: &str, r: &RouteReport) {
         r.warned * 100.0,
         r.baseline_warned * 100.0,
         r.map.weak_ratio(),
-        r.answered * 100.0
+        r.answered * 100.0,
+        r.warning_time * 100.0,
+        r.warnings_followed * 100.0,
+        r.any_time_followed * 100.0
     );
 }
 
@@ -70,14 +73,20 @@ fn leave_one_run_out_on_norway_routes() {
         let r = leave_one_run_out(&runs, Config::default(), Horizon::default());
         show(route, &r);
         assert!(r.answered > 0.8, "{route}: answered {:.2}", r.answered);
-        // What holds today (2026-12-02: metro 0.82 / baseline 0.81, warned
-        // 92 %; ferry 0.37 / 0.24; tram 0.52 / 0.30; car 0.84 / 0.86): above
+        // What holds today (2026-12-04: metro 0.82 / baseline 0.81, warned
+        // 95 %; ferry 0.37 / 0.24, warned 87 % (the expected weak seconds
+        // ahead); tram 0.52 / 0.30; car 0.84 / 0.86, warned 100 %): above
         // the baseline on the routes with weak zones tied to places, and
-        // the metro tunnel warned ahead. The car (4 training runs: few
-        // transitions reach k = 3) and the bus (weak zones not tied to a
-        // place) are reported, not asserted.
+        // metro, ferry and car warned ahead. The car's F1 (4 training runs:
+        // few transitions reach k = 3) and the bus (weak zones not tied to
+        // a place) are reported, not asserted.
         if route.starts_with("metro") {
             assert!(r.map.f1() >= 0.8, "{route}: F1 {:.3}", r.map.f1());
+        }
+        if ["metro", "ferry", "car"]
+            .iter()
+            .any(|p| route.starts_with(p))
+        {
             assert!(r.warned >= 0.85, "{route}: warned {:.2}", r.warned);
         }
         if !route.starts_with("car") && !route.starts_with("bus") {
