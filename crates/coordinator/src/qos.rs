@@ -488,6 +488,12 @@ pub(crate) async fn save(state: &Arc<State>) {
                     warn!(error = %e, "cannot save the QoS map; retrying");
                     Some(changes)
                 }
+                // Cancelled: the runtime is going away without a stop
+                // (a stop saves once more first); nothing to tell.
+                Err(e) if e.is_cancelled() => {
+                    debug!("QoS save not run: the runtime is shutting down");
+                    None
+                }
                 Err(e) => {
                     warn!(error = %e, "QoS save task failed");
                     None
