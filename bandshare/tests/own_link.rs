@@ -430,6 +430,117 @@ fn own_link_first_then_sharers_when_it_is_cut_and_back_after_the_hold() {
     assert_eq!(w.seen_from("/back").as_deref(), Ok(OWN));
 }
 
+/// Shapes the own link to `rate` (a tc rate, e.g. `16kbit`) both ways, or
+/// lifts the shaping (`None`).
+fn shape(w: &World, rate: Option<&str>) {
+    for (ns, dev) in [(&w.req, "own0"), (&w.inet, "r0")] {
+        let mut c = w.lab.command(ns, "tc");
+        match rate {
+            Some(r) => c.args([
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", r, "burst", "3200",
+                "latency", "1s",
+            ]),
+            None => c.args(["qdisc", "del", "dev", dev, "root"]),
+        };
+        let st = c.status().expect("tc");
+        assert!(st.success(), "tc on {dev}: {st}");
+    }
+}
+
+#[test]
+fn a_rate_limited_own_link_that_answers_probes_gets_no_flows_until_a_trial_passes() {
+    if let Some(why) = bandshare_testkit::netns::unavailable() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    if !which("nft") || !which("tc") {
+        eprintln!("SKIP: nft or tc is not installed (a silent cut, then a rate limit)");
+        return;
+    }
+    let w = World::build(1, &[]).expect("topology");
+    let ready = wait(Duration::from_secs(30), || {
+        w.status().is_some_and(|s| {
+            s["path"] == "direct"
+                && s["own_link"]["state"] == "healthy"
+                && s["pool"].as_array().is_some_and(|p| p.len() == 1)
+        })
+    });
+    assert!(ready, "{:?}\n{}", w.status(), w.lab.log_tails(20));
+    let s = w.status().expect("status");
+    assert_eq!(
+        s["own_link"]["trials"], true,
+        "the coordinator is reached over the own link: {s}"
+    );
+    // Cut: new flows move to the sharer.
+    w.nft("table inet bscut { chain out { type filter hook output priority 0; oifname \"own0\" drop; }; }")
+        .expect("nft drop");
+    let moved = wait(Duration::from_secs(5), || {
+        w.status().is_some_and(|s| s["path"] == "pool")
+    });
+    assert!(moved, "never moved to the pool: {:?}", w.status());
+    // Back, but at 16 kbit/s: every probe (a TCP connect) is answered, as
+    // on a cell at the edge of coverage, yet 16 KiB takes 8 s.
+    shape(&w, Some("16kbit"));
+    w.nft("delete table inet bscut").expect("nft restore");
+    let lifted = Instant::now();
+    let tried = wait(Duration::from_secs(10), || {
+        w.status().is_some_and(|s| {
+            s["own_link"]["last_trial"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("failed"))
+        })
+    });
+    let s = w.status().expect("status");
+    assert!(
+        tried,
+        "no failed trial within 10 s of the hold: {s}\n{}",
+        w.lab.log_tails(15)
+    );
+    eprintln!(
+        "rate-limited own link: {} after {:?}",
+        s["own_link"]["last_trial"],
+        lifted.elapsed()
+    );
+    assert!(
+        s["own_link"]["rtt_ms"].as_f64().is_some(),
+        "the probes are answered: {s}"
+    );
+    // Well past the 2 s hold, new flows are still on the pool.
+    std::thread::sleep(Duration::from_secs(4));
+    let s = w.status().expect("status");
+    assert_eq!(s["path"], "pool", "back on a 16 kbit/s link: {s}");
+    assert_eq!(s["own_link"]["state"], "degraded", "{s}");
+    assert_eq!(
+        w.seen_from("/slow").as_deref(),
+        Ok(SHARER_UPLINK),
+        "through the sharer"
+    );
+    // The limit lifted: the next trial passes and new flows go direct.
+    shape(&w, None);
+    let fast = Instant::now();
+    let back = wait(Duration::from_secs(15), || {
+        w.status().is_some_and(|s| s["path"] == "direct")
+    });
+    let s = w.status().expect("status");
+    assert!(
+        back,
+        "never returned to direct: {s}\n{}",
+        w.lab.log_tails(15)
+    );
+    eprintln!(
+        "limit lifted: back to direct after {:?}, {}",
+        fast.elapsed(),
+        s["own_link"]["last_trial"]
+    );
+    assert!(
+        s["own_link"]["last_trial"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("passed")),
+        "{s}"
+    );
+    assert_eq!(w.seen_from("/fast").as_deref(), Ok(OWN));
+}
+
 /// Sends 16 KiB every 50 ms for at most 8 s through the SOCKS5 proxy
 /// (argv: proxy port, target address, target port).
 const SLOW_SENDER: &str = r#"

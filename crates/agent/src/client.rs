@@ -186,6 +186,9 @@ pub type Dial = std::sync::Arc<
         + Sync,
 >;
 
+/// How long a connection to the coordinator may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A channel to the coordinator over a direct TCP connection.
 pub async fn connect(url: &ServerUrl) -> Result<Channel, CoordinatorError> {
     connect_with(url, None).await
@@ -223,7 +226,7 @@ async fn connect_one(url: &str, dial: Option<Dial>) -> Result<Channel, Coordinat
     let plain = base.replacen("https://", "http://", 1);
     let ep = Endpoint::from_shared(plain)
         .map_err(|_| CoordinatorError::Url(base.clone()))?
-        .connect_timeout(Duration::from_secs(3))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_while_idle(true);

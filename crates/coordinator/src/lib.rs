@@ -63,6 +63,7 @@ pub fn random_seed(out: &mut [u8; 32]) -> Result<(), ServerError> {
 
 struct HealthService {
     state: Arc<State>,
+    samples: SampleBudget,
 }
 
 #[tonic::async_trait]
@@ -80,6 +81,56 @@ impl v1::health_server::Health for HealthService {
             reports_received: c.reports_received,
             share_requests: c.share_requests,
         }))
+    }
+
+    async fn sample(
+        &self,
+        req: Request<v1::SampleRequest>,
+    ) -> Result<Response<v1::SampleResponse>, Status> {
+        let asked = req.into_inner().bytes as usize;
+        if asked > MAX_SAMPLE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a sample is at most {MAX_SAMPLE_BYTES} bytes, not {asked}"
+            )));
+        }
+        if !self.samples.take(asked as u64, Instant::now()) {
+            return Err(Status::resource_exhausted(
+                "samples are sent at most 16 MiB a second in all; retry in a second",
+            ));
+        }
+        Ok(Response::new(v1::SampleResponse {
+            filler: vec![0u8; asked],
+        }))
+    }
+}
+
+/// The largest [`v1::SampleRequest`] answered.
+pub const MAX_SAMPLE_BYTES: usize = 64 * 1024;
+/// What all samples together may send a second: they cost the coordinator
+/// bandwidth and nothing else, so one budget bounds them.
+const SAMPLE_BYTES_PER_S: u64 = 16 << 20;
+
+/// Bytes granted in the current second.
+#[derive(Default)]
+struct SampleBudget(std::sync::Mutex<(Option<Instant>, u64)>);
+
+impl SampleBudget {
+    fn take(&self, bytes: u64, now: Instant) -> bool {
+        let Ok(mut g) = self.0.lock() else {
+            return false;
+        };
+        let (since, used) = &mut *g;
+        if since
+            .is_none_or(|s| now.saturating_duration_since(s) >= std::time::Duration::from_secs(1))
+        {
+            *since = Some(now);
+            *used = 0;
+        }
+        if *used + bytes > SAMPLE_BYTES_PER_S {
+            return false;
+        }
+        *used += bytes;
+        true
     }
 }
 
@@ -198,6 +249,7 @@ pub async fn run_with(
         }))
         .add_service(v1::health_server::HealthServer::new(HealthService {
             state: state.clone(),
+            samples: SampleBudget::default(),
         }));
     type Serving = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,

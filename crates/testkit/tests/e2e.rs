@@ -601,3 +601,23 @@ async fn each_proxy_dialect_gets_its_own_answer_at_once() {
         String::from_utf8_lossy(&got)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_download_is_what_was_asked_up_to_64_kib() {
+    let c = Cluster::start(vec![]).await.expect("cluster");
+    let ch = client::connect(&c.coordinator.url).await.expect("channel");
+    let mut h = v1::health_client::HealthClient::new(ch);
+    let got = h
+        .sample(v1::SampleRequest { bytes: 16 * 1024 })
+        .await
+        .expect("a sample");
+    assert_eq!(got.into_inner().filler.len(), 16 * 1024);
+    let too_big = h
+        .sample(v1::SampleRequest {
+            bytes: 64 * 1024 + 1,
+        })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    assert!(too_big.message().contains("at most 65536"), "{too_big:?}");
+}

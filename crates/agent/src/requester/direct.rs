@@ -4,7 +4,7 @@
 //! from this device and watched for stalls ([`stalls`]), and the race of a
 //! direct flow that is slow to answer against the pool.
 
-use super::own_link::{Change, OwnLink, Path, State, Thresholds, Via};
+use super::own_link::{Change, OwnLink, Path, State, Thresholds, Trial, Via};
 use super::pool::Pool;
 use super::stalls::{self, Watched};
 use bandshare_relay::FlowHeader;
@@ -26,6 +26,16 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 pub const PROBE_TIMEOUT_MIN: Duration = Duration::from_millis(250);
 /// A direct flow not connected within this is raced through the pool.
 pub const FLOW_DEADLINE: Duration = Duration::from_millis(300);
+/// A trial download before new flows return to the own link: this many
+/// bytes from the coordinator ...
+pub const TRIAL_BYTES: u32 = 16 * 1024;
+/// ... at no less than this rate (the QoS map's weak threshold), over and
+/// above two probe RTTs.
+pub const TRIAL_KBPS: f64 = 250.0;
+/// The RTT assumed before any probe answered.
+const TRIAL_RTT: Duration = Duration::from_millis(200);
+/// How often a trial is checked for.
+const TRIAL_CHECK: Duration = Duration::from_millis(250);
 
 /// The own link and the flows it carries.
 pub struct Direct {
@@ -33,6 +43,8 @@ pub struct Direct {
     link: Mutex<OwnLink>,
     /// What the own link is probed with (set when probing starts).
     targets: Mutex<Vec<String>>,
+    /// The last trial download, as `/status` shows it.
+    last_trial: Mutex<Option<String>>,
     /// The direct flows open now, watched for stalls.
     watched: Watched,
     /// Flows carried direct, those that failed there, and their bytes.
@@ -59,6 +71,13 @@ pub struct OwnLinkStatus {
     /// Seconds it must be good before new flows return to it (grows when
     /// it relapses soon after recovering).
     pub hold_s: f64,
+    /// Returns wait for a trial download from the coordinator over the own
+    /// link (it is reached that way and can send one).
+    pub trials: bool,
+    /// The last trial: passed or failed, with its rate.
+    pub last_trial: Option<String>,
+    /// A forecast is over and new flows wait on the pool for a trial.
+    pub forecast_ending: bool,
 }
 
 impl Direct {
@@ -67,6 +86,7 @@ impl Direct {
             via,
             link: Mutex::new(OwnLink::new(t)),
             targets: Mutex::new(vec![]),
+            last_trial: Mutex::new(None),
             watched: Watched::default(),
             flows: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -108,6 +128,9 @@ impl Direct {
             bytes_up: self.bytes_up.load(Ordering::Relaxed),
             bytes_down: self.bytes_down.load(Ordering::Relaxed),
             hold_s: l.hold().as_secs_f64(),
+            trials: l.trials(),
+            last_trial: self.last_trial.lock().ok().and_then(|t| t.clone()),
+            forecast_ending: l.forecast_ending(),
         }
     }
 
@@ -141,7 +164,7 @@ impl Direct {
 
     /// Acts on a forecast (or its end): see [`OwnLink::forecast`].
     pub fn forecast(&self, why: Option<String>, pool: &Pool) {
-        let c = self.link().forecast(why);
+        let c = self.link().forecast(why, Instant::now());
         self.changed(c, pool);
     }
 
@@ -197,6 +220,109 @@ impl Direct {
                 let c = me.link().probe(rtt, Instant::now());
                 me.changed(c, &pool);
             });
+        }
+    }
+
+    /// Runs trial downloads when a return to the own link waits for one
+    /// (see [`OwnLink::wants_trial`]), forever: [`TRIAL_BYTES`] from the
+    /// coordinator, over the own link. Only under `auto`, and only when the
+    /// coordinator is reached over the own link; a coordinator that cannot
+    /// send one turns trials off (the probes alone decide, as before).
+    pub async fn trial_loop(self: Arc<Self>, url: crate::client::ServerUrl, pool: Arc<Pool>) {
+        if self.via != Via::Auto || !over_own_link(url.host_port()).await {
+            return;
+        }
+        self.link().enable_trials();
+        let mut channel = None;
+        let mut tick = tokio::time::interval(TRIAL_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.link().wants_trial(Instant::now()) {
+                continue;
+            }
+            let (trial, shown) = match self.trial(&url, &mut channel).await {
+                Ok(r) => r,
+                Err(why) => {
+                    warn!(reason = %why, "trial downloads are off: new flows return to the own link on its probes alone");
+                    if let Ok(mut t) = self.last_trial.lock() {
+                        *t = Some(format!("off: {why}"));
+                    }
+                    let c = self.link().disable_trials(Instant::now());
+                    self.changed(c, &pool);
+                    return;
+                }
+            };
+            if let Trial::Failed(why) = &trial {
+                info!(reason = %why, "own link failed a trial download: new flows stay on the pool");
+            }
+            if let Ok(mut t) = self.last_trial.lock() {
+                *t = Some(shown);
+            }
+            let c = self.link().trial(trial, Instant::now());
+            self.changed(c, &pool);
+        }
+    }
+
+    /// One trial download; `Err` when the coordinator cannot send one.
+    async fn trial(
+        &self,
+        url: &crate::client::ServerUrl,
+        channel: &mut Option<tonic::transport::Channel>,
+    ) -> Result<(Trial, String), String> {
+        let rtt = self.link().rtt().unwrap_or(TRIAL_RTT);
+        let deadline =
+            rtt * 2 + Duration::from_secs_f64(f64::from(TRIAL_BYTES) * 8.0 / (TRIAL_KBPS * 1000.0));
+        let failed = |why: String| Ok((Trial::Failed(why.clone()), format!("failed: {why}")));
+        let ch = match channel.clone() {
+            Some(c) => c,
+            None => match tokio::time::timeout(
+                crate::client::CONNECT_TIMEOUT,
+                crate::client::connect(url),
+            )
+            .await
+            {
+                Ok(Ok(c)) => channel.insert(c).clone(),
+                Ok(Err(e)) => return failed(format!("coordinator not reached: {e}")),
+                Err(_) => return failed("coordinator not reached in time".into()),
+            },
+        };
+        let mut client = bandshare_proto::v1::health_client::HealthClient::new(ch);
+        let started = Instant::now();
+        let asked = bandshare_proto::v1::SampleRequest { bytes: TRIAL_BYTES };
+        match tokio::time::timeout(deadline, client.sample(asked)).await {
+            Ok(Ok(r)) => {
+                let took = started.elapsed();
+                let got = r.into_inner().filler.len();
+                let kbps = got as f64 * 8.0 / took.as_secs_f64().max(1e-6) / 1000.0;
+                Ok((
+                    Trial::Passed,
+                    format!(
+                        "passed: {got} bytes in {} ms ({kbps:.0} kbit/s)",
+                        took.as_millis()
+                    ),
+                ))
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                Err("the coordinator sends no trial downloads (an older version)".into())
+            }
+            // Busy with other trials: this one says nothing of the link.
+            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => Ok((
+                Trial::Passed,
+                "skipped: the coordinator is busy sending others".into(),
+            )),
+            Ok(Err(s)) => {
+                *channel = None;
+                failed(format!("{}: {}", s.code(), s.message()))
+            }
+            Err(_) => {
+                // A late answer would still be arriving on this connection.
+                *channel = None;
+                failed(format!(
+                    "{TRIAL_BYTES} bytes not in {} ms (below {TRIAL_KBPS:.0} kbit/s)",
+                    deadline.as_millis()
+                ))
+            }
         }
     }
 
@@ -288,15 +414,21 @@ pub async fn probe_targets(asked: &[String], coordinator: &str) -> Vec<String> {
             }
         }
     }
-    let own = match tokio::net::lookup_host(coordinator).await {
-        Ok(mut addrs) => addrs.any(|a| super::routes::over_own_link(&table, a.ip())),
-        // Not resolvable now: it may be once the link is up.
-        Err(_) => true,
-    };
-    if own && !targets.iter().any(|t| t == coordinator) {
+    if over_own_link(coordinator).await && !targets.iter().any(|t| t == coordinator) {
         targets.push(coordinator.to_string());
     }
     targets
+}
+
+/// Whether `HOST:PORT` is reached over the own link (over another link, a
+/// LAN to a sharer, its answers would say nothing about the own link).
+async fn over_own_link(host_port: &str) -> bool {
+    let table = super::routes::read();
+    match tokio::net::lookup_host(host_port).await {
+        Ok(mut addrs) => addrs.any(|a| super::routes::over_own_link(&table, a.ip())),
+        // Not resolvable now: it may be once the link is up.
+        Err(_) => true,
+    }
 }
 
 /// The first of [`GATEWAY_PORTS`] on which `gw` answers within a second.

@@ -237,6 +237,9 @@ impl Requester {
             }));
         }
         tasks.push(tokio::spawn(direct.clone().stall_loop(pool.clone())));
+        tasks.push(tokio::spawn(
+            direct.clone().trial_loop(url.clone(), pool.clone()),
+        ));
         tasks.push(tokio::spawn(direct.clone().probe_loop(
             opts.probes.clone(),
             url.host_port().to_string(),

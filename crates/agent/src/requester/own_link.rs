@@ -11,7 +11,12 @@
 //!   about a second at the default probe interval); or when a flow on the
 //!   direct path failed or was not answered within the deadline;
 //! - *healthy* again only after it has been good for `hold` (hysteresis: a
-//!   flapping link does not drag flows back and forth);
+//!   flapping link does not drag flows back and forth), and, where the
+//!   own link can be tried ([`OwnLink::enable_trials`]), once a trial
+//!   download over it came at a usable rate: probes see an idle link, and
+//!   a rate-limited one answers them while it stalls every real flow;
+//! - the end of a forecast sends new flows back only after such a trial
+//!   too; a failed trial degrades the link;
 //! - *unknown* before the first probe: new flows try direct, and a flow that
 //!   fails there is raced through the pool.
 
@@ -144,7 +149,30 @@ pub struct OwnLink {
     hold: Duration,
     /// When it last recovered.
     recovered_at: Option<Instant>,
+    /// Returns to the own link wait for a passed trial.
+    trials: bool,
+    /// When a trial last passed.
+    trial_passed: Option<Instant>,
+    /// No trial before this (after a failed one).
+    trial_due: Option<Instant>,
+    /// The forecast is over, but new flows stay on the pool until a trial
+    /// passes.
+    forecast_ending: bool,
 }
+
+/// What a trial download over the own link found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trial {
+    /// It came at a usable rate.
+    Passed,
+    /// Too slow, or not at all (why).
+    Failed(String),
+}
+
+/// A passed trial lets the own link back for this long.
+pub const TRIAL_FRESH: Duration = Duration::from_secs(3);
+/// After a failed trial, the next one waits this long.
+pub const TRIAL_AGAIN: Duration = Duration::from_secs(3);
 
 /// A degradation this soon after a recovery is a flap: the next hold is
 /// twice as long. A link that stays healthy this long earns the base hold
@@ -166,7 +194,96 @@ impl OwnLink {
             forecast: None,
             hold: t.hold,
             recovered_at: None,
+            trials: false,
+            trial_passed: None,
+            trial_due: None,
+            forecast_ending: false,
         }
+    }
+
+    /// From now on, new flows return to the own link only after a passed
+    /// trial ([`OwnLink::wants_trial`], [`OwnLink::trial`]).
+    pub fn enable_trials(&mut self) {
+        self.trials = true;
+    }
+
+    /// Trials are no longer possible (the coordinator cannot send one):
+    /// returns go by the probes alone, as before trials.
+    pub fn disable_trials(&mut self, now: Instant) -> Option<Change> {
+        self.trials = false;
+        self.trial_due = None;
+        self.settle(now)
+    }
+
+    pub fn trials(&self) -> bool {
+        self.trials
+    }
+
+    fn trial_fresh(&self, now: Instant) -> bool {
+        self.trial_passed
+            .is_some_and(|t| now.saturating_duration_since(t) < TRIAL_FRESH)
+    }
+
+    /// Held long enough to return, but for a trial.
+    fn held(&self, now: Instant) -> bool {
+        self.state == State::Degraded
+            && self
+                .good_since
+                .is_some_and(|s| now.saturating_duration_since(s) >= self.hold)
+    }
+
+    /// Whether a trial download should run now: a return to the own link
+    /// waits for one, and none failed within [`TRIAL_AGAIN`].
+    pub fn wants_trial(&self, now: Instant) -> bool {
+        self.trials
+            && self.trial_due.is_none_or(|d| now >= d)
+            && !self.trial_fresh(now)
+            && (self.forecast_ending || self.held(now))
+    }
+
+    /// A trial's result.
+    pub fn trial(&mut self, t: Trial, now: Instant) -> Option<Change> {
+        match t {
+            Trial::Passed => {
+                self.trial_passed = Some(now);
+                self.trial_due = None;
+                self.settle(now)
+            }
+            Trial::Failed(why) => {
+                self.trial_passed = None;
+                self.trial_due = Some(now + TRIAL_AGAIN);
+                // The forecast's end is settled: the link itself is weak.
+                if std::mem::take(&mut self.forecast_ending) {
+                    self.forecast = None;
+                }
+                // Like a failed flow: degraded (if not already), and the
+                // hold starts over from the next good probe.
+                self.degrade(format!("a trial download over it: {why}"), now)
+            }
+        }
+    }
+
+    /// Makes the returns that were waiting for a trial.
+    fn settle(&mut self, now: Instant) -> Option<Change> {
+        let open = !self.trials || self.trial_fresh(now);
+        if open && self.forecast_ending {
+            self.forecast_ending = false;
+            self.forecast = None;
+            if self.state != State::Degraded {
+                return Some(Change::ForecastOver);
+            }
+        }
+        if open && self.held(now) {
+            return self.recover(now);
+        }
+        None
+    }
+
+    fn recover(&mut self, now: Instant) -> Option<Change> {
+        self.state = State::Healthy;
+        self.good_since = None;
+        self.recovered_at = Some(now);
+        Some(Change::Recovered)
     }
 
     /// The hold in force now (grown by flaps).
@@ -176,14 +293,28 @@ impl OwnLink {
 
     /// Sets or clears the forecast of a weak zone; under `auto` a forecast
     /// sends new flows through the pool while the own link still works.
-    pub fn forecast(&mut self, why: Option<String>) -> Option<Change> {
+    /// Its end sends new flows back once a trial passed (see
+    /// [`OwnLink::enable_trials`]); until then the forecast stays in force.
+    pub fn forecast(&mut self, why: Option<String>, now: Instant) -> Option<Change> {
         let change = match (&self.forecast, &why) {
             (None, Some(w)) => Some(Change::Forecast(w.clone())),
+            (Some(_), None)
+                if self.trials && self.state != State::Degraded && !self.trial_fresh(now) =>
+            {
+                self.forecast_ending = true;
+                return None;
+            }
             (Some(_), None) => Some(Change::ForecastOver),
             _ => None,
         };
+        self.forecast_ending = false;
         self.forecast = why;
         change
+    }
+
+    /// A forecast is over and waits for a trial before new flows return.
+    pub fn forecast_ending(&self) -> bool {
+        self.forecast_ending
     }
 
     /// The forecast acted on, if any.
@@ -314,15 +445,8 @@ impl OwnLink {
                 None
             }
             State::Degraded => {
-                let since = *self.good_since.get_or_insert(now);
-                if now.duration_since(since) >= self.hold {
-                    self.state = State::Healthy;
-                    self.good_since = None;
-                    self.recovered_at = Some(now);
-                    Some(Change::Recovered)
-                } else {
-                    None
-                }
+                self.good_since.get_or_insert(now);
+                self.settle(now)
             }
         }
     }
@@ -447,14 +571,14 @@ mod tests {
             l.probe(Some(10 * MS), t0 + i * MS);
         }
         assert_eq!(l.path(Via::Auto), Path::Direct);
-        let c = l.forecast(Some("weak zone in 12 s".into()));
+        let c = l.forecast(Some("weak zone in 12 s".into()), t0);
         assert_eq!(c, Some(Change::Forecast("weak zone in 12 s".into())));
         assert_eq!(l.path(Via::Auto), Path::Pool);
         assert_eq!(l.path(Via::Direct), Path::Direct, "direct never moves");
         assert_eq!(l.state(), State::Healthy, "the link itself is fine");
-        assert_eq!(l.forecast(Some("weak here".into())), None);
+        assert_eq!(l.forecast(Some("weak here".into()), t0), None);
         assert_eq!(l.forecasting(), Some("weak here"));
-        assert_eq!(l.forecast(None), Some(Change::ForecastOver));
+        assert_eq!(l.forecast(None, t0), Some(Change::ForecastOver));
         assert_eq!(l.path(Via::Auto), Path::Direct);
     }
 
@@ -514,5 +638,76 @@ mod tests {
         let t = good_for(&mut l, t, FLAP_WITHIN.as_secs() + 5);
         l.flow_failed("stalled", t);
         assert_eq!(l.hold(), base);
+    }
+
+    #[test]
+    fn with_trials_a_forecast_ends_only_after_the_own_link_carried_one() {
+        let (mut l, t0) = link();
+        l.enable_trials();
+        let t = good_for(&mut l, t0, 1);
+        l.forecast(Some("weak zone in 12 s".into()), t);
+        assert!(!l.wants_trial(t), "nothing to return to yet");
+        // The map says clear; the link answers its probes, but is it fast?
+        assert_eq!(l.forecast(None, t), None, "not before a trial");
+        assert!(l.forecast_ending());
+        assert_eq!(l.path(Via::Auto), Path::Pool);
+        assert!(l.wants_trial(t));
+        let c = l.trial(Trial::Failed("16384 bytes not in 0.6 s".into()), t);
+        assert!(
+            matches!(&c, Some(Change::Degraded(why)) if why.contains("trial download")),
+            "{c:?}"
+        );
+        assert_eq!(l.path(Via::Auto), Path::Pool);
+        assert_eq!(l.forecasting(), None, "settled: the link itself is weak");
+        // It is tried again only after the hold, and not sooner than
+        // TRIAL_AGAIN after the failure.
+        let t = good_for(&mut l, t, 11);
+        assert_eq!(
+            l.state(),
+            State::Degraded,
+            "good probes alone do not return"
+        );
+        assert!(l.wants_trial(t));
+        assert_eq!(l.trial(Trial::Passed, t), Some(Change::Recovered));
+        assert_eq!(l.path(Via::Auto), Path::Direct);
+    }
+
+    #[test]
+    fn a_passed_trial_ends_the_forecast_at_once_and_stays_fresh_a_while() {
+        let (mut l, t0) = link();
+        l.enable_trials();
+        let t = good_for(&mut l, t0, 1);
+        l.forecast(Some("weak here".into()), t);
+        l.forecast(None, t);
+        assert_eq!(l.trial(Trial::Passed, t), Some(Change::ForecastOver));
+        assert_eq!(l.path(Via::Auto), Path::Direct);
+        // A new forecast and its end within TRIAL_FRESH: no new trial.
+        let t = t + MS * 500;
+        l.forecast(Some("weak zone in 8 s".into()), t);
+        assert_eq!(l.forecast(None, t), Some(Change::ForecastOver));
+        assert!(!l.wants_trial(t));
+    }
+
+    #[test]
+    fn a_failed_trial_waits_before_the_next_and_disabling_trials_returns() {
+        let (mut l, t0) = link();
+        l.enable_trials();
+        let t = good_for(&mut l, t0, 1);
+        l.flow_failed("reset", t);
+        let t = good_for(&mut l, t, 11);
+        assert!(l.wants_trial(t));
+        assert_eq!(
+            l.trial(Trial::Failed("slow".into()), t),
+            None,
+            "already degraded"
+        );
+        // The hold starts over, as after a failed flow.
+        let t = good_for(&mut l, t, 5);
+        assert!(!l.wants_trial(t));
+        let t = good_for(&mut l, t, 6);
+        assert!(l.wants_trial(t));
+        // The coordinator cannot send trials: the probes decide again.
+        assert_eq!(l.disable_trials(t), Some(Change::Recovered));
+        assert!(!l.wants_trial(t));
     }
 }

@@ -45,7 +45,9 @@ function show(s) {
   $("own-state").textContent = `${o.state} (via ${o.via})`;
   $("own-state").className = o.state === "degraded" ? "bad" : "ok";
   $("own-rtt").textContent = `${o.rtt_ms == null ? "–" : o.rtt_ms + " ms"} / ${Math.round(o.loss * 100)} %`;
-  $("own-hold").textContent = `${o.hold_s} s healthy`;
+  $("own-hold").textContent = `${o.hold_s} s healthy` + (o.trials ? " and a trial download" : "");
+  $("own-trial").textContent = o.last_trial || (o.trials ? "none yet" : "off");
+  if (o.forecast_ending) $("why").textContent = "the predicted zone is behind: trying the own link first";
   $("own-bytes").textContent = `${bytes(o.bytes_up)} / ${bytes(o.bytes_down)}`;
   const rows = s.pool.map((m) => {
     const h = rtts.get(m.key) || [];
