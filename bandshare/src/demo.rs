@@ -360,7 +360,7 @@ async fn own_link_answers_again(
     r: &bandshare_local::RequesterNode,
     gateway: &Gateway,
 ) -> anyhow::Result<()> {
-    out!("\n6. The own link answers again: new flows return after a 2 s hold");
+    out!("\n6. The own link answers again: new flows return after a 2 s hold and a trial download");
     gateway.restore();
     let t = Instant::now();
     let back = wait_until(Duration::from_secs(10), || {
@@ -372,6 +372,11 @@ async fn own_link_answers_again(
         "   back to the own link after {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // Probes answer on a rate-limited link too: the return waited for a
+    // trial download over it.
+    if let Some(trial) = r.requester.direct.status().last_trial {
+        out!("   trial download over it first: {trial}");
+    }
     Ok(())
 }
 

@@ -481,7 +481,9 @@ struct ConnectArgs {
     probe: Vec<String>,
     /// Seconds the own link must be healthy before new flows return to it
     /// (doubled, up to 300, each time it relapses within a minute of
-    /// recovering; back to this after a healthy minute).
+    /// recovering; back to this after a healthy minute). Where the
+    /// coordinator is reached over the own link, a return also waits for a
+    /// trial download from it: 16 KiB at 250 kbit/s or better.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_hold)]
     direct_hold: f64,
     /// Mean probe RTT above which the own link is degraded, milliseconds.

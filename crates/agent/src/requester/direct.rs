@@ -264,7 +264,8 @@ impl Direct {
         }
     }
 
-    /// One trial download; `Err` when the coordinator cannot send one.
+    /// One trial download; `Err` when the coordinator cannot send one (an
+    /// older version).
     async fn trial(
         &self,
         url: &crate::client::ServerUrl,
@@ -273,7 +274,11 @@ impl Direct {
         let rtt = self.link().rtt().unwrap_or(TRIAL_RTT);
         let deadline =
             rtt * 2 + Duration::from_secs_f64(f64::from(TRIAL_BYTES) * 8.0 / (TRIAL_KBPS * 1000.0));
-        let failed = |why: String| Ok((Trial::Failed(why.clone()), format!("failed: {why}")));
+        // The coordinator not there (down, or its connection broke) says
+        // nothing of the own link's rate: the probes decide, as without
+        // trials. Only a download too slow fails a trial.
+        let skipped =
+            |why: String| Ok((Trial::Passed, format!("skipped: {why}; the probes decide")));
         let ch = match channel.clone() {
             Some(c) => c,
             None => match tokio::time::timeout(
@@ -283,8 +288,8 @@ impl Direct {
             .await
             {
                 Ok(Ok(c)) => channel.insert(c).clone(),
-                Ok(Err(e)) => return failed(format!("coordinator not reached: {e}")),
-                Err(_) => return failed("coordinator not reached in time".into()),
+                Ok(Err(e)) => return skipped(format!("coordinator not reached ({e})")),
+                Err(_) => return skipped("coordinator not reached in time".into()),
             },
         };
         let mut client = bandshare_proto::v1::health_client::HealthClient::new(ch);
@@ -306,22 +311,21 @@ impl Direct {
             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                 Err("the coordinator sends no trial downloads (an older version)".into())
             }
-            // Busy with other trials: this one says nothing of the link.
-            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => Ok((
-                Trial::Passed,
-                "skipped: the coordinator is busy sending others".into(),
-            )),
+            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                skipped("the coordinator is busy sending others".into())
+            }
             Ok(Err(s)) => {
                 *channel = None;
-                failed(format!("{}: {}", s.code(), s.message()))
+                skipped(format!("{}: {}", s.code(), s.message()))
             }
             Err(_) => {
                 // A late answer would still be arriving on this connection.
                 *channel = None;
-                failed(format!(
+                let why = format!(
                     "{TRIAL_BYTES} bytes not in {} ms (below {TRIAL_KBPS:.0} kbit/s)",
                     deadline.as_millis()
-                ))
+                );
+                Ok((Trial::Failed(why.clone()), format!("failed: {why}")))
             }
         }
     }
