@@ -113,6 +113,15 @@ async fn a_full_join_queue_sheds_sharers_who_then_come_online() {
         "the shed agent came online on retry (online: {})",
         c.coordinator.online()
     );
-    assert!(agent.sharer.relay.knows_coordinator());
+    // Online at the coordinator comes a moment before its welcome (the
+    // keys) reaches the agent.
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .sharer
+            .relay
+            .knows_coordinator())
+        .await,
+        "the agent never got the coordinator's keys"
+    );
     assert_eq!(state.counters().joins_waiting, 0);
 }
