@@ -539,6 +539,11 @@ fn a_rate_limited_own_link_that_answers_probes_gets_no_flows_until_a_trial_passe
         "{s}"
     );
     assert_eq!(w.seen_from("/fast").as_deref(), Ok(OWN));
+    let run = &s["own_link"]["trials_run"];
+    assert!(
+        run[0].as_u64() >= Some(1) && run[1].as_u64() >= Some(1),
+        "passed, failed: {run}"
+    );
 }
 
 /// Sends 16 KiB every 50 ms for at most 8 s through the SOCKS5 proxy

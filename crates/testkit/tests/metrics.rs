@@ -194,6 +194,10 @@ async fn coordinator_metrics_parse_and_move_with_traffic() {
     assert!(at(&m, "bandshare_relayed_bytes_total{direction=\"down\"}") >= 200_000.0);
     assert!(at(&m, "bandshare_relayed_bytes_total{direction=\"up\"}") > 0.0);
     assert_eq!(at(&m, "bandshare_pool_flows_total{}"), 1.0);
+    assert!(
+        m.contains_key("bandshare_own_link_trials_total{result=\"failed\"}"),
+        "{m:?}"
+    );
     let members = at(&m, "bandshare_pool_members{state=\"ready\"}");
     assert!(members >= 1.0, "{m:?}");
     let active: Vec<&String> = m

@@ -45,6 +45,8 @@ pub struct Direct {
     targets: Mutex<Vec<String>>,
     /// The last trial download, as `/status` shows it.
     last_trial: Mutex<Option<String>>,
+    /// Trial downloads by result: passed, failed, skipped.
+    trials: [AtomicU64; 3],
     /// The direct flows open now, watched for stalls.
     watched: Watched,
     /// Flows carried direct, those that failed there, and their bytes.
@@ -78,7 +80,13 @@ pub struct OwnLinkStatus {
     pub last_trial: Option<String>,
     /// A forecast is over and new flows wait on the pool for a trial.
     pub forecast_ending: bool,
+    /// Trial downloads so far: passed, failed, skipped.
+    pub trials_run: [u64; 3],
 }
+
+/// The results a trial download is counted under, in
+/// [`OwnLinkStatus::trials_run`]'s order.
+pub const TRIAL_RESULTS: [&str; 3] = ["passed", "failed", "skipped"];
 
 impl Direct {
     pub fn new(via: Via, t: Thresholds) -> Direct {
@@ -87,6 +95,7 @@ impl Direct {
             link: Mutex::new(OwnLink::new(t)),
             targets: Mutex::new(vec![]),
             last_trial: Mutex::new(None),
+            trials: Default::default(),
             watched: Watched::default(),
             flows: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -131,6 +140,7 @@ impl Direct {
             trials: l.trials(),
             last_trial: self.last_trial.lock().ok().and_then(|t| t.clone()),
             forecast_ending: l.forecast_ending(),
+            trials_run: self.trials.each_ref().map(|n| n.load(Ordering::Relaxed)),
         }
     }
 
@@ -253,6 +263,11 @@ impl Direct {
                     return;
                 }
             };
+            // `shown` begins with its result.
+            let result = shown.split(':').next().unwrap_or_default();
+            if let Some(i) = TRIAL_RESULTS.iter().position(|r| *r == result) {
+                self.trials[i].fetch_add(1, Ordering::Relaxed);
+            }
             if let Trial::Failed(why) = &trial {
                 info!(reason = %why, "own link failed a trial download: new flows stay on the pool");
             }

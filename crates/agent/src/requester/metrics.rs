@@ -147,6 +147,15 @@ pub fn render(v: &View) -> String {
         Unit::Seconds,
         ConstGauge::new(v.own.hold_s),
     );
+    let trials = Family::<L1, Counter>::default();
+    for (result, n) in super::direct::TRIAL_RESULTS.iter().zip(v.own.trials_run) {
+        trials.get_or_create(&l1("result", result)).inc_by(n);
+    }
+    r.register(
+        "own_link_trials",
+        "Trial downloads over the own link before new flows return to it, by result",
+        trials,
+    );
     let direct_bytes = Family::<L1, Counter>::default();
     direct_bytes
         .get_or_create(&l1("direction", "up"))
