@@ -760,6 +760,35 @@ fn socket2_connect(
     })
 }
 
+/// Connections waiting in the accept queue of the IPv4 listener on
+/// `port` (`/proc/net/tcp`: for a listening socket, `rx_queue` is that
+/// queue's length); `None` when there is no such listener.
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = f.get(1)?.rsplit(':').next()?;
+        let listening = f.get(3) == Some(&"0A");
+        if !listening || u16::from_str_radix(local_port, 16).ok()? != port {
+            return None;
+        }
+        u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()
+    })
+}
+
+/// Waits (at most 5 s) until the listeners on `ports` have accepted
+/// every connection made to them.
+fn all_accepted(ports: &[u16]) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        if ports.iter().all(|p| accept_queue(*p) == Some(0)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// Whether the peer closed `s` within `within`.
 fn closed_by_peer(s: &mut std::net::TcpStream, within: Duration) -> bool {
     use std::io::Read;
@@ -797,6 +826,12 @@ fn idle_connections_and_fd_exhaustion_do_not_stop_the_coordinator() {
     // 1. A connection that sends nothing is closed after the 10 s deadline.
     let mut silent = std::net::TcpStream::connect(http).expect("connect http");
     let mut silent_grpc = std::net::TcpStream::connect(grpc).expect("connect grpc");
+    // Accepted (their deadlines running) before the descriptors run out;
+    // on a busy machine the accept loop may not have run yet.
+    assert!(
+        all_accepted(&[http.port(), grpc.port()]),
+        "the silent connections were never accepted"
+    );
     // 2. Exhaust the descriptors: far more idle connections than 128.
     let held = idle_connections(grpc, "127.0.0.1", 300);
     assert!(held.len() > 128, "only {} connections", held.len());
