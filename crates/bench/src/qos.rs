@@ -2,7 +2,9 @@
 //! `../shared/qos-data` — leave-one-run-out per Norway HSDPA route and on
 //! the UCC 5G driving traces, against the reference baseline (100 m grid,
 //! weak when ≥ 50 % of its training time was) in the same run, with the
-//! issue's targets checked per route.
+//! issue's targets checked per route, and the ceiling: the same map with
+//! the held-out run in its training, what a map of place and time can
+//! reach on these runs at all.
 
 use bandshare_qos::eval::{RouteReport, leave_one_run_out};
 use bandshare_qos::track::{Reading, parse_norway, parse_ucc};
@@ -54,13 +56,14 @@ fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Opti
     let f1 = r.map.f1();
     let base = r.baseline.f1();
     eprintln!(
-        "{name:<32} runs {:>2}  weak {:>4.1} %  F1 {:.3} (P {:.2} R {:.2})  baseline {:.3}  warned {:>3.0} % (baseline {:>3.0} %)  predicted/true weak {:.2}  warning out {:>3.0} % of the time, followed {:>3.0} % (any time {:>3.0} %)",
+        "{name:<32} runs {:>2}  weak {:>4.1} %  F1 {:.3} (P {:.2} R {:.2})  baseline {:.3}  ceiling {:.3}  warned {:>3.0} % (baseline {:>3.0} %)  predicted/true weak {:.2}  warning out {:>3.0} % of the time, followed {:>3.0} % (any time {:>3.0} %)",
         r.runs,
         100.0 * r.weak_seconds / r.seconds.max(1e-9),
         f1,
         r.map.precision(),
         r.map.recall(),
         base,
+        r.ceiling.f1(),
         r.warned * 100.0,
         r.baseline_warned * 100.0,
         r.map.weak_ratio(),
@@ -80,6 +83,8 @@ fn report(name: &str, r: &RouteReport, f1_target: Option<f64>, warn_target: Opti
                 "answered": r3(r.answered)},
         "baseline": {"f1": r3(base), "precision": r3(r.baseline.precision()),
                      "recall": r3(r.baseline.recall()), "warned_5_30s": r3(r.baseline_warned)},
+        "ceiling": {"f1": r3(r.ceiling.f1()), "precision": r3(r.ceiling.precision()),
+                    "recall": r3(r.ceiling.recall())},
         "targets": {
             "f1_above_baseline": f1 > base,
             "f1": f1_target.map(|t| json!({"target": t, "met": f1 >= t})),

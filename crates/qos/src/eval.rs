@@ -4,7 +4,8 @@
 //! fixes only (causal, no filling) and score every reading by its duration.
 //! The reference baseline runs on the same split: a 100 m square grid, a
 //! square weak when at least half its training time was weak, the last fix
-//! held through gaps.
+//! held through gaps. The ceiling replays each run through a map that has
+//! seen every run, itself included: what place and time can explain.
 
 use crate::track::{Reading, fill_gaps};
 use crate::{Config, Horizon, Map, Sample, Tracker};
@@ -59,6 +60,10 @@ pub struct RouteReport {
     pub weak_seconds: f64,
     pub map: Score,
     pub baseline: Score,
+    /// The map's score when the held-out run is in its training too: how
+    /// well a map of place and time can describe these runs at all (an
+    /// upper bound for leave-one-run-out, not a prediction).
+    pub ceiling: Score,
     /// Share of the time the map answered at all.
     pub answered: f64,
     /// Share of weak time (in episodes ≥ 3 s) whose episode was warned
@@ -78,6 +83,9 @@ pub struct RouteReport {
 pub const WEAK_KBPS: f64 = 250.0;
 /// Gaps between fixes filled for training up to this long.
 pub const FILL_GAP_S: f64 = 600.0;
+
+/// The baseline's squares: (observed seconds, weak seconds) each.
+type Grid = HashMap<(i64, i64), (f64, f64)>;
 
 fn grid_key(lat: f64, lon: f64) -> (i64, i64) {
     let y = lat * 111_320.0;
@@ -119,6 +127,44 @@ fn warned_share(eps: &[(f64, f64, f64)], warnings: &[f64]) -> (f64, f64) {
     (warned, total)
 }
 
+/// A map (and the baseline's grid) learned from every run but `skip`:
+/// each run as its own device, gaps between fixes filled for training.
+fn train(
+    runs: &[Vec<Reading>],
+    skip: Option<usize>,
+    cfg: Config,
+) -> Option<(Map, Grid)> {
+    let mut map = Map::new(cfg).ok()?;
+    let mut grid = Grid::new();
+    for (i, run) in runs.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
+        let mut filled = run.clone();
+        fill_gaps(&mut filled, FILL_GAP_S);
+        let mut trail = None;
+        for r in &filled {
+            let Some((lat, lon)) = r.pos else { continue };
+            let s = Sample {
+                t: r.t,
+                lat,
+                lon,
+                duration_s: r.duration_s,
+                down_kbps: r.down_kbps,
+                device: i as u64 + 1,
+            };
+            if map.observe(&s, &mut trail).is_err() {
+                continue;
+            }
+            if !r.filled {
+                let g = grid.entry(grid_key(lat, lon)).or_default();
+                g.0 += r.duration_s;
+                if r.down_kbps < WEAK_KBPS {
+                    g.1 += r.duration_s;
+                }
+            }
+        }
+    }
+    Some((map, grid))
+}
+
 /// Evaluates one route's runs (at least 4 for k = 3 to answer at all).
 pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -> RouteReport {
     let mut rep = RouteReport {
@@ -127,35 +173,21 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
     };
     let (mut answered, mut warned, mut base_warned, mut ep_total) = (0.0, 0.0, 0.0, 0.0);
     let (mut warning_s, mut followed_s, mut any_followed_s) = (0.0, 0.0, 0.0);
+    // The ceiling: a map that has seen every run, the held-out one too.
+    let seen_all = train(runs, None, cfg).map(|(m, _)| m);
     for held in 0..runs.len() {
-        let Ok(mut map) = Map::new(cfg) else {
+        let Some((map, grid)) = train(runs, Some(held), cfg) else {
             return rep;
         };
-        let mut grid: HashMap<(i64, i64), (f64, f64)> = HashMap::new();
-        for (i, run) in runs.iter().enumerate().filter(|(i, _)| *i != held) {
-            let mut filled = run.clone();
-            fill_gaps(&mut filled, FILL_GAP_S);
-            let mut trail = None;
-            for r in &filled {
-                let Some((lat, lon)) = r.pos else { continue };
-                let s = Sample {
-                    t: r.t,
-                    lat,
-                    lon,
-                    duration_s: r.duration_s,
-                    down_kbps: r.down_kbps,
-                    device: i as u64 + 1,
-                };
-                if map.observe(&s, &mut trail).is_err() {
-                    continue;
-                }
-                if !r.filled {
-                    let g = grid.entry(grid_key(lat, lon)).or_default();
-                    g.0 += r.duration_s;
-                    if r.down_kbps < WEAK_KBPS {
-                        g.1 += r.duration_s;
-                    }
-                }
+        if let Some(seen) = &seen_all {
+            let mut tracker = Tracker::new();
+            for r in &runs[held] {
+                let p = tracker.step(seen, r.t, r.pos, &horizon).ok();
+                rep.ceiling.add(
+                    p.is_some_and(|p| p.weak),
+                    r.down_kbps < WEAK_KBPS,
+                    r.duration_s,
+                );
             }
         }
         let mut tracker = Tracker::new();

@@ -39,11 +39,12 @@ fn runs(route: &str) -> Option<Vec<Vec<Reading>>> {
 
 fn show(route: &str, r: &RouteReport) {
     eprintln!(
-        "{route:<32} F1 {:.3} (P {:.2} R {:.2}) baseline {:.3} | warned {:>3.0} % (baseline {:>3.0} %) | predicted/true weak {:.2} | answered {:.0} % | warning out {:.0} % of the time, followed {:.0} % (any time {:.0} %)",
+        "{route:<32} F1 {:.3} (P {:.2} R {:.2}) baseline {:.3} ceiling {:.3} | warned {:>3.0} % (baseline {:>3.0} %) | predicted/true weak {:.2} | answered {:.0} % | warning out {:.0} % of the time, followed {:.0} % (any time {:.0} %)",
         r.map.f1(),
         r.map.precision(),
         r.map.recall(),
         r.baseline.f1(),
+        r.ceiling.f1(),
         r.warned * 100.0,
         r.baseline_warned * 100.0,
         r.map.weak_ratio(),
