@@ -129,11 +129,7 @@ fn warned_share(eps: &[(f64, f64, f64)], warnings: &[f64]) -> (f64, f64) {
 
 /// A map (and the baseline's grid) learned from every run but `skip`:
 /// each run as its own device, gaps between fixes filled for training.
-fn train(
-    runs: &[Vec<Reading>],
-    skip: Option<usize>,
-    cfg: Config,
-) -> Option<(Map, Grid)> {
+fn train(runs: &[Vec<Reading>], skip: Option<usize>, cfg: Config) -> Option<(Map, Grid)> {
     let mut map = Map::new(cfg).ok()?;
     let mut grid = Grid::new();
     for (i, run) in runs.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
