@@ -24,8 +24,11 @@
 //!
 //! In CI it replays two minutes around the metro's tunnel; with
 //! `BANDSHARE_REPLAY=full` whole held-out runs of the metro, ferry and car
-//! routes (about 50 minutes, for BENCHMARKS.md). Skips, saying why, where
-//! namespaces, tc or the data are missing.
+//! routes (about 50 minutes, for BENCHMARKS.md). The held-out run is the
+//! one with the median weak time; `BANDSHARE_REPLAY_HELD=0.25,0.75` rides
+//! the runs at those quantiles of weak time instead, one after another
+//! (each trained on all the others), for more seconds to count. Skips,
+//! saying why, where namespaces, tc or the data are missing.
 
 use bandshare_qos::track::{Reading, parse_norway};
 use bandshare_testkit::HttpTarget;
@@ -631,20 +634,28 @@ fn pre_connect_has_fewer_seconds_without_a_path_than_reactive_switching() {
     } else {
         &["metro.kalbakken-jernbanetorget"]
     };
+    let held = held_quantiles();
     // Whole runs take minutes each: the routes ride at once, each in its
-    // own lab.
-    let outcomes: Vec<Option<Outcome>> = std::thread::scope(|scope| {
+    // own lab; a route's held-out runs one after another.
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
         let rides: Vec<_> = routes
             .iter()
-            .map(|route| scope.spawn(move || ride_route(route, full)))
+            .map(|route| {
+                let held = &held;
+                scope.spawn(move || {
+                    held.iter()
+                        .filter_map(|q| ride_route(route, *q, full))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         rides
             .into_iter()
-            .map(|h| h.join().expect("a route's replay panicked"))
+            .flat_map(|h| h.join().expect("a route's replay panicked"))
             .collect()
     });
     let mut all = [0usize; 2];
-    for o in outcomes.into_iter().flatten() {
+    for o in outcomes {
         all[0] += o.outage_s[0];
         all[1] += o.outage_s[1];
     }
@@ -659,18 +670,33 @@ fn pre_connect_has_fewer_seconds_without_a_path_than_reactive_switching() {
     }
 }
 
-/// Replays one route's held-out run (whole, or the stretch around its
-/// longest weak episode); `None` without data.
-fn ride_route(route: &str, full: bool) -> Option<Outcome> {
+/// Which runs are held out, as quantiles of weak time:
+/// `BANDSHARE_REPLAY_HELD` (comma-separated, each in 0..=1), else the
+/// median (a typical commute, not the best or the worst day).
+fn held_quantiles() -> Vec<f64> {
+    let Ok(v) = std::env::var("BANDSHARE_REPLAY_HELD") else {
+        return vec![0.5];
+    };
+    v.split(',')
+        .map(|q| match q.trim().parse::<f64>() {
+            Ok(q) if (0.0..=1.0).contains(&q) => q,
+            _ => panic!("BANDSHARE_REPLAY_HELD: {q:?} is not a quantile between 0 and 1"),
+        })
+        .collect()
+}
+
+/// Replays one route's held-out run, the one at quantile `held` of weak
+/// time (whole, or the stretch around its longest weak episode); `None`
+/// without data.
+fn ride_route(route: &str, held: f64, full: bool) -> Option<Outcome> {
     let Some(runs) = runs(route) else {
         eprintln!("SKIP {route}: no data under {}", data_dir().display());
         return None;
     };
-    // Held out: the run with the median weak time (a typical commute, not
-    // the best or the worst day).
     let mut by_weak: Vec<usize> = (0..runs.len()).collect();
     by_weak.sort_by(|a, b| weak_seconds(&runs[*a].2).total_cmp(&weak_seconds(&runs[*b].2)));
-    let held = *by_weak.get(by_weak.len() / 2)?;
+    let at = ((by_weak.len() as f64 * held) as usize).min(by_weak.len().saturating_sub(1));
+    let held = *by_weak.get(at)?;
     let training: Vec<(PathBuf, String)> = runs
         .iter()
         .enumerate()
