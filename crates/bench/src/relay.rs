@@ -391,6 +391,20 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
             "cpu_s_per_gb_4": results.get("shadowsocks").map(|v| v["cpu_s_per_gb_4"].clone()),
         });
     }
+    // What path MTU discovery reached on the tunnel (loopback allows up to
+    // the relay's bound): the size of the datagrams the runs above used.
+    if let Some(m) = requester.requester.pool.active() {
+        let st = m.tunnel.stats();
+        let per = st.udp_tx.bytes / st.udp_tx.datagrams.max(1);
+        eprintln!(
+            "  bandshare tunnel: path MTU {} bytes now; {} bytes per datagram sent on average; {} packets lost; {} black holes detected",
+            st.path.current_mtu, per, st.path.lost_packets, st.path.black_holes_detected
+        );
+        v["path_mtu"] = json!(st.path.current_mtu);
+        v["bytes_per_datagram"] = json!(per);
+        v["lost_packets"] = json!(st.path.lost_packets);
+        v["black_holes"] = json!(st.path.black_holes_detected);
+    }
     requester.stop();
     Ok(v)
 }

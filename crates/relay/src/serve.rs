@@ -83,7 +83,7 @@ impl Relay {
         let (cfg, pin) = tls::server_config()?;
         let socket = tls::quic_socket(opts.listen).map_err(|e| RelayError::Bind(opts.listen, e))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls::endpoint_config(),
             Some(cfg),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -13,8 +13,16 @@ use std::time::Duration;
 
 pub const ALPN: &[u8] = b"bandshare/1";
 
-/// Largest UDP payload path MTU discovery will try.
-pub const MTU_UPPER_BOUND: u16 = 16_384;
+/// Largest UDP payload path MTU discovery will try. quinn sends up to
+/// ten datagrams in one `sendmsg` with segmentation offload (GSO), and the
+/// kernel refuses a batch larger than one IP datagram (64 KiB) with
+/// EMSGSIZE, which quinn-udp drops in silence: ten of these must fit, or
+/// every full batch is lost and a bulk flow stalls.
+pub const MTU_UPPER_BOUND: u16 = 6_500;
+/// quinn-proto 0.11's largest GSO batch, in datagrams.
+const GSO_BATCH: usize = 10;
+// IPv4 or IPv6 with its UDP header: 65,535 bytes at most.
+const _: () = assert!(MTU_UPPER_BOUND as usize * GSO_BATCH + 48 <= 65_535);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -51,11 +59,27 @@ fn transport() -> quinn::TransportConfig {
     // probes fail and the MTU stays where the path puts it.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND);
+    // Losses under congestion can look like a black hole to quinn, which
+    // then drops to 1,200 bytes; probe again soon rather than after the
+    // default minute.
+    mtu.black_hole_cooldown(Duration::from_secs(5));
     t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window((4u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
     t
+}
+
+/// The endpoint configuration of both ends of a relay connection. The
+/// largest UDP payload an endpoint accepts is sent to the peer as a
+/// transport parameter, and the peer's path MTU discovery never probes
+/// past it: quinn's default (1,472) would cap [`MTU_UPPER_BOUND`] there on
+/// every path, loopback and jumbo frames included.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    // MTU_UPPER_BOUND is within quinn's accepted range (1200..=65527).
+    let _ = c.max_udp_payload_size(MTU_UPPER_BOUND);
+    c
 }
 
 /// Socket buffers asked for on a relay's UDP socket. The kernel's default

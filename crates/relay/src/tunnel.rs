@@ -65,7 +65,7 @@ impl Tunnel {
         // Marked in whole-device mode, so it keeps the original routes.
         let socket = tls::quic_socket(bind).map_err(TunnelError::Bind)?;
         let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls::endpoint_config(),
             None,
             socket,
             std::sync::Arc::new(quinn::TokioRuntime),
@@ -186,6 +186,18 @@ impl Tunnel {
 
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
+    }
+
+    /// What quinn counted on the tunnel's connection: datagrams and bytes
+    /// each way, packets lost, path MTU and black holes.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
+    /// The largest UDP payload the tunnel sends now, as path MTU discovery
+    /// found it (1,200 until the first probes succeed).
+    pub fn mtu(&self) -> u16 {
+        self.conn.stats().path.current_mtu
     }
 
     pub fn remote(&self) -> SocketAddr {

@@ -97,6 +97,9 @@ pub struct MemberStatus {
     /// sharer's own network fails) or closed.
     pub state: &'static str,
     pub rtt_ms: f64,
+    /// The largest UDP payload the tunnel sends, as path MTU discovery
+    /// found it.
+    pub mtu: u16,
     /// The worse of probe loss (last 20 probes) and the sharer's reported
     /// uplink loss, 0..=1.
     pub loss: f64,
@@ -515,6 +518,7 @@ impl Pool {
                             "ready"
                         },
                         rtt_ms: (rtt.as_secs_f64() * 1e5).round() / 100.0,
+                        mtu: m.tunnel.mtu(),
                         loss: h.map_or(0.0, |h| h.loss()),
                         uplink_loss: h.map_or(0.0, |h| h.uplink.loss_permille as f64 / 1000.0),
                         score: (failover.score(&m.key, now) * 1000.0).round() / 1000.0,
