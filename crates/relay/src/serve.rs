@@ -82,13 +82,8 @@ impl Relay {
     pub fn bind(opts: RelayOptions) -> Result<Relay, RelayError> {
         let (cfg, pin) = tls::server_config()?;
         let socket = tls::quic_socket(opts.listen).map_err(|e| RelayError::Bind(opts.listen, e))?;
-        let endpoint = quinn::Endpoint::new(
-            tls::endpoint_config(),
-            Some(cfg),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|e| RelayError::Bind(opts.listen, e))?;
+        let endpoint =
+            tls::endpoint(socket, Some(cfg)).map_err(|e| RelayError::Bind(opts.listen, e))?;
         let egress = opts.egress;
         let shared = Arc::new(RelayState {
             pin,

@@ -259,13 +259,7 @@ mod tests {
     /// A QUIC endpoint on loopback, configured as the relay's are.
     fn endpoint(server: Option<quinn::ServerConfig>) -> quinn::Endpoint {
         let socket = tls::quic_socket(SocketAddr::from(([127, 0, 0, 1], 0))).expect("socket");
-        quinn::Endpoint::new(
-            tls::endpoint_config(),
-            server,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .expect("endpoint")
+        tls::endpoint(socket, server).expect("endpoint")
     }
 
     /// A QUIC stream pair over loopback: (client's send, server's recv).

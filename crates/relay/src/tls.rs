@@ -70,16 +70,20 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// The endpoint configuration of both ends of a relay connection. The
-/// largest UDP payload an endpoint accepts is sent to the peer as a
-/// transport parameter, and the peer's path MTU discovery never probes
-/// past it: quinn's default (1,472) would cap [`MTU_UPPER_BOUND`] there on
-/// every path, loopback and jumbo frames included.
-pub fn endpoint_config() -> quinn::EndpointConfig {
+/// A QUIC endpoint on `socket` (see [`quic_socket`]) for either end of a
+/// relay connection; a relay passes its `server` config. The largest UDP
+/// payload an endpoint accepts is sent to the peer as a transport
+/// parameter, and the peer's path MTU discovery never probes past it:
+/// quinn's default (1,472) would cap [`MTU_UPPER_BOUND`] there on every
+/// path, loopback and jumbo frames included.
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
     let mut c = quinn::EndpointConfig::default();
     // MTU_UPPER_BOUND is within quinn's accepted range (1200..=65527).
     let _ = c.max_udp_payload_size(MTU_UPPER_BOUND);
-    c
+    quinn::Endpoint::new(c, server, socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// Socket buffers asked for on a relay's UDP socket. The kernel's default

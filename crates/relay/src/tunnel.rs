@@ -64,13 +64,7 @@ impl Tunnel {
         };
         // Marked in whole-device mode, so it keeps the original routes.
         let socket = tls::quic_socket(bind).map_err(TunnelError::Bind)?;
-        let mut endpoint = quinn::Endpoint::new(
-            tls::endpoint_config(),
-            None,
-            socket,
-            std::sync::Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(TunnelError::Bind)?;
+        let mut endpoint = tls::endpoint(socket, None).map_err(TunnelError::Bind)?;
         endpoint.set_default_client_config(tls::client_config(pin)?);
         let attempt = async {
             let connecting = endpoint
@@ -197,7 +191,7 @@ impl Tunnel {
     /// The largest UDP payload the tunnel sends now, as path MTU discovery
     /// found it (1,200 until the first probes succeed).
     pub fn mtu(&self) -> u16 {
-        self.conn.stats().path.current_mtu
+        self.stats().path.current_mtu
     }
 
     pub fn remote(&self) -> SocketAddr {
