@@ -544,6 +544,46 @@ async fn port_forward_and_ipv6_targets() {
     assert_eq!(body, "served over IPv6\n");
 }
 
+/// A port forward sends its first bytes right behind the flow header only
+/// through a member that answers probes; through one that missed them the
+/// pool waits for the sharer's reply itself, and the forward must not read
+/// it a second time (it once took the page's first bytes for a reply and
+/// closed the connection: curl saw "Empty reply from server").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_through_a_member_that_missed_its_probes() {
+    let c = Cluster::start_with(
+        fast(),
+        vec![SharerSpec::new("alice", 5.0, 0.0).behind_udp_relay()],
+    )
+    .await
+    .expect("cluster");
+    let mut opts = c.requester_options();
+    opts.forwards = vec![
+        format!("127.0.0.1:0={}", c.target.addr)
+            .parse()
+            .expect("forward"),
+    ];
+    let r = c.requester(opts).await.expect("requester");
+    let fwd = r.requester.forward_addrs[0];
+    let (ok, _, err) = curl(&[&format!("http://{fwd}/warm")]).await;
+    assert!(ok, "{err}");
+
+    // Silent for longer than two probe intervals (not fresh), shorter than
+    // it takes to be called stalled: the flow opens waiting for the reply.
+    let link = c
+        .sharer("alice")
+        .and_then(|s| s.link.as_ref())
+        .expect("udp relay");
+    link.cut(true);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let fetch = tokio::spawn(async move { curl(&[&format!("http://{fwd}/after-silence")]).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    link.cut(false);
+    let (ok, body, err) = fetch.await.expect("curl task");
+    assert!(ok, "{err}");
+    assert!(body.contains("/after-silence"), "{body}");
+}
+
 /// Sends `bytes` to the proxy port and reads what comes back within 3 s
 /// (a client that gets no answer used to wait the 10 s head timeout).
 async fn exchange(proxy: SocketAddr, bytes: &[u8], want: usize) -> Vec<u8> {

@@ -73,6 +73,16 @@ pub struct KnownSharer {
     pub ticket: Option<(Vec<u8>, u64)>,
 }
 
+/// A flow opened through a pool member.
+pub struct OpenFlow {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub member: Arc<Member>,
+    /// Whether the sharer's reply was already read: it was asked to wait,
+    /// or the member had not answered a probe lately, so it waited anyway.
+    pub replied: bool,
+}
+
 pub struct Pool {
     members: RwLock<Vec<Arc<Member>>>,
     /// Which member carries new flows, and every member's health.
@@ -395,18 +405,24 @@ impl Pool {
     /// raced on the next member and the first answer wins, so a sharer that
     /// died without a word costs new flows at most that long. A refusal by
     /// the sharer is returned as is. See [`Tunnel::open_flow`] for
-    /// `wait_reply`: it is honoured only while the member answers probes.
+    /// `wait_reply`: `false` is honoured only while the member answers
+    /// probes, so [`OpenFlow::replied`] says whether the reply is still to
+    /// be read.
     pub async fn open_flow(
         &self,
         target: &FlowHeader,
         wait_reply: bool,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream, Arc<Member>), FlowError> {
-        type Opened = (quinn::SendStream, quinn::RecvStream, Arc<Member>);
+    ) -> Result<OpenFlow, FlowError> {
         let attempt = |m: Arc<Member>, wait: bool| {
             let target = target.clone();
             async move {
                 match m.tunnel.open_flow(&target, wait).await {
-                    Ok((s, r)) => Ok((s, r, m)),
+                    Ok((send, recv)) => Ok(OpenFlow {
+                        send,
+                        recv,
+                        member: m,
+                        replied: wait,
+                    }),
                     Err(e) => Err((e, m)),
                 }
             }
@@ -421,7 +437,7 @@ impl Pool {
             // Optimistic data only through a member that answers probes now.
             let wait = wait_reply || !self.failover().fresh(&m.key, Instant::now());
             let mut a = Box::pin(attempt(m.clone(), wait));
-            let result: Result<Opened, (FlowError, Arc<Member>)> = if !wait {
+            let result: Result<OpenFlow, (FlowError, Arc<Member>)> = if !wait {
                 a.await
             } else {
                 match tokio::time::timeout(HEDGE_AFTER, &mut a).await {
@@ -442,10 +458,10 @@ impl Pool {
                 }
             };
             match result {
-                Ok((s, r, m)) => {
-                    m.flows.fetch_add(1, Ordering::Relaxed);
-                    self.remember(&m);
-                    return Ok((s, r, m));
+                Ok(opened) => {
+                    opened.member.flows.fetch_add(1, Ordering::Relaxed);
+                    self.remember(&opened.member);
+                    return Ok(opened);
                 }
                 Err((FlowError::Lost(why), m)) => {
                     self.flow_failed(&m, FlowFailure::Lost(why.clone()));

@@ -4,7 +4,7 @@
 
 use super::direct::{Dialed, Direct};
 use super::own_link::{Path, Via};
-use super::pool::Pool;
+use super::pool::{OpenFlow, Pool};
 use super::socks::{self, Parse, ProxyError};
 use bandshare_core::accept::AcceptFailures;
 use bandshare_relay::splice::{copy_counted, from_quic, to_quic};
@@ -285,7 +285,7 @@ async fn relay_to(
     // A port forward has no proxy reply to give, so its first bytes go
     // right behind the flow header; the sharer's reply is read after.
     let wait_reply = dialect.is_some();
-    let (mut send, mut recv, member) = match pool.open_flow(target, wait_reply).await {
+    let opened = match pool.open_flow(target, wait_reply).await {
         Ok(ok) => ok,
         Err(e) => {
             if let FlowError::Refused(_, reason) = &e {
@@ -304,6 +304,12 @@ async fn relay_to(
             });
         }
     };
+    let OpenFlow {
+        mut send,
+        mut recv,
+        member,
+        replied,
+    } = opened;
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
     pool.counters
         .pool_flows
@@ -321,7 +327,7 @@ async fn relay_to(
     let (r, w) = tcp.into_split();
     let up = to_quic(r, None, send, [&member.bytes_up, &pool.counters.pool_up]);
     let down = async {
-        if !wait_reply {
+        if !replied {
             // On refusal the flow ends; the client sees its connection close.
             Tunnel::read_reply(&mut recv)
                 .await

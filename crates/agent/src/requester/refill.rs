@@ -285,12 +285,12 @@ impl Control {
                     Ok(ip) => Host::Ip(ip),
                     Err(_) => Host::Name(host),
                 };
-                let (send, recv, via) = pool
+                let f = pool
                     .open_flow(&FlowHeader { host, port }, true)
                     .await
                     .map_err(std::io::Error::other)?;
-                debug!(via = %via.name, "coordinator reached through a sharer");
-                Ok(Box::new(tokio::io::join(recv, send)) as Box<dyn client::Io>)
+                debug!(via = %f.member.name, "coordinator reached through a sharer");
+                Ok(Box::new(tokio::io::join(f.recv, f.send)) as Box<dyn client::Io>)
             })
         });
         match client::connect_with(&self.url, Some(dial)).await {

@@ -379,7 +379,9 @@ async fn carry_tcp(
             Dialed::NoPath(_) => {}
         }
     }
-    let (send, recv, member) = pool
+    let super::pool::OpenFlow {
+        send, recv, member, ..
+    } = pool
         .open_flow(&target, true)
         .await
         .map_err(std::io::Error::other)?;
