@@ -156,6 +156,72 @@ async fn first_byte(to: SocketAddr, rounds: usize) -> anyhow::Result<u64> {
     Ok(lat.percentile(50.0))
 }
 
+/// A plain TCP forwarder to `to` in this process (accept, connect,
+/// `copy_bidirectional`, nothing else): what one local hop costs a new
+/// flow's first byte, before any relay logic.
+async fn plain_hop(to: SocketAddr) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = c.set_nodelay(true);
+                if let Ok(mut u) = TcpStream::connect(to).await {
+                    let _ = u.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Median microseconds for a new stream on a bare QUIC connection over
+/// loopback to carry one byte there and back (both endpoints in this
+/// process, built as the relay builds its own): the floor the QUIC part of
+/// a new flow's first byte cannot go below with this stack.
+async fn quic_stream_floor(rounds: usize) -> anyhow::Result<u64> {
+    use bandshare_relay::tls;
+    let (server_cfg, pin) = tls::server_config()?;
+    let server = tls::endpoint(
+        tls::quic_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+        Some(server_cfg),
+    )?;
+    let addr = server.local_addr()?;
+    let echo = tokio::spawn(async move {
+        let Some(incoming) = server.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                if recv.read_exact(&mut b).await.is_ok() {
+                    let _ = send.write_all(&b).await;
+                }
+            });
+        }
+    });
+    let mut client = tls::endpoint(
+        tls::quic_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+        None,
+    )?;
+    client.set_default_client_config(tls::client_config(pin)?);
+    let conn = client.connect(addr, "bandshare-relay")?.await?;
+    let mut lat = Latencies::default();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await?;
+        lat.push(t.elapsed());
+    }
+    conn.close(0u32.into(), b"done");
+    echo.abort();
+    Ok(lat.percentile(50.0))
+}
+
 struct Path {
     name: &'static str,
     bulk: SocketAddr,
@@ -391,6 +457,20 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
             "cpu_s_per_gb_4": results.get("shadowsocks").map(|v| v["cpu_s_per_gb_4"].clone()),
         });
     }
+    // Floors under a new flow's added latency on this machine: one plain
+    // local TCP hop (a relay has one on each side), and a bare QUIC
+    // stream's round trip (what the tunnel adds between them).
+    let (hop, hop_task) = plain_hop(echo_addr).await?;
+    let hop_us = first_byte(hop, o.first_byte_rounds).await?;
+    hop_task.abort();
+    let hop_added = hop_us as f64 - get("direct", "first_byte_us");
+    let floor = quic_stream_floor(o.first_byte_rounds).await?;
+    eprintln!(
+        "  floors       one plain TCP hop adds {hop_added} µs; a new stream's round trip on a bare QUIC connection: {floor} µs (medians of {})",
+        o.first_byte_rounds
+    );
+    v["plain_hop_added_us"] = json!(hop_added);
+    v["quic_stream_rtt_us"] = json!(floor);
     // What path MTU discovery reached on the tunnel (loopback allows up to
     // the relay's bound): the size of the datagrams the runs above used.
     if let Some(m) = requester.requester.pool.active() {
