@@ -316,13 +316,18 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
         .enumerate()
         .filter(|(i, _)| i % 8 == 0 || *i == 30)
     {
+        // The expected throughput is the cell's time-weighted mean: a cell
+        // that is weak most of the time can still average well above the
+        // threshold, so a weak one says so.
         let what = match (p.weak, p.weak_in_s) {
-            (true, _) => "predicted weak here: new flows go through a sharer".to_string(),
+            (true, _) => {
+                "but weak most of the time here: new flows go through a sharer".to_string()
+            }
             (false, Some(s)) => format!("weak zone ahead in {s:.0} s"),
             (false, None) => "no weak zone ahead".to_string(),
         };
         out!(
-            "   {:>3.0} m: expected {:>5} kbit/s, {what}",
+            "   {:>3.0} m: {:>5} kbit/s on average, {what}",
             i as f64 * SPEED,
             p.expected_kbps.map_or("-".into(), |k| format!("{k:.0}"))
         );
