@@ -121,6 +121,11 @@ pub struct BenchRelayArgs {
     /// New flows timed for first-byte latency.
     #[arg(long, default_value_t = 300)]
     rounds: usize,
+    /// Lanes the requester opens to the sharer besides the first
+    /// connection (as `connect --lanes`).
+    #[arg(long, default_value_t = bandshare_agent::requester::pool::LANES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=3))]
+    lanes: usize,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -247,6 +252,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let o = bandshare_bench::relay::RelayBenchOptions {
                 seconds: a.seconds,
                 first_byte_rounds: a.rounds,
+                lanes: a.lanes,
             };
             let mut v = bandshare_bench::relay::run(&o).await?;
             v["machine"] = serde_json::json!(bandshare_bench::stats::machine());

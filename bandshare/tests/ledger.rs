@@ -74,6 +74,7 @@ fn acknowledged_usage_survives_kill_9_and_usage_made_while_down_arrives_once() {
                 stall_grace: bandshare_agent::requester::pool::STALL_GRACE,
                 via: bandshare_agent::requester::own_link::Via::Pool,
                 standby: 1,
+                lanes: bandshare_agent::requester::pool::LANES,
                 probes: vec![],
                 own_link: Default::default(),
                 predict: None,

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again, data);
         }
         Ok(wire::StreamOpen::Flow(h)) => assert_eq!(FlowHeader::decode(data), Ok(h)),
+        Ok(wire::StreamOpen::Lane) => assert_eq!(data, wire::LANE_REQUEST),
         Err(_) => {}
     }
     let mut r = data;

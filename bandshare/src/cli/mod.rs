@@ -473,6 +473,13 @@ struct ConnectArgs {
     /// go direct, so the first move costs no share request.
     #[arg(long, default_value_t = 1)]
     standby: usize,
+    /// QUIC connections each sharer gets besides the first, flows taking
+    /// turns over them: parallel downloads then use more than one core on
+    /// both devices. They join the first connection's ticket and quota,
+    /// and close with it; 0 keeps one connection per sharer.
+    #[arg(long, default_value_t = bandshare_agent::requester::pool::LANES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=3))]
+    lanes: usize,
     /// HOST:PORT probed out of the own link with timed TCP connects,
     /// repeatable; `gateway` is the own link's default gateway (on TCP 53
     /// or 80, if it answers). The coordinator is probed too when it is

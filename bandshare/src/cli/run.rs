@@ -421,6 +421,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         stall_grace: std::time::Duration::from_secs_f64(a.stall_grace),
         via: a.via,
         standby: a.standby,
+        lanes: a.lanes,
         probes: a.probe,
         own_link: Thresholds {
             max_loss: a.direct_max_loss,

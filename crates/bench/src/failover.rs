@@ -175,6 +175,7 @@ async fn killed(rounds: usize) -> anyhow::Result<Latencies> {
         // The pool path: these runs measure and test sharers.
         via: bandshare_agent::requester::own_link::Via::Pool,
         standby: 1,
+        lanes: bandshare_agent::requester::pool::LANES,
         probes: vec![],
         own_link: Default::default(),
         predict: None,

@@ -23,6 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct RelayBenchOptions {
     pub seconds: f64,
     pub first_byte_rounds: usize,
+    /// The requester's lanes to the sharer (`connect --lanes`).
+    pub lanes: usize,
 }
 
 fn installed(cmd: &str) -> bool {
@@ -337,6 +339,7 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     let cluster = Cluster::start_with(config, vec![spec]).await?;
     let mut ro = cluster.requester_options();
     ro.pool_size = 1;
+    ro.lanes = o.lanes;
     ro.forwards = vec![
         format!("127.0.0.1:0={bulk_target}").parse()?,
         format!("127.0.0.1:0={echo_addr}").parse()?,
@@ -346,6 +349,17 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(
         fwd.len() == 2 && requester.active().is_some(),
         "requester did not connect to the sharer"
+    );
+    let pool = requester.requester.pool.clone();
+    let lanes_up = bandshare_local::wait_until(Duration::from_secs(5), || {
+        pool.active().is_some_and(|m| m.tunnel.lanes() == o.lanes)
+    })
+    .await;
+    anyhow::ensure!(lanes_up, "the tunnel did not open its {} lanes", o.lanes);
+    eprintln!(
+        "  bandshare: one tunnel to the sharer, {} connection(s) (--lanes {})",
+        o.lanes + 1,
+        o.lanes
     );
 
     let mut paths = vec![
@@ -433,6 +447,7 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     let mut v = json!({
         "tool": tool,
         "seconds": o.seconds,
+        "lanes": o.lanes,
         "direct_gbit_s": get("direct", "gbit_s_1"),
         "relay_gbit_s": get("bandshare", "gbit_s_1"),
         "ratio": ratio("bandshare", "gbit_s_1"),

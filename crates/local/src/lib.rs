@@ -488,6 +488,7 @@ pub fn requester_options(url: &bandshare_agent::client::ServerUrl) -> RequesterO
         // The pool path: these runs measure and test sharers.
         via: bandshare_agent::requester::own_link::Via::Pool,
         standby: 1,
+        lanes: bandshare_agent::requester::pool::LANES,
         probes: vec![],
         own_link: Default::default(),
         predict: None,

@@ -11,7 +11,7 @@ use crate::limits::{Allowance, Limits, Meter};
 use crate::splice::{from_quic, to_quic};
 use crate::state::{Counters, RelayHandle, RelayState, now_unix, uplink_of};
 use crate::tls;
-use crate::wire::{self, Hello, StreamOpen, reply};
+use crate::wire::{self, Hello, Opening, StreamOpen, reply};
 use bandshare_core::{DeviceKey, EgressPolicy};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -120,6 +120,7 @@ impl Relay {
             requesters: Mutex::default(),
             conns: Mutex::default(),
             udp: Default::default(),
+            lanes: Mutex::default(),
         });
         Ok(Relay { endpoint, shared })
     }
@@ -151,8 +152,7 @@ impl Relay {
                     let shared = self.shared.clone();
                     let span = info_span!("relay_conn", from = %incoming.remote_address());
                     tokio::spawn(async move {
-                        let _slot = slot;
-                        if let Err(e) = serve_connection(incoming, shared).await {
+                        if let Err(e) = serve_connection(incoming, shared, slot).await {
                             debug!(error = %e, "connection ended");
                         }
                     }.instrument(span));
@@ -209,6 +209,8 @@ struct Admitted {
     requester: DeviceKey,
     /// The byte quota of the connection's current ticket.
     ticket_quota: Arc<Allowance>,
+    /// What a lane shows to join this connection (see [`serve_lane`]).
+    lane_token: [u8; wire::LANE_TOKEN_LEN],
 }
 
 /// A renewal stream: a fresh ticket gives the connection its quota anew.
@@ -268,19 +270,25 @@ impl Drop for SourceSlot {
 async fn serve_connection(
     incoming: quinn::Incoming,
     shared: Arc<RelayState>,
+    slot: SourceSlot,
 ) -> Result<(), String> {
     // Handshake and hello share one deadline: a slow or silent peer holds
     // its slot at most this long.
     let hello = async {
         let conn = incoming.await.map_err(|e| e.to_string())?;
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let hello = Hello::read(&mut recv).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((conn, send, recv, hello))
+        let opening = Opening::read(&mut recv).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, send, recv, opening))
     };
-    let (conn, mut send, recv, hello) =
-        tokio::time::timeout(shared.hello_timeout, hello)
-            .await
-            .map_err(|_| "handshake or hello timed out".to_string())??;
+    let (conn, mut send, recv, opening) = tokio::time::timeout(shared.hello_timeout, hello)
+        .await
+        .map_err(|_| "handshake or hello timed out".to_string())??;
+    let hello = match opening {
+        Opening::Hello(h) => h,
+        Opening::Lane(token) => return serve_lane(conn, send, &token, shared, slot).await,
+    };
+    // The source's slot is held for as long as the connection lives.
+    let _slot = slot;
     let (requester, quota) = match admit(&shared, &hello) {
         Ok(ok) => ok,
         Err(reason) => {
@@ -327,6 +335,7 @@ async fn serve_connection(
     let admitted = Arc::new(Admitted {
         requester,
         ticket_quota: Arc::new(Allowance::new(quota, false, wire::QUOTA_USED_UP)),
+        lane_token: lane_token()?,
     });
     let meter = Meter {
         bucket: per.bucket.clone(),
@@ -343,6 +352,150 @@ async fn serve_connection(
         meter.clone(),
         per.udp_flows.clone(),
     ));
+    // Dropped first when the connection ends: its lanes close with it.
+    let _lanes = LaneGuard::register(
+        &shared,
+        LaneGrant {
+            counters: counters.clone(),
+            meter: meter.clone(),
+            admitted: admitted.clone(),
+            lanes: vec![],
+        },
+    )?;
+    serve_flows(&conn, &shared, &counters, &meter, &admitted).await
+}
+
+/// At most this many lanes join one admitted connection.
+pub const MAX_LANES: usize = 3;
+
+/// What a lane joining an admitted connection shares with it.
+pub(crate) struct LaneGrant {
+    counters: Arc<Counters>,
+    meter: Meter,
+    admitted: Arc<Admitted>,
+    /// The lanes that joined (closed ones are dropped on the next join).
+    lanes: Vec<quinn::Connection>,
+}
+
+/// A fresh lane token: 32 bytes from the system's random source.
+fn lane_token() -> Result<[u8; wire::LANE_TOKEN_LEN], String> {
+    use ring::rand::SecureRandom;
+    let mut t = [0u8; wire::LANE_TOKEN_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut t)
+        .map_err(|_| "no random bytes for a lane token".to_string())?;
+    Ok(t)
+}
+
+/// Keeps an admitted connection's lane grant while it lives; on drop the
+/// token stops working and every lane that joined is closed.
+struct LaneGuard {
+    shared: Arc<RelayState>,
+    token: [u8; wire::LANE_TOKEN_LEN],
+}
+
+impl LaneGuard {
+    fn register(shared: &Arc<RelayState>, grant: LaneGrant) -> Result<LaneGuard, String> {
+        let token = grant.admitted.lane_token;
+        shared
+            .lanes
+            .lock()
+            .map_err(|_| "relay state poisoned".to_string())?
+            .insert(token, grant);
+        Ok(LaneGuard {
+            shared: shared.clone(),
+            token,
+        })
+    }
+}
+
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        let grant = self
+            .shared
+            .lanes
+            .lock()
+            .ok()
+            .and_then(|mut l| l.remove(&self.token));
+        for lane in grant.map(|g| g.lanes).unwrap_or_default() {
+            lane.close(0u32.into(), b"the admitted connection closed");
+        }
+    }
+}
+
+/// A lane: a further connection of an admitted requester, joined with the
+/// token its admitted connection gave it. It carries flows under that
+/// connection's ticket, quota and limits, and closes with it. Probes and
+/// UDP stay on the admitted connection.
+async fn serve_lane(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    token: &[u8; wire::LANE_TOKEN_LEN],
+    shared: Arc<RelayState>,
+    slot: SourceSlot,
+) -> Result<(), String> {
+    let joined = match shared.lanes.lock() {
+        Err(_) => Err("relay state poisoned".to_string()),
+        Ok(mut lanes) => match lanes.get_mut(token) {
+            None => Err("unknown lane token (its connection is gone)".to_string()),
+            Some(g) => {
+                g.lanes.retain(|c| c.close_reason().is_none());
+                if g.lanes.len() >= MAX_LANES {
+                    Err(format!("at most {MAX_LANES} lanes per connection"))
+                } else {
+                    g.lanes.push(conn.clone());
+                    Ok((g.counters.clone(), g.meter.clone(), g.admitted.clone()))
+                }
+            }
+        },
+    };
+    let (counters, meter, admitted) = match joined {
+        Ok(j) => j,
+        Err(reason) => {
+            warn!(%reason, "refused lane");
+            let _ = send
+                .write_all(&wire::encode_hello_reply(false, &reason))
+                .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(1u32.into(), b"refused");
+            return Err(reason);
+        }
+    };
+    let requester = admitted.requester;
+    if let Ok(mut c) = shared.conns.lock() {
+        c.entry(requester).or_default().push(conn.clone());
+    }
+    if shared
+        .gate()
+        .map(|g| g.is_revoked(&requester))
+        .unwrap_or(true)
+    {
+        conn.close(2u32.into(), b"requester revoked by the coordinator");
+        return Err("requester revoked".into());
+    }
+    // Lanes are bounded by their connection (at most MAX_LANES each), which
+    // holds its source slot: a joined lane gives its own back, so lanes
+    // never crowd out other devices behind the same address.
+    drop(slot);
+    send.write_all(&wire::encode_hello_reply(true, ""))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    debug!(requester = %requester.short(), "lane joined");
+    serve_flows(&conn, &shared, &counters, &meter, &admitted).await
+}
+
+/// Relays every flow the requester opens on `conn`, each on a task of its
+/// own, until the connection ends.
+async fn serve_flows(
+    conn: &quinn::Connection,
+    shared: &Arc<RelayState>,
+    counters: &Arc<Counters>,
+    meter: &Meter,
+    admitted: &Arc<Admitted>,
+) -> Result<(), String> {
+    let requester = admitted.requester;
     loop {
         let (s, r) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let (shared, counters, meter, admitted) = (
@@ -401,6 +554,13 @@ async fn relay_flow(
     let header = match opened {
         StreamOpen::Flow(h) => h,
         StreamOpen::Renew(ticket) => return renew(send, &ticket, shared, admitted).await,
+        StreamOpen::Lane => {
+            send.write_all(&wire::encode_lane_grant(&admitted.lane_token))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            return Ok(());
+        }
     };
     counters.flows.fetch_add(1, Ordering::Relaxed);
     let (dialed, over_quota) = match meter.exhausted() {

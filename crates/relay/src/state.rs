@@ -58,6 +58,8 @@ pub(crate) struct RelayState {
     pub(crate) conns: Mutex<HashMap<DeviceKey, Vec<quinn::Connection>>>,
     /// What happened to UDP datagrams.
     pub(crate) udp: crate::udp::UdpStats,
+    /// Admitted connections' lane grants, by token.
+    pub(crate) lanes: Mutex<HashMap<[u8; crate::wire::LANE_TOKEN_LEN], crate::serve::LaneGrant>>,
 }
 
 pub(crate) struct PerRequester {

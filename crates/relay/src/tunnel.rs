@@ -42,6 +42,10 @@ pub struct Tunnel {
     endpoint: quinn::Endpoint,
     /// The hello stream, kept as the probe channel until taken.
     probe: std::sync::Mutex<Option<(quinn::SendStream, quinn::RecvStream)>>,
+    /// Further connections to the same relay that joined this one's
+    /// admission ([`Tunnel::add_lanes`]); flows take turns over all.
+    lanes: std::sync::Mutex<Vec<quinn::Connection>>,
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,7 +102,85 @@ impl Tunnel {
             conn,
             endpoint,
             probe: std::sync::Mutex::new(Some((send, recv))),
+            lanes: std::sync::Mutex::default(),
+            turn: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Opens `n` more connections ("lanes") to the same relay, joined to
+    /// this one's admission with the token it gives (same ticket, quota
+    /// and limits; they close with it). Each QUIC connection is driven by
+    /// one task, so parallel bulk flows spread over lanes use more than one
+    /// core on each side. Returns how many lanes the tunnel has.
+    pub async fn add_lanes(&self, n: usize) -> Result<usize, TunnelError> {
+        let addr = self.conn.remote_address();
+        let c = |e: &dyn std::fmt::Display| TunnelError::Connect(addr, e.to_string());
+        let join = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| c(&e))?;
+            send.write_all(&wire::LANE_REQUEST)
+                .await
+                .map_err(|e| c(&e))?;
+            let _ = send.finish();
+            let token = wire::read_lane_grant(&mut recv)
+                .await?
+                .map_err(TunnelError::Refused)?;
+            for _ in 0..n {
+                let conn = self
+                    .endpoint
+                    .connect(addr, "bandshare-relay")
+                    .map_err(|e| c(&e))?
+                    .await
+                    .map_err(|e| c(&e))?;
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| c(&e))?;
+                send.write_all(&wire::Opening::Lane(token).encode())
+                    .await
+                    .map_err(|e| c(&e))?;
+                let _ = send.finish();
+                match wire::read_hello_reply(&mut recv).await? {
+                    wire::HelloReply::Accepted => {}
+                    wire::HelloReply::Refused(reason) => return Err(TunnelError::Refused(reason)),
+                }
+                if let Ok(mut l) = self.lanes.lock() {
+                    l.push(conn);
+                }
+            }
+            Ok(self.lanes())
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, join)
+            .await
+            .map_err(|_| TunnelError::Timeout(addr))?
+    }
+
+    /// What quinn counted on each open lane.
+    pub fn lane_stats(&self) -> Vec<quinn::ConnectionStats> {
+        self.lanes.lock().map_or(vec![], |l| {
+            l.iter()
+                .filter(|c| c.close_reason().is_none())
+                .map(|c| c.stats())
+                .collect()
+        })
+    }
+
+    /// Lanes open now (besides the first connection).
+    pub fn lanes(&self) -> usize {
+        self.lanes.lock().map_or(0, |mut l| {
+            l.retain(|c| c.close_reason().is_none());
+            l.len()
+        })
+    }
+
+    /// The connection the next flow goes on: the first one and each open
+    /// lane in turn.
+    fn next_conn(&self) -> quinn::Connection {
+        let Ok(mut lanes) = self.lanes.lock() else {
+            return self.conn.clone();
+        };
+        lanes.retain(|c| c.close_reason().is_none());
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (lanes.len() + 1);
+        match turn.checked_sub(1).and_then(|i| lanes.get(i)) {
+            Some(lane) => lane.clone(),
+            None => self.conn.clone(),
+        }
     }
 
     /// Opens a flow to `target`. With `wait_reply` it returns once the
@@ -112,7 +194,12 @@ impl Tunnel {
         wait_reply: bool,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), FlowError> {
         let header = target.encode()?;
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        // A lane that just failed leaves the flow to the first connection,
+        // whose health the pool watches.
+        let (mut send, mut recv) = match self.next_conn().open_bi().await {
+            Ok(s) => s,
+            Err(_) => self.conn.open_bi().await.map_err(|e| lost(&e))?,
+        };
         send.write_all(&header).await.map_err(|e| lost(&e))?;
         if wait_reply {
             Tunnel::read_reply(&mut recv).await?;

@@ -88,6 +88,8 @@ pub enum WireError {
     Name(String),
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
+    #[error("{what}: unexpected byte {value}")]
+    Value { what: &'static str, value: u8 },
     #[error("stream ended: {0}")]
     Io(String),
 }
@@ -167,6 +169,83 @@ impl Hello {
         read_exact(r, &mut all[3..]).await?;
         Hello::decode(&all)
     }
+}
+
+/// The first stream of a connection: a hello with a ticket, or a lane
+/// joining a connection already admitted (`[LANE, token]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Opening {
+    Hello(Hello),
+    Lane([u8; LANE_TOKEN_LEN]),
+}
+
+impl Opening {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Opening::Hello(h) => h.encode(),
+            Opening::Lane(token) => [&[LANE][..], token].concat(),
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Opening, WireError> {
+        if buf.first() != Some(&LANE) {
+            return Hello::decode(buf).map(Opening::Hello);
+        }
+        let total = 1 + LANE_TOKEN_LEN;
+        need("lane hello", buf, total)?;
+        if buf.len() > total {
+            return Err(WireError::Trailing(buf.len() - total));
+        }
+        let mut token = [0u8; LANE_TOKEN_LEN];
+        token.copy_from_slice(&buf[1..total]);
+        Ok(Opening::Lane(token))
+    }
+
+    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Opening, WireError> {
+        let mut first = [0u8; 1];
+        read_exact(r, &mut first).await?;
+        if first[0] != LANE {
+            let mut rest = [0u8; 2];
+            read_exact(r, &mut rest).await?;
+            let tlen = Hello::ticket_len([first[0], rest[0], rest[1]])?;
+            let mut all = vec![0u8; 3 + tlen + 96];
+            all[..1].copy_from_slice(&first);
+            all[1..3].copy_from_slice(&rest);
+            read_exact(r, &mut all[3..]).await?;
+            return Hello::decode(&all).map(Opening::Hello);
+        }
+        let mut token = [0u8; LANE_TOKEN_LEN];
+        read_exact(r, &mut token).await?;
+        Ok(Opening::Lane(token))
+    }
+}
+
+/// The sharer's answer to a lane request: accepted, with the token as the
+/// "reason" bytes of a hello reply.
+pub fn encode_lane_grant(token: &[u8; LANE_TOKEN_LEN]) -> Vec<u8> {
+    let mut b = vec![0, LANE_TOKEN_LEN as u8];
+    b.extend_from_slice(token);
+    b
+}
+
+/// Reads a lane grant: the token, or the sharer's reason for none.
+pub async fn read_lane_grant<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Result<[u8; LANE_TOKEN_LEN], String>, WireError> {
+    let mut head = [0u8; 2];
+    read_exact(r, &mut head).await?;
+    let mut body = vec![0u8; head[1] as usize];
+    read_exact(r, &mut body).await?;
+    if head[0] != 0 {
+        return Ok(Err(String::from_utf8_lossy(&body).into_owned()));
+    }
+    <[u8; LANE_TOKEN_LEN]>::try_from(body.as_slice())
+        .map(Ok)
+        .map_err(|_| WireError::Truncated {
+            what: "lane token",
+            need: LANE_TOKEN_LEN,
+            got: body.len(),
+        })
 }
 
 /// The message the requester signs to prove it holds the ticket's key.
@@ -361,13 +440,24 @@ pub const RENEW: u8 = 0xF0;
 /// requester renews or moves on when it sees it.
 pub const QUOTA_USED_UP: &str = "the ticket's byte quota is used up";
 
+/// The "address type" that asks for this connection's lane token:
+/// `[VERSION, LANE, 0]`.
+pub const LANE: u8 = 0xF1;
+/// A lane's token: 32 random bytes.
+pub const LANE_TOKEN_LEN: usize = 32;
+
 /// What a requester opens a stream for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StreamOpen {
     Flow(FlowHeader),
     /// A fresh ticket for this connection.
     Renew(Vec<u8>),
+    /// The token with which more connections ("lanes") join this one's
+    /// admission: its ticket, quota and limits.
+    Lane,
 }
+
+pub const LANE_REQUEST: [u8; 3] = [VERSION, LANE, 0];
 
 pub fn encode_renewal(ticket: &[u8]) -> Result<Vec<u8>, WireError> {
     check_ticket_len(ticket.len())?;
@@ -407,6 +497,22 @@ fn check_ticket_len(len: usize) -> Result<(), WireError> {
 
 impl StreamOpen {
     pub fn decode(buf: &[u8]) -> Result<StreamOpen, WireError> {
+        if buf.get(1) == Some(&LANE) {
+            if buf[0] != VERSION {
+                return Err(WireError::Version(buf[0]));
+            }
+            need("lane request", buf, LANE_REQUEST.len())?;
+            if buf.len() > LANE_REQUEST.len() {
+                return Err(WireError::Trailing(buf.len() - LANE_REQUEST.len()));
+            }
+            if buf[2] != 0 {
+                return Err(WireError::Value {
+                    what: "lane request",
+                    value: buf[2],
+                });
+            }
+            return Ok(StreamOpen::Lane);
+        }
         if buf.get(1) != Some(&RENEW) {
             return FlowHeader::decode(buf).map(StreamOpen::Flow);
         }
@@ -428,6 +534,9 @@ impl StreamOpen {
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamOpen, WireError> {
         let mut buf = vec![0u8; 3];
         read_exact(r, &mut buf).await?;
+        if buf[1] == LANE {
+            return StreamOpen::decode(&buf);
+        }
         if buf[1] != RENEW {
             let total = FlowHeader::total_len(&buf)?.unwrap_or(3);
             if total > buf.len() {
@@ -512,6 +621,59 @@ mod tests {
         let read = rt.block_on(StreamOpen::read(&mut enc.as_slice()));
         assert!(matches!(read, Ok(StreamOpen::Flow(_))));
     }
+
+    #[test]
+    fn lane_request_opening_and_grant_round_trip() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        assert_eq!(StreamOpen::decode(&LANE_REQUEST), Ok(StreamOpen::Lane));
+        assert_eq!(
+            rt.block_on(StreamOpen::read(&mut LANE_REQUEST.as_slice())),
+            Ok(StreamOpen::Lane)
+        );
+        assert!(StreamOpen::decode(&[VERSION, LANE]).is_err(), "truncated");
+        assert!(
+            StreamOpen::decode(&[VERSION, LANE, 1]).is_err(),
+            "reserved byte"
+        );
+        assert!(StreamOpen::decode(&[2, LANE, 0]).is_err(), "version");
+        assert!(matches!(
+            StreamOpen::decode(&[VERSION, LANE, 0, 0]),
+            Err(WireError::Trailing(1))
+        ));
+
+        let lane = Opening::Lane([5; LANE_TOKEN_LEN]);
+        let b = lane.encode();
+        assert_eq!(Opening::decode(&b), Ok(lane.clone()));
+        assert_eq!(rt.block_on(Opening::read(&mut b.as_slice())), Ok(lane));
+        assert!(Opening::decode(&b[..b.len() - 1]).is_err());
+        assert!(Opening::decode(&[b.as_slice(), &[0]].concat()).is_err());
+        let hello = Opening::Hello(Hello {
+            ticket: vec![3; 40],
+            requester_key: [1; 32],
+            proof: [2; 64],
+        });
+        let b = hello.encode();
+        assert_eq!(Opening::decode(&b), Ok(hello.clone()));
+        assert_eq!(rt.block_on(Opening::read(&mut b.as_slice())), Ok(hello));
+
+        let g = encode_lane_grant(&[9; LANE_TOKEN_LEN]);
+        assert_eq!(
+            rt.block_on(read_lane_grant(&mut g.as_slice())),
+            Ok(Ok([9; LANE_TOKEN_LEN]))
+        );
+        let no = encode_hello_reply(false, "at most 3 lanes");
+        assert_eq!(
+            rt.block_on(read_lane_grant(&mut no.as_slice())),
+            Ok(Err("at most 3 lanes".into()))
+        );
+        assert!(
+            rt.block_on(read_lane_grant(&mut [0u8, 3, 1, 2, 3].as_slice()))
+                .is_err()
+        );
+    }
+
     use proptest::prelude::*;
 
     fn host() -> impl Strategy<Value = Host> {

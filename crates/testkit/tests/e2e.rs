@@ -346,6 +346,115 @@ async fn forged_expired_replayed_and_other_sharer_tickets_are_refused() {
     assert!(why.contains("MAC does not verify"), "{why}");
 }
 
+/// One GET of `path` on the HTTP target through a flow of `t`; the bytes
+/// of the answer, or why the flow was refused.
+async fn get_via(t: &Tunnel, target: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+    let header = bandshare_relay::FlowHeader {
+        host: bandshare_relay::wire::Host::Ip(target.ip()),
+        port: target.port(),
+    };
+    let (mut send, mut recv) = t
+        .open_flow(&header, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    send.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+/// Lanes: further connections that join an admitted one with the token it
+/// gives. Flows take turns over them; they draw on the same ticket quota;
+/// a sharer admits at most three per connection and no forged token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_carry_flows_under_the_same_admission() {
+    let c = Cluster::start_with(fast(), vec![SharerSpec::new("alice", 5.0, 0.0)])
+        .await
+        .expect("cluster");
+    let alice = c.sharer("alice").expect("alice");
+    let me = bandshare_agent::identity::generate().expect("key");
+    let ticket = c.coordinator.state.signer().sign(Ticket {
+        key_id: 0,
+        sharer: alice.key,
+        requester: DeviceKey(me.verifying_key().to_bytes()),
+        expires_unix: now() + 60,
+        nonce: rand_nonce(),
+        quota_bytes: 300_000,
+    });
+    let (addr, pin) = (alice.sharer.relay_addr, alice.sharer.relay.cert_pin());
+    let t = Tunnel::connect(addr, pin, &ticket, &me)
+        .await
+        .expect("tunnel");
+    assert_eq!(t.add_lanes(2).await.expect("two lanes"), 2);
+
+    // Three flows in a row: the first connection, then each lane.
+    let target = c.target.addr;
+    for _ in 0..3 {
+        let got = get_via(&t, target, "/bytes/60000").await.expect("flow");
+        assert!(got.len() > 60_000, "{}", got.len());
+    }
+    for lane in t.lane_stats() {
+        assert!(
+            lane.udp_rx.bytes > 60_000,
+            "a lane carried no flow: {lane:?}"
+        );
+    }
+    // The quota is the connection's, whichever lane spends it: more of
+    // the same runs into the ticket's 300 kB within three more flows (one
+    // connection alone would take five).
+    // (The flow that crosses the quota may be cut short; the next one is
+    // refused, with the reason.)
+    let mut outcomes = vec![];
+    let mut refused = false;
+    for _ in 0..3 {
+        let got = get_via(&t, target, "/bytes/60000").await;
+        refused = got
+            .as_ref()
+            .is_err_and(|e| e.contains(bandshare_relay::wire::QUOTA_USED_UP));
+        outcomes.push(got.map(|b| b.len()));
+        if refused {
+            break;
+        }
+    }
+    assert!(refused, "the shared quota did not run out: {outcomes:?}");
+
+    // A third lane joins; a fourth is refused.
+    assert_eq!(t.add_lanes(1).await.expect("third lane"), 3);
+    match t.add_lanes(1).await {
+        Err(TunnelError::Refused(why)) => assert!(why.contains("at most 3 lanes"), "{why}"),
+        other => panic!("a fourth lane: {other:?}"),
+    }
+
+    // A token nobody was given opens nothing.
+    let mut ep = bandshare_relay::tls::endpoint(
+        bandshare_relay::tls::quic_socket(SocketAddr::from(([127, 0, 0, 1], 0))).expect("socket"),
+        None,
+    )
+    .expect("endpoint");
+    ep.set_default_client_config(bandshare_relay::tls::client_config(pin).expect("tls"));
+    let conn = ep
+        .connect(addr, "bandshare-relay")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&bandshare_relay::wire::Opening::Lane([7; 32]).encode())
+        .await
+        .expect("send");
+    match bandshare_relay::wire::read_hello_reply(&mut recv).await {
+        Ok(bandshare_relay::wire::HelloReply::Refused(why)) => {
+            assert!(why.contains("unknown lane token"), "{why}")
+        }
+        other => panic!("a forged lane token: {other:?}"),
+    }
+
+    // Closing the tunnel closes its lanes.
+    t.close();
+    assert!(wait_until(Duration::from_secs(5), || t.lanes() == 0).await);
+}
+
 fn rand_nonce() -> [u8; 16] {
     let k = bandshare_agent::identity::generate().expect("rng");
     let mut n = [0u8; 16];

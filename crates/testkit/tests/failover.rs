@@ -321,6 +321,7 @@ async fn the_pool_keeps_serving_while_the_coordinator_is_down_and_refills_after(
         // The pool path: these runs measure and test sharers.
         via: bandshare_agent::requester::own_link::Via::Pool,
         standby: 1,
+        lanes: bandshare_agent::requester::pool::LANES,
         probes: vec![],
         own_link: Default::default(),
         predict: None,

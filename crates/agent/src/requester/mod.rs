@@ -100,6 +100,9 @@ pub struct RequesterOptions {
     pub via: own_link::Via,
     /// Members kept warm while new flows go direct.
     pub standby: usize,
+    /// Connections each member opens to its sharer besides the first
+    /// ([`pool::LANES`] by default; 0 for one connection).
+    pub lanes: usize,
     /// `HOST:PORT`s probed out of the own link (`gateway`: the own link's
     /// default gateway), besides the coordinator when it is reached over
     /// the own link.
@@ -185,7 +188,7 @@ impl Requester {
             )
             .await;
         }
-        let pool = Arc::new(Pool::new(opts.strategy, opts.stall_grace));
+        let pool = Arc::new(Pool::new(opts.strategy, opts.stall_grace, opts.lanes));
         let direct = Arc::new(Direct::new(opts.via, opts.own_link));
         let sizes = Size {
             pool: opts.pool_size.max(1),

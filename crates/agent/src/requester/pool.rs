@@ -16,10 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A flow not answered within this long is raced on the next member.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// Connections each member opens to its sharer besides the first, by
+/// default ("lanes", see `Tunnel::add_lanes`): flows take turns over them,
+/// so parallel bulk flows are not all driven by one task on each side.
+pub const LANES: usize = 1;
 
 pub struct Member {
     pub name: String,
@@ -95,6 +99,8 @@ pub struct Pool {
     pub known: std::sync::Mutex<std::collections::HashMap<DeviceKey, KnownSharer>>,
     /// Replies to UDP datagrams, to their associations.
     pub udp: Arc<super::udp::Router>,
+    /// Lanes each member opens ([`LANES`] by default).
+    lanes: usize,
 }
 
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -110,6 +116,8 @@ pub struct MemberStatus {
     /// The largest UDP payload the tunnel sends, as path MTU discovery
     /// found it.
     pub mtu: u16,
+    /// Connections to the sharer besides the first (flows take turns).
+    pub lanes: usize,
     /// The worse of probe loss (last 20 probes) and the sharer's reported
     /// uplink loss, 0..=1.
     pub loss: f64,
@@ -190,8 +198,9 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    pub fn new(strategy: select::Strategy, stall_grace: Duration) -> Pool {
+    pub fn new(strategy: select::Strategy, stall_grace: Duration, lanes: usize) -> Pool {
         Pool {
+            lanes,
             members: RwLock::default(),
             failover: Mutex::new(Failover::new(strategy, stall_grace)),
             changed: Notify::new(),
@@ -335,6 +344,16 @@ impl Pool {
             Instant::now(),
         );
         self.apply(d);
+        if self.lanes > 0 {
+            let (m, n) = (member.clone(), self.lanes);
+            tokio::spawn(async move {
+                match m.tunnel.add_lanes(n).await {
+                    Ok(n) => debug!(sharer = %m.name, lanes = n, "lanes joined"),
+                    // Flows still go over the first connection.
+                    Err(e) => debug!(sharer = %m.name, error = %e, "no lanes"),
+                }
+            });
+        }
         tokio::spawn(super::member::probe(self.clone(), member.clone()));
         tokio::spawn(super::member::keep_ticket(self.clone(), member.clone()));
         tokio::spawn(self.udp.clone().follow(member.clone()));
@@ -535,6 +554,7 @@ impl Pool {
                         },
                         rtt_ms: (rtt.as_secs_f64() * 1e5).round() / 100.0,
                         mtu: m.tunnel.mtu(),
+                        lanes: m.tunnel.lanes(),
                         loss: h.map_or(0.0, |h| h.loss()),
                         uplink_loss: h.map_or(0.0, |h| h.uplink.loss_permille as f64 / 1000.0),
                         score: (failover.score(&m.key, now) * 1000.0).round() / 1000.0,
