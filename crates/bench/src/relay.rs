@@ -488,17 +488,32 @@ pub async fn run(o: &RelayBenchOptions) -> anyhow::Result<serde_json::Value> {
     v["quic_stream_rtt_us"] = json!(floor);
     // What path MTU discovery reached on the tunnel (loopback allows up to
     // the relay's bound): the size of the datagrams the runs above used.
+    // Each connection of the tunnel (the first, then its lanes) on its own.
     if let Some(m) = requester.requester.pool.active() {
-        let st = m.tunnel.stats();
-        let per = st.udp_tx.bytes / st.udp_tx.datagrams.max(1);
-        eprintln!(
-            "  bandshare tunnel: path MTU {} bytes now; {} bytes per datagram sent on average; {} packets lost; {} black holes detected",
-            st.path.current_mtu, per, st.path.lost_packets, st.path.black_holes_detected
-        );
-        v["path_mtu"] = json!(st.path.current_mtu);
+        let all: Vec<_> = std::iter::once(m.tunnel.stats())
+            .chain(m.tunnel.lane_stats())
+            .collect();
+        for (i, st) in all.iter().enumerate() {
+            let per = st.udp_tx.bytes / st.udp_tx.datagrams.max(1);
+            let which = if i == 0 {
+                "first connection".to_string()
+            } else {
+                format!("lane {i}")
+            };
+            eprintln!(
+                "  bandshare tunnel, {which}: path MTU {} bytes now; {} MB sent in datagrams of {per} bytes on average; {} packets lost; {} black holes detected",
+                st.path.current_mtu,
+                st.udp_tx.bytes / 1_000_000,
+                st.path.lost_packets,
+                st.path.black_holes_detected
+            );
+        }
+        let sum = |f: fn(&quinn::ConnectionStats) -> u64| all.iter().map(f).sum::<u64>();
+        let per = sum(|s| s.udp_tx.bytes) / sum(|s| s.udp_tx.datagrams).max(1);
+        v["path_mtu"] = json!(all.iter().map(|s| s.path.current_mtu).min());
         v["bytes_per_datagram"] = json!(per);
-        v["lost_packets"] = json!(st.path.lost_packets);
-        v["black_holes"] = json!(st.path.black_holes_detected);
+        v["lost_packets"] = json!(sum(|s| s.path.lost_packets));
+        v["black_holes"] = json!(sum(|s| s.path.black_holes_detected));
     }
     requester.stop();
     Ok(v)
