@@ -267,6 +267,39 @@ impl Drop for SourceSlot {
     }
 }
 
+/// Tells a peer why its hello was refused, gives the answer up to 2 s to
+/// arrive, closes the connection and returns the reason.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: String) -> String {
+    let _ = send
+        .write_all(&wire::encode_hello_reply(false, &reason))
+        .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(1u32.into(), b"refused");
+    reason
+}
+
+/// Lists `conn` under `requester`, so a revocation closes it; a revocation
+/// that raced the admission closes it now.
+fn follow_revocation(
+    shared: &RelayState,
+    conn: &quinn::Connection,
+    requester: DeviceKey,
+) -> Result<(), String> {
+    if let Ok(mut c) = shared.conns.lock() {
+        c.entry(requester).or_default().push(conn.clone());
+    }
+    if shared
+        .gate()
+        .map(|g| g.is_revoked(&requester))
+        .unwrap_or(true)
+    {
+        conn.close(2u32.into(), b"requester revoked by the coordinator");
+        return Err("requester revoked".into());
+    }
+    Ok(())
+}
+
 async fn serve_connection(
     incoming: quinn::Incoming,
     shared: Arc<RelayState>,
@@ -293,31 +326,14 @@ async fn serve_connection(
         Ok(ok) => ok,
         Err(reason) => {
             warn!(%reason, "refused requester");
-            let _ = send
-                .write_all(&wire::encode_hello_reply(false, &reason))
-                .await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-            conn.close(1u32.into(), b"refused");
-            return Err(reason);
+            return Err(refuse(&conn, send, reason).await);
         }
     };
     let _guard = ActiveGuard {
         shared: shared.clone(),
         key: requester,
     };
-    if let Ok(mut c) = shared.conns.lock() {
-        c.entry(requester).or_default().push(conn.clone());
-    }
-    // A revocation that raced the admission still closes this connection.
-    if shared
-        .gate()
-        .map(|g| g.is_revoked(&requester))
-        .unwrap_or(true)
-    {
-        conn.close(2u32.into(), b"requester revoked by the coordinator");
-        return Err("requester revoked".into());
-    }
+    follow_revocation(&shared, &conn, requester)?;
     info!(requester = %requester.short(), "requester admitted");
     send.write_all(&wire::encode_hello_reply(true, ""))
         .await
@@ -453,27 +469,11 @@ async fn serve_lane(
         Ok(j) => j,
         Err(reason) => {
             warn!(%reason, "refused lane");
-            let _ = send
-                .write_all(&wire::encode_hello_reply(false, &reason))
-                .await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-            conn.close(1u32.into(), b"refused");
-            return Err(reason);
+            return Err(refuse(&conn, send, reason).await);
         }
     };
     let requester = admitted.requester;
-    if let Ok(mut c) = shared.conns.lock() {
-        c.entry(requester).or_default().push(conn.clone());
-    }
-    if shared
-        .gate()
-        .map(|g| g.is_revoked(&requester))
-        .unwrap_or(true)
-    {
-        conn.close(2u32.into(), b"requester revoked by the coordinator");
-        return Err("requester revoked".into());
-    }
+    follow_revocation(&shared, &conn, requester)?;
     // Lanes are bounded by their connection (at most MAX_LANES each), which
     // holds its source slot: a joined lane gives its own back, so lanes
     // never crowd out other devices behind the same address.

@@ -159,16 +159,6 @@ impl Hello {
             proof,
         })
     }
-
-    pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Hello, WireError> {
-        let mut head = [0u8; 3];
-        read_exact(r, &mut head).await?;
-        let tlen = Hello::ticket_len(head)?;
-        let mut all = vec![0u8; 3 + tlen + 96];
-        all[..3].copy_from_slice(&head);
-        read_exact(r, &mut all[3..]).await?;
-        Hello::decode(&all)
-    }
 }
 
 /// The first stream of a connection: a hello with a ticket, or a lane
