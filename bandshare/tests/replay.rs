@@ -27,7 +27,8 @@
 //! routes (about 50 minutes, for BENCHMARKS.md). The held-out run is the
 //! one with the median weak time; `BANDSHARE_REPLAY_HELD=0.25,0.75` rides
 //! the runs at those quantiles of weak time instead, one after another
-//! (each trained on all the others), for more seconds to count. Skips,
+//! (each trained on all the others), for more seconds to count;
+//! `BANDSHARE_REPLAY_ROUTES=car` rides only the routes so named. Skips,
 //! saying why, where namespaces, tc or the data are missing.
 
 use bandshare_qos::track::{Reading, parse_norway};
@@ -625,7 +626,7 @@ fn pre_connect_has_fewer_seconds_without_a_path_than_reactive_switching() {
         return;
     }
     let full = std::env::var("BANDSHARE_REPLAY").is_ok_and(|v| v == "full");
-    let routes: &[&str] = if full {
+    let all: &[&str] = if full {
         &[
             "metro.kalbakken-jernbanetorget",
             "ferry.nesoddtangen-oslo",
@@ -634,6 +635,23 @@ fn pre_connect_has_fewer_seconds_without_a_path_than_reactive_switching() {
     } else {
         &["metro.kalbakken-jernbanetorget"]
     };
+    // `BANDSHARE_REPLAY_ROUTES=car,ferry`: only the routes whose names
+    // contain one of these.
+    let only = std::env::var("BANDSHARE_REPLAY_ROUTES").ok();
+    let routes: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|r| {
+            only.as_deref().is_none_or(|o| {
+                o.split(',')
+                    .any(|w| !w.trim().is_empty() && r.contains(w.trim()))
+            })
+        })
+        .collect();
+    assert!(
+        !routes.is_empty(),
+        "BANDSHARE_REPLAY_ROUTES={only:?} names none of {all:?}"
+    );
     let held = held_quantiles();
     // Whole runs take minutes each: the routes ride at once, each in its
     // own lab; a route's held-out runs one after another.

@@ -77,7 +77,20 @@ pub struct RouteReport {
     pub warnings_followed: f64,
     /// The same share over all the time: what warning always would give.
     pub any_time_followed: f64,
+    /// Weak onsets (a weak reading after one that was not, however short
+    /// the dip), and the share of them a warning within [`READY_LEAD_S`]
+    /// was out for at the reading before: where a requester acting on the
+    /// forecast already has new flows on a sharer when the link drops.
+    pub onsets: usize,
+    pub onsets_ready: f64,
+    /// Share of the time a warning within [`READY_LEAD_S`] (or a weak
+    /// answer) was out: what acting on the forecast costs in pool time.
+    pub ready_time: f64,
 }
+
+/// A warning within this many seconds (the requester's default lead)
+/// counts as ready for an onset.
+pub const READY_LEAD_S: f64 = 20.0;
 
 /// Weak below this, kbit/s.
 pub const WEAK_KBPS: f64 = 250.0;
@@ -169,6 +182,7 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
     };
     let (mut answered, mut warned, mut base_warned, mut ep_total) = (0.0, 0.0, 0.0, 0.0);
     let (mut warning_s, mut followed_s, mut any_followed_s) = (0.0, 0.0, 0.0);
+    let (mut onsets_ready, mut ready_s) = (0usize, 0.0);
     // The ceiling: a map that has seen every run, the held-out one too.
     let seen_all = train(runs, None, cfg).map(|(m, _)| m);
     for held in 0..runs.len() {
@@ -188,6 +202,7 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
         }
         let mut tracker = Tracker::new();
         let mut last = None;
+        let mut ready_before: Option<(bool, bool)> = None;
         let (mut warnings, mut base_warnings) = (vec![], vec![]);
         for r in &runs[held] {
             let truth = r.down_kbps < WEAK_KBPS;
@@ -200,6 +215,17 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
                 answered += r.duration_s;
             }
             rep.map.add(p.is_some_and(|p| p.weak), truth, r.duration_s);
+            if truth && ready_before.is_some_and(|(weak, _)| !weak) {
+                rep.onsets += 1;
+                if ready_before.is_some_and(|(_, ready)| ready) {
+                    onsets_ready += 1;
+                }
+            }
+            let ready = p.is_some_and(|p| p.weak || p.weak_in_s.is_some_and(|w| w <= READY_LEAD_S));
+            if ready {
+                ready_s += r.duration_s;
+            }
+            ready_before = Some((truth, ready));
             let weak_follows = runs[held]
                 .iter()
                 .skip_while(|x| x.t < r.t)
@@ -238,6 +264,8 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
     rep.warning_time = ratio(warning_s, rep.seconds);
     rep.warnings_followed = ratio(followed_s, warning_s);
     rep.any_time_followed = ratio(any_followed_s, rep.seconds);
+    rep.onsets_ready = ratio(onsets_ready as f64, rep.onsets as f64);
+    rep.ready_time = ratio(ready_s, rep.seconds);
     rep
 }
 

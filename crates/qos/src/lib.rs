@@ -56,6 +56,12 @@ pub struct Config {
     /// A device's samples further apart than this are two trips, not one
     /// (no route is learned across the gap).
     pub trip_gap_s: f64,
+    /// Dips recur in a cell when at least this share of the passes through
+    /// it had a weak reading ([`Map::dips_recur`]) ...
+    pub dip_share: f64,
+    /// ... out of at least this many passes (decayed: 2.5 takes three
+    /// recent passes, or more older ones).
+    pub dip_passes: f64,
 }
 
 impl Default for Config {
@@ -70,6 +76,8 @@ impl Default for Config {
             min_weight_s: 5.0,
             min_hour_weight_s: 30.0,
             trip_gap_s: 120.0,
+            dip_share: 0.5,
+            dip_passes: 2.5,
         }
     }
 }
@@ -142,6 +150,12 @@ pub struct Agg {
     pub at: f64,
     /// Up to k cell-keyed device tags.
     pub tags: Vec<u64>,
+    /// Decayed count of passes through the cell (a device entering it; kept
+    /// for cells at any hour), and of those passes with at least one weak
+    /// reading: a dip that recurs on most passes, however short, shows
+    /// here where the weak share of the time does not.
+    pub passes: f64,
+    pub dip_passes: f64,
 }
 
 impl Agg {
@@ -151,6 +165,8 @@ impl Agg {
             self.weight *= f;
             self.kbps_s *= f;
             self.weak_s *= f;
+            self.passes *= f;
+            self.dip_passes *= f;
             self.at = t;
         }
     }
@@ -172,6 +188,32 @@ impl Agg {
         if self.tags.len() < cfg.k && !self.tags.contains(&tag) {
             self.tags.push(tag);
         }
+    }
+
+    /// Counts a pass (`new_pass`) and a pass's first dip (`first_dip`) of
+    /// a sample at time `t`.
+    fn count_pass(&mut self, t: f64, new_pass: bool, first_dip: bool, half_life_s: f64) {
+        let f = if t < self.at {
+            0.5f64.powf((self.at - t) / half_life_s)
+        } else {
+            1.0
+        };
+        if new_pass {
+            self.passes += f;
+        }
+        if first_dip {
+            self.dip_passes += f;
+        }
+    }
+
+    /// Whether dips recur here: k devices saw the cell, at least
+    /// [`Config::dip_passes`] passes were counted, and at least
+    /// [`Config::dip_share`] of them had a weak reading.
+    fn dips_recur(&self, cfg: &Config) -> bool {
+        self.tags.len() >= cfg.k
+            && self.passes >= cfg.dip_passes
+            && self.passes > 0.0
+            && self.dip_passes / self.passes >= cfg.dip_share
     }
 
     /// The estimate as of `now`, if k devices saw it and it has weight.
@@ -234,7 +276,14 @@ pub struct Trail {
     here: u64,
     entered: f64,
     last: f64,
+    /// Whether the current pass had a weak reading yet, per level of the
+    /// cell's chain (the cell, then its parents).
+    dipped: [bool; CHAIN],
 }
+
+/// Levels in a cell's chain at most: the cell and up to this many less
+/// parents (more parent levels than this get no pass counts).
+const CHAIN: usize = 3;
 
 /// A published cell: a finest cell that k devices saw, as the map answers
 /// for it at any hour.
@@ -274,6 +323,8 @@ impl Map {
             ("weak_kbps", cfg.weak_kbps),
             ("min_weight_s", cfg.min_weight_s),
             ("min_hour_weight_s", cfg.min_hour_weight_s),
+            ("dip_share", cfg.dip_share),
+            ("dip_passes", cfg.dip_passes),
         ] {
             if !value.is_finite() || value < 0.0 {
                 return Err(QosError::Value { what, value });
@@ -339,38 +390,73 @@ impl Map {
     /// the device was before (`trail`, updated; start with `None`).
     pub fn observe(&mut self, s: &Sample, trail: &mut Option<Trail>) -> Result<(), QosError> {
         self.add(s)?;
-        let cell = u64::from(self.cell_of(s.lat, s.lon)?);
+        let cell = self.cell_of(s.lat, s.lon)?;
         let cfg = self.cfg;
-        *trail = match *trail {
-            Some(tr) if s.t >= tr.last && s.t - tr.last <= cfg.trip_gap_s => {
-                if cell == tr.here {
-                    Some(Trail { last: s.t, ..tr })
-                } else {
-                    self.routes.add(
-                        (tr.from, tr.here, cell),
-                        s.t - tr.entered,
-                        s.t,
-                        s.device,
-                        &cfg,
-                    );
-                    Some(Trail {
-                        from: tr.here,
-                        here: cell,
-                        entered: s.t,
-                        last: s.t,
-                    })
+        // The trip goes on from the trail (in order, without a long gap),
+        // or this sample starts one.
+        let goes_on = trail.filter(|tr| s.t >= tr.last && s.t - tr.last <= cfg.trip_gap_s);
+        if trail.is_some_and(|tr| s.t < tr.last) {
+            // Out of order: keep the trail, learn nothing more from it.
+            return Ok(());
+        }
+        let dipped = self.count_passes(s, cell, goes_on.as_ref());
+        let cell = u64::from(cell);
+        *trail = Some(match goes_on {
+            Some(tr) if cell == tr.here => Trail {
+                last: s.t,
+                dipped,
+                ..tr
+            },
+            Some(tr) => {
+                self.routes.add(
+                    (tr.from, tr.here, cell),
+                    s.t - tr.entered,
+                    s.t,
+                    s.device,
+                    &cfg,
+                );
+                Trail {
+                    from: tr.here,
+                    here: cell,
+                    entered: s.t,
+                    last: s.t,
+                    dipped,
                 }
             }
-            // Out of order: keep the trail, learn no route from this one.
-            Some(tr) if s.t < tr.last => Some(tr),
-            _ => Some(Trail {
+            None => Trail {
                 from: routes::NONE,
                 here: cell,
                 entered: s.t,
                 last: s.t,
-            }),
-        };
+                dipped,
+            },
+        });
         Ok(())
+    }
+
+    /// Counts passes, and passes with a dip, in the cell's chain at any
+    /// hour: a level's pass begins where the trip enters that level's cell
+    /// (or begins). Returns which levels' current passes have dipped.
+    fn count_passes(
+        &mut self,
+        s: &Sample,
+        cell: CellIndex,
+        before: Option<&Trail>,
+    ) -> [bool; CHAIN] {
+        let weak = s.down_kbps < self.cfg.weak_kbps;
+        let was = before
+            .and_then(|tr| CellIndex::try_from(tr.here).ok())
+            .map(|c| self.chain(c));
+        let mut dipped = [false; CHAIN];
+        for (i, c) in self.chain(cell).into_iter().enumerate().take(CHAIN) {
+            let new_pass = was.as_ref().is_none_or(|w| w.get(i) != Some(&c));
+            let had = !new_pass && before.is_some_and(|tr| tr.dipped[i]);
+            dipped[i] = had || weak;
+            if let Some(a) = self.cells.get_mut(&(c, None)) {
+                a.count_pass(s.t, new_pass, weak && !had, self.cfg.half_life_s);
+            }
+        }
+        dipped
     }
 
     pub fn config(&self) -> &Config {
@@ -475,6 +561,17 @@ impl Map {
     pub fn estimate(&self, lat: f64, lon: f64, t: f64) -> Result<Option<Estimate>, QosError> {
         let cell = self.cell_of(lat, lon)?;
         Ok(self.estimate_cell(cell, t))
+    }
+
+    /// Whether dips recur in this cell or its parent (one level up, about
+    /// 3× wider): most passes through it had a weak reading, even where
+    /// each lasted too short to make the cell weak.
+    pub fn dips_recur(&self, cell: CellIndex) -> bool {
+        self.chain(cell).into_iter().take(2).any(|c| {
+            self.cells
+                .get(&(c, None))
+                .is_some_and(|a| a.dips_recur(&self.cfg))
+        })
     }
 
     /// The same for a cell.

@@ -43,6 +43,10 @@ pub struct Horizon {
     /// early costs some pool time and a drop nobody warned of costs a
     /// stalled app. Infinite: only weak cells warn.
     pub warn_weak_s: f64,
+    /// `weak_in_s` also warns of a cell ahead where dips recur (k devices
+    /// saw one there or in its parent, [`Map::dips_recur`]), however
+    /// short: a second or two at a few kbit/s stalls every app.
+    pub warn_recurring_dips: bool,
 }
 
 impl Default for Horizon {
@@ -52,6 +56,7 @@ impl Default for Horizon {
             max_gap_s: 900.0,
             weak_kbps: 250.0,
             warn_weak_s: 5.0,
+            warn_recurring_dips: true,
         }
     }
 }
@@ -205,6 +210,7 @@ impl Tracker {
         judge: &dyn Fn(u64, f64) -> (bool, f64),
     ) -> Option<f64> {
         let cfg = map.config();
+        let dips = |cell: u64| h3o::CellIndex::try_from(cell).is_ok_and(|c| map.dips_recur(c));
         let (mut from, mut here) = (self.from, self.here);
         let mut spent = t - self.entered;
         let (mut ahead, mut expected, mut first_risk) = (0.0, 0.0, None);
@@ -213,6 +219,9 @@ impl Tracker {
                 // No learned way on: straight along the recent velocity.
                 return self.extrapolate(map, t, h, &|c, at| judge(c, at).0);
             };
+            if h.warn_recurring_dips && dips(here) {
+                return Some(ahead);
+            }
             let stay = (step.dwell_s - spent).max(0.0);
             let share = judge(here, t + ahead).1;
             if share > 0.0 {
@@ -325,6 +334,44 @@ mod tests {
         assert!(at < 1500.0, "warned at {at} m");
         let off = Horizon {
             warn_weak_s: f64::INFINITY,
+            warn_recurring_dips: false,
+            ..Horizon::default()
+        };
+        assert_eq!(ride(off), None);
+    }
+
+    /// One short dip at the same place on every pass (a second at 1,600
+    /// m): no cell is weak and the expected weak seconds stay under the
+    /// threshold, but k devices saw a dip there, so it is warned ahead;
+    /// with that warning off, nothing warns.
+    #[test]
+    fn a_short_dip_that_recurs_is_warned_ahead() {
+        let m = learned_with(|i| i == 160);
+        let dip = m.cell_of(59.9, 10.7 + 1600.0 / 55_800.0).expect("cell");
+        assert!(m.dips_recur(dip));
+        let start = m.cell_of(59.9, 10.7).expect("cell");
+        assert!(!m.dips_recur(start), "no dip near the start");
+        let ride = |h: Horizon| {
+            let mut tr = Tracker::new();
+            let mut first = None;
+            for i in 0..150 {
+                let x = i as f64 * 10.0;
+                let pos = Some((59.9, 10.7 + x / 55_800.0));
+                let p = tr.step(&m, 10_000.0 + i as f64, pos, &h).expect("step");
+                assert!(!p.weak, "no cell is weak at {x} m: {p:?}");
+                if first.is_none() {
+                    first = p.weak_in_s.map(|s| (x, s));
+                }
+            }
+            first
+        };
+        let (at, ahead) = ride(Horizon::default()).expect("warned");
+        assert!(
+            at < 1500.0 && ahead > 5.0,
+            "warned at {at} m, {ahead} s ahead"
+        );
+        let off = Horizon {
+            warn_recurring_dips: false,
             ..Horizon::default()
         };
         assert_eq!(ride(off), None);

@@ -149,6 +149,8 @@ CREATE TABLE IF NOT EXISTS qos_cells (
     weak_s REAL NOT NULL,
     at REAL NOT NULL,
     tags BLOB NOT NULL,
+    passes REAL NOT NULL DEFAULT 0,
+    dip_passes REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (cell, hour)
 );
 CREATE TABLE IF NOT EXISTS qos_routes (
@@ -169,6 +171,29 @@ CREATE TABLE IF NOT EXISTS usage_batches (
 );
 ";
 
+/// Brings a database made by an older build up to [`SCHEMA`]: columns
+/// added since, with their defaults.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut q = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = q.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    for column in ["passes", "dip_passes"] {
+        if !has("qos_cells", column)? {
+            conn.execute_batch(&format!(
+                "ALTER TABLE qos_cells ADD COLUMN {column} REAL NOT NULL DEFAULT 0"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating) `dir/bandshare.db` in WAL mode with the schema.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
@@ -183,6 +208,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path,

@@ -33,8 +33,8 @@ impl Store {
         let tx = conn.transaction()?;
         {
             let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO qos_cells (cell, hour, weight, kbps_s, weak_s, at, tags)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR REPLACE INTO qos_cells (cell, hour, weight, kbps_s, weak_s, at, tags, passes, dip_passes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for ((cell, hour), a) in cells {
                 put.execute(params![
@@ -44,7 +44,9 @@ impl Store {
                     a.kbps_s,
                     a.weak_s,
                     a.at,
-                    tags_blob(&a.tags)
+                    tags_blob(&a.tags),
+                    a.passes,
+                    a.dip_passes
                 ])?;
             }
             let mut put = tx.prepare_cached(
@@ -70,8 +72,9 @@ impl Store {
     /// Fills `map` with every stored aggregate; returns (cells, routes).
     pub fn load_qos(&self, map: &mut Map) -> Result<(usize, usize), StoreError> {
         self.with(|c| {
-            let mut q =
-                c.prepare("SELECT cell, hour, weight, kbps_s, weak_s, at, tags FROM qos_cells")?;
+            let mut q = c.prepare(
+                "SELECT cell, hour, weight, kbps_s, weak_s, at, tags, passes, dip_passes FROM qos_cells",
+            )?;
             let cells = q
                 .query_map([], |r| {
                     let hour: i64 = r.get(1)?;
@@ -86,6 +89,8 @@ impl Store {
                             weak_s: r.get(4)?,
                             at: r.get(5)?,
                             tags: blob_tags(&r.get::<_, Vec<u8>>(6)?),
+                            passes: r.get(7)?,
+                            dip_passes: r.get(8)?,
                         },
                     ))
                 })?
@@ -163,5 +168,40 @@ mod tests {
         assert_eq!(back.published(), m.published());
         assert!(!back.published().is_empty());
         assert_eq!(back.newest(), m.newest());
+        // Every aggregate as it was, the devices that saw a dip included.
+        let saved: std::collections::HashMap<_, _> = cells.into_iter().collect();
+        let loaded: std::collections::HashMap<_, _> =
+            back.cells().map(|(k, a)| (*k, a.clone())).collect();
+        assert_eq!(loaded, saved);
+        assert!(loaded.values().any(|a| a.dip_passes > 2.9));
+    }
+
+    /// A database written before cells counted passes opens, gains the
+    /// columns, and keeps its cells (with no passes counted yet).
+    #[test]
+    fn a_database_from_before_pass_counts_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = rusqlite::Connection::open(dir.path().join("bandshare.db")).expect("db");
+            c.execute_batch(
+                "CREATE TABLE qos_cells (cell INTEGER NOT NULL, hour INTEGER NOT NULL,
+                 weight REAL NOT NULL, kbps_s REAL NOT NULL, weak_s REAL NOT NULL,
+                 at REAL NOT NULL, tags BLOB NOT NULL, PRIMARY KEY (cell, hour));
+                 INSERT INTO qos_cells VALUES (622236750694711295, -1, 10.0, 5000.0, 1.0, 1e9, x'0100000000000000');",
+            )
+            .expect("old schema");
+        }
+        let s = Store::open(dir.path()).expect("open migrates");
+        let mut m = Map::new(Config::default()).expect("map");
+        assert_eq!(s.load_qos(&mut m).expect("load"), (1, 0));
+        let (_, a) = m.cells().next().expect("the old cell");
+        assert_eq!(
+            (a.tags.clone(), a.passes, a.dip_passes),
+            (vec![1], 0.0, 0.0)
+        );
+        s.save_qos(&[((622236750694711295, None), a.clone())], &[])
+            .expect("saves with the new column");
+        drop(s);
+        Store::open(dir.path()).expect("opens again, already migrated");
     }
 }

@@ -109,9 +109,30 @@ fn field_edge(s: &str) -> Option<Edge> {
     Some((it.next()??, it.next()??, it.next()??))
 }
 
+/// The last word of a cell value that also holds pass counts (two floats
+/// after the tags); values written before pass counts hold tags only.
+const PASSES_MARK: u64 = 0x7061_7373_6573_0002;
+
+/// A cell aggregate as saved: floats, tags, pass counts, the mark.
+fn encode_cell(a: &Agg) -> Vec<u8> {
+    let mut v = floats_tags(&[a.weight, a.kbps_s, a.weak_s, a.at], &a.tags);
+    for f in [a.passes, a.dip_passes] {
+        v.extend(f.to_le_bytes());
+    }
+    v.extend(PASSES_MARK.to_le_bytes());
+    v
+}
+
 /// A saved cell aggregate (`CELL:HOUR` → floats and tags), or `None`.
 pub fn decode_cell(field: &str, value: &[u8]) -> Option<(Key, Agg)> {
-    let (fs, tags) = split(value, 4)?;
+    let (fs, mut tags) = split(value, 4)?;
+    let (mut passes, mut dip_passes) = (0.0, 0.0);
+    if tags.last() == Some(&PASSES_MARK) {
+        let at = tags.len().checked_sub(3)?;
+        let counts = tags.split_off(at);
+        passes = f64::from_bits(counts[0]);
+        dip_passes = f64::from_bits(counts[1]);
+    }
     Some((
         field_key(field)?,
         Agg {
@@ -120,6 +141,8 @@ pub fn decode_cell(field: &str, value: &[u8]) -> Option<(Key, Agg)> {
             weak_s: fs[2],
             at: fs[3],
             tags,
+            passes,
+            dip_passes,
         },
     ))
 }
@@ -158,8 +181,7 @@ impl Cluster {
             let mut cmd = redis::cmd("HSET");
             cmd.arg(CELLS);
             for (k, a) in chunk {
-                cmd.arg(key_field(k))
-                    .arg(floats_tags(&[a.weight, a.kbps_s, a.weak_s, a.at], &a.tags));
+                cmd.arg(key_field(k)).arg(encode_cell(a));
             }
             cmd.query_async::<()>(&mut c).await?;
         }
@@ -357,5 +379,27 @@ mod tests {
         let (fs, tags) = split(&floats_tags(&[1.0, 2.0, 3.0], &[9, 10]), 3).expect("split");
         assert_eq!((fs, tags), (vec![1.0, 2.0, 3.0], vec![9, 10]));
         assert!(split(&[0; 20], 3).is_none());
+        // A cell with pass counts round-trips; one saved before pass
+        // counts (tags only) still reads, with none; a mark without its
+        // counts is refused.
+        let a = Agg {
+            weight: 10.0,
+            kbps_s: 500.0,
+            weak_s: 2.0,
+            at: 1.7e9,
+            tags: vec![9, 10, 11],
+            passes: 4.5,
+            dip_passes: 2.25,
+        };
+        let field = key_field(&(7, None));
+        assert_eq!(
+            decode_cell(&field, &encode_cell(&a)),
+            Some(((7, None), a.clone()))
+        );
+        let old = floats_tags(&[10.0, 500.0, 2.0, 1.7e9], &[9, 10, 11]);
+        let (_, read) = decode_cell(&field, &old).expect("old value");
+        assert_eq!((read.tags, read.passes), (vec![9, 10, 11], 0.0));
+        let short = floats_tags(&[10.0, 500.0, 2.0, 1.7e9], &[9, PASSES_MARK]);
+        assert_eq!(decode_cell(&field, &short), None);
     }
 }
