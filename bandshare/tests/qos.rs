@@ -140,6 +140,18 @@ fn metro_runs_train_a_map_that_predicts_the_held_out_run_and_survives_a_restart(
     let ring = &features[0]["geometry"]["coordinates"][0];
     assert_eq!(ring.as_array().map(Vec::len), Some(7), "a closed hexagon");
     assert!(features.iter().any(|f| f["properties"]["weak"] == true));
+    // Every cell counted passes; somewhere most passes dipped where the
+    // weak share alone does not say so.
+    assert!(features.iter().all(|f| {
+        f["properties"]["dip_share"]
+            .as_f64()
+            .is_some_and(|d| (0.0..=1.0).contains(&d))
+    }));
+    assert!(
+        features
+            .iter()
+            .any(|f| f["properties"]["dips_recur"] == true && f["properties"]["weak"] == false)
+    );
 
     // The map is in the store: a restarted coordinator publishes the same.
     stop(srv);

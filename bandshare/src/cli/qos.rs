@@ -243,8 +243,13 @@ async fn map(a: MapArgs) -> anyhow::Result<()> {
         out!("{}", qos::geojson(&cells));
     } else {
         let weak = cells.cells.iter().filter(|c| c.weak).count();
+        let dips = cells
+            .cells
+            .iter()
+            .filter(|c| c.dips_recur && !c.weak)
+            .count();
         out!(
-            "{} published cells (H3 resolution {}, k = {}): {weak} weak (below {} kbit/s); --geojson exports them",
+            "{} published cells (H3 resolution {}, k = {}): {weak} weak (below {} kbit/s), {dips} more where dips recur (most passes had one); --geojson exports them",
             cells.cells.len(),
             cells.resolution,
             cells.k,

@@ -148,6 +148,8 @@ pub fn geojson(cells: &v1::CellsResponse) -> serde_json::Value {
                     "expected_kbps": (c.kbps * 10.0).round() / 10.0,
                     "weak_share": (c.weak_share * 1000.0).round() / 1000.0,
                     "weak": c.weak,
+                    "dip_share": c.dip_share.map(|d| (d * 1000.0).round() / 1000.0),
+                    "dips_recur": c.dips_recur,
                     "confidence": (c.confidence * 1000.0).round() / 1000.0,
                 },
             }))

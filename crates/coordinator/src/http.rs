@@ -168,6 +168,8 @@ async fn api_map(extract::State(state): extract::State<Arc<State>>) -> Json<serd
                 "kbps": p.estimate.kbps,
                 "weak_share": p.estimate.weak_share,
                 "weak": p.estimate.weak(),
+                "dip_share": p.dip_share,
+                "dips_recur": p.dips_recur,
                 "boundary": bandshare_qos::cell_boundary(cell)?,
             }))
         })

@@ -280,6 +280,8 @@ impl v1::qos_server::Qos for QosService {
                     weak_share: p.estimate.weak_share,
                     weak: p.estimate.weak(),
                     confidence: p.estimate.confidence,
+                    dip_share: p.dip_share,
+                    dips_recur: p.dips_recur,
                 })
                 .collect()
         })?;

@@ -12,6 +12,7 @@ let fitted = false;
 
 function qosColour(c) {
   if (c.weak) return "#d73027";
+  if (c.dips_recur) return "#f46d43";
   if (c.kbps < 2000) return "#fdae61";
   return "#1a9850";
 }
@@ -35,7 +36,9 @@ async function refreshMap() {
   for (const c of m.qos_cells) {
     const p = L.polygon(latlngs(c.boundary), {
       color: qosColour(c), weight: 1, fillOpacity: 0.35,
-    }).bindTooltip(`${Math.round(c.kbps)} kbit/s expected, weak ${Math.round(c.weak_share * 100)} % of the time`);
+    }).bindTooltip(`${Math.round(c.kbps)} kbit/s expected, weak ${Math.round(c.weak_share * 100)} % of the time` +
+      (c.dip_share == null ? "" : `, a dip on ${Math.round(c.dip_share * 100)} % of passes` +
+        (c.dips_recur ? " (warned ahead)" : "")));
     qosLayer.addLayer(p);
     bounds.push(...latlngs(c.boundary));
   }

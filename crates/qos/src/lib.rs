@@ -291,6 +291,11 @@ const CHAIN: usize = 3;
 pub struct Published {
     pub cell: CellIndex,
     pub estimate: Estimate,
+    /// Share of the passes through the cell that had a weak reading
+    /// (`None` before any pass was counted).
+    pub dip_share: Option<f64>,
+    /// Dips recur here ([`Map::dips_recur`] of the cell alone).
+    pub dips_recur: bool,
 }
 
 /// A cell's corners as (lat, lon), for drawing it; `None` for a number
@@ -379,7 +384,12 @@ impl Map {
                 let cell = CellIndex::try_from(*cell).ok()?;
                 (cell.resolution() == res).then_some(())?;
                 let estimate = agg.estimate(now, &self.cfg, Level::Cell)?;
-                Some(Published { cell, estimate })
+                Some(Published {
+                    cell,
+                    estimate,
+                    dip_share: (agg.passes > 0.0).then(|| agg.dip_passes / agg.passes),
+                    dips_recur: agg.dips_recur(&self.cfg),
+                })
             })
             .collect();
         out.sort_by_key(|p| u64::from(p.cell));
