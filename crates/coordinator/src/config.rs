@@ -38,6 +38,7 @@ struct RawQos {
     k: Option<u32>,
     half_life_days: Option<f64>,
     weak_kbps: Option<f64>,
+    dip_share: Option<f64>,
     samples_per_minute: Option<f64>,
     max_speed_mps: Option<f64>,
 }
@@ -77,6 +78,7 @@ fn qos(raw: &RawQos) -> Result<QosConfig, ConfigError> {
                 36_500.0,
             )? * 86_400.0,
             weak_kbps: check("qos.weak_kbps", raw.weak_kbps, d.map.weak_kbps, 1.0, 1e7)?,
+            dip_share: check("qos.dip_share", raw.dip_share, d.map.dip_share, 0.05, 1.0)?,
             ..d.map
         },
         samples_per_minute: check(
@@ -649,6 +651,7 @@ mod tests {
             ("privacy", "fuzz_max_m"),
             ("privacy", "period_days"),
             ("privacy", "move_m"),
+            ("qos", "dip_share"),
         ] {
             for v in ["nan", "-nan", "inf", "-inf"] {
                 let e = Config::parse(&format!("[{table}]\n{key} = {v}\n"))
@@ -697,5 +700,11 @@ mod tests {
             .expect_err("short")
             .to_string();
         assert!(e.contains("sharers.expire_after_ms"), "{e}");
+        let c = Config::parse("[qos]\ndip_share = 0.75\n").expect("valid");
+        assert_eq!(c.qos.map.dip_share, 0.75);
+        let e = Config::parse("[qos]\ndip_share = 1.5\n")
+            .expect_err("above 1")
+            .to_string();
+        assert!(e.contains("qos.dip_share"), "{e}");
     }
 }

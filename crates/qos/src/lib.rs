@@ -9,6 +9,11 @@
 //!   weighs sixty 1 s rows), and fades with [`Config::half_life`]. Age is
 //!   measured from the newest sample the map holds, so importing a
 //!   historical dataset does not erase it.
+//! - Passes: each cell (at any hour) also counts the passes through it and
+//!   those with a weak reading, decayed the same way, so a dip that recurs
+//!   on most passes is known ([`Map::dips_recur`]) even where it is too
+//!   short to make the cell weak by its share of time. Counts only: which
+//!   device passed is not kept.
 //! - k-anonymity: a cell answers only once at least [`Config::k`] distinct
 //!   devices reported it. The map keeps no device ids: per cell it keeps at
 //!   most k tags that are keyed by the cell (unlinkable across cells), so
