@@ -108,6 +108,13 @@ pub struct BenchScaleArgs {
     /// Keep one core busy with another process for the whole run.
     #[arg(long)]
     busy_core: bool,
+    /// Run the simulated sharers at this nice value (0..=19) during the
+    /// measurement, the share-request clients and the coordinator at 0:
+    /// on a small machine the load generator shares the coordinator's
+    /// cores, where real sharers would be devices of their own (needs
+    /// root to set the clients back to 0).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    generator_nice: i32,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -238,6 +245,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 real_connections: a.real_connections,
                 restart: a.restart,
                 busy_core: a.busy_core,
+                generator_nice: a.generator_nice,
             };
             let mut v = bandshare_bench::scale::run(&o).await?;
             v["machine"] = serde_json::json!(bandshare_bench::stats::machine());

@@ -1009,6 +1009,8 @@ fn every_bench_runs_with_every_flag() {
             "--real-connections",
             "--restart",
             "--busy-core",
+            "--generator-nice",
+            "10",
             "--json",
         ],
         &["bench", "failover", "--rounds", "1", "--json"],

@@ -40,6 +40,9 @@ pub struct ScaleOptions {
     pub restart: bool,
     /// Keep one core busy with another process throughout.
     pub busy_core: bool,
+    /// The simulated sharers' nice value during the measurement (the
+    /// share-request clients stay at 0).
+    pub generator_nice: i32,
 }
 
 /// What the simulated sharers saw.
@@ -271,6 +274,41 @@ impl Drop for BusyCore {
 
 /// Lets this process (and the coordinator it starts) hold one descriptor
 /// per connection; returns the limit now in force.
+/// Sets the nice value of threads of this process (`renice`, util-linux):
+/// `tids`, or the calling thread.
+fn renice(nice: i32, tids: Option<Vec<String>>) -> anyhow::Result<()> {
+    let tids = match tids {
+        Some(t) => t,
+        None => {
+            let me = std::fs::read_link("/proc/thread-self")?;
+            vec![
+                me.file_name()
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .ok_or_else(|| anyhow::anyhow!("no thread id in {}", me.display()))?,
+            ]
+        }
+    };
+    let st = Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&tids)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    anyhow::ensure!(
+        st.status.success(),
+        "renice -n {nice}: {}",
+        String::from_utf8_lossy(&st.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Every thread of this process so far.
+fn threads() -> anyhow::Result<Vec<String>> {
+    Ok(std::fs::read_dir("/proc/self/task")?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect())
+}
+
 fn raise_fd_limit(want: u64) -> u64 {
     let pid = std::process::id().to_string();
     let limit = || {
@@ -370,11 +408,26 @@ async fn share_load_apart(
     url: &bandshare_agent::client::ServerUrl,
     concurrency: usize,
     seconds: f64,
+    generator_nice: i32,
 ) -> anyhow::Result<(crate::stats::Latencies, usize)> {
     let url = url.clone();
     tokio::task::spawn_blocking(move || {
+        // The clients at nice 0 when the generator runs nicer (threads
+        // inherit their creator's value).
+        if generator_nice != 0
+            && let Err(e) = renice(0, None)
+        {
+            tracing::warn!(error = %e, "the share-request clients keep the generator's nice value");
+        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .on_thread_start(move || {
+                if generator_nice != 0
+                    && let Err(e) = renice(0, None)
+                {
+                    tracing::warn!(error = %e, "a share-request client thread keeps the generator's nice value");
+                }
+            })
             .enable_all()
             .build()?
             .block_on(crate::matching::share_load(
@@ -506,7 +559,16 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     let sent0 = counts.reports.load(Ordering::Relaxed);
     let (cpu_server0, cpu_self0) = (cpu_seconds(Some(pid)), cpu_seconds(None));
     let t0 = Instant::now();
-    let (mut lat, offers) = share_load_apart(&url, o.concurrency, o.seconds).await?;
+    if o.generator_nice != 0 {
+        renice(o.generator_nice, Some(threads()?))?;
+    }
+    let loaded = share_load_apart(&url, o.concurrency, o.seconds, o.generator_nice).await;
+    if o.generator_nice != 0
+        && let Err(e) = renice(0, Some(threads()?))
+    {
+        tracing::warn!(error = %e, "the simulated sharers keep nice {}", o.generator_nice);
+    }
+    let (mut lat, offers) = loaded?;
     let secs = t0.elapsed().as_secs_f64();
     let cpu_server = (cpu_seconds(Some(pid)) - cpu_server0) / secs;
     let cpu_self = (cpu_seconds(None) - cpu_self0) / secs;
@@ -515,7 +577,14 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
     let offered = (counts.reports.load(Ordering::Relaxed) - sent0) as f64 / secs;
     let n = lat.0.len();
     let (p50, p99) = (lat.percentile(50.0), lat.percentile(99.0));
-    eprintln!("  state updates: {processed:.0}/s processed ({offered:.0}/s sent)");
+    eprintln!(
+        "  state updates: {processed:.0}/s processed ({offered:.0}/s sent){}",
+        if o.generator_nice != 0 {
+            format!(", simulated sharers at nice {}", o.generator_nice)
+        } else {
+            String::new()
+        }
+    );
     eprintln!(
         "  cores used meanwhile: coordinator {cpu_server:.2}, load generator and requesters {cpu_self:.2}"
     );
@@ -530,6 +599,7 @@ pub async fn run(o: &ScaleOptions) -> anyhow::Result<serde_json::Value> {
         "connections": if o.real_connections { o.sharers } else { o.connections },
         "real_connections": o.real_connections,
         "busy_core": o.busy_core,
+        "generator_nice": o.generator_nice,
         "open_seconds": (open_s * 10.0).round() / 10.0,
         "open_shed": shed_open,
         "coordinator_rss_bytes": rss_after,
