@@ -28,7 +28,9 @@
 //! one with the median weak time; `BANDSHARE_REPLAY_HELD=0.25,0.75` rides
 //! the runs at those quantiles of weak time instead, one after another
 //! (each trained on all the others), for more seconds to count;
-//! `BANDSHARE_REPLAY_ROUTES=car` rides only the routes so named. Skips,
+//! `BANDSHARE_REPLAY_ROUTES=car` rides only the routes so named;
+//! `BANDSHARE_REPLAY_LOGS=DIR` keeps every process's log and the
+//! timelines there. Skips,
 //! saying why, where namespaces, tc or the data are missing.
 
 use bandshare_qos::track::{Reading, parse_norway};
@@ -598,6 +600,7 @@ fn replay(route: &str, rows: &[Reading], training: &[(PathBuf, String)]) -> Outc
         "{route}: {} s scored, {:.0} s weak in the recording\n  recorded\n  {}",
         out.scored_s, out.weak_s, out.recorded
     );
+    keep_logs(&w, route, rows, at(t0), warm.min(results.len() / 4), &out);
     for (m, (name, _)) in MODES.iter().enumerate() {
         eprintln!(
             "  {name:<12} {:>4} s without a working path, {:>4} s on the pool\n  {}",
@@ -605,6 +608,52 @@ fn replay(route: &str, rows: &[Reading], training: &[(PathBuf, String)]) -> Outc
         );
     }
     out
+}
+
+/// `BANDSHARE_REPLAY_LOGS=DIR`: every process's log and the timelines
+/// (each scored second with its unix time) go to `DIR/ROUTE-START/`, to
+/// look into a lost second afterwards.
+fn keep_logs(
+    w: &World,
+    route: &str,
+    rows: &[Reading],
+    t0_unix: f64,
+    skipped: usize,
+    out: &Outcome,
+) {
+    let Some(dir) = std::env::var_os("BANDSHARE_REPLAY_LOGS") else {
+        return;
+    };
+    let dir = PathBuf::from(dir).join(format!("{route}-{:.0}-{:.0}", rows[0].t, t0_unix));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("{}: {e}", dir.display());
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(w.lab.dir.path()) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(&p, dir.join(e.file_name()));
+            }
+        }
+    }
+    let mut text = String::from("second unix recorded reactive pre-connect\n");
+    let cols: Vec<Vec<char>> = [&out.recorded, &out.timeline[0], &out.timeline[1]]
+        .iter()
+        .map(|s| s.chars().collect())
+        .collect();
+    for i in 0..cols[0].len() {
+        let s = i + skipped;
+        text.push_str(&format!(
+            "{s} {:.0} {} {} {}\n",
+            t0_unix + s as f64,
+            cols[0][i],
+            cols[1].get(i).copied().unwrap_or(' '),
+            cols[2].get(i).copied().unwrap_or(' ')
+        ));
+    }
+    let _ = std::fs::write(dir.join("timeline.txt"), text);
+    eprintln!("{route}: logs kept in {}", dir.display());
 }
 
 fn skip_reason() -> Option<String> {

@@ -227,11 +227,18 @@ async fn a_short_stall_moves_new_flows_and_keeps_open_ones() {
     eprintln!("held flow survived a {} ms stall", 3000);
 }
 
+/// Moving rotates the pool make-before-break, and a flow open through the
+/// member let go carries on (it leaves the pool at once but keeps its
+/// tunnel until its open flows end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_rotates_the_pool_make_before_break() {
+    let echo = echo_server().await;
+    let rule: bandshare_core::EgressRule = format!("{}/32:{}", echo.ip(), echo.port())
+        .parse()
+        .expect("rule");
     let c = Cluster::start(vec![
-        SharerSpec::new("west", -150.0, 0.0),
-        SharerSpec::new("east", 150.0, 0.0),
+        SharerSpec::new("west", -150.0, 0.0).allow(rule),
+        SharerSpec::new("east", 150.0, 0.0).allow(rule),
     ])
     .await
     .expect("cluster");
@@ -254,6 +261,19 @@ async fn moving_rotates_the_pool_make_before_break() {
         v
     };
     assert_eq!(names(), vec!["west"]);
+    let mut held = socks_connect(r.socks(), echo).await;
+    held.write_all(b"one.").await.expect("write");
+    let mut four = [0u8; 4];
+    held.read_exact(&mut four)
+        .await
+        .expect("echo before the move");
+    let west = r
+        .requester
+        .pool
+        .members()
+        .into_iter()
+        .find(|m| m.name == "west")
+        .expect("west is a member");
 
     // Watch the pool size while the requester moves 300 m east.
     let pool = r.requester.pool.clone();
@@ -281,6 +301,28 @@ async fn moving_rotates_the_pool_make_before_break() {
         .expect("fetch");
     assert!(status.contains("200"));
     assert_eq!(r.active().as_deref(), Some("east"));
+
+    // The flow through west still carries bytes both ways; once it ends,
+    // west's tunnel closes.
+    assert!(
+        west.tunnel.close_reason().is_none(),
+        "west closed with a flow open"
+    );
+    held.write_all(b"two.").await.expect("write after the move");
+    tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut four))
+        .await
+        .expect("echo after the move")
+        .expect("the held flow is still open");
+    assert_eq!(&four, b"two.");
+    drop(held);
+    let closed = wait_until(Duration::from_secs(5), || {
+        west.tunnel.close_reason().is_some()
+    })
+    .await;
+    assert!(
+        closed,
+        "west's tunnel stayed open after its last flow ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

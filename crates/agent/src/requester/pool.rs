@@ -24,6 +24,11 @@ pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// default ("lanes", see `Tunnel::add_lanes`): flows take turns over them,
 /// so parallel bulk flows are not all driven by one task on each side.
 pub const LANES: usize = 1;
+/// A member let go while flows are open through it (the requester moved,
+/// the own link carries new flows again) takes no new flows but keeps its
+/// tunnel until those end, at most this long.
+pub const DRAIN_AT_MOST: Duration = Duration::from_secs(30);
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 pub struct Member {
     pub name: String,
@@ -38,6 +43,8 @@ pub struct Member {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub flows: AtomicU64,
+    /// Flows open through it now (each held by an [`OpenGuard`]).
+    pub open: AtomicU64,
     /// The byte quota of the connection's current ticket (0: unknown), and
     /// the bytes moved when it was given.
     pub ticket_quota: AtomicU64,
@@ -85,6 +92,26 @@ pub struct OpenFlow {
     /// Whether the sharer's reply was already read: it was asked to wait,
     /// or the member had not answered a probe lately, so it waited anyway.
     pub replied: bool,
+    /// Counts the flow as open through `member` while held: a member let
+    /// go keeps its tunnel for the flows it still carries.
+    pub open: OpenGuard,
+}
+
+/// One flow open through a member, counted in [`Member::open`] until
+/// dropped.
+pub struct OpenGuard(Arc<Member>);
+
+impl OpenGuard {
+    fn new(m: Arc<Member>) -> OpenGuard {
+        m.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(m)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub struct Pool {
@@ -382,12 +409,29 @@ impl Pool {
             Some(m.remove(i))
         });
         if let Some(g) = gone {
-            if routine {
-                info!(sharer = %g.name, reason = %why, "left the pool");
+            let open = g.open.load(Ordering::Relaxed);
+            if routine && open > 0 {
+                // No new flows from now on; the open ones finish first.
+                info!(sharer = %g.name, reason = %why, open, "left the pool; its open flows finish first");
+                let g = g.clone();
+                tokio::spawn(async move {
+                    let until = Instant::now() + DRAIN_AT_MOST;
+                    while g.open.load(Ordering::Relaxed) > 0
+                        && g.tunnel.close_reason().is_none()
+                        && Instant::now() < until
+                    {
+                        tokio::time::sleep(DRAIN_POLL).await;
+                    }
+                    g.tunnel.close();
+                });
             } else {
-                warn!(sharer = %g.name, reason = %why, "left the pool");
+                if routine {
+                    info!(sharer = %g.name, reason = %why, "left the pool");
+                } else {
+                    warn!(sharer = %g.name, reason = %why, "left the pool");
+                }
+                g.tunnel.close();
             }
-            g.tunnel.close();
             let d = self.failover().leave(key, Instant::now());
             self.apply_because(d, routine.then_some("retired"), Some((g.key, &g.name)));
             self.changed.notify_one();
@@ -439,6 +483,7 @@ impl Pool {
                     Ok((send, recv)) => Ok(OpenFlow {
                         send,
                         recv,
+                        open: OpenGuard::new(m.clone()),
                         member: m,
                         replied: wait,
                     }),

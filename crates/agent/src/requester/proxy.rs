@@ -309,6 +309,7 @@ async fn relay_to(
         mut recv,
         member,
         replied,
+        open: _open,
     } = opened;
     debug!(target_host = %target.host, port = target.port, via = %member.name, "flow open");
     pool.counters

@@ -130,6 +130,7 @@ fn member(
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
         flows: AtomicU64::new(0),
+        open: AtomicU64::new(0),
         ticket_quota: AtomicU64::new(quota),
         renewed_at_bytes: AtomicU64::new(0),
         ticket: std::sync::Mutex::new(ticket.to_vec()),

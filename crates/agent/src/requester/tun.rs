@@ -380,7 +380,11 @@ async fn carry_tcp(
         }
     }
     let super::pool::OpenFlow {
-        send, recv, member, ..
+        send,
+        recv,
+        member,
+        open: _open,
+        ..
     } = pool
         .open_flow(&target, true)
         .await
