@@ -44,7 +44,10 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
 /// Why namespaces cannot be used here, if they cannot: not root, no `ip`,
 /// or a kernel that refuses. Tests skip with this message.
 pub fn unavailable() -> Option<String> {
-    let probe = format!("{PREFIX}{}-probe", std::process::id());
+    // Labs may start at once in one process: each probe its own name.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("{PREFIX}{}-probe{n}", std::process::id());
     match ip(&["netns", "add", &probe]) {
         Ok(()) => {
             let _ = ip(&["netns", "del", &probe]);
