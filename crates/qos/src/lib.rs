@@ -286,8 +286,8 @@ pub struct Trail {
     dipped: [bool; CHAIN],
 }
 
-/// Levels in a cell's chain at most: the cell and up to this many less
-/// parents (more parent levels than this get no pass counts).
+/// Levels of a cell's chain that count passes: the cell and its first two
+/// parents (with more parent levels configured, the others count none).
 const CHAIN: usize = 3;
 
 /// A published cell: a finest cell that k devices saw, as the map answers

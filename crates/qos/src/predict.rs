@@ -43,8 +43,8 @@ pub struct Horizon {
     /// early costs some pool time and a drop nobody warned of costs a
     /// stalled app. Infinite: only weak cells warn.
     pub warn_weak_s: f64,
-    /// `weak_in_s` also warns of a cell ahead where dips recur (k devices
-    /// saw one there or in its parent, [`Map::dips_recur`]), however
+    /// `weak_in_s` also warns of a cell ahead where dips recur (most passes
+    /// through it or its parent had one, [`Map::dips_recur`]), however
     /// short: a second or two at a few kbit/s stalls every app.
     pub warn_recurring_dips: bool,
 }
@@ -342,7 +342,7 @@ mod tests {
 
     /// One short dip at the same place on every pass (a second at 1,600
     /// m): no cell is weak and the expected weak seconds stay under the
-    /// threshold, but k devices saw a dip there, so it is warned ahead;
+    /// threshold, but every pass had a dip there, so it is warned ahead;
     /// with that warning off, nothing warns.
     #[test]
     fn a_short_dip_that_recurs_is_warned_ahead() {
