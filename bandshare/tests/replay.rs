@@ -4,8 +4,11 @@
 //! uplink in both directions), while both ride the run's track
 //! (`--replay-track`, fixes missing where the recording had none) with
 //! three sharers riding along on good links. The coordinator's QoS map is
-//! trained on the route's other runs (`bandshare qos import`, shifted by
-//! whole weeks so they are recent and keep their hour of the week).
+//! trained on the route's other runs (`bandshare qos import`), all moved in
+//! time by one shift that puts the held-out run's start on the ride's (less
+//! whole weeks, into the past): the ride meets the map at the hour of week
+//! it was recorded at, with the runs' ages as recorded, as in the
+//! leave-one-run-out evaluation.
 //!
 //! One requester switches reactively (`--no-predict`: its own link's probes
 //! and stalled flows move new flows to the pool); the other also acts on
@@ -471,17 +474,42 @@ fn replay(route: &str, rows: &[Reading], training: &[(PathBuf, String)]) -> Outc
     let mut w = World::build().expect("topology");
     let online = wait(Duration::from_secs(20), || w.coord_status().is_some());
     assert!(online, "coordinator\n{}", w.lab.log_tails(20));
-    // Training runs moved by whole weeks to the past week.
     let now = unix_now();
+    // The ride starts once everyone is up and the pools are warm; planned
+    // now, so the training can be moved to it.
+    let t0 = rows[0].t - rows[0].duration_s;
+    let mut start = (now + 60.0).ceil();
+    let newest_of = |text: &str| {
+        parse_norway(text)
+            .ok()
+            .and_then(|r| r.iter().map(|r| r.t).reduce(f64::max))
+            .unwrap_or(now)
+    };
+    // All training runs move by one shift that puts the held-out run's
+    // start on the ride's, less whole weeks until the newest training run
+    // is in the past: their hour of week against the ride and their ages
+    // against each other are as recorded, as in the leave-one-run-out
+    // evaluation. (`BANDSHARE_REPLAY_TIME=recent`: each run moved by whole
+    // weeks into the past week instead, as before 2026-12-07: same hour
+    // of week as recorded, not the ride's, and all about equally recent.)
+    let recent = std::env::var("BANDSHARE_REPLAY_TIME").is_ok_and(|v| v == "recent");
+    let newest = training
+        .iter()
+        .map(|(_, text)| newest_of(text))
+        .fold(f64::MIN, f64::max);
+    let aligned = {
+        let delta = start - t0;
+        delta - ((newest + delta - (now - 3600.0)) / WEEK_S).ceil().max(0.0) * WEEK_S
+    };
     let dir = w.lab.dir.path().join("training");
     std::fs::create_dir_all(&dir).expect("dir");
     let mut files = vec![];
     for (i, (f, text)) in training.iter().enumerate() {
-        let newest = parse_norway(text)
-            .ok()
-            .and_then(|r| r.iter().map(|r| r.t).reduce(f64::max))
-            .unwrap_or(now);
-        let shift = ((now - newest) / WEEK_S).floor() * WEEK_S;
+        let shift = if recent {
+            ((now - newest_of(text)) / WEEK_S).floor() * WEEK_S
+        } else {
+            aligned
+        };
         let name = f.file_name().map_or_else(
             || format!("run{i}.log"),
             |n| n.to_string_lossy().into_owned(),
@@ -502,10 +530,10 @@ fn replay(route: &str, rows: &[Reading], training: &[(PathBuf, String)]) -> Outc
 
     let track = w.lab.dir.path().join("track.csv");
     std::fs::write(&track, track_csv(rows)).expect("track");
-    // The ride starts once everyone is up and the pools are warm.
-    let t0 = rows[0].t - rows[0].duration_s;
     w.shape(rows[0].down_kbps);
-    let start = (unix_now() + 30.0).ceil();
+    // Later than planned only if training took long (then the hour of
+    // week is off by as much).
+    start = start.max((unix_now() + 30.0).ceil());
     w.ride(&track, start).expect("ride");
     // Up: answering, with a warm pool member (the pre-connect one may
     // already be on it, where the start is predicted weak).
