@@ -281,8 +281,10 @@ pub struct Trail {
     here: u64,
     entered: f64,
     last: f64,
-    /// Whether the current pass had a weak reading yet, per level of the
-    /// cell's chain (the cell, then its parents).
+    /// The cell's chain (the cell, then its parents; 0 past its end), as
+    /// passes are counted in.
+    levels: [u64; CHAIN],
+    /// Whether the current pass had a weak reading yet, per level.
     dipped: [bool; CHAIN],
 }
 
@@ -414,11 +416,12 @@ impl Map {
             // Out of order: keep the trail, learn nothing more from it.
             return Ok(());
         }
-        let dipped = self.count_passes(s, cell, goes_on.as_ref());
+        let (levels, dipped) = self.count_passes(s, cell, goes_on.as_ref());
         let cell = u64::from(cell);
         *trail = Some(match goes_on {
             Some(tr) if cell == tr.here => Trail {
                 last: s.t,
+                levels,
                 dipped,
                 ..tr
             },
@@ -435,6 +438,7 @@ impl Map {
                     here: cell,
                     entered: s.t,
                     last: s.t,
+                    levels,
                     dipped,
                 }
             }
@@ -443,6 +447,7 @@ impl Map {
                 here: cell,
                 entered: s.t,
                 last: s.t,
+                levels,
                 dipped,
             },
         });
@@ -451,27 +456,27 @@ impl Map {
 
     /// Counts passes, and passes with a dip, in the cell's chain at any
     /// hour: a level's pass begins where the trip enters that level's cell
-    /// (or begins). Returns which levels' current passes have dipped.
+    /// (or begins). Returns the levels' cells and which of their current
+    /// passes have dipped.
     fn count_passes(
         &mut self,
         s: &Sample,
         cell: CellIndex,
         before: Option<&Trail>,
-    ) -> [bool; CHAIN] {
+    ) -> ([u64; CHAIN], [bool; CHAIN]) {
         let weak = s.down_kbps < self.cfg.weak_kbps;
-        let was = before
-            .and_then(|tr| CellIndex::try_from(tr.here).ok())
-            .map(|c| self.chain(c));
+        let mut levels = [0; CHAIN];
         let mut dipped = [false; CHAIN];
         for (i, c) in self.chain(cell).into_iter().enumerate().take(CHAIN) {
-            let new_pass = was.as_ref().is_none_or(|w| w.get(i) != Some(&c));
-            let had = !new_pass && before.is_some_and(|tr| tr.dipped[i]);
+            levels[i] = c;
+            let same_pass = before.filter(|tr| tr.levels[i] == c);
+            let had = same_pass.is_some_and(|tr| tr.dipped[i]);
             dipped[i] = had || weak;
             if let Some(a) = self.cells.get_mut(&(c, None)) {
-                a.count_pass(s.t, new_pass, weak && !had, self.cfg.half_life_s);
+                a.count_pass(s.t, same_pass.is_none(), weak && !had, self.cfg.half_life_s);
             }
         }
-        dipped
+        (levels, dipped)
     }
 
     pub fn config(&self) -> &Config {

@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(back.published(), m.published());
         assert!(!back.published().is_empty());
         assert_eq!(back.newest(), m.newest());
-        // Every aggregate as it was, the devices that saw a dip included.
+        // Every aggregate as it was, its pass counts (passes, passes with a dip) included.
         let saved: std::collections::HashMap<_, _> = cells.into_iter().collect();
         let loaded: std::collections::HashMap<_, _> =
             back.cells().map(|(k, a)| (*k, a.clone())).collect();

@@ -28,7 +28,6 @@ pub const LANES: usize = 1;
 /// the own link carries new flows again) takes no new flows but keeps its
 /// tunnel until those end, at most this long.
 pub const DRAIN_AT_MOST: Duration = Duration::from_secs(30);
-const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 pub struct Member {
     pub name: String,
@@ -45,6 +44,8 @@ pub struct Member {
     pub flows: AtomicU64,
     /// Flows open through it now (each held by an [`OpenGuard`]).
     pub open: AtomicU64,
+    /// Told when its last open flow ends.
+    pub idle: tokio::sync::Notify,
     /// The byte quota of the connection's current ticket (0: unknown), and
     /// the bytes moved when it was given.
     pub ticket_quota: AtomicU64,
@@ -110,7 +111,9 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -415,12 +418,23 @@ impl Pool {
                 info!(sharer = %g.name, reason = %why, open, "left the pool; its open flows finish first");
                 let g = g.clone();
                 tokio::spawn(async move {
-                    let until = Instant::now() + DRAIN_AT_MOST;
-                    while g.open.load(Ordering::Relaxed) > 0
-                        && g.tunnel.close_reason().is_none()
-                        && Instant::now() < until
-                    {
-                        tokio::time::sleep(DRAIN_POLL).await;
+                    let idle = async {
+                        loop {
+                            // Armed before the count is read: an end
+                            // between the two is not missed.
+                            let told = g.idle.notified();
+                            tokio::pin!(told);
+                            told.as_mut().enable();
+                            if g.open.load(Ordering::Acquire) == 0 {
+                                return;
+                            }
+                            told.await;
+                        }
+                    };
+                    tokio::select! {
+                        () = idle => {}
+                        _ = g.tunnel.closed() => {}
+                        () = tokio::time::sleep(DRAIN_AT_MOST) => {}
                     }
                     g.tunnel.close();
                 });

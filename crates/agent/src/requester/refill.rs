@@ -131,6 +131,7 @@ fn member(
         bytes_down: AtomicU64::new(0),
         flows: AtomicU64::new(0),
         open: AtomicU64::new(0),
+        idle: tokio::sync::Notify::new(),
         ticket_quota: AtomicU64::new(quota),
         renewed_at_bytes: AtomicU64::new(0),
         ticket: std::sync::Mutex::new(ticket.to_vec()),

@@ -115,12 +115,9 @@ const PASSES_MARK: u64 = 0x7061_7373_6573_0002;
 
 /// A cell aggregate as saved: floats, tags, pass counts, the mark.
 fn encode_cell(a: &Agg) -> Vec<u8> {
-    let mut v = floats_tags(&[a.weight, a.kbps_s, a.weak_s, a.at], &a.tags);
-    for f in [a.passes, a.dip_passes] {
-        v.extend(f.to_le_bytes());
-    }
-    v.extend(PASSES_MARK.to_le_bytes());
-    v
+    let trailer = [a.passes.to_bits(), a.dip_passes.to_bits(), PASSES_MARK];
+    let tags: Vec<u64> = a.tags.iter().copied().chain(trailer).collect();
+    floats_tags(&[a.weight, a.kbps_s, a.weak_s, a.at], &tags)
 }
 
 /// A saved cell aggregate (`CELL:HOUR` → floats and tags), or `None`.
