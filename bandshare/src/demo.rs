@@ -267,15 +267,17 @@ async fn scale_out() -> anyhow::Result<()> {
 }
 
 /// Step 7: devices report their links along a street (Observe); the QoS
-/// map predicts, along a new rider's track, the weak stretch before it.
+/// map predicts, along a new rider's track, the weak stretch before it,
+/// and a one-second dip further on that every rider met.
 async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
     use bandshare_agent::qos;
     const SPEED: f64 = 8.0;
+    const DIP: f64 = 672.0;
     let weak = 240.0..400.0;
     out!(
         "
 7. Learn and predict: 3 cyclists reported their own link along a street east \
-         ({:.0}-{:.0} m is weak)",
+         ({:.0}-{:.0} m is weak, and each lost it for a second at {DIP:.0} m)",
         weak.start,
         weak.end
     );
@@ -283,7 +285,7 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
     let now = bandshare_core::clock::unix_now() as f64;
     for d in 0..3 {
         let key = bandshare_agent::identity::generate()?;
-        let samples = (0..70)
+        let samples = (0..100)
             .map(|i| {
                 let x = i as f64 * SPEED;
                 let p = center().offset_m(x, 0.0);
@@ -292,14 +294,18 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
                     lat: p.lat,
                     lon: p.lon,
                     duration_ms: 1000,
-                    down_kbps: if weak.contains(&x) { 60.0 } else { 9000.0 },
+                    down_kbps: if weak.contains(&x) || x == DIP {
+                        60.0
+                    } else {
+                        9000.0
+                    },
                     ..Default::default()
                 }
             })
             .collect();
         qos::observe(ch.clone(), &key, samples, |_| {}).await?;
     }
-    let track: Vec<bandshare_qos::track::Point> = (0..40)
+    let track: Vec<bandshare_qos::track::Point> = (0..76)
         .map(|i| {
             let p = center().offset_m(i as f64 * SPEED, 0.0);
             bandshare_qos::track::Point {
@@ -309,7 +315,7 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
         })
         .collect();
     let key = bandshare_agent::identity::generate()?;
-    let got = qos::predict(ch, &key, &track, 0.0, 60).await?;
+    let got = qos::predict(ch.clone(), &key, &track, 0.0, 60).await?;
     out!("   a new rider's track, each point answered from the points before it:");
     for (i, p) in got
         .iter()
@@ -330,6 +336,29 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
             "   {:>3.0} m: {:>5} kbit/s on average, {what}",
             i as f64 * SPEED,
             p.expected_kbps.map_or("-".into(), |k| format!("{k:.0}"))
+        );
+    }
+    // Where the map says a short dip recurs though the place is not weak.
+    let cells = qos::published(ch).await?;
+    let origin = center();
+    let east_m = |h3: u64| {
+        let b = bandshare_qos::cell_boundary(h3)?;
+        let lon = b.iter().map(|(_, lon)| lon).sum::<f64>() / b.len().max(1) as f64;
+        Some((lon - origin.lon) * origin.lat.to_radians().cos() * 111_320.0)
+    };
+    let dips: Vec<String> = cells
+        .cells
+        .iter()
+        .filter(|c| c.dips_recur && !c.weak && c.dip_share.is_some_and(|s| s >= 0.5))
+        .filter_map(|c| east_m(c.h3))
+        .filter(|x| *x > weak.end)
+        .map(|x| format!("{x:.0} m"))
+        .collect();
+    if !dips.is_empty() {
+        out!(
+            "   the cell around {} is not weak (a second of each pass), but every pass dipped \
+             there: the map warns of it ahead (from its wider parent cell on) like a weak zone",
+            dips.join(", ")
         );
     }
     out!(

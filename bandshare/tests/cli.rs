@@ -255,6 +255,12 @@ fn demo_runs_and_exits_zero() {
     );
     assert!(text.contains("new flows go through sharers"), "{text}");
     assert!(text.contains("back to the own link after"), "{text}");
+    // The map warns of the weak stretch ahead, and of the dip that recurs.
+    assert!(
+        text.contains("weak zone ahead in") && text.contains("weak most of the time here"),
+        "{text}"
+    );
+    assert!(text.contains("every pass dipped"), "{text}");
     // Scale-out, when redis-server is installed (.ci/run installs it).
     if bandshare_testkit::redis_cluster::available() {
         assert!(
