@@ -29,9 +29,12 @@ pub const FLOW_DEADLINE: Duration = Duration::from_millis(300);
 /// A trial download before new flows return to the own link: this many
 /// bytes from the coordinator ...
 pub const TRIAL_BYTES: u32 = 16 * 1024;
-/// ... at no less than this rate (the QoS map's weak threshold), over and
-/// above two probe RTTs.
-pub const TRIAL_KBPS: f64 = 250.0;
+/// ... at no less than this rate, over and above two probe RTTs: twice
+/// the QoS map's weak threshold (250 kbit/s). A link hovering at the edge
+/// of weak passes a trial at 250 only to stall the next second; as the
+/// hold asks a link to stay good for a while, this asks it to be clearly
+/// good (hysteresis in rate).
+pub const TRIAL_KBPS: f64 = 500.0;
 /// The RTT assumed before any probe answered.
 const TRIAL_RTT: Duration = Duration::from_millis(200);
 /// How often a trial is checked for.
