@@ -490,7 +490,7 @@ struct ConnectArgs {
     /// (doubled, up to 300, each time it relapses within a minute of
     /// recovering; back to this after a healthy minute). Where the
     /// coordinator is reached over the own link, a return also waits for a
-    /// trial download from it: 16 KiB at 250 kbit/s or better.
+    /// trial download from it: 16 KiB at 500 kbit/s or better (twice the weak threshold).
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_hold)]
     direct_hold: f64,
     /// Mean probe RTT above which the own link is degraded, milliseconds.
@@ -583,5 +583,21 @@ mod tests {
     #[test]
     fn clap_definitions_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `connect --help` states the trial's rate as the requester asks it.
+    #[test]
+    fn connect_help_gives_the_trial_rate_in_force() {
+        let mut cli = Cli::command();
+        let connect = cli
+            .find_subcommand_mut("connect")
+            .expect("connect")
+            .render_long_help()
+            .to_string();
+        let rate = format!(
+            "{:.0} kbit/s",
+            bandshare_agent::requester::direct::TRIAL_KBPS
+        );
+        assert!(connect.contains(&rate), "{rate} not in:\n{connect}");
     }
 }
