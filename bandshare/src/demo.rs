@@ -341,10 +341,12 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
     // Where the map says a short dip recurs though the place is not weak.
     let cells = qos::published(ch).await?;
     let origin = center();
+    // The street runs east from the origin: a cell's distance along it is
+    // its centre's longitude's.
     let east_m = |h3: u64| {
         let b = bandshare_qos::cell_boundary(h3)?;
         let lon = b.iter().map(|(_, lon)| lon).sum::<f64>() / b.len().max(1) as f64;
-        Some((lon - origin.lon) * origin.lat.to_radians().cos() * 111_320.0)
+        Some(origin.ground_distance_m(&bandshare_core::Position { lon, ..origin }))
     };
     let dips: Vec<String> = cells
         .cells

@@ -278,14 +278,20 @@ pub type Changes = (Vec<(Key, Agg)>, Vec<(routes::Edge, routes::Transition)>);
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Trail {
     from: u64,
-    here: u64,
     entered: f64,
     last: f64,
-    /// The cell's chain (the cell, then its parents; 0 past its end), as
-    /// passes are counted in.
+    /// The cell's chain (the cell it is in, then its parents; 0 past its
+    /// end), as passes are counted in.
     levels: [u64; CHAIN],
     /// Whether the current pass had a weak reading yet, per level.
     dipped: [bool; CHAIN],
+}
+
+impl Trail {
+    /// The cell the device is in.
+    fn here(&self) -> u64 {
+        self.levels[0]
+    }
 }
 
 /// Levels of a cell's chain that count passes: the cell and its first two
@@ -419,7 +425,7 @@ impl Map {
         let (levels, dipped) = self.count_passes(s, cell, goes_on.as_ref());
         let cell = u64::from(cell);
         *trail = Some(match goes_on {
-            Some(tr) if cell == tr.here => Trail {
+            Some(tr) if cell == tr.here() => Trail {
                 last: s.t,
                 levels,
                 dipped,
@@ -427,15 +433,14 @@ impl Map {
             },
             Some(tr) => {
                 self.routes.add(
-                    (tr.from, tr.here, cell),
+                    (tr.from, tr.here(), cell),
                     s.t - tr.entered,
                     s.t,
                     s.device,
                     &cfg,
                 );
                 Trail {
-                    from: tr.here,
-                    here: cell,
+                    from: tr.here(),
                     entered: s.t,
                     last: s.t,
                     levels,
@@ -444,7 +449,6 @@ impl Map {
             }
             None => Trail {
                 from: routes::NONE,
-                here: cell,
                 entered: s.t,
                 last: s.t,
                 levels,
