@@ -288,6 +288,7 @@ impl MatchmakerService {
             &state.signer(),
             requester,
             state.config().access_deadline.as_millis(),
+            req.explain,
             ticket_nonce,
         );
         if req.explain {
@@ -298,8 +299,6 @@ impl MatchmakerService {
                 distance_band: v.band.as_str().to_string(),
                 score: 0.0,
             }));
-        } else {
-            explain.clear();
         }
         state.count_share_request();
         state.remember_offered(

@@ -89,25 +89,32 @@ fn offer(
     }
 }
 
-/// Offers (best first, at most `terms.max_offers`) and a verdict for every
-/// candidate asked, from their answers.
+/// Offers (best first, at most `terms.max_offers`) and, with `explain`, a
+/// verdict for every candidate asked, from their answers. Without it no
+/// verdict is built (their strings cost more than the rest of the offers).
 pub fn from_answers(
     asked: &[(Contact, Candidate, Answer)],
     terms: &Terms,
     signer: &TicketSigner,
     requester: DeviceKey,
     deadline_ms: u128,
+    explain: bool,
     mut nonce: impl FnMut() -> [u8; 16],
 ) -> (Vec<v1::Offer>, Vec<v1::Verdict>) {
-    let mut offers = vec![];
+    let mut offers = Vec::with_capacity(terms.max_offers.min(asked.len()));
     let mut verdicts = vec![];
     for (c, cand, answer) in asked {
-        let verdict = |offered: bool, reason: String| v1::Verdict {
-            sharer: c.info.name.to_string(),
-            offered,
-            reason,
-            distance_band: cand.band.as_str().to_string(),
-            score: cand.score,
+        let mut verdict = |offered: bool, reason: &dyn Fn() -> String| {
+            if !explain {
+                return;
+            }
+            verdicts.push(v1::Verdict {
+                sharer: c.info.name.to_string(),
+                offered,
+                reason: reason(),
+                distance_band: cand.band.as_str().to_string(),
+                score: cand.score,
+            })
         };
         match answer {
             Answer::Accepted(resp) if offers.len() < terms.max_offers => {
@@ -132,21 +139,19 @@ pub fn from_answers(
                     cand.band.as_str(),
                     cand.score,
                 ));
-                let contact = if cand.contact_s >= bandshare_matcher::rank::CONTACT_CAP_S {
-                    "in range for a long time".to_string()
-                } else {
-                    format!("in range for ~{:.0} s", cand.contact_s)
-                };
-                verdicts.push(verdict(true, format!("offered ({contact})")));
+                verdict(true, &|| {
+                    if cand.contact_s >= bandshare_matcher::rank::CONTACT_CAP_S {
+                        "offered (in range for a long time)".to_string()
+                    } else {
+                        format!("offered (in range for ~{:.0} s)", cand.contact_s)
+                    }
+                });
             }
-            Answer::Accepted(_) => verdicts.push(verdict(
-                false,
-                format!("more than {} offers", terms.max_offers),
-            )),
-            Answer::Declined(why) => verdicts.push(verdict(false, format!("declined: {why}"))),
-            Answer::Silent => {
-                verdicts.push(verdict(false, format!("no answer within {deadline_ms} ms")))
+            Answer::Accepted(_) => {
+                verdict(false, &|| format!("more than {} offers", terms.max_offers))
             }
+            Answer::Declined(why) => verdict(false, &|| format!("declined: {why}")),
+            Answer::Silent => verdict(false, &|| format!("no answer within {deadline_ms} ms")),
         }
     }
     (offers, verdicts)
@@ -296,10 +301,11 @@ mod tests {
             (contact(5), candidate(5, 0.5), accepted("")),
         ];
         let mut n = 0u8;
-        let (offers, verdicts) = from_answers(&asked, &terms, &signer, requester, 300, || {
-            n += 1;
-            [n; 16]
-        });
+        let (offers, verdicts) =
+            from_answers(&asked, &terms, &signer, requester, 300, true, || {
+                n += 1;
+                [n; 16]
+            });
         let names: Vec<&str> = offers.iter().map(|o| o.sharer.as_str()).collect();
         assert_eq!(names, ["s1", "s3"]);
         assert_eq!(
@@ -331,6 +337,12 @@ mod tests {
                 "more than 2 offers"
             ]
         );
+        // Without explain: the same offers, and no verdict built.
+        let (quiet, none) =
+            from_answers(&asked, &terms, &signer, requester, 300, false, || [0; 16]);
+        let quiet: Vec<&str> = quiet.iter().map(|o| o.sharer.as_str()).collect();
+        assert_eq!(quiet, names);
+        assert!(none.is_empty(), "{none:?}");
         let again = refreshed(&[contact(7)], &terms, &signer, requester, || [42; 16]);
         assert_eq!(again.len(), 1);
         assert!(again[0].distance_band.is_empty());
