@@ -35,24 +35,70 @@ async fn ask(
         deadline_ms: deadline.as_millis() as u32,
     };
     let resp = match &c.handle.route {
-        registry::Route::Local(tx) => state.registry().ask_local(c, tx, req, deadline).await,
+        // Bounded by the fan-out's one deadline (see `fan_out`).
+        registry::Route::Local(tx) => state.registry().ask_local_waiting(c, tx, req).await,
         // Its stream is on another coordinator: routed through Redis.
         registry::Route::Remote { owner, .. } => match state.cluster() {
             Some(cl) => cl.ask(owner, &c.handle.key, req, deadline).await,
             None => None,
         },
     };
-    let answer = match resp {
+    match resp {
         Some(resp) if resp.accept => offer::Answer::Accepted(resp),
         Some(resp) => offer::Answer::Declined(resp.reason),
         None => offer::Answer::Silent,
-    };
-    state.metrics().access_answer(match answer {
-        offer::Answer::Accepted(_) => "accepted",
-        offer::Answer::Declined(_) => "declined",
-        offer::Answer::Silent => "silent",
-    });
-    answer
+    }
+}
+
+/// Asks every contact at once and collects their answers, in the
+/// contacts' order, until all have answered or the access deadline has
+/// passed: one timer for the whole fan-out, not one per ask. Those still
+/// waiting then are silent (their pending asks are forgotten as their
+/// futures drop).
+async fn fan_out(
+    state: &State,
+    contacts: &[Contact],
+    candidates: &[bandshare_matcher::Candidate],
+    requester: &DeviceKey,
+    conditions: &v1::Conditions,
+) -> Vec<offer::Answer> {
+    use futures::StreamExt;
+    let mut answers: Vec<Option<offer::Answer>> = contacts.iter().map(|_| None).collect();
+    let mut asks: futures::stream::FuturesUnordered<_> = contacts
+        .iter()
+        .zip(candidates)
+        .enumerate()
+        .map(|(i, (c, cand))| async move {
+            (
+                i,
+                ask(state, c, requester, conditions, cand.band.as_str()).await,
+            )
+        })
+        .collect();
+    let deadline = tokio::time::sleep(state.config().access_deadline);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = asks.next() => match next {
+                Some((i, a)) => answers[i] = Some(a),
+                None => break,
+            },
+            () = &mut deadline => break,
+        }
+    }
+    drop(asks);
+    answers
+        .into_iter()
+        .map(|a| {
+            let a = a.unwrap_or(offer::Answer::Silent);
+            state.metrics().access_answer(match a {
+                offer::Answer::Accepted(_) => "accepted",
+                offer::Answer::Declined(_) => "declined",
+                offer::Answer::Silent => "silent",
+            });
+            a
+        })
+        .collect()
 }
 
 /// A ticket nonce: unique, which is all a nonce must be (the relay's
@@ -263,13 +309,13 @@ impl MatchmakerService {
         } = state.registry().rank_in(&query, &cfg, scene);
 
         // Ask the top M at once; each answers within the deadline or not at all.
-        let answers = async {
-            let asks = contacts
-                .iter()
-                .zip(&outcome.candidates)
-                .map(|(c, cand)| ask(state, c, &requester, &conditions, cand.band.as_str()));
-            futures::future::join_all(asks).await
-        }
+        let answers = fan_out(
+            state,
+            &contacts,
+            &outcome.candidates,
+            &requester,
+            &conditions,
+        )
         .instrument(info_span!("access_fanout", asked = contacts.len()))
         .await;
 
@@ -332,5 +378,179 @@ impl MatchmakerService {
             offers,
             explain,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+    use crate::registry::Handle;
+    use bandshare_core::{DistanceBand, LinkState, Position};
+    use bandshare_matcher::{Candidate, SharerInfo};
+    use std::time::{Duration, Instant};
+
+    fn sharer(state: &State, n: u8, tx: &registry::Outbound) -> Contact {
+        let p = Position {
+            lat: 59.91,
+            lon: 10.75,
+            alt: None,
+        };
+        let info = SharerInfo {
+            name: format!("s{n}").into(),
+            position: p,
+            exact: p,
+            heading_deg: None,
+            speed_mps: None,
+            services: Default::default(),
+            network: None,
+            security: None,
+            link: LinkState::default(),
+            accepting: true,
+            active_requesters: 0,
+            max_requesters: 4,
+            fingerprint: Default::default(),
+            cell: None,
+            router: None,
+        };
+        let handle = Handle {
+            key: DeviceKey([n; 32]),
+            relay_endpoints: vec![],
+            relay_cert_sha256: vec![],
+            route: registry::Route::Local(tx.clone()),
+            generation: 0,
+            last_seen: Instant::now(),
+        };
+        state.registry().add(info, handle);
+        state
+            .registry()
+            .contact_of(&DeviceKey([n; 32]))
+            .expect("online")
+    }
+
+    #[tokio::test]
+    async fn one_deadline_bounds_the_fan_out_and_no_ask_is_left_pending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            access_deadline: Duration::from_millis(200),
+            ..Config::default()
+        };
+        let state = State::new(
+            config,
+            bandshare_store::Store::open(dir.path()).expect("store"),
+        )
+        .expect("state");
+        // Two sharer streams: the first answers every ask, the second none.
+        let (tx_a, mut rx_a) = tokio::sync::mpsc::channel(8);
+        let (tx_b, mut rx_b) = tokio::sync::mpsc::channel(8);
+        let a = sharer(&state, 1, &tx_a);
+        let b = sharer(&state, 2, &tx_b);
+        let answering = state.clone();
+        let (a_id, a_gen) = (a.id, a.handle.generation);
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx_a.recv().await {
+                if let Some(v1::coordinator_message::Msg::AccessRequest(r)) = m.msg {
+                    answering.registry().answer(
+                        a_id,
+                        a_gen,
+                        v1::AccessResponse {
+                            request_id: r.request_id,
+                            accept: true,
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        });
+        let cand = |c: &Contact| Candidate {
+            id: c.id,
+            score: 1.0,
+            distance_m: 5.0,
+            band: DistanceBand::Under10m,
+            contact_s: 60.0,
+        };
+        let candidates = [cand(&a), cand(&b)];
+        let t = Instant::now();
+        let answers = fan_out(
+            &state,
+            &[a, b],
+            &candidates,
+            &DeviceKey([9; 32]),
+            &v1::Conditions::default(),
+        )
+        .await;
+        let took = t.elapsed();
+        assert!(matches!(answers[0], offer::Answer::Accepted(_)));
+        assert!(matches!(answers[1], offer::Answer::Silent));
+        assert!(
+            took >= Duration::from_millis(200),
+            "returned before the deadline: {took:?}"
+        );
+        // The silent sharer was asked, and its ask is not left pending.
+        assert!(rx_b.try_recv().is_ok(), "the silent sharer was not asked");
+        assert_eq!(state.registry().pending_asks(), 0);
+
+        // A share request dropped while it waits (its client gave up, a
+        // gRPC timeout) leaves nothing pending either: asks are forgotten
+        // as their futures drop, not only at their deadline.
+        let b = state
+            .registry()
+            .contact_of(&DeviceKey([2; 32]))
+            .expect("online");
+        let candidates = [cand(&b)];
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            fan_out(
+                &state,
+                &[b],
+                &candidates,
+                &DeviceKey([9; 32]),
+                &v1::Conditions::default(),
+            ),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the silent sharer answered");
+        assert!(rx_b.try_recv().is_ok(), "the silent sharer was not asked");
+        assert_eq!(state.registry().pending_asks(), 0);
+
+        // With every sharer answering, the fan-out does not wait for the
+        // deadline.
+        let (tx_c, mut rx_c) = tokio::sync::mpsc::channel(8);
+        let c = sharer(&state, 3, &tx_c);
+        let (c_id, c_gen) = (c.id, c.handle.generation);
+        let answering = state.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx_c.recv().await {
+                if let Some(v1::coordinator_message::Msg::AccessRequest(r)) = m.msg {
+                    answering.registry().answer(
+                        c_id,
+                        c_gen,
+                        v1::AccessResponse {
+                            request_id: r.request_id,
+                            accept: false,
+                            reason: "busy".into(),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        });
+        let candidates = [cand(&c)];
+        let t = Instant::now();
+        let answers = fan_out(
+            &state,
+            &[c],
+            &candidates,
+            &DeviceKey([9; 32]),
+            &v1::Conditions::default(),
+        )
+        .await;
+        assert!(matches!(&answers[0], offer::Answer::Declined(r) if r == "busy"));
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(state.registry().pending_asks(), 0);
     }
 }

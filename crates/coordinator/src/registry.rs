@@ -412,28 +412,45 @@ impl Registry {
         &self,
         c: &Contact,
         tx: &Outbound,
-        mut req: v1::AccessRequest,
+        req: v1::AccessRequest,
         deadline: Duration,
     ) -> Option<v1::AccessResponse> {
+        tokio::time::timeout(deadline, self.ask_local_waiting(c, tx, req))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The same without a deadline of its own, for a caller that bounds
+    /// many asks with one timer (a share request's fan-out): dropping the
+    /// future forgets the pending request.
+    pub async fn ask_local_waiting(
+        &self,
+        c: &Contact,
+        tx: &Outbound,
+        mut req: v1::AccessRequest,
+    ) -> Option<v1::AccessResponse> {
         let (request_id, rx) = self.expect_answer(c.id, c.handle.generation);
-        req.request_id = request_id;
-        let sent = tx
-            .try_send(Ok(v1::CoordinatorMessage {
-                msg: Some(v1::coordinator_message::Msg::AccessRequest(req)),
-            }))
-            .is_ok();
-        let answer = if sent {
-            tokio::time::timeout(deadline, rx)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-        } else {
-            None
+        let mut pending = Forget {
+            registry: self,
+            request_id: Some(request_id),
         };
-        if answer.is_none() {
-            self.forget_answer(request_id);
+        req.request_id = request_id;
+        tx.try_send(Ok(v1::CoordinatorMessage {
+            msg: Some(v1::coordinator_message::Msg::AccessRequest(req)),
+        }))
+        .ok()?;
+        let answer = rx.await.ok();
+        if answer.is_some() {
+            // `answer` took it out of the map already.
+            pending.request_id = None;
         }
         answer
+    }
+
+    /// Access requests still waiting for an answer.
+    pub fn pending_asks(&self) -> usize {
+        self.pending.lock().map_or(0, |p| p.len())
     }
 
     pub fn forget_answer(&self, request_id: u64) {
@@ -462,6 +479,21 @@ impl Registry {
             && let Some((_, _, tx)) = p.remove(&resp.request_id)
         {
             let _ = tx.send(resp);
+        }
+    }
+}
+
+/// Forgets a pending access request when its asker stops waiting
+/// (silent sharer, deadline, cancelled request).
+struct Forget<'a> {
+    registry: &'a Registry,
+    request_id: Option<u64>,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.request_id {
+            self.registry.forget_answer(id);
         }
     }
 }
