@@ -125,3 +125,42 @@ async fn a_full_join_queue_sheds_sharers_who_then_come_online() {
     );
     assert_eq!(state.counters().joins_waiting, 0);
 }
+
+/// A requester whose pool stays short (no sharer anywhere) while its
+/// position source reports a fix every 50 ms: it asks again every 2 s at
+/// most, and backs off once the coordinator limits it, rather than asking
+/// at every fix (each fix wakes its pool keeper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_requester_with_a_short_pool_does_not_ask_at_every_fix() {
+    let mut config = bandshare_testkit::exact_config();
+    config.privacy.requests_per_minute = 6.0;
+    config.privacy.burst = 2.0;
+    let c = Cluster::start_with(config, vec![]).await.expect("cluster");
+    let r = c.requester(c.requester_options()).await.expect("requester");
+    let began = std::time::Instant::now();
+    let mut fixes = 0u32;
+    while began.elapsed() < Duration::from_secs(6) {
+        // Back and forth by 2 m: never far enough to ask from elsewhere.
+        let east = if fixes.is_multiple_of(2) { 2.0 } else { 0.0 };
+        r.requester
+            .relocate(bandshare_agent::location::LocationSpec {
+                at: Some(center().offset_m(east, 0.0)),
+                ..Default::default()
+            });
+        fixes += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let live = c
+        .coordinator
+        .state
+        .metrics()
+        .live(std::time::Instant::now());
+    let asked = (live.per_s * bandshare_coordinator::metrics::LIVE_WINDOW.as_secs_f64()).round();
+    r.stop();
+    eprintln!("{fixes} fixes, {asked} share requests");
+    assert!(fixes >= 60, "{fixes}");
+    assert!(
+        (2.0..=10.0).contains(&asked),
+        "{asked} share requests for {fixes} fixes in 6 s"
+    );
+}

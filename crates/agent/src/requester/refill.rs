@@ -361,6 +361,14 @@ pub(super) async fn maintain(
     let mut rotate: Option<String> = None;
     let mut refresh_at = tokio::time::Instant::now();
     let mut retry_at = refresh_at;
+    // A moving device wakes this loop at every fix, and must not ask at
+    // that rate. After a refused or failed share request, none before
+    // `ask_at` (its backoff); after an answer that left the pool short, a
+    // fix alone asks again only from `short_until` (a member leaving, the
+    // own link degrading or moving far asks at once).
+    let mut ask_at = refresh_at;
+    let mut short_until = refresh_at;
+    let mut woke_by_fix = false;
     loop {
         // Keep a spare ticket for every known sharer while we can.
         let needs_ticket = pool.needs_ticket();
@@ -379,7 +387,16 @@ pub(super) async fn maintain(
         if pool.len() > size {
             shrink(&pool, size);
         }
-        let wait = if pool.serving() < size || rotate.is_some() {
+        let now = tokio::time::Instant::now();
+        let wants = pool.serving() < size || rotate.is_some();
+        let not_before = if std::mem::take(&mut woke_by_fix) && rotate.is_none() {
+            ask_at.max(short_until)
+        } else {
+            ask_at
+        };
+        let wait = if wants && now < not_before {
+            not_before - now
+        } else if wants {
             let here = location.borrow_and_update().clone();
             // Whichever path led here, asking from elsewhere rotates.
             let moved = rotate.take().or_else(|| moved_far(&asked, &here));
@@ -394,6 +411,7 @@ pub(super) async fn maintain(
                     asked = here;
                     take_offers(&pool, resp.offers, moved, &key, size).await;
                     if pool.serving() < size {
+                        short_until = tokio::time::Instant::now() + Duration::from_secs(2);
                         Duration::from_secs(2)
                     } else {
                         Duration::from_secs(10)
@@ -404,6 +422,7 @@ pub(super) async fn maintain(
                     reconnect_known(&pool, &key, size.saturating_sub(pool.serving())).await;
                     let d = backoff.next_delay(fastrand::f64());
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "cannot refill the pool; the pool keeps serving");
+                    ask_at = tokio::time::Instant::now() + d;
                     d
                 }
             }
@@ -432,6 +451,8 @@ pub(super) async fn maintain(
                     }
                 } else if let Some(why) = moved_far(&asked, &location.borrow_and_update()) {
                     rotate = Some(why);
+                } else {
+                    woke_by_fix = true;
                 }
             }
         }
