@@ -645,6 +645,8 @@ fn every_flag_of_every_subcommand_is_accepted() {
         "0.2",
         "--predict-lead",
         "15",
+        "--predict-tail",
+        "12",
         "--strategy",
         "lowest-rtt",
         "--socks",
@@ -673,6 +675,7 @@ fn every_flag_of_every_subcommand_is_accepted() {
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("every-flag"), "{status}");
     assert!(status.contains(r#""lead_s":15.0"#), "{status}");
+    assert!(status.contains(r#""tail_s":12.0"#), "{status}");
     drop(target);
 }
 

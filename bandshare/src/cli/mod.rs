@@ -504,8 +504,16 @@ struct ConnectArgs {
     /// seconds before a weak zone the coordinator's QoS map predicts along
     /// this device's track. On every path the own link's quality, and what
     /// each sharer carried, is reported to the map.
-    #[arg(long, value_name = "SECONDS", default_value_t = 20.0, value_parser = parse_hold)]
+    #[arg(long, value_name = "SECONDS", default_value_t = bandshare_qos::eval::READY_LEAD_S,
+          value_parser = parse_hold)]
     predict_lead: f64,
+    /// Pre-connect: new flows stay on the pool this many seconds after the
+    /// last warning of a predicted weak zone (the end of a zone is less
+    /// certain than its start); then they go back once the own link is
+    /// healthy and a trial download from it passed.
+    #[arg(long, value_name = "SECONDS", default_value_t = bandshare_qos::eval::READY_TAIL_S,
+          value_parser = parse_hold)]
+    predict_tail: f64,
     /// Never ask for predictions and never report link quality.
     #[arg(long)]
     no_predict: bool,

@@ -431,6 +431,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         },
         predict: (!a.no_predict).then_some(bandshare_agent::requester::forecast::Options {
             lead_s: a.predict_lead,
+            tail_s: a.predict_tail,
             ..Default::default()
         }),
     };

@@ -5,8 +5,8 @@
 //! issue's targets checked per route, and the ceiling: the same map with
 //! the held-out run in its training, what a map of place and time can
 //! reach on these runs at all. Onsets ready: weak onsets, however short,
-//! with a forecast within the requester's lead out just before, with and
-//! without warnings of recurring dips.
+//! with a forecast within the requester's lead out just before (or within
+//! its tail), with and without warnings of recurring dips.
 
 use bandshare_qos::eval::{RouteReport, leave_one_run_out};
 use bandshare_qos::track::{Reading, parse_norway, parse_ucc};
@@ -152,7 +152,8 @@ pub fn run(o: &QosOptions) -> anyhow::Result<Value> {
         "config": {"resolution": cfg.resolution, "k": cfg.k, "weak_share": cfg.weak_share,
                    "half_life_days": cfg.half_life_s / 86400.0, "horizon_s": horizon.ahead_s,
                    "dip_share": cfg.dip_share, "dip_passes": cfg.dip_passes,
-                   "ready_lead_s": bandshare_qos::eval::READY_LEAD_S},
+                   "ready_lead_s": bandshare_qos::eval::READY_LEAD_S,
+                   "ready_tail_s": bandshare_qos::eval::READY_TAIL_S},
         "norway": routes,
         "ucc_5g": ucc_report,
     }))

@@ -79,18 +79,27 @@ pub struct RouteReport {
     pub any_time_followed: f64,
     /// Weak onsets (a weak reading after one that was not, however short
     /// the dip), and the share of them a warning within [`READY_LEAD_S`]
-    /// was out for at the reading before: where a requester acting on the
-    /// forecast already has new flows on a sharer when the link drops.
+    /// was out for at the reading before, or [`READY_TAIL_S`] before it:
+    /// where a requester acting on the forecast already has new flows on
+    /// a sharer when the link drops.
     pub onsets: usize,
     pub onsets_ready: f64,
     /// Share of the time a warning within [`READY_LEAD_S`] (or a weak
-    /// answer) was out: what acting on the forecast costs in pool time.
+    /// answer) was out, or had been within [`READY_TAIL_S`]: what acting
+    /// on the forecast costs in pool time.
     pub ready_time: f64,
 }
 
 /// A warning within this many seconds (the requester's default lead)
 /// counts as ready for an onset.
 pub const READY_LEAD_S: f64 = 20.0;
+
+/// A requester acting on the forecast stays on the pool this long after
+/// its last warning (its `--predict-tail`): an onset this soon after the
+/// forecast went quiet is ready too. 16 s covered every onset that the
+/// end-to-end replays lost after a forecast's end (3.5–14 s after its
+/// last warning), with an ask's 2 s to spare.
+pub const READY_TAIL_S: f64 = 16.0;
 
 /// Weak below this, kbit/s.
 pub const WEAK_KBPS: f64 = 250.0;
@@ -203,6 +212,7 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
         let mut tracker = Tracker::new();
         let mut last = None;
         let mut ready_before: Option<(bool, bool)> = None;
+        let mut last_warned: Option<f64> = None;
         let (mut warnings, mut base_warnings) = (vec![], vec![]);
         for r in &runs[held] {
             let truth = r.down_kbps < WEAK_KBPS;
@@ -221,7 +231,12 @@ pub fn leave_one_run_out(runs: &[Vec<Reading>], cfg: Config, horizon: Horizon) -
                     onsets_ready += 1;
                 }
             }
-            let ready = p.is_some_and(|p| p.weak || p.weak_in_s.is_some_and(|w| w <= READY_LEAD_S));
+            let warned_now =
+                p.is_some_and(|p| p.weak || p.weak_in_s.is_some_and(|w| w <= READY_LEAD_S));
+            if warned_now {
+                last_warned = Some(r.t);
+            }
+            let ready = last_warned.is_some_and(|w| r.t - w <= READY_TAIL_S);
             if ready {
                 ready_s += r.duration_s;
             }

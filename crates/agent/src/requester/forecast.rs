@@ -3,8 +3,11 @@
 //! asks the coordinator's QoS map for predictions along it every
 //! [`ASK_EVERY`], and acts on the newest point's answer. A weak zone here
 //! or within the lead sends new flows through the pool (filled to its full
-//! size at once) while the own link still works; two clear answers in a
-//! row send them back (while the own link is healthy).
+//! size at once) while the own link still works. They go back (while the
+//! own link is healthy) after two clear answers in a row and once the
+//! last warning is [`Options::tail_s`] old: the end of a weak zone is
+//! less certain than its start, and a recording's next dip often follows
+//! within seconds.
 //!
 //! It also reports its own link where that says something: a degraded own
 //! link as 0 kbit/s, a direct transfer faster than the weak threshold as
@@ -47,6 +50,9 @@ pub struct Options {
     /// Move new flows to the pool this many seconds before a predicted
     /// weak zone.
     pub lead_s: f64,
+    /// Keep new flows on the pool this many seconds after the last
+    /// warning (the zone behind).
+    pub tail_s: f64,
     /// Report the own link's quality (and what pool members carried) as
     /// observations.
     pub report: bool,
@@ -57,7 +63,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            lead_s: 20.0,
+            lead_s: bandshare_qos::eval::READY_LEAD_S,
+            tail_s: bandshare_qos::eval::READY_TAIL_S,
             report: true,
             report_every: REPORT_EVERY,
         }
@@ -77,6 +84,9 @@ pub struct ForecastStatus {
     pub asked_unix: Option<u64>,
     pub points: usize,
     pub lead_s: f64,
+    pub tail_s: f64,
+    /// Seconds since the last warning, while a forecast is in force.
+    pub quiet_s: Option<f64>,
     pub error: Option<String>,
     /// Own-link samples accepted by the coordinator.
     pub reported: u64,
@@ -115,6 +125,14 @@ pub fn calls_for_pool(p: &v1::PointPrediction, lead_s: f64) -> Option<String> {
         Some(s) if s <= lead_s => Some(format!("weak zone predicted in {s:.0} s")),
         _ => None,
     }
+}
+
+/// Whether a forecast in force ends at a clear answer: after
+/// `clear_in_a_row` clear answers (one clear answer may be a gap in the
+/// map: two in a row), with the last warning `quiet` ago (`None`: never
+/// warned) and the tail `tail_s`.
+pub fn forecast_ends(clear_in_a_row: u32, quiet: Option<Duration>, tail_s: f64) -> bool {
+    clear_in_a_row >= 2 && quiet.is_none_or(|q| q.as_secs_f64() >= tail_s)
 }
 
 /// A sample for each pool member that carried more than the weak
@@ -172,8 +190,12 @@ impl Forecaster {
         let mut reported_bytes = self.direct.bytes_down.load(Ordering::Relaxed);
         let mut through_bytes = HashMap::new();
         let (mut clear_in_a_row, mut failed_in_a_row) = (0, 0);
+        let mut last_warned: Option<Instant> = None;
         let mut channel = None;
-        self.shown.update(|s| s.lead_s = self.opts.lead_s);
+        self.shown.update(|s| {
+            s.lead_s = self.opts.lead_s;
+            s.tail_s = self.opts.tail_s;
+        });
         loop {
             tick.tick().await;
             if self.location.has_changed().unwrap_or(false) {
@@ -249,16 +271,22 @@ impl Forecaster {
                     };
                     let why = calls_for_pool(newest, self.opts.lead_s);
                     clear_in_a_row = if why.is_some() { 0 } else { clear_in_a_row + 1 };
-                    // One clear answer may be a gap in the map: two in a
-                    // row. Only `auto` chooses a path by forecast; the
-                    // others show it (and report what they see).
-                    if self.direct.via() == Via::Auto && (why.is_some() || clear_in_a_row >= 2) {
+                    if why.is_some() {
+                        last_warned = Some(Instant::now());
+                    }
+                    let quiet = last_warned.map(|t| t.elapsed());
+                    // Only `auto` chooses a path by forecast; the others
+                    // show it (and report what they see).
+                    if self.direct.via() == Via::Auto
+                        && (why.is_some() || forecast_ends(clear_in_a_row, quiet, self.opts.tail_s))
+                    {
                         self.direct.forecast(why.clone(), &self.pool);
                     }
                     failed_in_a_row = 0;
                     let acting = self.direct.forecasting().is_some();
                     self.shown.update(|s| {
                         s.acting = acting;
+                        s.quiet_s = quiet.filter(|_| acting).map(|q| q.as_secs_f64());
                         s.weak = newest.weak;
                         s.weak_in_s = newest.weak_in_s;
                         s.expected_kbps = newest.expected_kbps;
@@ -281,5 +309,38 @@ impl Forecaster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forecast_ends_after_two_clear_answers_and_its_tail() {
+        let s = Duration::from_secs;
+        // One clear answer is never enough, however old the warning.
+        assert!(!forecast_ends(1, Some(s(60)), 16.0));
+        // Two clear answers, but the last warning is younger than the tail.
+        assert!(!forecast_ends(2, Some(s(4)), 16.0));
+        assert!(!forecast_ends(7, Some(s(15)), 16.0));
+        assert!(forecast_ends(2, Some(s(16)), 16.0));
+        // No tail: two clear answers end it, as before the tail.
+        assert!(forecast_ends(2, Some(s(4)), 0.0));
+        // Never warned (a forecast set before this loop knew of it).
+        assert!(forecast_ends(2, None, 16.0));
+    }
+
+    #[test]
+    fn a_warning_within_the_lead_calls_for_the_pool() {
+        let p = |weak, weak_in_s| v1::PointPrediction {
+            weak,
+            weak_in_s,
+            ..Default::default()
+        };
+        assert!(calls_for_pool(&p(true, None), 20.0).is_some());
+        assert!(calls_for_pool(&p(false, Some(20.0)), 20.0).is_some());
+        assert!(calls_for_pool(&p(false, Some(21.0)), 20.0).is_none());
+        assert!(calls_for_pool(&p(false, None), 20.0).is_none());
     }
 }
