@@ -428,6 +428,34 @@ mod tests {
             .expect("online")
     }
 
+    /// The sharer `c`'s side of its stream: every ask on `rx` answered
+    /// with `accept` (and `reason`).
+    fn answer_every_ask(
+        state: &std::sync::Arc<State>,
+        c: &Contact,
+        mut rx: tokio::sync::mpsc::Receiver<Result<v1::CoordinatorMessage, tonic::Status>>,
+        accept: bool,
+        reason: &'static str,
+    ) {
+        let (state, id, generation) = (state.clone(), c.id, c.handle.generation);
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = rx.recv().await {
+                if let Some(v1::coordinator_message::Msg::AccessRequest(r)) = m.msg {
+                    state.registry().answer(
+                        id,
+                        generation,
+                        v1::AccessResponse {
+                            request_id: r.request_id,
+                            accept,
+                            reason: reason.into(),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        });
+    }
+
     #[tokio::test]
     async fn one_deadline_bounds_the_fan_out_and_no_ask_is_left_pending() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -441,27 +469,11 @@ mod tests {
         )
         .expect("state");
         // Two sharer streams: the first answers every ask, the second none.
-        let (tx_a, mut rx_a) = tokio::sync::mpsc::channel(8);
+        let (tx_a, rx_a) = tokio::sync::mpsc::channel(8);
         let (tx_b, mut rx_b) = tokio::sync::mpsc::channel(8);
         let a = sharer(&state, 1, &tx_a);
         let b = sharer(&state, 2, &tx_b);
-        let answering = state.clone();
-        let (a_id, a_gen) = (a.id, a.handle.generation);
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = rx_a.recv().await {
-                if let Some(v1::coordinator_message::Msg::AccessRequest(r)) = m.msg {
-                    answering.registry().answer(
-                        a_id,
-                        a_gen,
-                        v1::AccessResponse {
-                            request_id: r.request_id,
-                            accept: true,
-                            ..Default::default()
-                        },
-                    );
-                }
-            }
-        });
+        answer_every_ask(&state, &a, rx_a, true, "");
         let cand = |c: &Contact| Candidate {
             id: c.id,
             score: 1.0,
@@ -515,26 +527,9 @@ mod tests {
 
         // With every sharer answering, the fan-out does not wait for the
         // deadline.
-        let (tx_c, mut rx_c) = tokio::sync::mpsc::channel(8);
+        let (tx_c, rx_c) = tokio::sync::mpsc::channel(8);
         let c = sharer(&state, 3, &tx_c);
-        let (c_id, c_gen) = (c.id, c.handle.generation);
-        let answering = state.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = rx_c.recv().await {
-                if let Some(v1::coordinator_message::Msg::AccessRequest(r)) = m.msg {
-                    answering.registry().answer(
-                        c_id,
-                        c_gen,
-                        v1::AccessResponse {
-                            request_id: r.request_id,
-                            accept: false,
-                            reason: "busy".into(),
-                            ..Default::default()
-                        },
-                    );
-                }
-            }
-        });
+        answer_every_ask(&state, &c, rx_c, false, "busy");
         let candidates = [cand(&c)];
         let t = Instant::now();
         let answers = fan_out(
