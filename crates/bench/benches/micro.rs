@@ -86,6 +86,10 @@ fn tickets(c: &mut Criterion) {
     c.bench_function("ticket mac (v2)", |b| {
         b.iter(|| black_box(signer.mac(black_box(t.clone()))))
     });
+    let kept = signer.sharer_mac_key(&DeviceKey([1; 32]));
+    c.bench_function("ticket mac (v2), sharer's key kept", |b| {
+        b.iter(|| black_box(signer.mac_with(Some(&kept), black_box(t.clone()))))
+    });
     let mac_verifier = TicketVerifier::new(&[signer.public_key()])
         .with_mac_keys(&[(1, signer.mac_key(&DeviceKey([1; 32])))]);
     let mac_bytes = signer.mac(t.clone());

@@ -46,21 +46,30 @@ impl Terms {
         }
     }
 
+    /// A ticket for `c`, MAC'd under its key kept on its stream's handle.
     fn ticket(
         &self,
         signer: &TicketSigner,
-        sharer: DeviceKey,
+        c: &Contact,
         requester: DeviceKey,
         nonce: [u8; 16],
     ) -> Vec<u8> {
-        signer.mac(Ticket {
-            key_id: 0,
-            sharer,
-            requester,
-            expires_unix: self.expires_unix,
-            nonce,
-            quota_bytes: self.quota_bytes,
-        })
+        let sharer = c.handle.key;
+        let kept = c
+            .handle
+            .mac_key
+            .get_or_init(|| signer.sharer_mac_key(&sharer));
+        signer.mac_with(
+            Some(kept),
+            Ticket {
+                key_id: 0,
+                sharer,
+                requester,
+                expires_unix: self.expires_unix,
+                nonce,
+                quota_bytes: self.quota_bytes,
+            },
+        )
     }
 }
 
@@ -118,7 +127,7 @@ pub fn from_answers(
         };
         match answer {
             Answer::Accepted(resp) if offers.len() < terms.max_offers => {
-                let ticket = terms.ticket(signer, c.handle.key, requester, nonce());
+                let ticket = terms.ticket(signer, c, requester, nonce());
                 // The sharer's fresh answer wins over what its stream said.
                 let endpoints = if resp.relay_endpoints.is_empty() {
                     c.handle.relay_endpoints.clone()
@@ -169,7 +178,7 @@ pub fn refreshed(
     contacts
         .iter()
         .map(|c| {
-            let ticket = terms.ticket(signer, c.handle.key, requester, nonce());
+            let ticket = terms.ticket(signer, c, requester, nonce());
             offer(
                 c,
                 ticket,
@@ -222,6 +231,8 @@ mod tests {
                 route: crate::registry::Route::Local(tx),
                 generation: 1,
                 last_seen: std::time::Instant::now(),
+
+                mac_key: Default::default(),
             }),
         }
     }

@@ -39,6 +39,9 @@ pub struct Handle {
     /// Distinguishes this stream from a later one of the same device.
     pub generation: u64,
     pub last_seen: Instant,
+    /// The sharer's ticket MAC key, derived at its first ticket and kept
+    /// while its stream is up.
+    pub mac_key: std::sync::OnceLock<bandshare_core::ticket::SharerMacKey>,
 }
 
 /// A candidate with what the fan-out needs, copied out of the lock.

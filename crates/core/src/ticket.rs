@@ -279,6 +279,23 @@ impl ProofCache {
     }
 }
 
+/// One sharer's ticket MAC key under one signer (see
+/// [`TicketSigner::sharer_mac_key`]).
+#[derive(Clone)]
+pub struct SharerMacKey {
+    signer: [u8; 32],
+    sharer: DeviceKey,
+    key: hmac::Key,
+}
+
+impl std::fmt::Debug for SharerMacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharerMacKey")
+            .field("sharer", &self.sharer.short())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Signs tickets; owned by the coordinator.
 pub struct TicketSigner {
     key: SigningKey,
@@ -305,11 +322,36 @@ impl TicketSigner {
         k
     }
 
+    /// `sharer`'s MAC key, ready to MAC with: derived once and kept while
+    /// its stream is up, it spares each ticket a derivation (about half
+    /// the cost of a v2 ticket).
+    pub fn sharer_mac_key(&self, sharer: &DeviceKey) -> SharerMacKey {
+        SharerMacKey {
+            signer: self.public_key(),
+            sharer: *sharer,
+            key: hmac::Key::new(hmac::HMAC_SHA256, &self.mac_key(sharer)),
+        }
+    }
+
     /// A v2 ticket: MAC'd for the sharer it names.
-    pub fn mac(&self, mut ticket: Ticket) -> Vec<u8> {
+    pub fn mac(&self, ticket: Ticket) -> Vec<u8> {
+        self.mac_with(None, ticket)
+    }
+
+    /// The same, with the sharer's key kept from [`Self::sharer_mac_key`];
+    /// a key this signer did not derive for this ticket's sharer (the
+    /// signer rotated since) is not used: the key is derived again.
+    pub fn mac_with(&self, kept: Option<&SharerMacKey>, mut ticket: Ticket) -> Vec<u8> {
         ticket.key_id = self.key_id;
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.mac_key(&ticket.sharer));
-        let tag = hmac::sign(&key, &mac_message(&ticket.body(2)));
+        let fresh;
+        let key = match kept {
+            Some(k) if k.sharer == ticket.sharer && k.signer == self.public_key() => &k.key,
+            _ => {
+                fresh = self.sharer_mac_key(&ticket.sharer);
+                &fresh.key
+            }
+        };
+        let tag = hmac::sign(key, &mac_message(&ticket.body(2)));
         let mut mac = [0u8; MAC_LEN];
         mac.copy_from_slice(tag.as_ref());
         ticket.encode(&Seal::Mac(mac))
@@ -659,6 +701,27 @@ mod tests {
                 Err(TicketError::Malformed { len: 40, .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_kept_mac_key_gives_the_same_ticket_and_a_stale_one_is_not_used() {
+        let s = TicketSigner::from_seed(&[9; 32], 3);
+        let (a, b) = (DeviceKey([1; 32]), DeviceKey([7; 32]));
+        let t = Ticket {
+            sharer: a,
+            ..ticket(1000)
+        };
+        let plain = s.mac(t.clone());
+        assert_eq!(s.mac_with(Some(&s.sharer_mac_key(&a)), t.clone()), plain);
+        // Kept for another sharer, or under the signer before a rotation:
+        // derived again, so the ticket is still this signer's for `a`.
+        assert_eq!(s.mac_with(Some(&s.sharer_mac_key(&b)), t.clone()), plain);
+        let before = TicketSigner::from_seed(&[8; 32], 3);
+        assert_eq!(
+            s.mac_with(Some(&before.sharer_mac_key(&a)), t.clone()),
+            plain
+        );
+        assert_ne!(before.mac(t.clone()), plain, "the seeds differ");
     }
 
     #[test]
