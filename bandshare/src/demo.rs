@@ -364,7 +364,10 @@ async fn learn_and_predict(cluster: &Cluster) -> anyhow::Result<()> {
         );
     }
     out!(
-        "   (connect --via auto moves new flows to a full pool --predict-lead 20 s before such a zone)"
+        "   (connect --via auto moves new flows to a full pool --predict-lead {:.0} s before such a \
+         zone, and keeps them there --predict-tail {:.0} s after its last warning)",
+        bandshare_qos::eval::READY_LEAD_S,
+        bandshare_qos::eval::READY_TAIL_S
     );
     Ok(())
 }
