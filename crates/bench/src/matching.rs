@@ -202,7 +202,6 @@ pub(crate) fn load(
             route: bandshare_coordinator::registry::Route::Local(tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
-
             mac_key: Default::default(),
         };
         ids.push(registry.add(info(i, p, rng), handle));

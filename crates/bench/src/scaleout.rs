@@ -92,7 +92,6 @@ fn load(n: &Node, range: std::ops::Range<usize>, seed: u64) {
             route: Route::Local(n.tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
-
             mac_key: Default::default(),
         };
         n.state.registry().add(info(i, p, &mut rng), handle);

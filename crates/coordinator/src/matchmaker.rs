@@ -420,7 +420,6 @@ mod tests {
             route: registry::Route::Local(tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
-
             mac_key: Default::default(),
         };
         state.registry().add(info, handle);

@@ -231,7 +231,6 @@ mod tests {
                 route: crate::registry::Route::Local(tx),
                 generation: 1,
                 last_seen: std::time::Instant::now(),
-
                 mac_key: Default::default(),
             }),
         }

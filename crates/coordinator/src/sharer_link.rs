@@ -118,7 +118,6 @@ impl v1::sharer_link_server::SharerLink for SharerLinkService {
             route: Route::Local(tx.clone()),
             generation: 0,
             last_seen: Instant::now(),
-
             mac_key: Default::default(),
         };
         let (id, generation) = state.registry().add(info, handle);

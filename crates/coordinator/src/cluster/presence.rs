@@ -184,7 +184,6 @@ pub fn decode(p: &v1::Presence) -> Result<(SharerInfo, Handle), String> {
         },
         generation: 0,
         last_seen: Instant::now(),
-
         mac_key: Default::default(),
     };
     Ok((info, handle))
